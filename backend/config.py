@@ -1,0 +1,117 @@
+"""One settings object for the whole of faceloop (backend, worker, CLI).
+
+Every field is read from the environment (or a ``.env`` file in the working directory) by
+pydantic-settings; the environment variable is the upper-cased field name, e.g.
+``LABEL_STUDIO_URL``, ``DATABASE_URL``, ``CELERY_BROKER_URL``, ``MODEL_DIR``.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+#: The default model shipped with the repository (trained by ``faceloop train-base``).
+DEFAULT_MODEL_PATH = REPO_ROOT / "models" / "faceloop-base.pt"
+LABEL_CONFIG_DIR = REPO_ROOT / "label_config"
+
+
+class Settings(BaseSettings):
+    """faceloop configuration; see the module docstring for how fields are read."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", protected_namespaces=())
+
+    # Label Studio
+    label_studio_url: str = Field("http://127.0.0.1:8080", description="Base URL of Label Studio")
+    label_studio_api_key: str = Field(
+        "", description="Personal access token (a JWT refresh token) or legacy token"
+    )
+    local_files_document_root: str = Field(
+        "", description="If set, /data/local-files/?d=... URLs are read from this folder on disk"
+    )
+
+    # State
+    var_dir: Path = Field(REPO_ROOT / "var", description="Folder for the database, models, jobs")
+    database_url: str = Field("", description="SQLAlchemy URL; default sqlite:///<var_dir>/faceloop.db")
+    model_dir: Path = Field(Path(""), description="Versioned weights; default <var_dir>/models")
+    default_model_path: Path = Field(DEFAULT_MODEL_PATH, description="Model every project starts from")
+
+    # Celery / Redis
+    celery_broker_url: str = "redis://127.0.0.1:6379/0"
+    celery_result_backend: str = ""
+
+    # Backend HTTP
+    basic_auth_user: str = ""
+    basic_auth_pass: str = ""
+    webhook_secret: str = Field("", description="If set, /webhook also needs header X-Faceloop-Secret")
+
+    # Model / inference
+    imgsz: int = Field(320, description="Inference and training image size, pixels")
+    score_threshold: float = Field(0.25, description="Min box confidence (0-1) for a pre-annotation")
+    candidate_threshold: float = Field(0.01, description="Min confidence of low-score face candidates")
+    max_image_bytes: int = 50 * 1024 * 1024
+    max_image_pixels: int = 80_000_000
+    device: str = Field("", description="torch device for training/inference; '' = cuda:0 if available")
+
+    # Training
+    train_epochs: int = 30
+    train_batch: int = 16
+    train_patience: int = 0
+    retrain_min_annotations: int = Field(
+        10, description="New annotations that trigger a retrain (project setting wins if > 0)"
+    )
+    val_fraction: float = Field(0.2, description="Share of annotated tasks in the validation split")
+    seed: int = 0
+
+    # Sampling
+    uncertainty_measure: str = Field("entropy", description="least_confidence | margin | entropy")
+    aggregation: str = Field("max", description="How box uncertainties make an image's: max | mean | sum")
+    query_batch_size: int = 20
+    review_view_title: str = "Review queue"
+
+    def model_post_init(self, __context) -> None:  # noqa: D401 - pydantic hook
+        self.var_dir = Path(self.var_dir).resolve()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.var_dir / 'faceloop.db'}"
+        if str(self.model_dir) in ("", "."):
+            self.model_dir = self.var_dir / "models"
+        if not self.celery_result_backend:
+            self.celery_result_backend = self.celery_broker_url
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """Return the process-wide settings (cached; tests build their own ``Settings``)."""
+    return Settings()
+
+
+def configure_ultralytics(var_dir: Path | None = None) -> None:
+    """Keep ultralytics offline and out of ``~/.config``.
+
+    Sets ``YOLO_OFFLINE``, ``YOLO_CONFIG_DIR`` and ``MPLCONFIGDIR`` to folders of ours, and puts a
+    TTF font where ultralytics' font check looks (``Arial.ttf``, ``Arial.Unicode.ttf``) so it never
+    tries to download one. Must run before ``ultralytics`` is imported.
+    """
+    base = Path(var_dir or os.environ.get("VAR_DIR") or REPO_ROOT / "var").resolve()
+    cfg = base / "ultralytics"
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    os.environ.setdefault("YOLO_CONFIG_DIR", str(cfg))
+    os.environ.setdefault("MPLCONFIGDIR", str(base / "matplotlib"))
+    os.environ.setdefault("YOLO_VERBOSE", "False")
+    font_dir = Path(os.environ["YOLO_CONFIG_DIR"]) / "Ultralytics"
+    font_dir.mkdir(parents=True, exist_ok=True)
+    Path(os.environ["MPLCONFIGDIR"]).mkdir(parents=True, exist_ok=True)
+    for name in ("Arial.ttf", "Arial.Unicode.ttf"):
+        target = font_dir / name
+        if not target.exists():
+            try:
+                import matplotlib
+
+                src = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+                target.write_bytes(src.read_bytes())
+            except Exception:  # pragma: no cover - matplotlib missing: ultralytics then warns
+                pass

@@ -1,0 +1,190 @@
+"""The Label Studio adapter: label configs, label mapping and the JSON of regions.
+
+This is the only module that knows Label Studio's JSON (with :mod:`backend.geometry` for the
+percent coordinates). Everything else speaks :class:`Box` in pixels and class names.
+
+Label mapping follows the Label Studio ML backend's YOLO example (``build_label_map``): a model
+class maps to a config label whose ``predicted_values`` attribute lists it, else whose ``value``
+equals it exactly, else case-insensitively. Model classes the config lacks are never predicted.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+from label_studio_sdk.label_interface import LabelInterface
+
+from backend import geometry
+
+
+class LabelConfigError(ValueError):
+    """The label config is unusable for faceloop (malformed XML, no RectangleLabels on an Image)."""
+
+
+@dataclass
+class Box:
+    """A face box in pixels of the EXIF-oriented image.
+
+    Attributes:
+        x1, y1, x2, y2: corners in pixels.
+        label: class name (a config label), or None for a face whose class is not known yet.
+        score: confidence 0-1 (None for human annotations).
+    """
+
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    label: str | None = None
+    score: float | None = None
+
+    @property
+    def xyxy(self) -> tuple[float, float, float, float]:
+        return (self.x1, self.y1, self.x2, self.y2)
+
+
+@dataclass
+class ProjectSchema:
+    """What faceloop needs of a project's label config.
+
+    Attributes:
+        from_name: name of the RectangleLabels control (e.g. ``"face"``).
+        to_name: name of the Image object (e.g. ``"image"``).
+        value_key: key of the image URL in ``task["data"]`` (the Image's ``value`` without ``$``).
+        labels: the control's label values, in config order (this order is the class index order
+            of every model faceloop trains for the project).
+        predicted_values: per label, the model class names the ``predicted_values`` attribute lists.
+        score_threshold: the control's ``model_score_threshold`` (0-1), if given.
+    """
+
+    from_name: str
+    to_name: str
+    value_key: str
+    labels: list[str]
+    predicted_values: dict[str, list[str]] = field(default_factory=dict)
+    score_threshold: float | None = None
+
+    @classmethod
+    def parse(cls, label_config: str) -> "ProjectSchema":
+        """Parse a label config XML with the SDK's ``LabelInterface``.
+
+        Raises:
+            LabelConfigError: malformed XML, no RectangleLabels control on an Image, or no labels.
+        """
+        if not label_config or not label_config.strip():
+            raise LabelConfigError("label config is empty")
+        try:
+            li = LabelInterface(label_config)
+        except Exception as e:  # the SDK raises several XML error types
+            raise LabelConfigError(f"label config is not valid XML: {e}") from e
+        try:
+            from_name, to_name, value = li.get_first_tag_occurence("RectangleLabels", "Image")
+        except Exception as e:
+            raise LabelConfigError(
+                "label config has no <RectangleLabels> control on an <Image>: faceloop predicts face boxes, "
+                "add e.g. <RectangleLabels name=\"face\" toName=\"image\"> with your classes"
+            ) from e
+        ctrl = li.get_control(from_name)
+        labels = list(ctrl.labels)
+        if not labels:
+            raise LabelConfigError(f"<RectangleLabels name=\"{from_name}\"> has no <Label> children")
+        pv = {}
+        for lab in labels:
+            raw = (ctrl.labels_attrs[lab].attr or {}).get("predicted_values") if lab in ctrl.labels_attrs else None
+            if raw:
+                pv[lab] = [v.strip() for v in str(raw).split(",") if v.strip()]
+        thr = (ctrl.attr or {}).get("model_score_threshold") or (ctrl.attr or {}).get("score_threshold")
+        try:
+            thr_f = float(thr) if thr is not None else None
+        except ValueError:
+            raise LabelConfigError(f"model_score_threshold={thr!r} is not a number") from None
+        return cls(from_name, to_name, value.lstrip("$"), labels, pv, thr_f)
+
+    def label_map(self, model_names: list[str]) -> dict[int, str]:
+        """Map model class indices to this config's labels.
+
+        Args:
+            model_names: the model's class names in index order.
+        Returns: ``{model_class_index: label}`` for the classes the config knows (others absent).
+        """
+        out: dict[int, str] = {}
+        for i, name in enumerate(model_names):
+            hit = next((lab for lab, vals in self.predicted_values.items() if name in vals), None)
+            if hit is None:
+                hit = next((lab for lab in self.labels if lab == name), None)
+            if hit is None:
+                hit = next((lab for lab in self.labels if lab.lower() == str(name).lower()), None)
+            if hit is not None:
+                out[i] = hit
+        return out
+
+    def class_index(self, label: str) -> int:
+        """Index of ``label`` in :attr:`labels` (exact, then case-insensitive).
+
+        Raises: KeyError for a label the config does not have.
+        """
+        if label in self.labels:
+            return self.labels.index(label)
+        low = [lab.lower() for lab in self.labels]
+        if label.lower() in low:
+            return low.index(label.lower())
+        raise KeyError(f"label {label!r} is not in the project's labels {self.labels}")
+
+    # --- regions -------------------------------------------------------------------------------
+    def region(self, box: Box, width: int, height: int) -> dict:
+        """A RectangleLabels region for Label Studio.
+
+        Args:
+            box: pixels; ``box.label`` None gives an unlabelled face box (``rectanglelabels: []``)
+                that the person only has to give a class.
+            width, height: image size in pixels (EXIF-oriented); sent as ``original_width/height``.
+        Returns: region dict with a unique ``id``, percent coordinates, and the region ``score``.
+        """
+        value = geometry.pixels_to_percent(box.x1, box.y1, box.x2, box.y2, width, height)
+        value["rectanglelabels"] = [box.label] if box.label else []
+        r = {
+            "id": uuid.uuid4().hex[:10],
+            "from_name": self.from_name,
+            "to_name": self.to_name,
+            "type": "rectanglelabels",
+            "original_width": int(width),
+            "original_height": int(height),
+            "image_rotation": 0,
+            "value": value,
+        }
+        if box.score is not None:
+            r["score"] = round(float(box.score), 4)
+        if box.label is None:
+            r["meta"] = {"text": ["face found; the model does not know this project's classes yet: pick one"]}
+        return r
+
+    def boxes_from_result(self, result: list[dict]) -> tuple[list[tuple[float, float, float, float, int]], list[str]]:
+        """Turn an annotation's ``result`` into YOLO boxes of this project's classes.
+
+        Args:
+            result: Label Studio regions (as in an annotation).
+        Returns: ``(boxes, problems)`` with boxes ``(cx, cy, w, h, class_index)`` normalised 0-1,
+            and human-readable problems (unknown labels, regions without a label), which the
+            caller reports; regions of other controls are ignored.
+        """
+        boxes, problems = [], []
+        for r in result or []:
+            if r.get("from_name") != self.from_name or r.get("type", "").lower() != "rectanglelabels":
+                continue
+            value = r.get("value") or {}
+            labs = value.get("rectanglelabels") or []
+            if not labs:
+                problems.append(f"region {r.get('id')} has no label")
+                continue
+            try:
+                cls = self.class_index(labs[0])
+                cx, cy, w, h = geometry.percent_to_yolo(value)
+            except (KeyError, ValueError, TypeError) as e:
+                problems.append(f"region {r.get('id')}: {e}")
+                continue
+            if w <= 0 or h <= 0:
+                problems.append(f"region {r.get('id')} has zero size")
+                continue
+            boxes.append((cx, cy, w, h, cls))
+        return boxes, problems

@@ -1,0 +1,132 @@
+"""SQLModel tables: the state faceloop owns (Label Studio owns tasks, annotations, predictions)."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import Any, Optional
+
+from sqlalchemy import Column, Index, Text, UniqueConstraint, text
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    """Timezone-aware UTC now."""
+    return datetime.now(timezone.utc)
+
+
+class Project(SQLModel, table=True):
+    """A Label Studio project that faceloop serves (primary key = Label Studio's project id)."""
+
+    id: int = Field(primary_key=True)
+    title: str = ""
+    label_config: str = Field(default="", sa_column=Column(Text))
+    labels_json: str = "[]"
+    ls_url: str = ""
+    promoted_version_id: Optional[int] = Field(default=None, foreign_key="modelversion.id")
+    min_annotations_to_start_training: int = 0
+    updated_at: datetime = Field(default_factory=utcnow)
+
+    @property
+    def labels(self) -> list[str]:
+        return json.loads(self.labels_json)
+
+
+class ModelVersion(SQLModel, table=True):
+    """A registered model version of a project.
+
+    ``status``: ``candidate`` (registered, not evaluated), ``promoted`` (served), ``rejected``
+    (lost the gate), ``retired`` (was promoted, replaced). ``metrics_json`` holds mAP50,
+    mAP50-95, precision/recall per class (0-1) on the project's validation split, and the
+    current version's figures on the same split.
+    """
+
+    __table_args__ = (UniqueConstraint("project_id", "version"),)
+    id: Optional[int] = Field(default=None, primary_key=True)
+    project_id: int = Field(index=True, foreign_key="project.id")
+    version: str
+    path: str
+    sha256: str
+    classes_json: str = "[]"
+    parent_id: Optional[int] = Field(default=None, foreign_key="modelversion.id")
+    metrics_json: str = Field(default="{}", sa_column=Column(Text))
+    status: str = "candidate"
+    gate_reason: str = ""
+    training_job_id: Optional[int] = None
+    created_at: datetime = Field(default_factory=utcnow)
+    promoted_at: Optional[datetime] = None
+
+    @property
+    def classes(self) -> list[str]:
+        return json.loads(self.classes_json)
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return json.loads(self.metrics_json or "{}")
+
+
+class TrainingJob(SQLModel, table=True):
+    """One retrain of a project. ``state``: queued -> running -> succeeded | failed.
+
+    At most one ``queued`` job per project (partial unique index): a request while one is queued
+    joins it; a request while one runs queues exactly one more.
+    """
+
+    __table_args__ = (
+        Index(
+            "one_queued_job_per_project", "project_id", unique=True,
+            sqlite_where=text("state = 'queued'"), postgresql_where=text("state = 'queued'"),
+        ),
+    )
+    id: Optional[int] = Field(default=None, primary_key=True)
+    project_id: int = Field(index=True, foreign_key="project.id")
+    trigger: str = "start_training"
+    state: str = "queued"
+    epoch: int = 0
+    epochs: int = 0
+    stage: str = ""
+    message: str = Field(default="", sa_column=Column(Text))
+    error: str = Field(default="", sa_column=Column(Text))
+    n_train: int = 0
+    n_val: int = 0
+    version_id: Optional[int] = None
+    celery_id: str = ""
+    created_at: datetime = Field(default_factory=utcnow)
+    started_at: Optional[datetime] = None
+    finished_at: Optional[datetime] = None
+
+
+class TaskScore(SQLModel, table=True):
+    """Uncertainty of one unlabelled task under one model version (all measures 0-1).
+
+    ``uncertainty`` is the configured measure aggregated over the image's boxes; the prediction
+    written to Label Studio carries ``score = 1 - uncertainty``. ``rank`` is the position in the
+    review queue (0 = most informative) and ``in_query_batch`` marks the diversity-aware batch.
+    """
+
+    __table_args__ = (UniqueConstraint("project_id", "task_id", "model_version"),)
+    id: Optional[int] = Field(default=None, primary_key=True)
+    project_id: int = Field(index=True)
+    task_id: int = Field(index=True)
+    model_version: str
+    uncertainty: float
+    least_confidence: float
+    margin: float
+    entropy: float
+    n_boxes: int = 0
+    rank: int = 0
+    in_query_batch: bool = False
+    error: str = ""
+    scored_at: datetime = Field(default_factory=utcnow)
+
+
+class WebhookEvent(SQLModel, table=True):
+    """A webhook received from Label Studio, kept whole (payload) so nothing is lost."""
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    project_id: Optional[int] = Field(default=None, index=True)
+    action: str
+    annotation_id: Optional[int] = None
+    task_id: Optional[int] = None
+    payload_json: str = Field(default="{}", sa_column=Column(Text))
+    received_at: datetime = Field(default_factory=utcnow)

@@ -1,0 +1,164 @@
+"""Model versions, training jobs and events: plain functions over the SQLModel database.
+
+Version names: ``base-<sha8>`` for the shipped default model (every project's first version),
+``p<project>-v<n>`` for versions trained for a project. The same string is returned by
+``/setup`` and written into every prediction (label-studio-protocol.md §2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, select
+
+from backend.config import Settings
+from backend.models import ModelVersion, Project, TrainingJob, WebhookEvent, utcnow
+from backend.yolo_meta import read_class_names
+from backend.hashing import file_sha256
+
+
+def upsert_project(s: Session, project_id: int, label_config: str | None = None, title: str | None = None,
+                   ls_url: str | None = None, min_annotations: int | None = None) -> Project:
+    """Create or update the row of a Label Studio project; label config is parsed by the caller."""
+    p = s.get(Project, project_id)
+    if p is None:
+        p = Project(id=project_id)
+        s.add(p)
+    if label_config is not None and label_config != p.label_config:
+        from backend.labels import ProjectSchema
+
+        p.label_config = label_config
+        try:
+            p.labels_json = json.dumps(ProjectSchema.parse(label_config).labels)
+        except ValueError:
+            p.labels_json = "[]"
+    if title is not None:
+        p.title = title
+    if ls_url:
+        p.ls_url = ls_url
+    if min_annotations is not None:
+        p.min_annotations_to_start_training = int(min_annotations or 0)
+    p.updated_at = utcnow()
+    s.flush()
+    return p
+
+
+def promoted_version(s: Session, project_id: int, settings: Settings) -> ModelVersion:
+    """The version a project serves now; registers the shipped default model on first use.
+
+    Raises: FileNotFoundError when the project has no version and the default model is missing.
+    """
+    p = s.get(Project, project_id) or upsert_project(s, project_id)
+    if p.promoted_version_id:
+        v = s.get(ModelVersion, p.promoted_version_id)
+        if v is not None:
+            return v
+    path = Path(settings.default_model_path)
+    if not path.exists():
+        raise FileNotFoundError(f"default model {path} is missing (run `faceloop train-base`)")
+    sha = file_sha256(path)
+    name = f"base-{sha[:8]}"
+    v = s.exec(select(ModelVersion).where(ModelVersion.project_id == project_id, ModelVersion.version == name)).first()
+    if v is None:
+        v = ModelVersion(project_id=project_id, version=name, path=str(path.resolve()), sha256=sha,
+                         classes_json=json.dumps(read_class_names(path)), status="promoted",
+                         gate_reason="shipped default model", promoted_at=utcnow())
+        s.add(v)
+        s.flush()
+    p.promoted_version_id = v.id
+    s.flush()
+    return v
+
+
+def next_version_name(s: Session, project_id: int) -> str:
+    """``p<project>-v<n>`` with n one more than the project's trained versions so far."""
+    n = len(s.exec(select(ModelVersion).where(ModelVersion.project_id == project_id,
+                                             ModelVersion.version.startswith(f"p{project_id}-v"))).all())
+    return f"p{project_id}-v{n + 1}"
+
+
+def store_weights(src: Path, model_dir: Path, project_id: int, version: str) -> tuple[Path, str]:
+    """Copy weights into the model store atomically (temp file + ``os.replace``).
+
+    Returns: ``(path, sha256)``. A crash never leaves a half-written file under the final name.
+    """
+    dest_dir = Path(model_dir) / f"project_{project_id}"
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest = dest_dir / f"{version}.pt"
+    tmp = dest_dir / f".{version}.pt.tmp"
+    shutil.copyfile(src, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, dest)
+    return dest, file_sha256(dest)
+
+
+def promote(s: Session, version: ModelVersion, reason: str) -> None:
+    """Make ``version`` the project's served version; the previous one becomes ``retired``."""
+    p = s.get(Project, version.project_id)
+    if p.promoted_version_id and p.promoted_version_id != version.id:
+        old = s.get(ModelVersion, p.promoted_version_id)
+        if old is not None:
+            old.status = "retired"
+    version.status = "promoted"
+    version.gate_reason = reason
+    version.promoted_at = utcnow()
+    p.promoted_version_id = version.id
+    s.flush()
+
+
+def request_training(s: Session, project_id: int, trigger: str) -> tuple[TrainingJob, bool]:
+    """Queue a retrain unless one is already queued for the project (coalescing).
+
+    Returns: ``(job, created)``; ``created`` False means the request joined the queued job.
+    A running job does not absorb requests: annotations made during a run get one more run.
+    """
+    if s.get(Project, project_id) is None:
+        upsert_project(s, project_id)
+    existing = s.exec(select(TrainingJob).where(TrainingJob.project_id == project_id,
+                                               TrainingJob.state == "queued")).first()
+    if existing is not None:
+        return existing, False
+    job = TrainingJob(project_id=project_id, trigger=trigger, state="queued")
+    s.add(job)
+    try:
+        s.flush()
+    except IntegrityError:  # a concurrent request queued one first
+        s.rollback()
+        existing = s.exec(select(TrainingJob).where(TrainingJob.project_id == project_id,
+                                                   TrainingJob.state == "queued")).first()
+        return existing, False
+    return job, True
+
+
+def record_event(s: Session, action: str, payload: dict) -> WebhookEvent:
+    """Store a webhook whole, with the project, annotation and task ids it names."""
+    proj = payload.get("project")
+    pid = proj.get("id") if isinstance(proj, dict) else None
+    ann = payload.get("annotation") if isinstance(payload.get("annotation"), dict) else {}
+    task = payload.get("task") if isinstance(payload.get("task"), dict) else {}
+    ev = WebhookEvent(project_id=pid if isinstance(pid, int) else None, action=str(action),
+                      annotation_id=ann.get("id") if isinstance(ann.get("id"), int) else None,
+                      task_id=(task.get("id") if isinstance(task.get("id"), int) else ann.get("task")
+                               if isinstance(ann.get("task"), int) else None),
+                      payload_json=json.dumps(payload, default=str))
+    s.add(ev)
+    s.flush()
+    return ev
+
+
+ANNOTATION_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED")
+
+
+def annotations_since_last_training(s: Session, project_id: int) -> int:
+    """Annotation events recorded since the start of the project's last training job."""
+    last = s.exec(select(TrainingJob).where(TrainingJob.project_id == project_id)
+                  .order_by(TrainingJob.created_at.desc())).first()
+    q = select(WebhookEvent).where(WebhookEvent.project_id == project_id, WebhookEvent.action.in_(ANNOTATION_ACTIONS))
+    if last is not None:
+        q = q.where(WebhookEvent.received_at > last.created_at)
+    return len(s.exec(q).all())
