@@ -140,13 +140,13 @@ class FaceModel:
                 self._pooled = []
                 if embed and self.yolo.predictor is None:
                     self.yolo.predict(bgr[:1], conf=conf, imgsz=imgsz, device=self.device, verbose=False,
-                                      predictor=ScoringPredictor, batch=batch)
+                                      predictor=ScoringPredictor, batch=batch, agnostic_nms=True)
                 if embed:
                     self._ensure_hook()
                 self._pooled = []
                 results = self.yolo.predict(
                     bgr, conf=conf, imgsz=imgsz, device=self.device, verbose=False,
-                    predictor=ScoringPredictor, batch=batch,
+                    predictor=ScoringPredictor, batch=batch, agnostic_nms=True,
                 )
                 pooled = np.concatenate(self._pooled, 0) if (embed and self._pooled) else None
                 for i, (im, r) in enumerate(zip(chunk, results)):

@@ -100,3 +100,20 @@ if __name__ == "__main__":  # pragma: no cover - use `faceloop train-base`
     import sys
 
     train_base(Path(sys.argv[1]), hours=float(sys.argv[2]) if len(sys.argv) > 2 else None, imgsz=int(sys.argv[3]) if len(sys.argv) > 3 else 320)
+
+
+def install_base(weights: Path, target: Path | None = None) -> Path:
+    """Copy trained weights to ``models/faceloop-base.pt`` with a ``.json`` sidecar of class names."""
+    from backend.config import DEFAULT_MODEL_PATH
+    from backend.yolo_meta import read_class_names
+
+    target = Path(target or DEFAULT_MODEL_PATH)
+    names = read_class_names(Path(weights))
+    tmp = target.with_suffix(".pt.tmp")
+    shutil.copyfile(weights, tmp)
+    tmp.replace(target)
+    side = target.with_suffix(".json")
+    meta = json.loads(side.read_text()) if side.exists() else {}
+    meta["names"] = names
+    side.write_text(json.dumps(meta, indent=2))
+    return target

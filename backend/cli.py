@@ -1,0 +1,305 @@
+"""The ``faceloop`` command line (typer).
+
+Main commands: ``up`` (the whole loop on this machine), ``demo`` (the loop driven end to end
+from ground-truth labels), ``queue`` (head of the review queue), ``versions``, ``jobs``,
+``train`` / ``score`` (what *Start Training* and a promotion do), ``serve``, ``worker``,
+``train-base`` (the shipped default model), ``simulate`` (active-learning benchmark).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from backend.config import LABEL_CONFIG_DIR, REPO_ROOT, get_settings
+
+app = typer.Typer(help="faceloop: YOLO pre-annotations, retraining and uncertainty sampling for Label Studio.",
+                  no_args_is_help=True, add_completion=False)
+console = Console()
+DEFAULT_IMAGES = REPO_ROOT.parent / "shared" / "data" / "awake_sleep" / "images" / "val"
+
+
+def _config_path(name: str) -> Path:
+    p = Path(name)
+    if p.exists():
+        return p
+    p = LABEL_CONFIG_DIR / (name if name.endswith(".xml") else f"{name}.xml")
+    if not p.exists():
+        choices = ", ".join(x.stem for x in LABEL_CONFIG_DIR.glob("*.xml"))
+        raise typer.BadParameter(f"no label config {name!r}; choose one of: {choices}, or give a file path")
+    return p
+
+
+def _images(folder: Path, limit: int | None) -> list[Path]:
+    from backend.lsapi import IMAGE_SUFFIXES
+
+    if not folder.is_dir():
+        raise typer.BadParameter(f"image folder {folder} does not exist")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise typer.BadParameter(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+    return files[:limit] if limit else files
+
+
+@app.command()
+def up(
+    images: Path = typer.Argument(DEFAULT_IMAGES, help="Folder of face images to label (stays in place)"),
+    config: str = typer.Option("awake_sleep", help="Label config in label_config/ (name) or an XML path"),
+    title: str = typer.Option("faces", help="Project title"),
+    limit: Optional[int] = typer.Option(None, help="Import at most this many images"),
+    root: Path = typer.Option(REPO_ROOT / "var" / "stack", help="Folder for the services' data and logs"),
+    exit_after_setup: bool = typer.Option(False, help="Stop the services once the project is ready"),
+):
+    """Start Redis, Label Studio, the backend and a worker; create a project with IMAGES; connect."""
+    from label_studio_sdk import LabelStudio
+
+    from backend.lsapi import connect_backend, create_project, import_local_images
+    from backend.stack import LS_PASSWORD, LS_USER, Stack
+
+    files = _images(images, limit)
+    xml = _config_path(config).read_text()
+    settings = get_settings()
+    console.print(f"[bold]starting[/] redis-server, Label Studio, backend, worker under {root} ...")
+    t0 = time.time()
+    st = Stack.start(root, document_root=images.resolve(), var_dir=settings.var_dir)
+    try:
+        console.print(f"services up in {time.time() - t0:.0f} s")
+        client = LabelStudio(base_url=st.ls_url, api_key=st.api_key)
+        pid = create_project(client, title, xml)
+        ids = import_local_images(client, pid, files, images.resolve())
+        connect_backend(client, pid, st.backend_url)
+        console.print(f"project {pid}: {len(ids)} tasks imported, faceloop connected as its ML backend")
+        console.print(f"\n  Label Studio  {st.ls_url}/projects/{pid}/data\n  login         {LS_USER} / {LS_PASSWORD}\n"
+                      f"  backend       {st.backend_url}\n  logs          {root / 'logs'}\n"
+                      f"  state         {settings.var_dir}\n"
+                      f"\nLabel some faces, then Settings -> Model -> Start Training (or `faceloop train {pid}`)."
+                      f"\nThe review queue: view '{settings.review_view_title}', or `faceloop queue {pid}`.")
+        if exit_after_setup:
+            return
+        console.print("\nCtrl-C stops everything.")
+        stop = {"now": False}
+        signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+        try:
+            while not stop["now"]:
+                time.sleep(1)
+                dead = [n for n, p in st.procs.items() if p.poll() is not None]
+                if dead:
+                    console.print(f"[red]{', '.join(dead)} stopped[/]; see {root / 'logs'}")
+                    break
+        except KeyboardInterrupt:
+            pass
+    finally:
+        st.stop()
+
+
+@app.command()
+def demo(
+    data: Path = typer.Option(REPO_ROOT.parent / "shared" / "data" / "awake_sleep",
+                              help="YOLO-layout dataset (images/, labels/, data.yaml)"),
+    config: str = typer.Option("awake_sleep", help="Label config"),
+    n_images: int = typer.Option(30, help="Images to import"),
+    n_labelled: int = typer.Option(20, help="Images annotated from ground truth before training"),
+    epochs: int = typer.Option(10, help="Training epochs"),
+    root: Path = typer.Option(REPO_ROOT / "var" / "demo", help="Folder for the services' data and logs"),
+    keep_running: bool = typer.Option(False, help="Keep the services up at the end (Ctrl-C stops)"),
+):
+    """The whole loop, unattended: import, pre-annotate, label from ground truth, Start Training,
+    wait for the new version, print its metrics and the review queue."""
+    from label_studio_sdk import LabelStudio
+
+    from backend.demo import annotate_from_ground_truth, dataset_names, retrieve_predictions, wait_for_job
+    from backend.labels import ProjectSchema
+    from backend.lsapi import connect_backend, create_project, review_queue, upload_images
+    from backend.stack import LS_PASSWORD, LS_USER, Stack
+
+    imgs = _images(data / "images" / "train", None)
+    step = max(1, len(imgs) // n_images)
+    files = imgs[::step][:n_images]
+    xml = _config_path(config).read_text()
+    var_dir = root / "var"
+    t0 = time.time()
+    st = Stack.start(root, var_dir=var_dir, extra_env={"TRAIN_EPOCHS": epochs})
+    try:
+        console.print(f"services up in {time.time() - t0:.0f} s: Label Studio {st.ls_url} ({LS_USER} / {LS_PASSWORD})")
+        client = LabelStudio(base_url=st.ls_url, api_key=st.api_key)
+        pid = create_project(client, "faceloop demo", xml)
+        ids = upload_images(client, st.ls_url, pid, files)
+        connect_backend(client, pid, st.backend_url)
+        t1 = time.time()
+        retrieve_predictions(client, pid)
+        console.print(f"{len(ids)} tasks pre-annotated by the default model in {time.time() - t1:.1f} s")
+        schema = ProjectSchema.parse(xml)
+        annotate_from_ground_truth(client, pid, dict(zip(ids[:n_labelled], files[:n_labelled])), schema,
+                                   dataset_names(data))
+        console.print(f"{n_labelled} tasks annotated; pressing Start Training")
+        ml = client.ml.list(project=pid)[0]
+        client.ml.train(id=ml.id)
+        t2 = time.time()
+        job = wait_for_job(f"sqlite:///{var_dir.resolve() / 'faceloop.db'}", pid, 3600,
+                           on_progress=lambda m: console.print("  " + m))
+        console.print(f"training job {job.id} {job.state} in {time.time() - t2:.0f} s: {job.message or job.error}")
+        os.environ["VAR_DIR"] = str(var_dir.resolve())
+        get_settings.cache_clear()
+        versions(pid)
+        queue(pid, limit=10)
+        console.print("Label Studio's review view, head:", review_queue(client, pid, get_settings().review_view_title, 10))
+        if keep_running:
+            console.print(f"\nservices stay up: {st.ls_url}/projects/{pid}/data ; Ctrl-C stops")
+            try:
+                while True:
+                    time.sleep(1)
+            except KeyboardInterrupt:
+                pass
+    finally:
+        st.stop()
+
+
+def _db():
+    from backend.db import session_scope
+
+    return session_scope(get_settings().database_url)
+
+
+@app.command()
+def queue(project: int = typer.Argument(..., help="Label Studio project id"),
+          limit: int = typer.Option(20, help="Rows to show")):
+    """Print the head of the review queue: most informative unlabelled tasks first."""
+    from sqlmodel import select
+
+    from backend import registry
+    from backend.models import TaskScore
+
+    settings = get_settings()
+    with _db() as s:
+        v = registry.promoted_version(s, project, settings)
+        rows = s.exec(select(TaskScore).where(TaskScore.project_id == project, TaskScore.model_version == v.version,
+                                              TaskScore.error == "").order_by(TaskScore.rank).limit(limit)).all()
+        errs = s.exec(select(TaskScore).where(TaskScore.project_id == project, TaskScore.model_version == v.version,
+                                              TaskScore.error != "")).all()
+    t = Table(title=f"project {project} review queue ({v.version}, measure {settings.uncertainty_measure})")
+    for c in ("rank", "task", "uncertainty", "LS score", "least-conf.", "margin", "entropy", "faces", "query batch"):
+        t.add_column(c, justify="right")
+    for r in rows:
+        t.add_row(str(r.rank), str(r.task_id), f"{r.uncertainty:.3f}", f"{1 - r.uncertainty:.3f}",
+                  f"{r.least_confidence:.3f}", f"{r.margin:.3f}", f"{r.entropy:.3f}", str(r.n_boxes),
+                  "yes" if r.in_query_batch else "")
+    console.print(t)
+    if not rows:
+        console.print("no scored tasks yet: the pool is scored after each promotion (or `faceloop score`)")
+    for r in errs[:10]:
+        console.print(f"[yellow]task {r.task_id} not scored:[/] {r.error}")
+
+
+@app.command()
+def versions(project: int = typer.Argument(..., help="Label Studio project id")):
+    """List a project's model versions with their validation metrics and gate decision."""
+    from sqlmodel import select
+
+    from backend.models import ModelVersion
+
+    with _db() as s:
+        rows = s.exec(select(ModelVersion).where(ModelVersion.project_id == project).order_by(ModelVersion.id)).all()
+    t = Table(title=f"project {project} model versions")
+    for c in ("version", "status", "classes", "mAP50", "mAP50-95", "P", "R", "train/val", "why"):
+        t.add_column(c)
+    for v in rows:
+        m = v.metrics.get("candidate") or {}
+        t.add_row(v.version, v.status, ",".join(v.classes), f"{m['mAP50']:.3f}" if m else "-",
+                  f"{m['mAP50-95']:.3f}" if m else "-", f"{m['precision']:.3f}" if m else "-",
+                  f"{m['recall']:.3f}" if m else "-",
+                  f"{v.metrics.get('n_train', '-')}/{v.metrics.get('n_val', '-')}", v.gate_reason)
+    console.print(t)
+    for v in rows:
+        for name, p in (v.metrics.get("plots") or {}).items():
+            console.print(f"  {v.version} {name}: {p}")
+
+
+@app.command()
+def jobs(project: int = typer.Argument(..., help="Label Studio project id")):
+    """List a project's training jobs with their progress (epoch k of n) and errors."""
+    from sqlmodel import select
+
+    from backend.models import TrainingJob
+
+    with _db() as s:
+        rows = s.exec(select(TrainingJob).where(TrainingJob.project_id == project).order_by(TrainingJob.id)).all()
+    t = Table(title=f"project {project} training jobs")
+    for c in ("job", "trigger", "state", "stage", "epoch", "train/val", "message", "error"):
+        t.add_column(c)
+    for j in rows:
+        t.add_row(str(j.id), j.trigger, j.state, j.stage, f"{j.epoch}/{j.epochs}", f"{j.n_train}/{j.n_val}",
+                  j.message, (j.error or "").splitlines()[0] if j.error else "")
+    console.print(t)
+
+
+@app.command()
+def train(project: int = typer.Argument(..., help="Label Studio project id")):
+    """Queue a retrain, as *Start Training* in Label Studio does (coalesced with a queued one)."""
+    from backend.events import queue_training
+
+    console.print(queue_training(get_settings(), project, "cli"))
+
+
+@app.command()
+def score(project: int = typer.Argument(..., help="Label Studio project id"),
+          here: bool = typer.Option(False, help="Score in this process instead of on the worker")):
+    """Score the unlabelled pool with the promoted version and refresh the review queue."""
+    settings = get_settings()
+    if here:
+        from rich.progress import Progress
+
+        from ml_worker.scoring import score_pool
+
+        with Progress(console=console) as prog:
+            task = prog.add_task("scoring pool", total=None)
+            o = score_pool(settings, project, progress=lambda d, n: prog.update(task, completed=d, total=n))
+        console.print(o)
+    else:
+        from backend.events import enqueue
+
+        console.print({"celery_id": enqueue(settings, "faceloop.score", [project])})
+
+
+@app.command()
+def serve(host: str = "127.0.0.1", port: int = 9090):
+    """Run the ML backend (uvicorn)."""
+    import uvicorn
+
+    uvicorn.run("backend.main:app", host=host, port=port)
+
+
+@app.command()
+def worker(queues: str = "train,score", concurrency: int = 1):
+    """Run a Celery worker (``-Q train`` on a GPU machine, ``-Q score`` on CPU machines)."""
+    os.execv(sys.executable, [sys.executable, "-m", "celery", "-A", "ml_worker.celery_app", "worker", "-Q", queues,
+                              "-c", str(concurrency), "--loglevel", "INFO"])
+
+
+@app.command("train-base")
+def train_base_cmd(
+    out: Path = typer.Option(REPO_ROOT / "var" / "base", help="Output folder"),
+    hours: Optional[float] = typer.Option(None, help="Wall-clock budget (ultralytics time=)"),
+    epochs: int = typer.Option(60), imgsz: int = typer.Option(256), seed: int = typer.Option(0),
+    device: str = typer.Option("", help="'' = GPU if any"),
+    install: bool = typer.Option(False, help="Copy the result to models/faceloop-base.pt (+ .json)"),
+):
+    """Train the default model (yolov5nu from its yaml) on ../shared/data/expressions."""
+    from ml_worker.base_model import install_base, train_base
+
+    w = train_base(out, epochs=epochs, hours=hours, imgsz=imgsz, seed=seed, device=device)
+    console.print(f"weights: {w}")
+    if install:
+        console.print(f"installed: {install_base(w)}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,96 @@
+"""The record station: what the backend does with each Label Studio webhook.
+
+Every event is stored whole in the database first (nothing is lost even if Redis is down), then:
+
+- ``START_TRAINING``: queue a retrain now (coalesced: see :func:`backend.registry.request_training`).
+- ``ANNOTATION_CREATED`` / ``ANNOTATION_UPDATED`` / ``ANNOTATIONS_CREATED``: queue a retrain once
+  the project has this many new annotation events since its last training: the project's
+  ``min_annotations_to_start_training`` if > 0, else ``RETRAIN_MIN_ANNOTATIONS``.
+- ``ANNOTATIONS_DELETED``: recorded; training always snapshots Label Studio's current
+  annotations, so deleted ones are left out of the next run.
+- ``PROJECT_UPDATED``: refresh the stored label config and training threshold.
+- ``TASKS_CREATED``: queue a bulk pre-annotation of the new tasks on the worker.
+- anything else: recorded and ignored (200).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from backend import registry
+from backend.config import Settings
+from backend.db import session_scope
+
+log = logging.getLogger("faceloop.events")
+
+
+def enqueue(settings: Settings, name: str, args: list) -> str | None:
+    """Send a Celery task by name; returns its id, or None (logged) when the broker is down.
+
+    A job that could not be sent stays ``queued`` in the database; the worker re-sends such jobs
+    when it starts (``ml_worker.tasks.resend_queued_jobs``).
+    """
+    try:
+        from ml_worker.celery_app import make_celery
+
+        res = make_celery(settings).send_task(name, args=args, queue=_queue_for(name))
+        return res.id
+    except Exception as e:  # broker unreachable: keep the request alive, the DB row remembers
+        log.error("could not enqueue %s%s: %s", name, args, e)
+        return None
+
+
+def _queue_for(name: str) -> str:
+    return "train" if name == "faceloop.train" else "score"
+
+
+def queue_training(settings: Settings, project_id: int, trigger: str) -> dict:
+    """Create or join the project's queued training job and send it to the worker."""
+    with session_scope(settings.database_url) as s:
+        job, created = registry.request_training(s, project_id, trigger)
+        job_id = job.id
+    celery_id = enqueue(settings, "faceloop.train", [job_id]) if created else None
+    if celery_id:
+        with session_scope(settings.database_url) as s:
+            from backend.models import TrainingJob
+
+            j = s.get(TrainingJob, job_id)
+            if j is not None and not j.celery_id:
+                j.celery_id = celery_id
+    return {"job": str(job_id), "queued": created, "joined_existing": not created}
+
+
+def handle_event(settings: Settings, action: str, payload: dict) -> dict:
+    """Record one webhook and act on it (see module docstring). Returns the JSON answer."""
+    project = payload.get("project") if isinstance(payload.get("project"), dict) else {}
+    pid = project.get("id")
+    with session_scope(settings.database_url) as s:
+        registry.record_event(s, action, payload)
+        if isinstance(pid, int):
+            registry.upsert_project(
+                s, pid, label_config=project.get("label_config"), title=project.get("title"),
+                min_annotations=project.get("min_annotations_to_start_training"),
+            )
+    if not isinstance(pid, int):
+        return {"status": "ignored", "reason": "no project id in payload"}
+    if action == "START_TRAINING":
+        return {"status": "ok", **queue_training(settings, pid, "start_training")}
+    if action in registry.ANNOTATION_ACTIONS:
+        with session_scope(settings.database_url) as s:
+            from backend.models import Project
+
+            need = s.get(Project, pid).min_annotations_to_start_training or settings.retrain_min_annotations
+            n = registry.annotations_since_last_training(s, pid)
+        if n >= need:
+            return {"status": "ok", "new_annotations": n, **queue_training(settings, pid, "annotations")}
+        return {"status": "recorded", "new_annotations": n, "retrain_at": need}
+    if action == "TASKS_CREATED":
+        tasks = payload.get("tasks") or []
+        ids = [t["id"] if isinstance(t, dict) else t for t in tasks]
+        ids = [i for i in ids if isinstance(i, int)]
+        if ids:
+            enqueue(settings, "faceloop.preannotate", [pid, ids])
+        return {"status": "ok", "tasks": len(ids)}
+    if action in ("ANNOTATIONS_DELETED", "PROJECT_UPDATED"):
+        return {"status": "recorded"}
+    return {"status": "ignored", "action": action}

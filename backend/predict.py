@@ -1,0 +1,153 @@
+"""Pre-annotations: tasks in, Label Studio predictions out (serve station, also used by scoring).
+
+One box per face (class-agnostic NMS), labelled with a class of the project's config, in
+percent coordinates, with a region score (box confidence 0-1) and a task score
+``1 - uncertainty`` (see :mod:`backend.uncertainty`).
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from backend.config import Settings
+from backend.images import ImageError, LoadedImage, load_image
+from backend.labels import Box, ProjectSchema
+from backend.uncertainty import ImageUncertainty, image_uncertainty, normalise
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TaskPrediction:
+    """What faceloop predicts for one task.
+
+    Attributes:
+        task_id: Label Studio task id (None when the task had none).
+        boxes: pre-annotation boxes in pixels (``label`` None = face of a not-yet-known class).
+        width, height: image size in pixels.
+        uncertainty: measures of the image (None on error).
+        embedding: backbone embedding (for diversity), when asked for.
+        error: why the task got no prediction (bad image, bad URL, ...), else None.
+    """
+
+    task_id: int | None
+    boxes: list[Box] = field(default_factory=list)
+    width: int = 0
+    height: int = 0
+    uncertainty: ImageUncertainty | None = None
+    embedding: np.ndarray | None = None
+    error: str | None = None
+
+
+def analyse(det, schema: ProjectSchema, model_names: list[str], threshold: float, aggregation: str) -> tuple[list[Box], ImageUncertainty]:
+    """Boxes and uncertainty of one image's detections (``backend.yolo.ImageDetections``).
+
+    Class scores are restricted to the model classes that map to the project's labels, so a
+    class the config lacks is never predicted; when none map, faces are still returned as
+    unlabelled boxes (``label`` None) scored by their face confidence.
+    """
+    lmap = schema.label_map(model_names)
+    idx = sorted(lmap)
+    boxes: list[Box] = []
+    probs, confs = [], []
+    for d in det.detections:
+        if idx:
+            sub = d.class_scores[idx]
+            conf = float(sub.max())
+            label = lmap[idx[int(sub.argmax())]]
+            # several model classes may map to one label: merge them by max before normalising
+            labels_order = sorted(set(lmap.values()), key=schema.labels.index)
+            merged = np.array([max(d.class_scores[i] for i in idx if lmap[i] == lab) for lab in labels_order])
+            probs.append(normalise(merged[None])[0])
+        else:
+            conf, label = d.conf, None
+            probs.append(np.array([1.0]))
+        confs.append(conf)
+        if conf >= threshold:
+            boxes.append(Box(*d.box, label=label, score=conf))
+    order = np.argsort(-np.asarray(confs)) if confs else np.zeros(0, int)
+    p = np.stack([probs[i] for i in order]) if confs else np.zeros((0, 1))
+    unc = image_uncertainty(p, np.asarray(confs)[order] if confs else np.zeros(0), threshold, aggregation,
+                            known_classes=bool(idx))
+    boxes.sort(key=lambda b: -(b.score or 0))
+    return boxes, unc
+
+
+def load_images(urls: list[str], settings: Settings, ls_url: str | None = None, workers: int = 4) -> list[LoadedImage | ImageError]:
+    """Fetch and decode images concurrently; each entry is the image or the ImageError it raised."""
+
+    def one(u):
+        try:
+            return load_image(u, settings, ls_url)
+        except ImageError as e:
+            return e
+        except Exception as e:  # never let one task fail the batch
+            log.exception("unexpected error loading %r", u)
+            return ImageError(f"{e.__class__.__name__}: {e}")
+
+    if len(urls) <= 1:
+        return [one(u) for u in urls]
+    with ThreadPoolExecutor(max_workers=min(workers, len(urls))) as ex:
+        return list(ex.map(one, urls))
+
+
+def predict_tasks(tasks: list[dict], schema: ProjectSchema, model, settings: Settings,
+                  ls_url: str | None = None, embed: bool = False) -> list[TaskPrediction]:
+    """Predict every task; a bad task gets ``error`` set and never fails the others.
+
+    Args:
+        tasks: Label Studio tasks (``{"id":…, "data":{schema.value_key: url}}``).
+        schema: the project's parsed label config.
+        model: a ``backend.yolo.FaceModel``.
+        ls_url: Label Studio base URL for relative image URLs.
+        embed: also return image embeddings.
+    Returns: one :class:`TaskPrediction` per task, in order.
+    """
+    threshold = schema.score_threshold if schema.score_threshold is not None else settings.score_threshold
+    out: list[TaskPrediction] = []
+    urls = []
+    for t in tasks:
+        tid = t.get("id") if isinstance(t, dict) else None
+        out.append(TaskPrediction(task_id=tid if isinstance(tid, int) else None))
+        data = t.get("data") if isinstance(t, dict) else None
+        if not isinstance(data, dict) or schema.value_key not in data:
+            out[-1].error = f"task has no data.{schema.value_key} (the label config's image field)"
+            urls.append(None)
+        else:
+            urls.append(data[schema.value_key])
+    todo = [i for i, u in enumerate(urls) if u is not None]
+    loaded = load_images([urls[i] for i in todo], settings, ls_url)
+    ok = []
+    for i, img in zip(todo, loaded):
+        if isinstance(img, ImageError):
+            out[i].error = str(img)
+        else:
+            out[i].width, out[i].height = img.width, img.height
+            ok.append((i, img))
+    if ok:
+        dets = model.detect([img.array for _, img in ok], conf=min(settings.candidate_threshold, threshold),
+                            imgsz=settings.imgsz, embed=embed)
+        for (i, _), det in zip(ok, dets):
+            out[i].boxes, out[i].uncertainty = analyse(det, schema, model.names, threshold, settings.aggregation)
+            out[i].embedding = det.embedding
+    return out
+
+
+def to_ls_prediction(p: TaskPrediction, schema: ProjectSchema, model_version: str, measure: str) -> dict:
+    """Label Studio prediction dict for a :class:`TaskPrediction`.
+
+    ``score`` = 1 - uncertainty (configured measure), so Label Studio's ascending sort by
+    prediction score serves the most uncertain task first. A failed task gets no ``result`` key
+    (Label Studio skips such items and stores nothing) and an ``error`` message instead.
+    """
+    if p.error is not None:
+        return {"model_version": model_version, "error": p.error}
+    return {
+        "model_version": model_version,
+        "score": round(1.0 - p.uncertainty.get(measure), 6),
+        "result": [schema.region(b, p.width, p.height) for b in p.boxes],
+    }

@@ -1,0 +1,132 @@
+"""Build a YOLO dataset from Label Studio annotations, with a deterministic validation split.
+
+Layout written (ultralytics detection format): ``images/{train,val}/<task>.jpg``,
+``labels/{train,val}/<task>.txt`` with lines ``class cx cy w h`` normalised 0-1, and
+``data.yaml`` naming the project's labels in config order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from PIL import Image
+
+from backend.config import Settings
+from backend.images import ImageError
+from backend.labels import ProjectSchema
+from backend.predict import load_images
+
+
+def is_val(task_id: int, val_fraction: float) -> bool:
+    """Deterministic split by task id: ``sha1(str(id)) mod 1000 < val_fraction * 1000``.
+
+    The same task stays in the same split across retrains, so versions are compared on the
+    same validation images.
+    """
+    h = int(hashlib.sha1(str(task_id).encode()).hexdigest(), 16) % 1000
+    return h < val_fraction * 1000
+
+
+def split_ids(task_ids: list[int], val_fraction: float) -> tuple[list[int], list[int]]:
+    """Split task ids into ``(train, val)`` by :func:`is_val`, keeping both non-empty when there
+    are at least 2 tasks (the task with the smallest hash moves to val, or the largest to train)."""
+    ids = sorted(set(task_ids))
+    val = [i for i in ids if is_val(i, val_fraction)]
+    train = [i for i in ids if i not in set(val)]
+    key = lambda i: int(hashlib.sha1(str(i).encode()).hexdigest(), 16) % 1000  # noqa: E731
+    if len(ids) >= 2 and not val:
+        m = min(train, key=key)
+        train.remove(m)
+        val.append(m)
+    if len(ids) >= 2 and not train:
+        m = max(val, key=key)
+        val.remove(m)
+        train.append(m)
+    return train, val
+
+
+@dataclass
+class DatasetInfo:
+    """What :func:`build_dataset` wrote.
+
+    Attributes:
+        yaml_path: the ``data.yaml`` to train on.
+        train_ids, val_ids: task ids per split.
+        boxes: number of boxes written.
+        problems: ``(task_id, message)`` for tasks left out (bad image, unlabelled region, ...).
+    """
+
+    yaml_path: Path
+    train_ids: list[int]
+    val_ids: list[int]
+    boxes: int = 0
+    problems: list[tuple[int, str]] = field(default_factory=list)
+
+
+def write_yolo_dataset(out_dir: Path, names: list[str], items: list[tuple[str, str, Image.Image | Path, list]]) -> Path:
+    """Write images and labels in YOLO layout and return ``data.yaml``.
+
+    Args:
+        out_dir: dataset folder (created).
+        names: class names in index order.
+        items: ``(split, stem, image, boxes)``; ``image`` a PIL image (saved as JPEG) or a path
+            (symlinked); ``boxes`` ``(cx, cy, w, h, cls)`` normalised 0-1.
+    """
+    out_dir = Path(out_dir)
+    for split in ("train", "val"):
+        (out_dir / "images" / split).mkdir(parents=True, exist_ok=True)
+        (out_dir / "labels" / split).mkdir(parents=True, exist_ok=True)
+    for split, stem, image, boxes in items:
+        img_path = out_dir / "images" / split / f"{stem}.jpg"
+        if isinstance(image, Image.Image):
+            image.save(img_path, quality=95)
+        else:
+            if img_path.exists() or img_path.is_symlink():
+                img_path.unlink()
+            img_path.symlink_to(Path(image).resolve())
+        lines = [f"{c} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}" for cx, cy, w, h, c in boxes]
+        (out_dir / "labels" / split / f"{stem}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
+    data = {"path": str(out_dir.resolve()), "train": "images/train", "val": "images/val",
+            "names": {i: n for i, n in enumerate(names)}}
+    y = out_dir / "data.yaml"
+    y.write_text(yaml.safe_dump(data, sort_keys=False))
+    return y
+
+
+def build_dataset(tasks: list, schema: ProjectSchema, out_dir: Path, settings: Settings,
+                  ls_url: str | None = None) -> DatasetInfo:
+    """Fetch the annotated tasks' images and write a YOLO dataset of the project's classes.
+
+    Args:
+        tasks: :class:`backend.lsapi.SnapshotTask` with ``result`` not None (an empty result is
+            a background image: no face).
+        schema: the project's label config.
+        out_dir: dataset folder.
+    Returns: :class:`DatasetInfo`. Tasks with an unreadable image or a region without a known
+        label are left out and listed in ``problems``.
+    """
+    problems: list[tuple[int, str]] = []
+    usable = []
+    for t in tasks:
+        boxes, probs = schema.boxes_from_result(t.result or [])
+        if probs:
+            problems.append((t.id, "; ".join(probs)))
+            continue
+        url = t.data.get(schema.value_key)
+        usable.append((t, boxes, url))
+    images = load_images([u for _, _, u in usable], settings, ls_url)
+    ok = []
+    for (t, boxes, _), img in zip(usable, images):
+        if isinstance(img, ImageError):
+            problems.append((t.id, str(img)))
+        else:
+            ok.append((t, boxes, img))
+    train_ids, val_ids = split_ids([t.id for t, _, _ in ok], settings.val_fraction)
+    val_set = set(val_ids)
+    items = [("val" if t.id in val_set else "train", f"task_{t.id}", Image.fromarray(img.array), boxes)
+             for t, boxes, img in ok]
+    y = write_yolo_dataset(out_dir, schema.labels, items)
+    return DatasetInfo(y, train_ids, val_ids, sum(len(b) for _, b, _ in ok), problems)
