@@ -25,7 +25,7 @@ if [ ! -x .venv/bin/python ]; then
   echo ">> creating .venv"
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import torchvision, ultralytics, faceloop_installed_marker" 2>/dev/null; then
+if ! .venv/bin/python -c "import torchvision, ultralytics, backend, ml_worker, fastapi, celery, sqlmodel, label_studio_sdk, typer, pytest" 2>/dev/null; then
   echo ">> installing faceloop into .venv (torch 2.14.1 + torchvision 0.29.1: see docs/environment notes)"
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q "torch==2.14.1" "torchvision==0.29.1"
