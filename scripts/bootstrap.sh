@@ -25,12 +25,14 @@ if [ ! -x .venv/bin/python ]; then
   echo ">> creating .venv"
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import torchvision, ultralytics, backend, ml_worker, fastapi, celery, sqlmodel, label_studio_sdk, typer, pytest" 2>/dev/null; then
-  echo ">> installing faceloop into .venv (torch 2.14.1 + torchvision 0.29.1: see docs/environment notes)"
+if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
+  echo ">> installing torch 2.14.1 + torchvision 0.29.1 into .venv (the pair that works here)"
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q "torch==2.14.1" "torchvision==0.29.1"
-  .venv/bin/pip install -q -e ".[test]"
 fi
+echo ">> installing faceloop (editable) into .venv"
+.venv/bin/pip install -q -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/faceloop --help >/dev/null
 
 if [ ! -x .venv-ls/bin/label-studio ]; then
   echo ">> creating .venv-ls (Label Studio)"
