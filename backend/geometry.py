@@ -65,14 +65,20 @@ def percent_to_pixels(value: dict, width: int, height: int) -> tuple[float, floa
     return (clamp(x1, 0, width), clamp(y1, 0, height), clamp(x2, 0, width), clamp(y2, 0, height))
 
 
-def percent_to_yolo(value: dict) -> tuple[float, float, float, float]:
+def percent_to_yolo(value: dict, width: float = 100, height: float = 100) -> tuple[float, float, float, float]:
     """Label Studio value (percent, top-left) -> YOLO ``(cx, cy, w, h)`` normalised 0-1.
 
-    Uses a 100x100 virtual image, so it needs no pixel size (rotation handled as in
-    :func:`percent_to_pixels`).
+    Args:
+        value: as for :func:`percent_to_pixels`.
+        width, height: image size in pixels (the region's ``original_width/height``). Only a
+            rotated box needs it (a rotation turns the box in pixels, which is not the same as
+            turning it in percents unless the image is square); the default 100x100 is exact for
+            unrotated boxes.
     """
-    x1, y1, x2, y2 = percent_to_pixels(value, 100, 100)
-    return ((x1 + x2) / 200.0, (y1 + y2) / 200.0, (x2 - x1) / 100.0, (y2 - y1) / 100.0)
+    width = float(width or 100)
+    height = float(height or 100)
+    x1, y1, x2, y2 = percent_to_pixels(value, width, height)
+    return ((x1 + x2) / 2.0 / width, (y1 + y2) / 2.0 / height, (x2 - x1) / width, (y2 - y1) / height)
 
 
 def yolo_to_percent(cx: float, cy: float, w: float, h: float) -> dict[str, float]:

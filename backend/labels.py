@@ -179,7 +179,8 @@ class ProjectSchema:
                 continue
             try:
                 cls = self.class_index(labs[0])
-                cx, cy, w, h = geometry.percent_to_yolo(value)
+                cx, cy, w, h = geometry.percent_to_yolo(value, r.get("original_width") or 100,
+                                                        r.get("original_height") or 100)
             except (KeyError, ValueError, TypeError) as e:
                 problems.append(f"region {r.get('id')}: {e}")
                 continue
