@@ -54,7 +54,7 @@ def fine_tune(init: str | Path, data_yaml: Path, out_dir: Path, settings: Settin
 
     if on_epoch is not None:
         def cb(trainer):
-            on_epoch({"epoch": int(trainer.epoch) + 1, "epochs": int(trainer.epochs),
+            on_epoch({"epoch": min(int(trainer.epoch) + 1, int(trainer.epochs)), "epochs": int(trainer.epochs),
                       "metrics": {k: float(v) for k, v in (trainer.metrics or {}).items()}})
 
         model.add_callback("on_fit_epoch_end", cb)
