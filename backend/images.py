@@ -18,7 +18,7 @@ import io
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qs, unquote, urlparse
+from urllib.parse import parse_qs, urlparse
 
 import httpx
 import numpy as np
@@ -98,8 +98,9 @@ def decode_image(data: bytes, max_pixels: int) -> LoadedImage:
 
 
 def _read_local(rel: str, settings: Settings) -> bytes:
+    """Read ``rel`` (the already URL-decoded ``?d=`` value, as Label Studio decodes it: once)."""
     root = Path(settings.local_files_document_root).resolve()
-    p = (root / unquote(rel).lstrip("/")).resolve()
+    p = (root / rel.lstrip("/")).resolve()
     if root not in p.parents and p != root:
         raise ImageError(f"local file {rel!r} is outside LOCAL_FILES_DOCUMENT_ROOT")
     if not p.is_file():

@@ -1,0 +1,172 @@
+"""backend.images: decoding bad image bytes and fetching task URLs (local files under
+LOCAL_FILES_DOCUMENT_ROOT, unsupported schemes, missing URLs) fail with a clear ImageError."""
+
+from __future__ import annotations
+
+import io
+from urllib.parse import quote
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from backend.images import ImageError, decode_image, fetch_image_bytes, load_image
+from tests.helpers_unit import jpeg_bytes, local_url, make_settings, write_jpeg
+
+BIG = 10**8
+
+
+# --- decode_image -----------------------------------------------------------------------------
+def test_decode_good_jpeg():
+    img = decode_image(jpeg_bytes(64, 48, color=(200, 120, 40)), BIG)
+    assert (img.width, img.height) == (64, 48)
+    assert img.array.shape == (48, 64, 3) and img.array.dtype == np.uint8
+    assert np.abs(img.array.astype(int).mean(axis=(0, 1)) - [200, 120, 40]).max() < 4  # RGB, not BGR
+
+
+def test_decode_png_with_alpha_and_grey_becomes_rgb():
+    for mode in ("RGBA", "L", "P"):
+        buf = io.BytesIO()
+        Image.new(mode, (10, 7)).save(buf, "PNG")
+        img = decode_image(buf.getvalue(), BIG)
+        assert img.array.shape == (7, 10, 3)
+
+
+def test_decode_empty():
+    with pytest.raises(ImageError, match=r"image is empty \(0 bytes\)"):
+        decode_image(b"", BIG)
+
+
+@pytest.mark.parametrize("data", [b"hello, I am a text file, not an image",
+                                  b"\xff\xd8\xff\xe0" + b"\x00" * 64,  # JPEG magic, then garbage
+                                  b"%PDF-1.4\n"])
+def test_decode_not_an_image(data):
+    with pytest.raises(ImageError, match="not a readable image"):
+        decode_image(data, BIG)
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.8])
+def test_decode_truncated_jpeg(fraction):
+    data = jpeg_bytes(64, 48)
+    with pytest.raises(ImageError, match="broken image data"):
+        decode_image(data[: int(len(data) * fraction)], BIG)
+
+
+def test_decode_truncated_png():
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(buf, "PNG")
+    with pytest.raises(ImageError, match="broken image data"):
+        decode_image(buf.getvalue()[:200], BIG)
+
+
+def test_decode_too_many_pixels():
+    # 64 x 48 = 3072 px > 3000
+    with pytest.raises(ImageError, match=r"image is too large: 64x48 px \(limit 3000 px\)"):
+        decode_image(jpeg_bytes(64, 48), 3000)
+    assert decode_image(jpeg_bytes(64, 48), 3072).width == 64  # the limit itself is allowed
+
+
+# --- fetch_image_bytes ------------------------------------------------------------------------
+@pytest.fixture
+def root(tmp_path):
+    r = tmp_path / "docroot"
+    write_jpeg(r / "faces" / "a.jpg", width=30, height=20)
+    (tmp_path / "secret.jpg").write_bytes(jpeg_bytes(8, 8))  # outside the root
+    return r
+
+
+@pytest.fixture
+def settings(tmp_path, root):
+    return make_settings(tmp_path / "var", local_files_document_root=str(root))
+
+
+def test_local_file(settings, root):
+    data = fetch_image_bytes(local_url("faces/a.jpg"), settings)
+    assert data == (root / "faces" / "a.jpg").read_bytes()
+    img = load_image(local_url("faces/a.jpg"), settings)
+    assert (img.width, img.height) == (30, 20)
+
+
+def test_local_file_with_leading_slash_and_spaces(settings, root):
+    write_jpeg(root / "my faces" / "b c.jpg", width=5, height=6)
+    assert load_image(local_url("/my faces/b c.jpg"), settings).height == 6
+
+
+def test_local_file_whose_name_has_a_percent_sign(settings, root):
+    # Label Studio decodes ?d= once (Django's request.GET); a file literally named "a%20b.jpg" is
+    # sent as d=a%2520b.jpg and must not be read as "a b.jpg".
+    write_jpeg(root / "a%20b.jpg", width=7, height=9)
+    write_jpeg(root / "a b.jpg", width=3, height=3)
+    assert load_image(local_url("a%20b.jpg"), settings).width == 7
+
+
+def test_local_file_missing(settings):
+    with pytest.raises(ImageError, match="local file not found"):
+        fetch_image_bytes(local_url("faces/nope.jpg"), settings)
+
+
+@pytest.mark.parametrize("rel", ["../secret.jpg", "faces/../../secret.jpg", "%2E%2E/secret.jpg"])
+def test_local_file_path_traversal_rejected(settings, rel):
+    url = f"/data/local-files/?d={rel}" if "%" in rel else local_url(rel)
+    with pytest.raises(ImageError, match="outside LOCAL_FILES_DOCUMENT_ROOT"):
+        fetch_image_bytes(url, settings)
+
+
+def test_local_file_symlink_out_of_root_rejected(settings, root, tmp_path):
+    (root / "link.jpg").symlink_to(tmp_path / "secret.jpg")
+    with pytest.raises(ImageError, match="outside LOCAL_FILES_DOCUMENT_ROOT"):
+        fetch_image_bytes(local_url("link.jpg"), settings)
+
+
+def test_local_file_absolute_path_stays_under_root(settings, tmp_path):
+    # d=/abs/path is taken relative to the root (as Label Studio does), never as an absolute path
+    with pytest.raises(ImageError, match="local file not found"):
+        fetch_image_bytes(local_url(str(tmp_path / "secret.jpg")), settings)
+
+
+def test_local_file_directory_is_not_a_file(settings):
+    with pytest.raises(ImageError, match="local file not found"):
+        fetch_image_bytes(local_url("faces"), settings)
+
+
+def test_local_file_too_big(tmp_path, root):
+    s = make_settings(tmp_path / "var", local_files_document_root=str(root), max_image_bytes=100)
+    with pytest.raises(ImageError, match="image file is too large"):
+        fetch_image_bytes(local_url("faces/a.jpg"), s)
+
+
+@pytest.mark.parametrize("url", ["s3://bucket/face.jpg", "gs://bucket/face.jpg", "ftp://host/face.jpg",
+                                 "file:///etc/passwd", "faces/a.jpg"])
+def test_unsupported_scheme(settings, url):
+    with pytest.raises(ImageError, match="unsupported image URL"):
+        fetch_image_bytes(url, settings)
+
+
+@pytest.mark.parametrize("url", [None, "", "   ", 42])
+def test_missing_url(settings, url):
+    with pytest.raises(ImageError, match="task has no image URL"):
+        fetch_image_bytes(url, settings)
+
+
+def test_relative_url_without_api_key(tmp_path):
+    # /data/upload/... must come from Label Studio, which needs a token: say so
+    s = make_settings(tmp_path, label_studio_api_key="")
+    with pytest.raises(ImageError, match="LABEL_STUDIO_API_KEY is not set"):
+        fetch_image_bytes("/data/upload/1/face.jpg", s)
+
+
+def test_http_unreachable_host(settings):
+    # nothing listens on port 1: a connection error becomes an ImageError naming the URL
+    with pytest.raises(ImageError, match=r"could not fetch http://127\.0\.0\.1:1/face\.jpg"):
+        fetch_image_bytes("http://127.0.0.1:1/face.jpg", settings, ls_url="http://127.0.0.2:9")
+
+
+def test_local_files_url_without_document_root_goes_to_label_studio(tmp_path):
+    # no LOCAL_FILES_DOCUMENT_ROOT: the URL is Label Studio's, which needs a token
+    s = make_settings(tmp_path, local_files_document_root="")
+    with pytest.raises(ImageError, match="LABEL_STUDIO_API_KEY"):
+        fetch_image_bytes(local_url("faces/a.jpg"), s)
+
+
+def test_quote_helper_matches_label_studio():
+    assert local_url("my faces/a b.jpg") == "/data/local-files/?d=" + quote("my faces/a b.jpg")
