@@ -84,8 +84,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     def warm_up():
         try:
-            with session_scope(settings.database_url) as s:
-                pass
+            from ml_worker.celery_app import make_celery
+
+            make_celery(settings)  # import Celery now, not in the first webhook's 1 s budget
             models().get(settings.default_model_path)
         except Exception:  # pragma: no cover - warm-up is best effort
             log.exception("model warm-up failed")
