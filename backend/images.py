@@ -15,6 +15,7 @@ URL kinds (label-studio-protocol.md §1):
 from __future__ import annotations
 
 import io
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,18 @@ def auth_headers(settings: Settings, url: str | None = None) -> dict[str, str]:
     return {"Authorization": headers["Authorization"]}
 
 
+def _pil_open(fp):
+    """``PIL.Image.open`` as Pillow ships it.
+
+    Importing ultralytics replaces ``Image.open`` with a wrapper that, when Pillow cannot identify
+    a file, tries to pip-install and import ``pi-heif`` (ultralytics ``utils/patches.py``): bytes
+    that are not an image would then fail with ``ModuleNotFoundError: pi_heif`` instead of a clear
+    message (or install packages in the middle of a request when online).
+    """
+    patches = sys.modules.get("ultralytics.utils.patches")
+    return getattr(patches, "_image_open", Image.open)(fp)
+
+
 def decode_image(data: bytes, max_pixels: int) -> LoadedImage:
     """Decode image bytes to RGB with EXIF orientation applied.
 
@@ -83,14 +96,14 @@ def decode_image(data: bytes, max_pixels: int) -> LoadedImage:
     if not data:
         raise ImageError("image is empty (0 bytes)")
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with _pil_open(io.BytesIO(data)) as im:
             if im.width * im.height > max_pixels:
                 raise ImageError(f"image is too large: {im.width}x{im.height} px (limit {max_pixels} px)")
             im = ImageOps.exif_transpose(im)
             arr = np.asarray(im.convert("RGB"))
     except ImageError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError) as e:
+    except (UnidentifiedImageError, Image.DecompressionBombError, ImportError) as e:
         raise ImageError(f"not a readable image: {e}") from e
     except (OSError, ValueError, SyntaxError) as e:  # truncated/corrupt files
         raise ImageError(f"broken image data: {e}") from e

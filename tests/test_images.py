@@ -170,3 +170,12 @@ def test_local_files_url_without_document_root_goes_to_label_studio(tmp_path):
 
 def test_quote_helper_matches_label_studio():
     assert local_url("my faces/a b.jpg") == "/data/local-files/?d=" + quote("my faces/a b.jpg")
+
+
+def test_decode_not_an_image_after_ultralytics_is_imported():
+    # ultralytics patches PIL.Image.open to import pi-heif on an unidentified file
+    import backend.yolo  # noqa: F401
+
+    with pytest.raises(ImageError, match="not a readable image"):
+        decode_image(b"plain text, not an image", BIG)
+    assert decode_image(jpeg_bytes(8, 6), BIG).width == 8
