@@ -33,7 +33,12 @@ def enqueue(settings: Settings, name: str, args: list) -> str | None:
     try:
         from ml_worker.celery_app import make_celery
 
-        res = make_celery(settings).send_task(name, args=args, queue=_queue_for(name))
+        app = make_celery(settings)
+        # Fail fast when the broker is down: send_task alone first retries the Redis result
+        # backend for ~20 s (its reconnect policy), inside a webhook whose budget is 1 s.
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=0, timeout=1)
+        res = app.send_task(name, args=args, queue=_queue_for(name))
         return res.id
     except Exception as e:  # broker unreachable: keep the request alive, the DB row remembers
         log.error("could not enqueue %s%s: %s", name, args, e)
