@@ -54,6 +54,12 @@ class PredictRequest(BaseModel):
     params: dict | None = None
 
 
+def _same(given: str, expected: str) -> bool:
+    """Constant-time comparison of a credential; as bytes, because ``secrets.compare_digest``
+    raises TypeError on non-ASCII ``str`` (a 500 instead of a 401)."""
+    return secrets.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode("utf-8", "surrogateescape"))
+
+
 def parse_project_id(value) -> int:
     """Label Studio's project uid ``"<id>.<created_ts>"`` (or a plain id) -> int id.
 
@@ -110,8 +116,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 user, _, pw = base64.b64decode(header[6:]).decode().partition(":")
             except Exception:
                 return False
-            return secrets.compare_digest(user, settings.basic_auth_user) and secrets.compare_digest(
-                pw, settings.basic_auth_pass)
+            return _same(user, settings.basic_auth_user) and _same(pw, settings.basic_auth_pass)
         return False
 
     def require_auth(request: Request):
@@ -180,7 +185,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not isinstance(payload, dict) or not isinstance(payload.get("action"), str):
             raise HTTPException(400, "webhook body must be a JSON object with an 'action' string")
         if settings.webhook_secret:
-            ok = secrets.compare_digest(request.headers.get("x-faceloop-secret", ""), settings.webhook_secret) or (
+            ok = _same(request.headers.get("x-faceloop-secret", ""), settings.webhook_secret) or (
                 bool(settings.basic_auth_user) and check_basic_auth(request))
             if not ok:
                 raise HTTPException(401, "webhook secret missing or wrong (header X-Faceloop-Secret)")

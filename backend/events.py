@@ -54,7 +54,11 @@ def queue_training(settings: Settings, project_id: int, trigger: str) -> dict:
     with session_scope(settings.database_url) as s:
         job, created = registry.request_training(s, project_id, trigger)
         job_id = job.id
-    celery_id = enqueue(settings, "faceloop.train", [job_id]) if created else None
+        never_sent = not job.celery_id
+    # A joined job that was never sent (the broker was down) is sent again now: otherwise, with a
+    # worker that stays up, it would wait for a worker restart. A duplicate message is harmless
+    # (the worker claims a job once).
+    celery_id = enqueue(settings, "faceloop.train", [job_id]) if created or never_sent else None
     if celery_id:
         with session_scope(settings.database_url) as s:
             from backend.models import TrainingJob

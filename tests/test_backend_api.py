@@ -254,6 +254,26 @@ def test_start_training_with_broker_down_keeps_the_job(client, settings):
     assert len(_jobs(settings, 41)) == 1
 
 
+def test_joined_job_that_was_never_sent_is_sent_again(client, settings, monkeypatch):
+    # Redis down at the first request: the job is recorded but not sent. When a later request
+    # joins it, it is sent then (the worker may never restart to re-send it); once sent, joining
+    # requests send nothing more.
+    from backend import events
+
+    hook = {"action": "START_TRAINING", "project": {"id": 45}}
+    job = int(client.post("/webhook", json=hook).json()["job"])
+    sent = []
+    monkeypatch.setattr(events, "enqueue", lambda _s, name, args: sent.append((name, args)) or "celery-123")
+    r = client.post("/webhook", json=hook).json()
+    assert (int(r["job"]), r["joined_existing"]) == (job, True)
+    assert sent == [("faceloop.train", [job])]
+    with session_scope(settings.database_url) as s:
+        assert s.get(TrainingJob, job).celery_id == "celery-123"
+    client.post("/webhook", json=hook)
+    assert len(sent) == 1
+    assert len(_jobs(settings, 45)) == 1
+
+
 def test_annotation_events_count_up_to_the_threshold(client, settings):
     # RETRAIN_MIN_ANNOTATIONS = 3 (settings); the project's own setting is 0 = not set
     project = {"id": 42, "label_config": config_text("awake_sleep"), "min_annotations_to_start_training": 0}
@@ -338,6 +358,19 @@ def test_basic_auth_and_webhook_secret(tmp_path, images):
     assert c.post("/webhook", json=hook, headers={"X-Faceloop-Secret": "nope"}).status_code == 401
     assert c.post("/webhook", json=hook, headers={"X-Faceloop-Secret": "s3cret"}).status_code == 200
     assert c.post("/webhook", json=hook, headers=_basic("ls", "pw")).status_code == 200  # START_TRAINING path
+
+
+def test_non_ascii_credentials_are_401_not_500(tmp_path):
+    s = make_settings(tmp_path, basic_auth_user="ls", basic_auth_pass="pw", webhook_secret="s3cret")
+    c = TestClient(create_app(s), raise_server_exceptions=False)
+    assert c.get("/health", headers=_basic("jöhn", "pw")).status_code == 401
+    assert c.get("/health", headers=_basic("ls", "pä")).status_code == 401
+    r = c.post("/webhook", json={"action": "X", "project": {"id": 1}},
+               headers={"X-Faceloop-Secret": "sécret".encode("latin-1")})
+    assert r.status_code == 401
+    s2 = make_settings(tmp_path / "2", basic_auth_user="jöhn", basic_auth_pass="pässwort")
+    c2 = TestClient(create_app(s2), raise_server_exceptions=False)
+    assert c2.get("/health", headers=_basic("jöhn", "pässwort")).status_code == 200
 
 
 def test_webhook_needs_no_auth_without_secret(tmp_path):
