@@ -286,16 +286,16 @@ class TrainResult:
     cached: bool = False
 
 
-def train_and_evaluate(labelled: list[LabelledImage], data: SimData, test_yaml: Path, settings: Settings,
-                       init: Path, init_sha: str, seed: int, work_dir: Path) -> TrainResult:
+def train_and_evaluate(labelled: list[LabelledImage], val: list[LabelledImage], data: SimData, test_yaml: Path,
+                       settings: Settings, init: Path, init_sha: str, seed: int, work_dir: Path) -> TrainResult:
     """Fine-tune ``init`` on ``labelled`` with the product's :func:`fine_tune` and evaluate on the
     test split with :func:`evaluate`, or return the stored result of an identical earlier run.
 
-    The training set doubles as ultralytics' per-epoch validation set (it picks ``best.pt`` by it),
-    so the test split never influences training.
-
     Args:
         labelled: images with revealed labels (``len >= 1``).
+        val: ultralytics' per-epoch validation images, by which it picks ``best.pt``: the seed set
+            (labelled images, always part of ``labelled``), so the test split never influences
+            training and the per-epoch validation costs the same in every round.
         test_yaml: data set yaml whose ``val`` split is the test split.
         init, init_sha: initial weights and their sha256 (part of the cache key).
         seed: training seed (ultralytics ``seed``, deterministic mode).
@@ -305,7 +305,7 @@ def train_and_evaluate(labelled: list[LabelledImage], data: SimData, test_yaml: 
     from ml_worker.training import evaluate, fine_tune
 
     ids = sorted(x.id for x in labelled)
-    key_src = json.dumps({"init": init_sha, "train": ids, "test": sorted(x.id for x in data.test),
+    key_src = json.dumps({"init": init_sha, "train": ids, "val": sorted(x.id for x in val), "test": sorted(x.id for x in data.test),
                           "data": str(data.folder), "epochs": settings.train_epochs, "imgsz": settings.imgsz,
                           "batch": settings.train_batch, "seed": seed, "device": settings.device}, sort_keys=True)
     key = hashlib.sha1(key_src.encode()).hexdigest()[:16]
@@ -319,7 +319,7 @@ def train_and_evaluate(labelled: list[LabelledImage], data: SimData, test_yaml: 
         shutil.rmtree(run)
     run.mkdir(parents=True)
     (run / "key.json").write_text(key_src)
-    yaml_path = write_dataset(run / "dataset", data.names, labelled, labelled)
+    yaml_path = write_dataset(run / "dataset", data.names, labelled, val)
     t0 = time.time()
     best = fine_tune(init, yaml_path, run, settings, seed=seed, quiet=True)
     train_s = time.time() - t0
@@ -463,6 +463,15 @@ def run_simulation(cfg: SimConfig, out_dir: Path, work_dir: Path | None = None, 
     if not init.exists():
         raise FileNotFoundError(f"initial weights not found: {init}")
     init_sha = file_sha256(init)
+    # every round starts from the same bytes, even if the file is replaced while the simulation runs
+    snap = work / "init" / f"{init_sha[:16]}.pt"
+    if not snap.exists():
+        snap.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(init, snap.with_suffix(".tmp"))
+        if file_sha256(snap.with_suffix(".tmp")) != init_sha:
+            raise RuntimeError(f"{init} changed while it was being copied; try again")
+        snap.with_suffix(".tmp").replace(snap)
+    init = snap
     test_yaml = write_dataset(work / "test_dataset", data.names, [], data.test)
     budget_rounds = min(cfg.rounds, math.ceil((len(data.pool) - cfg.k) / cfg.b)) if cfg.b else 0
     files = {"rounds_csv": out_dir / "rounds.csv", "curves_png": out_dir / "learning_curves.png",
@@ -495,7 +504,8 @@ def run_simulation(cfg: SimConfig, out_dir: Path, work_dir: Path | None = None, 
         elif cfg.reference:
             if prog:
                 prog.update(bar, description=f"full-pool reference ({len(data.pool)} images)")
-            r = train_and_evaluate(data.pool, data, test_yaml, settings, init, init_sha, cfg.seeds[0], work)
+            val0 = [data.pool[i] for i in seed_order(len(data.pool), cfg.seeds[0])[: cfg.k]]
+            r = train_and_evaluate(data.pool, val0, data, test_yaml, settings, init, init_sha, cfg.seeds[0], work)
             reference = dict(r.metrics, n_labelled=len(data.pool), train_s=r.train_s, eval_s=r.eval_s,
                              seed=cfg.seeds[0], weights=str(r.weights))
             advance("reference done")
@@ -507,8 +517,8 @@ def run_simulation(cfg: SimConfig, out_dir: Path, work_dir: Path | None = None, 
             seed_set = order[: cfg.k]
             if prog:
                 prog.update(bar, description=f"seed {seed} round 0 ({cfg.k} labels)")
-            r0 = train_and_evaluate([data.pool[i] for i in seed_set], data, test_yaml, settings, init, init_sha,
-                                    seed, work)
+            val = [data.pool[i] for i in seed_set]
+            r0 = train_and_evaluate(val, val, data, test_yaml, settings, init, init_sha, seed, work)
             advance(f"seed {seed} round 0 done")
             for strategy in cfg.strategies:
                 labelled = list(seed_set)
@@ -530,8 +540,8 @@ def run_simulation(cfg: SimConfig, out_dir: Path, work_dir: Path | None = None, 
                     labelled = labelled + chosen
                     taken = set(chosen)
                     rest = [i for i in rest if i not in taken]
-                    res = train_and_evaluate([data.pool[i] for i in labelled], data, test_yaml, settings, init,
-                                             init_sha, seed, work)
+                    res = train_and_evaluate([data.pool[i] for i in labelled], val, data, test_yaml, settings,
+                                             init, init_sha, seed, work)
                     row = _row(strategy, seed, rnd, labelled, [data.pool[i].id for i in chosen], sel_unc, res,
                                score_s)
                     rows.append(row)
@@ -605,13 +615,13 @@ def summarise(rows: list[dict], reference_map50: float | None, target: float = 0
     normalised area under the learning curve) with its ratio to random's.
 
     Returns: one dict per strategy (keys :data:`SUMMARY_COLUMNS`), random first. Labels are None
-    when the target is not reached within the budget (or there is no reference).
+    when the target is not reached within the budget (or there is no positive reference).
     """
     c = curves(rows)
     by_seed: dict[tuple[str, int], dict[int, float]] = {}
     for r in rows:
         by_seed.setdefault((r["strategy"], int(r["seed"])), {})[int(r["n_labelled"])] = float(r["mAP50"])
-    goal = None if reference_map50 is None else target * reference_map50
+    goal = None if not reference_map50 or reference_map50 <= 0 else target * reference_map50
     out = []
     for s, pts in c.items():
         mean_curve = {n: float(np.mean(v)) for n, v in pts.items()}
@@ -668,7 +678,8 @@ def write_summary(csv_path: Path, md_path: Path, summary: list[dict], rows: list
         lines.append(f"Full-pool reference mAP50 = {reference['mAP50']:.4f}"
                      + (f" (mAP50-95 {reference['mAP50-95']:.4f}, {reference['n_labelled']} images)"
                         if "mAP50-95" in reference else " (given)")
-                     + f"; target = {cfg.target:.0%} of it = {cfg.target * reference['mAP50']:.4f}.")
+                     + (f"; target = {cfg.target:.0%} of it = {cfg.target * reference['mAP50']:.4f}."
+                        if reference["mAP50"] > 0 else "; no target (the reference found nothing)."))
     else:
         lines.append("No full-pool reference: labels to target are not computed.")
     lines += ["", "| strategy | labels to target (mean curve) | ratio to random | per seed | mean ± std (seeds reaching) "
