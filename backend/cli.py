@@ -301,5 +301,49 @@ def train_base_cmd(
         console.print(f"installed: {install_base(w)}")
 
 
+@app.command()
+def simulate(
+    data: Path = typer.Option(REPO_ROOT.parent / "shared" / "data" / "awake_sleep",
+                              help="YOLO-layout dataset read in place (pool = train split, test = val split)"),
+    strategies: str = typer.Option("random,least_confidence,margin,entropy,diverse_entropy",
+                                   help="Comma-separated sampler strategies (random is always included)"),
+    seeds: str = typer.Option("0,1", help="Comma-separated seeds (seed set and training seed)"),
+    k: int = typer.Option(20, help="Seed-set size: random images labelled before round 1"),
+    b: int = typer.Option(20, help="Query batch: images labelled per round"),
+    rounds: int = typer.Option(7, help="Query rounds (budget k + rounds*b labels)"),
+    epochs: int = typer.Option(10, help="Fine-tuning epochs per round"),
+    imgsz: int = typer.Option(160, help="Training/inference size, pixels"),
+    batch: int = typer.Option(16, help="Training batch"),
+    aggregation: str = typer.Option("max", help="Box uncertainties -> image: max | mean | sum"),
+    candidates: int = typer.Option(3, help="diverse_*: k-center over the candidates*b most uncertain"),
+    pool_size: Optional[int] = typer.Option(None, help="Subsample the pool (default: all of it)"),
+    test_size: Optional[int] = typer.Option(None, help="Subsample the test split (default: all of it)"),
+    init: Path = typer.Option(REPO_ROOT / "models" / "faceloop-base.pt", help="Weights every round starts from"),
+    config: str = typer.Option("awake_sleep", help="Label config (classes, score threshold)"),
+    reference_map50: Optional[float] = typer.Option(None, help="Known full-pool mAP50 (skips the reference run)"),
+    out: Path = typer.Option(REPO_ROOT / "benchmarks" / "out" / "simulate", help="Output folder"),
+    device: str = typer.Option("", help="'' = GPU if any"),
+):
+    """Active-learning simulation without Label Studio: the product's sampler and training on a
+    labelled pool; writes rounds.csv, learning_curves.png and summary.md to OUT."""
+    from ml_worker.simulate import SimConfig, run_simulation
+
+    cfg = SimConfig(data=data, label_config=_config_path(config), init_weights=init,
+                    strategies=tuple(s.strip() for s in strategies.split(",") if s.strip()),
+                    seeds=tuple(int(s) for s in seeds.split(",") if s.strip()), k=k, b=b, rounds=rounds,
+                    epochs=epochs, imgsz=imgsz, train_batch=batch, aggregation=aggregation, candidates=candidates,
+                    pool_size=pool_size, test_size=test_size, reference_map50=reference_map50, device=device)
+    try:
+        cfg.check()
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    res = run_simulation(cfg, out, on_round=lambda r: console.print(
+        f"{r['strategy']:>22} seed {r['seed']} round {r['round']}: {r['n_labelled']} labels, "
+        f"mAP50 {r['mAP50']:.3f}, mAP50-95 {r['mAP50-95']:.3f} ({r['seconds']:.0f} s{', cached' if r['cached'] else ''})"))
+    console.print(res.files["summary_md"].read_text())
+    for name, p in res.files.items():
+        console.print(f"{name}: {p}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()
