@@ -224,7 +224,9 @@ def run_training(settings: Settings, job_id: int, progress: ProgressFn | None = 
         else:
             v.status = "rejected"
         vid = v.id
+    left = f"; {len(ds.problems)} annotated tasks left out (e.g. task {ds.problems[0][0]}: {ds.problems[0][1]})" \
+        if ds.problems else ""
     update(version_id=vid, stage="registered",
            message=f"{name}: {'promoted' if promote_it else 'rejected'} ({reason}); "
-                   f"mAP50={cand['mAP50']:.3f} mAP50-95={cand['mAP50-95']:.3f}")
+                   f"mAP50={cand['mAP50']:.3f} mAP50-95={cand['mAP50-95']:.3f}{left}")
     return TrainOutcome(name, promote_it, reason, metrics)
