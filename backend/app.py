@@ -191,9 +191,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 raise HTTPException(401, "webhook secret missing or wrong (header X-Faceloop-Secret)")
         action = payload["action"]
         m_hooks.labels(action).inc()
+        from fastapi.concurrency import run_in_threadpool
+
         from backend.events import handle_event
 
-        return handle_event(settings, action, payload)
+        return await run_in_threadpool(handle_event, settings, action, payload)
 
     @app.get("/versions")
     async def versions(request: Request, _=Depends(require_auth)):
@@ -204,12 +206,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 pid = body.get("project") if isinstance(body, dict) else None
             except ValueError:
                 pid = None
-        with session_scope(settings.database_url) as s:
-            q = select(ModelVersion).order_by(ModelVersion.created_at)
-            if pid is not None:
-                q = q.where(ModelVersion.project_id == parse_project_id(pid))
-            names = list(dict.fromkeys(v.version for v in s.exec(q).all()))
-        return {"versions": names}
+        pid = parse_project_id(pid) if pid is not None else None
+
+        def names():
+            with session_scope(settings.database_url) as s:
+                q = select(ModelVersion).order_by(ModelVersion.created_at)
+                if pid is not None:
+                    q = q.where(ModelVersion.project_id == pid)
+                return list(dict.fromkeys(v.version for v in s.exec(q).all()))
+
+        from fastapi.concurrency import run_in_threadpool
+
+        return {"versions": await run_in_threadpool(names)}
 
     @app.get("/metrics")
     def prom():

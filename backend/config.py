@@ -99,6 +99,7 @@ def configure_ultralytics(var_dir: Path | None = None) -> None:
     base = Path(var_dir or os.environ.get("VAR_DIR") or REPO_ROOT / "var").resolve()
     cfg = base / "ultralytics"
     os.environ.setdefault("YOLO_OFFLINE", "1")
+    os.environ.setdefault("YOLO_AUTOINSTALL", "False")  # never pip-install at run time
     os.environ.setdefault("YOLO_CONFIG_DIR", str(cfg))
     os.environ.setdefault("MPLCONFIGDIR", str(base / "matplotlib"))
     os.environ.setdefault("YOLO_VERBOSE", "False")

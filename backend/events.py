@@ -38,7 +38,7 @@ def enqueue(settings: Settings, name: str, args: list) -> str | None:
         # backend for ~20 s (its reconnect policy), inside a webhook whose budget is 1 s.
         with app.connection_for_write() as conn:
             conn.ensure_connection(max_retries=0, timeout=1)
-        res = app.send_task(name, args=args, queue=_queue_for(name))
+        res = app.send_task(name, args=args, queue=_queue_for(name), ignore_result=True)  # state is in our DB
         return res.id
     except Exception as e:  # broker unreachable: keep the request alive, the DB row remembers
         log.error("could not enqueue %s%s: %s", name, args, e)

@@ -103,7 +103,9 @@ def decode_image(data: bytes, max_pixels: int) -> LoadedImage:
             arr = np.asarray(im.convert("RGB"))
     except ImageError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, ImportError) as e:
+    except UnidentifiedImageError:
+        raise ImageError(f"not a readable image ({len(data)} bytes starting {data[:8]!r})") from None
+    except (Image.DecompressionBombError, ImportError) as e:
         raise ImageError(f"not a readable image: {e}") from e
     except (OSError, ValueError, SyntaxError) as e:  # truncated/corrupt files
         raise ImageError(f"broken image data: {e}") from e
