@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -22,6 +23,44 @@ log = logging.getLogger("faceloop.training")
 BASE_YAML = "yolov5nu.yaml"
 
 ProgressFn = Callable[[dict], None]
+
+
+def _class_convs(model) -> list:
+    """The last ``Conv2d`` of each level of a YOLO Detect head's class branch (``cv3``)."""
+    head = model.model[-1]
+    return [branch[-1] for branch in head.cv3]
+
+
+def grow_class_head(trainer, old_model) -> bool:
+    """Start a grown class head from the old head's face-ness instead of from scratch.
+
+    When the project's classes differ from the model's (e.g. 8 expressions -> awake/sleep),
+    ultralytics keeps every layer whose shape fits and initialises the class convolutions with a
+    low prior (scores ~0.01): with a few dozen labels it then takes hundreds of iterations before
+    any face scores above the threshold. Here each new class starts from the mean of the old
+    classes' weights and biases (its score ~ the old model's mean class score on a face), so
+    faces are detected from the first epoch and training only has to separate the new classes.
+    Applied to the trainer's model and its EMA copy. Returns False when shapes do not allow it.
+    """
+    import torch
+
+    new_convs = _class_convs(trainer.model)
+    old_convs = _class_convs(old_model)
+    if len(new_convs) != len(old_convs):
+        return False
+    with torch.no_grad():
+        targets = [new_convs]
+        if getattr(trainer, "ema", None) is not None:
+            targets.append(_class_convs(trainer.ema.ema))
+        for convs in targets:
+            for new, old in zip(convs, old_convs):
+                if new.weight.shape[1:] != old.weight.shape[1:] or new.weight.shape[0] == old.weight.shape[0]:
+                    return False
+                w = old.weight.detach().float().mean(0, keepdim=True).to(new.weight)
+                new.weight.copy_(w.expand_as(new.weight))
+                if new.bias is not None and old.bias is not None:
+                    new.bias.fill_(float(old.bias.detach().float().mean()))
+    return True
 
 
 def _device(settings: Settings) -> str | None:
@@ -52,13 +91,34 @@ def fine_tune(init: str | Path, data_yaml: Path, out_dir: Path, settings: Settin
     model = YOLO(str(init), task="detect")
     n_epochs = epochs or settings.train_epochs
 
+    if str(init).endswith(".pt"):
+        old = model.model
+
+        def grow(trainer):
+            if int(trainer.model.model[-1].nc) != int(old.model[-1].nc):
+                ok = grow_class_head(trainer, old)
+                log.info("class head grown %d -> %d classes from the old head: %s", old.model[-1].nc,
+                         trainer.model.model[-1].nc, ok)
+
+        model.add_callback("on_pretrain_routine_end", grow)
+
     if on_epoch is not None:
         def cb(trainer):
             on_epoch({"epoch": min(int(trainer.epoch) + 1, int(trainer.epochs)), "epochs": int(trainer.epochs),
                       "metrics": {k: float(v) for k, v in (trainer.metrics or {}).items()}})
 
         model.add_callback("on_fit_epoch_end", cb)
+    # Few-shot fine-tuning recipe (measured on 16-image awake/sleep sets, see docs/training.md):
+    # no warm-up (its bias learning rate of 0.1 wrecks the class head in a few dozen steps), SGD
+    # at lr0=0.01, the backbone (first 10 layers) frozen so tiny batches cannot wreck its
+    # features, and no mosaic below 100 images (mosaic shrinks the few faces there are).
+    n_train = _count_images(data_yaml, "train")
+    iters = n_epochs * max(1, -(-n_train // settings.train_batch))
     model.train(
+        warmup_epochs=0 if iters < 300 else 3, warmup_bias_lr=0.0,
+        freeze=int(os.environ.get("FACELOOP_FREEZE", "10")),
+        mosaic=float(os.environ.get("FACELOOP_MOSAIC", "0" if n_train < 100 else "1")),
+        optimizer=os.environ.get("FACELOOP_OPTIMIZER", "SGD"), lr0=float(os.environ.get("FACELOOP_LR0", "0.01")),
         data=str(data_yaml), epochs=n_epochs, imgsz=settings.imgsz, batch=settings.train_batch,
         seed=settings.seed if seed is None else seed, deterministic=True, workers=0, device=_device(settings),
         project=str(Path(out_dir).resolve()), name="train", exist_ok=True, amp=False, plots=True,
@@ -70,6 +130,18 @@ def fine_tune(init: str | Path, data_yaml: Path, out_dir: Path, settings: Settin
     if not best.exists():
         raise RuntimeError(f"training wrote no weights under {out_dir}")
     return best
+
+
+def _count_images(data_yaml: Path, split: str) -> int:
+    """Number of images in a split of a dataset yaml (folder entries only; 0 if unknown)."""
+    import yaml
+
+    d = yaml.safe_load(Path(data_yaml).read_text())
+    entry = d.get(split)
+    if not isinstance(entry, str):
+        return 0
+    folder = Path(d.get("path", Path(data_yaml).parent)) / entry
+    return sum(1 for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")) if folder.is_dir() else 0
 
 
 def evaluate(weights: str | Path, data_yaml: Path, out_dir: Path, settings: Settings, name: str = "val",

@@ -64,8 +64,11 @@ def test_whole_loop(stack):
     retrieve_predictions(client, pid)  # again: same version, so no duplicates
     assert all(len(ps) == 1 for ps in _predictions(client, pid).values())
 
-    labelled = dict(list(task_image.items())[:N_LABELLED])
-    held_out = dict(list(task_image.items())[N_LABELLED:])
+    # every third task is held out, so held-out and labelled tasks come from the same sources
+    items = list(task_image.items())
+    held_out = dict(items[2::3])
+    labelled = {k: v for k, v in items if k not in held_out}
+    assert len(labelled) == N_LABELLED
     annotate_from_ground_truth(client, pid, labelled, schema, names)
 
     ml = client.ml.list(project=pid)[0]
