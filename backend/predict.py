@@ -48,7 +48,8 @@ def analyse(det, schema: ProjectSchema, model_names: list[str], threshold: float
 
     Class scores are restricted to the model classes that map to the project's labels, so a
     class the config lacks is never predicted; when none map, faces are still returned as
-    unlabelled boxes (``label`` None) scored by their face confidence.
+    unlabelled boxes (``label`` None) scored by their face-ness, the noisy-OR
+    ``1 - prod_k (1 - s_k)`` of the model's independent class scores ``s_k`` (0-1).
     """
     lmap = schema.label_map(model_names)
     idx = sorted(lmap)
@@ -64,7 +65,11 @@ def analyse(det, schema: ProjectSchema, model_names: list[str], threshold: float
             merged = np.array([max(d.class_scores[i] for i in idx if lmap[i] == lab) for lab in labels_order])
             probs.append(normalise(merged[None])[0])
         else:
-            conf, label = d.conf, None
+            # face-ness when no class maps: noisy-OR of the independent class sigmoids,
+            # P(some class) = 1 - prod_k (1 - s_k); the max alone understates a face whose
+            # expression the model is unsure of (scores spread over several classes)
+            conf = float(1.0 - np.prod(1.0 - np.clip(d.class_scores, 0.0, 1.0)))
+            label = None
             probs.append(np.array([1.0]))
         confs.append(conf)
         if conf >= threshold:
