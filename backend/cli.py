@@ -313,7 +313,7 @@ def simulate(
     rounds: int = typer.Option(7, help="Query rounds (budget k + rounds*b labels)"),
     epochs: int = typer.Option(10, help="Fine-tuning epochs per round"),
     imgsz: int = typer.Option(160, help="Training/inference size, pixels"),
-    batch: int = typer.Option(16, help="Training batch"),
+    batch: int = typer.Option(64, help="Training batch (64: no gradient accumulation, see docs/active_learning.md)"),
     aggregation: str = typer.Option("max", help="Box uncertainties -> image: max | mean | sum"),
     candidates: int = typer.Option(3, help="diverse_*: k-center over the candidates*b most uncertain"),
     pool_size: Optional[int] = typer.Option(None, help="Subsample the pool (default: all of it)"),
@@ -321,6 +321,7 @@ def simulate(
     init: Path = typer.Option(REPO_ROOT / "models" / "faceloop-base.pt", help="Weights every round starts from"),
     config: str = typer.Option("awake_sleep", help="Label config (classes, score threshold)"),
     reference_map50: Optional[float] = typer.Option(None, help="Known full-pool mAP50 (skips the reference run)"),
+    warm_start: bool = typer.Option(False, help="Fine-tune from the previous round's weights, not from --init"),
     out: Path = typer.Option(REPO_ROOT / "benchmarks" / "out" / "simulate", help="Output folder"),
     device: str = typer.Option("", help="'' = GPU if any"),
 ):
@@ -332,14 +333,15 @@ def simulate(
                     strategies=tuple(s.strip() for s in strategies.split(",") if s.strip()),
                     seeds=tuple(int(s) for s in seeds.split(",") if s.strip()), k=k, b=b, rounds=rounds,
                     epochs=epochs, imgsz=imgsz, train_batch=batch, aggregation=aggregation, candidates=candidates,
-                    pool_size=pool_size, test_size=test_size, reference_map50=reference_map50, device=device)
+                    pool_size=pool_size, test_size=test_size, reference_map50=reference_map50, warm_start=warm_start,
+                    device=device)
     try:
         cfg.check()
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     res = run_simulation(cfg, out, on_round=lambda r: console.print(
-        f"{r['strategy']:>22} seed {r['seed']} round {r['round']}: {r['n_labelled']} labels, "
-        f"mAP50 {r['mAP50']:.3f}, mAP50-95 {r['mAP50-95']:.3f} ({r['seconds']:.0f} s{', cached' if r['cached'] else ''})"))
+        f"{r['strategy']} s{r['seed']} r{r['round']}: {r['n_labelled']} labels mAP50 {r['mAP50']:.3f} "
+        f"mAP50-95 {r['mAP50-95']:.3f} {r['seconds']:.0f}s{' (cached)' if r['cached'] else ''}", soft_wrap=True))
     console.print(res.files["summary_md"].read_text())
     for name, p in res.files.items():
         console.print(f"{name}: {p}")
