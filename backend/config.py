@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     webhook_secret: str = Field("", description="If set, /webhook also needs header X-Faceloop-Secret")
 
     # Model / inference
-    imgsz: int = Field(320, description="Inference and training image size, pixels")
+    imgsz: int = Field(256, description="Inference and training image size, pixels (the default model's)")
     score_threshold: float = Field(0.25, description="Min box confidence (0-1) for a pre-annotation")
     candidate_threshold: float = Field(0.01, description="Min confidence of low-score face candidates")
     max_image_bytes: int = 50 * 1024 * 1024

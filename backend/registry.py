@@ -25,6 +25,7 @@ def upsert_project(s: Session, project_id: int, label_config: str | None = None,
                    ls_url: str | None = None, min_annotations: int | None = None) -> Project:
     """Create or update the row of a Label Studio project; label config is parsed by the caller."""
     p = s.get(Project, project_id)
+    changed = p is None
     if p is None:
         p = Project(id=project_id)
         s.add(p)
@@ -36,14 +37,16 @@ def upsert_project(s: Session, project_id: int, label_config: str | None = None,
             p.labels_json = json.dumps(ProjectSchema.parse(label_config).labels)
         except ValueError:
             p.labels_json = "[]"
-    if title is not None:
-        p.title = title
-    if ls_url:
-        p.ls_url = ls_url
-    if min_annotations is not None:
-        p.min_annotations_to_start_training = int(min_annotations or 0)
-    p.updated_at = utcnow()
-    s.flush()
+        changed = True
+    if title is not None and title != p.title:
+        p.title, changed = title, True
+    if ls_url and ls_url != p.ls_url:
+        p.ls_url, changed = ls_url, True
+    if min_annotations is not None and int(min_annotations or 0) != p.min_annotations_to_start_training:
+        p.min_annotations_to_start_training, changed = int(min_annotations or 0), True
+    if changed:  # /predict calls this on every request: no write when nothing changed
+        p.updated_at = utcnow()
+        s.flush()
     return p
 
 
