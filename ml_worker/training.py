@@ -110,13 +110,13 @@ def fine_tune(init: str | Path, data_yaml: Path, out_dir: Path, settings: Settin
         model.add_callback("on_fit_epoch_end", cb)
     # Few-shot fine-tuning recipe (measured on 16-image awake/sleep sets, see docs/training.md):
     # no warm-up (its bias learning rate of 0.1 wrecks the class head in a few dozen steps), SGD
-    # at lr0=0.01, the backbone (first 10 layers) frozen so tiny batches cannot wreck its
+    # at lr0=0.01, a trained backbone (first 10 layers) frozen so tiny batches cannot wreck its
     # features, and no mosaic below 100 images (mosaic shrinks the few faces there are).
     n_train = _count_images(data_yaml, "train")
     iters = n_epochs * max(1, -(-n_train // settings.train_batch))
     model.train(
         warmup_epochs=0 if iters < 300 else 3, warmup_bias_lr=0.0,
-        freeze=int(os.environ.get("FACELOOP_FREEZE", "10")),
+        freeze=int(os.environ.get("FACELOOP_FREEZE", "10")) if str(init).endswith(".pt") else None,
         mosaic=float(os.environ.get("FACELOOP_MOSAIC", "0" if n_train < 100 else "1")),
         optimizer=os.environ.get("FACELOOP_OPTIMIZER", "SGD"), lr0=float(os.environ.get("FACELOOP_LR0", "0.01")),
         data=str(data_yaml), epochs=n_epochs, imgsz=settings.imgsz, batch=settings.train_batch,
