@@ -77,7 +77,12 @@ def up(
         pid = create_project(client, title, xml)
         ids = import_local_images(client, pid, files, images.resolve())
         connect_backend(client, pid, st.backend_url)
-        console.print(f"project {pid}: {len(ids)} tasks imported, faceloop connected as its ML backend")
+        from backend.config import Settings
+        from backend.events import enqueue
+
+        enqueue(Settings(celery_broker_url=st.redis_url, var_dir=settings.var_dir), "faceloop.score", [pid])
+        console.print(f"project {pid}: {len(ids)} tasks imported, faceloop connected as its ML backend; "
+                      f"the worker is pre-annotating them and building the review queue")
         console.print(f"\n  Label Studio  {st.ls_url}/projects/{pid}/data\n  login         {LS_USER} / {LS_PASSWORD}\n"
                       f"  backend       {st.backend_url}\n  logs          {root / 'logs'}\n"
                       f"  state         {settings.var_dir}\n"
