@@ -70,5 +70,30 @@ def main() -> None:
     print(json.dumps({k: v for k, v in res.items() if not isinstance(v, dict)}, indent=2))
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and "--tables" not in sys.argv:
     main()
+
+
+def tables(res: dict) -> str:
+    """Markdown tables of a ``model_card_metrics.json`` (for models/MODEL_CARD.md)."""
+    out = []
+    for name in ("expressions", "faces_cropped_muxspace"):
+        r = res[name]
+        out.append(f"**{name} val** - all classes: P {r['precision']:.3f}, R {r['recall']:.3f}, "
+                   f"mAP50 {r['mAP50']:.3f}, mAP50-95 {r['mAP50-95']:.3f}\n")
+        out.append("| class | instances | precision | recall | mAP50 | mAP50-95 |\n|---|---|---|---|---|---|")
+        for c, m in r["per_class"].items():
+            out.append(f"| {c} | {m['instances']} | {m['precision']:.3f} | {m['recall']:.3f} | {m['mAP50']:.3f} | "
+                       f"{m['mAP50-95']:.3f} |")
+        out.append("")
+    out.append("**Face localisation, class-agnostic** (`single_cls`)\n\n| split | precision | recall | mAP50 | mAP50-95 |\n"
+               "|---|---|---|---|---|")
+    for name in ("awake_sleep", "expressions"):
+        m = res[f"faces_{name}"]
+        out.append(f"| {name} val | {m['precision']:.3f} | {m['recall']:.3f} | {m['mAP50']:.3f} | {m['mAP50-95']:.3f} |")
+    out.append(f"\nInference: {res['inference_ms_per_image']} ms/image ({res['inference_setup']}, imgsz {res['imgsz']}).")
+    return "\n".join(out)
+
+
+if __name__ == "__main__" and "--tables" in sys.argv:
+    print(tables(json.loads((REPO / "benchmarks" / "out" / "model_card_metrics.json").read_text())))
