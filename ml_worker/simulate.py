@@ -20,8 +20,8 @@ there; the strategies are compared on their selections alone (``warm_start`` con
 previous round's weights instead, as the product does from its promoted version). A full-pool reference run (the same recipe on
 every pool image) sets the target: the labels a strategy needs to reach 95% of its mAP50.
 
-Training runs are content-addressed: a run is keyed by the initial weights' sha256, the labelled
-ids, the test ids and the training settings, and its result is stored under
+Training runs are content-addressed: a run is keyed by the training code, the initial weights'
+sha256, the labelled ids, the test ids and the training settings, and its result is stored under
 ``<work>/train/<key>/``. Round 0 is therefore trained once per seed and shared by all strategies,
 and an interrupted simulation resumes where it stopped.
 
@@ -274,6 +274,18 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def code_fingerprint() -> str:
+    """sha1 of the training code (``ml_worker/training.py``) and the ultralytics and torch versions,
+    so that a changed training recipe never reuses a stored run."""
+    from importlib.metadata import version  # not importing ultralytics: configure_ultralytics comes first
+
+    from ml_worker import training
+
+    h = hashlib.sha1(Path(training.__file__).read_bytes())
+    h.update(f"{version('ultralytics')} {version('torch')}".encode())
+    return h.hexdigest()[:16]
+
+
 # --- the parts of a round ---------------------------------------------------------------------
 
 @dataclass
@@ -313,7 +325,7 @@ def train_and_evaluate(labelled: list[LabelledImage], val: list[LabelledImage], 
     from ml_worker.training import evaluate, fine_tune
 
     ids = sorted(x.id for x in labelled)
-    key_src = json.dumps({"init": init_sha, "train": ids, "val": sorted(x.id for x in val), "test": sorted(x.id for x in data.test),
+    key_src = json.dumps({"code": code_fingerprint(), "init": init_sha, "train": ids, "val": sorted(x.id for x in val), "test": sorted(x.id for x in data.test),
                           "data": str(data.folder), "epochs": settings.train_epochs, "imgsz": settings.imgsz,
                           "batch": settings.train_batch, "seed": seed, "device": settings.device}, sort_keys=True)
     key = hashlib.sha1(key_src.encode()).hexdigest()[:16]
@@ -677,6 +689,7 @@ def write_summary(csv_path: Path, md_path: Path, summary: list[dict], rows: list
         w.writeheader()
         w.writerows([{k: ("" if o.get(k) is None else o.get(k)) for k in SUMMARY_COLUMNS} for o in summary])
     fmt = lambda v: "not reached" if v is None else str(v)  # noqa: E731
+    na = lambda v: "n/a" if v is None else str(v)  # noqa: E731
     lines = ["# Active-learning simulation", ""]
     lines.append(f"Data `{cfg.data}`: pool = `{cfg.pool_split}`, test = `{cfg.test_split}`; "
                  f"k={cfg.k} seed images, b={cfg.b} per round, up to {max((r['n_labelled'] for r in rows), default=0)} "
@@ -697,10 +710,11 @@ def write_summary(csv_path: Path, md_path: Path, summary: list[dict], rows: list
               "| final mAP50 | mean mAP50 over rounds | ratio to random |", "|---|---|---|---|---|---|---|---|"]
     for o in summary:
         ms = "-" if o["labels_mean"] is None else f"{o['labels_mean']} ± {o['labels_std']} ({o['seeds_reaching_target']})"
-        lines.append(f"| {o['strategy']} | {fmt(o['labels_to_target'])} | {fmt(o['ratio_to_random'])} | "
+        lines.append(f"| {o['strategy']} | {fmt(o['labels_to_target'])} | {na(o['ratio_to_random'])} | "
                      f"{o['labels_to_target_per_seed']} | {ms} | {o['final_mAP50_mean']:.4f} ± {o['final_mAP50_std']:.4f} | "
-                     f"{o['mean_mAP50_over_rounds']:.4f} | {fmt(o['auc_ratio_to_random'])} |")
-    lines += ["", f"Winner (fewest labels to target, then mean mAP50 over rounds): **{winner(summary)}**.", ""]
+                     f"{o['mean_mAP50_over_rounds']:.4f} | {na(o['auc_ratio_to_random'])} |")
+    lines += ["", f"Winner (fewest labels to target, then mean mAP50 over rounds): **{winner(summary)}**. "
+              "Compare the differences with the spread over seeds (± std) before acting on them.", ""]
     fresh = [r for r in rows if not r["cached"] and r["round"] > 0]
     if fresh:
         lines.append(f"Per query round (not cached): {np.mean([r['seconds'] for r in fresh]):.1f} s on average "
