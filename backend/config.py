@@ -71,6 +71,8 @@ class Settings(BaseSettings):
     uncertainty_measure: str = Field("entropy", description="least_confidence | margin | entropy")
     aggregation: str = Field("max", description="How box uncertainties make an image's: max | mean | sum")
     query_batch_size: int = 20
+    query_strategy: str = Field(
+        "", description="Query-batch strategy (ml_worker.sampler.STRATEGIES); '' = diverse_<measure>")
     review_view_title: str = "Review queue"
 
     def model_post_init(self, __context) -> None:  # noqa: D401 - pydantic hook

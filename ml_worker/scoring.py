@@ -86,7 +86,9 @@ def score_pool(settings: Settings, project_id: int, task_ids: list[int] | None =
     batch: list[int] = []
     if good:
         emb = np.stack([p.embedding if p.embedding is not None else np.zeros(1) for p in good])
-        picks = select_batch(f"diverse_{measure}", unc, settings.query_batch_size, embeddings=emb)
+        strategy = settings.query_strategy or f"diverse_{measure}"
+        picks = select_batch(strategy, unc, settings.query_batch_size, embeddings=emb,
+                             rng=np.random.default_rng(settings.seed))
         batch = [good[i].task_id for i in picks]
     with session_scope(settings.database_url) as s:
         for p in preds:
