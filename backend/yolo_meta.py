@@ -8,6 +8,9 @@ from pathlib import Path
 
 @lru_cache(maxsize=64)
 def _names(path: str, mtime: float) -> tuple[str, ...]:
+    from backend.config import configure_ultralytics
+
+    configure_ultralytics()  # unpickling imports ultralytics: keep it offline and out of ~/.config
     import torch
 
     ckpt = torch.load(path, map_location="cpu", weights_only=False)

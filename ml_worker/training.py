@@ -118,6 +118,7 @@ def fine_tune(init: str | Path, data_yaml: Path, out_dir: Path, settings: Settin
         warmup_epochs=0 if iters < 300 else 3, warmup_bias_lr=0.0,
         freeze=int(os.environ.get("FACELOOP_FREEZE", "10")) if str(init).endswith(".pt") else None,
         mosaic=float(os.environ.get("FACELOOP_MOSAIC", "0" if n_train < 100 else "1")),
+        nbs=int(os.environ.get("FACELOOP_NBS", "64")),
         optimizer=os.environ.get("FACELOOP_OPTIMIZER", "SGD"), lr0=float(os.environ.get("FACELOOP_LR0", "0.01")),
         data=str(data_yaml), epochs=n_epochs, imgsz=settings.imgsz, batch=settings.train_batch,
         seed=settings.seed if seed is None else seed, deterministic=True, workers=0, device=_device(settings),
