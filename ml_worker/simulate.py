@@ -48,6 +48,7 @@ from urllib.parse import quote
 
 import numpy as np
 
+from backend.hashing import file_sha256
 from backend.config import DEFAULT_MODEL_PATH, LABEL_CONFIG_DIR, REPO_ROOT, Settings
 from backend.labels import ProjectSchema
 from backend.uncertainty import AGGREGATIONS, MEASURES
@@ -263,15 +264,6 @@ class SimConfig:
         return Settings(var_dir=Path(work_dir), train_epochs=self.epochs, imgsz=self.imgsz,
                         train_batch=self.train_batch, aggregation=self.aggregation, device=self.device,
                         local_files_document_root=str(Path(self.data).resolve()), train_patience=0)
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def code_fingerprint() -> str:
