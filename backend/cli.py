@@ -8,7 +8,6 @@ from ground-truth labels), ``queue`` (head of the review queue), ``versions``, `
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -113,7 +112,7 @@ def demo(
     config: str = typer.Option("awake_sleep", help="Label config"),
     n_images: int = typer.Option(30, help="Images to import"),
     n_labelled: int = typer.Option(20, help="Images annotated from ground truth before training"),
-    epochs: int = typer.Option(10, help="Training epochs"),
+    epochs: int = typer.Option(50, help="Training epochs"),
     root: Path = typer.Option(REPO_ROOT / "var" / "demo", help="Folder for the services' data and logs"),
     keep_running: bool = typer.Option(False, help="Keep the services up at the end (Ctrl-C stops)"),
 ):

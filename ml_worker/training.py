@@ -205,7 +205,6 @@ def run_training(settings: Settings, job_id: int, progress: ProgressFn | None = 
 
     Raises: ValueError when there are too few usable annotated tasks (message says how many).
     """
-    from sqlmodel import select  # noqa: F401
 
     from backend import registry
     from backend.db import session_scope

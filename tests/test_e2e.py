@@ -9,7 +9,6 @@ ground truth on the held-out tasks, and the review view must follow the stored u
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 from sqlmodel import select
@@ -84,7 +83,7 @@ def test_whole_loop(stack):
         time.sleep(0.5)
     client.ml.train(id=ml.id)
     client.ml.train(id=ml.id)
-    job = wait_for_job(db_url, pid, timeout=1500)
+    wait_for_job(db_url, pid, timeout=1500)
     train_seconds = time.time() - t_train
 
     with session_scope(db_url) as s:
