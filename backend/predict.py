@@ -53,6 +53,9 @@ def analyse(det, schema: ProjectSchema, model_names: list[str], threshold: float
     """
     lmap = schema.label_map(model_names)
     idx = sorted(lmap)
+    # several model classes may map to one label: their scores merge by max before normalising
+    labels_order = sorted(set(lmap.values()), key=schema.labels.index)
+    groups = [[i for i in idx if lmap[i] == lab] for lab in labels_order]
     boxes: list[Box] = []
     probs, confs = [], []
     for d in det.detections:
@@ -60,9 +63,7 @@ def analyse(det, schema: ProjectSchema, model_names: list[str], threshold: float
             sub = d.class_scores[idx]
             conf = float(sub.max())
             label = lmap[idx[int(sub.argmax())]]
-            # several model classes may map to one label: merge them by max before normalising
-            labels_order = sorted(set(lmap.values()), key=schema.labels.index)
-            merged = np.array([max(d.class_scores[i] for i in idx if lmap[i] == lab) for lab in labels_order])
+            merged = np.array([d.class_scores[g].max() for g in groups])
             probs.append(normalise(merged[None])[0])
         else:
             # face-ness when no class maps: noisy-OR of the independent class sigmoids,
