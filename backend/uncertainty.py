@@ -4,7 +4,8 @@ Each measure maps class probabilities ``p`` of shape ``(n, K)`` (rows sum to 1) 
 shape ``(n,)`` in 0-1, higher = more uncertain (Settles, *Active Learning Literature Survey*,
 2009, §3.1; *Active Learning*, 2012, eqs. 2.1-2.3):
 
-- least-confidence ``1 - max_k p_k``
+- least-confidence ``(1 - max_k p_k) * K / (K - 1)`` (normalised to 0-1 like the other two, so
+  a uniform distribution scores 1 whatever ``K``; Settles 2012, sec. 2.3)
 - margin ``1 - (p_(1) - p_(2))`` (the two largest probabilities)
 - entropy ``-sum_k p_k log p_k / log K`` (normalised by ``log K`` to 0-1)
 
@@ -36,9 +37,17 @@ def normalise(scores: np.ndarray) -> np.ndarray:
 
 
 def least_confidence(p: np.ndarray) -> np.ndarray:
-    """``1 - max p`` per row; ``p`` is ``(n, K)`` probabilities. Returns ``(n,)`` in 0-1."""
+    """Normalised least confidence ``(1 - max p) * K / (K - 1)`` per row (``1 - max p`` with one
+    class); ``p`` is ``(n, K)`` probabilities. Returns ``(n,)`` in 0-1, 1 for a uniform row.
+
+    Without the ``K / (K - 1)`` factor least confidence tops out at ``1 - 1/K`` (0.5 with two
+    classes), so it could never rank an ambiguous face above an image with no confident face
+    (scored ``1 - conf``, up to 1) and its values would not compare with margin's and entropy's.
+    """
     p = np.atleast_2d(p)
-    return 1.0 - p.max(axis=1)
+    k = p.shape[1]
+    lc = 1.0 - p.max(axis=1)
+    return np.clip(lc * k / (k - 1), 0.0, 1.0) if k > 1 else lc
 
 
 def margin(p: np.ndarray) -> np.ndarray:

@@ -6,6 +6,19 @@ as in modAL/baal: ``random`` (the baseline every strategy is measured against),
 k-center greedy (Sener & Savarese, *Active Learning for Convolutional Neural Networks: A Core-Set
 Approach*, ICLR 2018) on image embeddings over the ``candidates x k`` most uncertain images, so
 that a query batch is not made of near-duplicate video frames.
+
+Two strategies built for the low-budget, near-duplicate pools that faceloop projects start with
+(a few dozen labels, video frames of a few people):
+
+- ``typiclust``: TypiClust (Hacohen, Dekel & Weinshall, *Active Learning on a Budget: Opposite
+  Strategies Suit High and Low Budgets*, ICML 2022): k-means on the embeddings of the labelled and
+  unlabelled images into ``len(labelled) + k`` clusters; each pick is the most *typical* image
+  (highest inverse mean distance to its nearest neighbours) of the largest cluster that holds the
+  fewest labelled images. It needs no uncertainty, so it also works at the cold start.
+- ``cluster_<measure>``: diverse mini-batch active learning (Zhdanov, *Diverse mini-batch Active
+  Learning*, arXiv:1901.05954, 2019): the ``prefilter x k`` most uncertain images are clustered
+  into ``k`` clusters by k-means weighted by their uncertainty, and the image nearest each
+  centre is picked: uncertain *and* representative, where k-center greedy picks outliers.
 """
 
 from __future__ import annotations
@@ -14,7 +27,13 @@ import numpy as np
 
 from backend.uncertainty import MEASURES
 
-STRATEGIES = ("random",) + MEASURES + tuple(f"diverse_{m}" for m in MEASURES)
+STRATEGIES = (("random",) + MEASURES + tuple(f"diverse_{m}" for m in MEASURES) + ("typiclust",)
+              + tuple(f"cluster_{m}" for m in MEASURES))
+#: Strategies that use the embeddings of the images already labelled (when given).
+USES_LABELLED = tuple(s for s in STRATEGIES if s.startswith("diverse_")) + ("typiclust",)
+#: TypiClust's neighbourhood size and smallest cluster it draws from (Hacohen et al. 2022, sec. 4).
+TYPICALITY_NEIGHBOURS = 20
+MIN_CLUSTER_SIZE = 5
 
 
 def top_k(scores: np.ndarray, k: int) -> list[int]:
@@ -41,7 +60,9 @@ def k_center_greedy(embeddings: np.ndarray, k: int, first: int = 0, labelled: np
     if k <= 0:
         return []
     if labelled is not None and len(labelled):
-        d = np.min(((x[:, None, :] - np.asarray(labelled)[None]) ** 2).sum(-1), axis=1)
+        from sklearn.metrics import pairwise_distances_argmin_min
+
+        d = pairwise_distances_argmin_min(x, np.asarray(labelled, dtype=np.float64))[1] ** 2  # chunked: O(n) memory
         picks = []
     else:
         picks = [first]
@@ -55,19 +76,128 @@ def k_center_greedy(embeddings: np.ndarray, k: int, first: int = 0, labelled: np
     return picks
 
 
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (zero rows stay zero), so k-means works on cosine geometry."""
+    x = np.asarray(x, dtype=np.float64)
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norm > 0, norm, 1.0)
+
+
+def _kmeans(x: np.ndarray, n_clusters: int, seed: int, weights: np.ndarray | None = None):
+    """scikit-learn k-means (k-means++ init, 3 restarts) -> ``(labels (n,), centres (c, d))``."""
+    from sklearn.cluster import KMeans
+
+    km = KMeans(n_clusters=n_clusters, n_init=3, random_state=seed).fit(x, sample_weight=weights)
+    return km.labels_, km.cluster_centers_
+
+
+def typicality(x: np.ndarray, neighbours: int = TYPICALITY_NEIGHBOURS) -> np.ndarray:
+    """TypiClust's typicality of each row of ``x`` ``(n, d)``: the inverse of the mean Euclidean
+    distance to its ``min(neighbours, n - 1)`` nearest other rows (Hacohen et al. 2022, eq. 4).
+    Returns ``(n,)``, higher = in a denser region; a single row gets 0."""
+    x = np.asarray(x, dtype=np.float64)
+    n = len(x)
+    kk = min(neighbours, n - 1)
+    if kk < 1:
+        return np.zeros(n)
+    from sklearn.neighbors import NearestNeighbors
+
+    dist, _ = NearestNeighbors(n_neighbors=kk + 1).fit(x).kneighbors(x)
+    return 1.0 / (dist[:, 1:].mean(axis=1) + 1e-12)  # column 0 is the row itself
+
+
+def typiclust(embeddings: np.ndarray, k: int, labelled: np.ndarray | None = None, seed: int = 0) -> list[int]:
+    """TypiClust selection (Hacohen, Dekel & Weinshall, ICML 2022, Algorithm 1).
+
+    Args:
+        embeddings: ``(n, d)`` unlabelled images' embeddings (L2-normalised here).
+        k: how many to pick (at most n).
+        labelled: ``(m, d)`` embeddings of labelled images, or None (cold start).
+        seed: k-means seed.
+    Returns: ``k`` distinct indices into ``embeddings``: one per cluster, clusters taken by fewest
+        labelled members (picks count as labelled), then largest size; clusters with fewer than
+        :data:`MIN_CLUSTER_SIZE` members only once the others are used up.
+    """
+    x = _unit_rows(embeddings)
+    n = len(x)
+    k = min(k, n)
+    if k <= 0:
+        return []
+    lab = _unit_rows(labelled) if labelled is not None and len(labelled) else np.zeros((0, x.shape[1]))
+    both = np.vstack([lab, x])
+    n_clusters = min(len(lab) + k, len(both))
+    labels, _ = _kmeans(both, n_clusters, seed)
+    lab_labels, pool_labels = labels[: len(lab)], labels[len(lab):]
+    size = np.bincount(labels, minlength=n_clusters)
+    covered = np.bincount(lab_labels, minlength=n_clusters)
+    typ = np.zeros(n)
+    for c in range(n_clusters):
+        members = np.flatnonzero(labels == c)
+        t = typicality(both[members])
+        pool_members = members[members >= len(lab)] - len(lab)
+        typ[pool_members] = t[members >= len(lab)]
+    picks: list[int] = []
+    taken = np.zeros(n, dtype=bool)
+    while len(picks) < k:
+        open_ = [c for c in range(n_clusters) if np.any((pool_labels == c) & ~taken)]
+        big = [c for c in open_ if size[c] >= MIN_CLUSTER_SIZE] or open_
+        c = min(big, key=lambda c: (covered[c], -size[c], c))
+        cand = np.flatnonzero((pool_labels == c) & ~taken)
+        j = int(cand[np.argmax(typ[cand])])
+        picks.append(j)
+        taken[j] = True
+        covered[c] += 1
+    return picks
+
+
+def cluster_uncertain(uncertainty: np.ndarray, embeddings: np.ndarray, k: int, prefilter: int = 10,
+                      seed: int = 0) -> list[int]:
+    """Diverse mini-batch selection (Zhdanov 2019, arXiv:1901.05954, Algorithm 1).
+
+    Args:
+        uncertainty: ``(n,)`` scores 0-1, higher = more uncertain.
+        embeddings: ``(n, d)`` (L2-normalised here).
+        k: batch size.
+        prefilter: ``beta``: only the ``prefilter * k`` most uncertain images are clustered.
+        seed: k-means seed.
+    Returns: ``k`` distinct indices, most uncertain first: for each of ``k`` clusters (k-means
+        weighted by uncertainty) the candidate nearest its centre.
+    """
+    u = np.asarray(uncertainty, dtype=np.float64)
+    n = len(u)
+    k = min(k, n)
+    if k <= 0:
+        return []
+    pool = np.asarray(top_k(u, min(n, max(k, prefilter * k))))
+    x = _unit_rows(np.asarray(embeddings)[pool])
+    labels, centres = _kmeans(x, k, seed, weights=u[pool] + 1e-6)
+    picks = []
+    for c in range(k):
+        members = np.flatnonzero(labels == c)
+        if len(members) == 0:
+            continue
+        d = ((x[members] - centres[c]) ** 2).sum(-1)
+        picks.append(int(pool[members[np.lexsort((-u[pool[members]], d))[0]]]))
+    if len(picks) < k:  # empty clusters (duplicates): fill with the most uncertain left
+        picks += [int(i) for i in pool if int(i) not in set(picks)][: k - len(picks)]
+    return sorted(picks, key=lambda i: (-u[i], i))
+
+
 def select(strategy: str, uncertainty: dict[str, np.ndarray], k: int, embeddings: np.ndarray | None = None,
            rng: np.random.Generator | None = None, candidates: int = 3,
-           labelled_embeddings: np.ndarray | None = None) -> list[int]:
+           labelled_embeddings: np.ndarray | None = None, prefilter: int = 10) -> list[int]:
     """Choose a query batch of ``k`` pool indices.
 
     Args:
         strategy: one of :data:`STRATEGIES`.
         uncertainty: ``{measure: (n,) scores 0-1}`` for the pool.
         k: batch size.
-        embeddings: ``(n, d)``, needed by ``diverse_*`` strategies.
-        rng: random generator (``random`` strategy).
+        embeddings: ``(n, d)``, needed by ``diverse_*``, ``cluster_*`` and ``typiclust``.
+        rng: random generator (``random``; seeds the k-means of ``typiclust`` and ``cluster_*``).
         candidates: ``diverse_*`` considers the ``candidates * k`` most uncertain images.
-        labelled_embeddings: embeddings of images already labelled (``diverse_*``).
+        labelled_embeddings: ``(m, d)`` embeddings of images already labelled (``diverse_*``,
+            ``typiclust``).
+        prefilter: ``cluster_*`` clusters the ``prefilter * k`` most uncertain images.
     Returns: indices into the pool, most informative first.
     Raises: ValueError for an unknown strategy or missing embeddings.
     """
@@ -78,9 +208,18 @@ def select(strategy: str, uncertainty: dict[str, np.ndarray], k: int, embeddings
         return [int(i) for i in rng.choice(n, size=k, replace=False)]
     if strategy in MEASURES:
         return top_k(uncertainty[strategy], k)
+    needs_embeddings = strategy == "typiclust" or (strategy.partition("_")[0] in ("diverse", "cluster")
+                                                    and strategy.partition("_")[2] in MEASURES)
+    if needs_embeddings and embeddings is None:
+        raise ValueError(f"strategy {strategy} needs image embeddings")
+    if needs_embeddings and k == 0:
+        return []
+    seed = int(rng.integers(2**31 - 1)) if rng is not None else 0
+    if strategy == "typiclust":
+        return typiclust(embeddings, k, labelled=labelled_embeddings, seed=seed)
+    if strategy.startswith("cluster_") and strategy[8:] in MEASURES:
+        return cluster_uncertain(uncertainty[strategy[8:]], embeddings, k, prefilter=prefilter, seed=seed)
     if strategy.startswith("diverse_") and strategy[8:] in MEASURES:
-        if embeddings is None:
-            raise ValueError(f"strategy {strategy} needs image embeddings")
         pool = top_k(uncertainty[strategy[8:]], min(n, max(k, candidates * k)))
         picks = k_center_greedy(np.asarray(embeddings)[pool], k, first=0, labelled=labelled_embeddings)
         return [pool[i] for i in picks]

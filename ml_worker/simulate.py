@@ -52,7 +52,7 @@ from backend.hashing import file_sha256
 from backend.config import DEFAULT_MODEL_PATH, LABEL_CONFIG_DIR, REPO_ROOT, Settings
 from backend.labels import ProjectSchema
 from backend.uncertainty import AGGREGATIONS, MEASURES
-from ml_worker.sampler import STRATEGIES, select
+from ml_worker.sampler import STRATEGIES, USES_LABELLED, select
 
 log = logging.getLogger("faceloop.simulate")
 
@@ -391,7 +391,8 @@ def random_rng(seed: int, round_index: int) -> np.random.Generator:
 
 def query(strategy: str, unlabelled: list[LabelledImage], b: int, seed: int, round_index: int,
           weights: Path | None, schema: ProjectSchema, settings: Settings, candidates: int = 3,
-          on_chunk: Callable[[int, int], None] | None = None) -> tuple[list[int], float | None]:
+          on_chunk: Callable[[int, int], None] | None = None,
+          labelled: list[LabelledImage] | None = None) -> tuple[list[int], float | None]:
     """Pick the next query batch with the product's :func:`ml_worker.sampler.select`.
 
     Args:
@@ -400,15 +401,23 @@ def query(strategy: str, unlabelled: list[LabelledImage], b: int, seed: int, rou
         b: batch size.
         seed, round_index: make ``random`` reproducible.
         weights: the model that scores the candidates.
+        labelled: images labelled so far; strategies in :data:`USES_LABELLED` (``diverse_*``,
+            ``typiclust``) get their embeddings too, as the product's scoring station passes them.
     Returns: ``(positions in unlabelled, mean uncertainty of the picks by the strategy's measure
-        or None for random)``.
+        (entropy for ``typiclust``) or None for random)``.
     """
     n = len(unlabelled)
+    rng = random_rng(seed, round_index)
     if strategy == "random":
-        return select("random", {"entropy": np.zeros(n)}, b, rng=random_rng(seed, round_index)), None
-    unc, emb, ok = score_pool(weights, unlabelled, schema, settings, on_chunk)
-    picks = select(strategy, unc, b, embeddings=emb, candidates=candidates)
-    measure = strategy.removeprefix("diverse_")
+        return select("random", {"entropy": np.zeros(n)}, b, rng=rng), None
+    extra = list(labelled or []) if strategy in USES_LABELLED else []
+    unc, emb, ok = score_pool(weights, list(unlabelled) + extra, schema, settings, on_chunk)
+    in_pool = ok < n
+    lab_emb = emb[~in_pool] if extra else None
+    unc, emb, ok = {m: v[in_pool] for m, v in unc.items()}, emb[in_pool], ok[in_pool]
+    picks = select(strategy, unc, b, embeddings=emb, candidates=candidates, rng=rng, labelled_embeddings=lab_emb)
+    measure = strategy.split("_", 1)[1] if strategy.startswith(("diverse_", "cluster_")) else strategy
+    measure = measure if measure in MEASURES else "entropy"
     return [int(ok[i]) for i in picks], float(np.mean(unc[measure][picks])) if picks else None
 
 
@@ -546,7 +555,8 @@ def run_simulation(cfg: SimConfig, out_dir: Path, work_dir: Path | None = None, 
                         prog.update(bar, description=f"seed {seed} {strategy} round {rnd}")
                     t0 = time.time()
                     picks, sel_unc = query(strategy, [data.pool[i] for i in rest], cfg.b, seed, rnd, res.weights,
-                                           schema, settings, cfg.candidates, on_chunk)
+                                           schema, settings, cfg.candidates, on_chunk,
+                                           labelled=[data.pool[i] for i in labelled])
                     score_s = time.time() - t0
                     chosen = [rest[p] for p in picks]
                     labelled = labelled + chosen

@@ -6,12 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ml_worker.sampler import STRATEGIES, k_center_greedy, select, top_k
+from ml_worker.sampler import STRATEGIES, cluster_uncertain, k_center_greedy, select, top_k, typicality, typiclust
 
 
 def test_strategies_listed():
     assert set(STRATEGIES) == {"random", "least_confidence", "margin", "entropy",
-                               "diverse_least_confidence", "diverse_margin", "diverse_entropy"}
+                               "diverse_least_confidence", "diverse_margin", "diverse_entropy", "typiclust",
+                               "cluster_least_confidence", "cluster_margin", "cluster_entropy"}
 
 
 def test_top_k_order_and_ties():
@@ -100,13 +101,14 @@ def test_select_diverse_with_labelled_embeddings():
     assert out == [5, 3]
 
 
-@pytest.mark.parametrize("strategy", ["diverse_least_confidence", "diverse_margin", "diverse_entropy"])
+@pytest.mark.parametrize("strategy", ["diverse_least_confidence", "diverse_margin", "diverse_entropy",
+                                      "typiclust", "cluster_entropy"])
 def test_select_diverse_needs_embeddings(strategy):
     with pytest.raises(ValueError, match="needs image embeddings"):
         select(strategy, UNC, 2)
 
 
-@pytest.mark.parametrize("strategy", ["bald", "diverse_bald", "diverse_"])
+@pytest.mark.parametrize("strategy", ["bald", "diverse_bald", "diverse_", "cluster_", "cluster_bald"])
 def test_select_unknown_strategy(strategy):
     with pytest.raises(ValueError, match="unknown strategy"):
         select(strategy, UNC, 2, embeddings=np.zeros((6, 2)))
@@ -116,3 +118,76 @@ def test_select_empty_pool():
     empty = {m: np.zeros(0) for m in UNC}
     for strategy in STRATEGIES:
         assert select(strategy, empty, 5, embeddings=np.zeros((0, 2))) == []
+
+
+# --- TypiClust and cluster_<measure> --------------------------------------------------------------
+def _blobs(sizes, seed=0, spread=0.05):
+    """Gaussian blobs around well-separated unit directions: blob j has sizes[j] points."""
+    rng = np.random.default_rng(seed)
+    dim = len(sizes) + 1
+    pts, blob = [], []
+    for j, n in enumerate(sizes):
+        centre = np.eye(dim)[j]
+        pts.append(centre + spread * rng.normal(size=(n, dim)))
+        blob += [j] * n
+    return np.vstack(pts), np.array(blob)
+
+
+def test_typicality_prefers_the_dense_point():
+    # four points at 0, 0.1, 0.2 and one far at 5: the far one is the least typical
+    x = np.array([[0.0], [0.1], [0.2], [5.0]])
+    t = typicality(x, neighbours=2)
+    # mean distance to 2 nearest: 0 -> (.1+.2)/2=.15; .1 -> .1; .2 -> .15; 5 -> (4.8+4.9)/2=4.85
+    assert t == pytest.approx([1 / 0.15, 1 / 0.1, 1 / 0.15, 1 / 4.85], rel=1e-6)
+    assert typicality(np.zeros((1, 3))).tolist() == [0.0]
+
+
+def test_typiclust_cold_start_covers_the_big_clusters_with_typical_points():
+    x, blob = _blobs([40, 30, 20, 3])
+    picks = typiclust(x, 3, seed=0)
+    # one pick per cluster, the three big clusters first (the 3-point cluster is below MIN_CLUSTER_SIZE)
+    assert sorted(blob[picks].tolist()) == [0, 1, 2]
+    # each pick is the most typical point of its blob (closest to the blob's dense centre)
+    for i in picks:
+        members = np.flatnonzero(blob == blob[i])
+        t = typicality(x[members] / np.linalg.norm(x[members], axis=1, keepdims=True))
+        assert i == members[np.argmax(t)]
+
+
+def test_typiclust_avoids_clusters_already_labelled():
+    x, blob = _blobs([40, 30, 20, 10])
+    labelled = x[blob == 0][:5]  # blob 0 is already covered
+    picks = typiclust(x, 2, labelled=labelled, seed=0)
+    assert 0 not in blob[picks].tolist()
+    assert len(set(picks)) == 2
+
+
+def test_cluster_uncertain_is_uncertain_and_spread():
+    x, blob = _blobs([30, 30, 30])
+    u = np.full(90, 0.1)
+    u[blob == 0] = 0.9  # blob 0 is the uncertain one...
+    u[blob == 1] = 0.8  # ...blob 1 nearly as much; blob 2 is certain
+    picks = cluster_uncertain(u, x, 2, prefilter=30, seed=0)
+    # the 60 most uncertain are blobs 0 and 1: one pick in each, most uncertain first
+    assert blob[picks].tolist() == [0, 1]
+    # top-k by uncertainty alone would take both from blob 0
+    assert blob[top_k(u, 2)].tolist() == [0, 0]
+
+
+def test_new_strategies_are_reproducible_and_differ_from_random():
+    x, _ = _blobs([25, 25, 25, 25], seed=1, spread=0.2)
+    rng0 = np.random.default_rng(0)
+    u = {m: rng0.random(100) for m in ("least_confidence", "margin", "entropy")}
+    for strategy in ("typiclust", "cluster_entropy"):
+        a = select(strategy, u, 8, embeddings=x, rng=np.random.default_rng(3))
+        b = select(strategy, u, 8, embeddings=x, rng=np.random.default_rng(3))
+        r = select("random", u, 8, rng=np.random.default_rng(3))
+        assert a == b and len(set(a)) == 8 and set(a) != set(r)
+
+
+def test_k_center_greedy_labelled_set_large_pool_is_chunked():
+    # 3000 x 1000 x 64 would be 1.5 GB as one broadcast; the chunked distance is fine
+    rng = np.random.default_rng(0)
+    x, lab = rng.normal(size=(3000, 64)), rng.normal(size=(1000, 64))
+    picks = k_center_greedy(x, 5, labelled=lab)
+    assert len(set(picks)) == 5

@@ -18,8 +18,8 @@ P = np.array([
     [0.25, 0.25, 0.25, 0.25],   # uniform: maximally uncertain
 ])
 
-# least-confidence 1 - max p:  1-.7 = .3;  1-.4 = .6;  1-.25 = .75
-LC = [0.3, 0.6, 0.75]
+# normalised least-confidence (1 - max p) * K/(K-1), K = 4:  .3*4/3 = .4;  .6*4/3 = .8;  .75*4/3 = 1
+LC = [0.4, 0.8, 1.0]
 # margin 1 - (p1 - p2):  1-(.7-.1) = .4;  1-(.4-.4) = 1;  1-(.25-.25) = 1
 MARGIN = [0.4, 1.0, 1.0]
 # entropy -sum p ln p / ln 4, with ln .7 = -0.356675, ln .1 = -2.302585, ln .4 = -0.916291, ln 4 = 1.386294:
@@ -49,7 +49,10 @@ def test_measures_of_a_certain_box_are_zero():
 
 
 def test_measures_accept_one_row_and_one_class():
-    assert least_confidence(np.array([0.5, 0.5])) == approx([0.5])
+    assert least_confidence(np.array([0.5, 0.5])) == approx([1.0])  # uniform over 2 classes
+    # two classes: (1 - .8) * 2 = .4, the same as margin 1 - (.8 - .2)
+    assert least_confidence(np.array([0.8, 0.2])) == approx([0.4]) == margin(np.array([0.8, 0.2]))
+    assert least_confidence(np.array([[0.8]])) == approx([0.2])  # one class: 1 - p1
     # one class: margin is 1 - p1, entropy 0 (nothing to be unsure between)
     assert margin(np.array([[0.8]])) == approx([0.2])
     assert entropy(np.array([[1.0]])) == approx([0.0])
@@ -73,7 +76,7 @@ def test_normalise_one_dim_input():
 
 
 def test_aggregate():
-    v = np.array(LC)  # .3, .6, .75
+    v = np.array([0.3, 0.6, 0.75])
     assert aggregate(v, "max") == approx(0.75)
     assert aggregate(v, "mean") == approx(0.55)  # 1.65 / 3
     assert aggregate(v, "sum") == approx(1.0)  # 1.65, capped at 1
@@ -93,11 +96,11 @@ def test_image_uncertainty_boxes_basis():
     confs = np.array([0.9, 0.8, 0.1])  # threshold .5 keeps rows 0 and 1
     u = image_uncertainty(P, confs, threshold=0.5, how="max")
     assert u.basis == "boxes" and u.n_boxes == 2
-    assert u.least_confidence == approx(0.6)   # max(.3, .6)
+    assert u.least_confidence == approx(0.8)   # max(.4, .8)
     assert u.margin == approx(1.0)             # max(.4, 1)
     assert u.entropy == approx(0.860964, abs=1e-6)
     m = image_uncertainty(P, confs, threshold=0.5, how="mean")
-    assert m.least_confidence == approx(0.45)  # (.3 + .6) / 2
+    assert m.least_confidence == approx(0.6)   # (.4 + .8) / 2
     assert m.margin == approx(0.7)             # (.4 + 1) / 2
     assert m.entropy == approx((0.678390 + 0.860964) / 2, abs=1e-6)
 
@@ -105,16 +108,16 @@ def test_image_uncertainty_boxes_basis():
 def test_image_uncertainty_threshold_is_inclusive():
     u = image_uncertainty(P[:1], np.array([0.5]), threshold=0.5)
     assert u.basis == "boxes" and u.n_boxes == 1
-    assert u.least_confidence == approx(0.3)
+    assert u.least_confidence == approx(0.4)
 
 
 def test_image_uncertainty_candidate_basis():
     # no box reaches .5: the best candidate (conf .3, row 1) is scored, each measure raised to at
-    # least 1 - .3 = .7: lc max(.7, .6) = .7; margin max(.7, 1) = 1; entropy max(.7, .861) = .861
+    # least 1 - .3 = .7: lc max(.7, .8) = .8; margin max(.7, 1) = 1; entropy max(.7, .861) = .861
     confs = np.array([0.2, 0.3, 0.05])
     u = image_uncertainty(P, confs, threshold=0.5)
     assert u.basis == "candidate" and u.n_boxes == 0
-    assert u.least_confidence == approx(0.7)
+    assert u.least_confidence == approx(0.8)
     assert u.margin == approx(1.0)
     assert u.entropy == approx(0.860964, abs=1e-6)
 
