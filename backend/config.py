@@ -72,7 +72,7 @@ class Settings(BaseSettings):
     aggregation: str = Field("max", description="How box uncertainties make an image's: max | mean | sum")
     query_batch_size: int = 20
     query_strategy: str = Field(
-        "", description="Query-batch strategy (ml_worker.sampler.STRATEGIES); '' = diverse_<measure>")
+        "", description="Query-batch strategy (ml_worker.sampler.STRATEGIES); '' = ml_worker.sampler.DEFAULT_QUERY_STRATEGY")
     review_view_title: str = "Review queue"
 
     def model_post_init(self, __context) -> None:  # noqa: D401 - pydantic hook

@@ -24,7 +24,7 @@ from backend.labels import ProjectSchema
 from backend.lsapi import refresh_review_view, set_project_model_version, snapshot, write_predictions
 from backend.models import Project, TaskScore
 from backend.predict import predict_tasks, to_ls_prediction
-from ml_worker.sampler import select as select_batch
+from ml_worker.sampler import DEFAULT_QUERY_STRATEGY, USES_LABELLED, select as select_batch
 
 log = logging.getLogger("faceloop.scoring")
 
@@ -48,6 +48,10 @@ def score_pool(settings: Settings, project_id: int, task_ids: list[int] | None =
                progress: Callable[[int, int], None] | None = None, model_cache=None) -> ScoreOutcome:
     """Score unlabelled tasks with the promoted version and queue them for review.
 
+    The query batch is chosen by ``settings.query_strategy`` (default
+    :data:`ml_worker.sampler.DEFAULT_QUERY_STRATEGY`); strategies that use the labelled images
+    (``typiclust``, ``diverse_*``) also embed the labelled tasks with the same model.
+
     Args:
         project_id: Label Studio project id.
         task_ids: only these tasks (new tasks); default every unlabelled task.
@@ -66,18 +70,25 @@ def score_pool(settings: Settings, project_id: int, task_ids: list[int] | None =
     client = ls_client(settings, ls_url)
     config = client.projects.get(id=project_id).label_config
     schema = ProjectSchema.parse(config)
-    tasks = [t for t in snapshot(client, project_id) if t.result is None]
+    everything = snapshot(client, project_id)
+    tasks = [t for t in everything if t.result is None]
     if task_ids is not None:
         wanted = set(task_ids)
         tasks = [t for t in tasks if t.id in wanted]
     model = (model_cache or ModelCache(settings.device)).get(vpath)
+    strategy = settings.query_strategy or DEFAULT_QUERY_STRATEGY
+    # strategies that place the batch relative to what is labelled need the labelled images too
+    labelled = [t for t in everything if t.result is not None] if strategy in USES_LABELLED else []
+    todo = tasks + labelled
     preds = []
-    for i in range(0, len(tasks), SCORE_CHUNK):
-        chunk = tasks[i : i + SCORE_CHUNK]
+    for i in range(0, len(todo), SCORE_CHUNK):
+        chunk = todo[i : i + SCORE_CHUNK]
         preds.extend(predict_tasks([{"id": t.id, "data": t.data} for t in chunk], schema, model, settings,
                                    ls_url=ls_url, embed=True))
         if progress:
-            progress(min(i + SCORE_CHUNK, len(tasks)), len(tasks))
+            progress(min(i + SCORE_CHUNK, len(todo)), len(todo))
+    lab_emb = [p.embedding for p in preds[len(tasks):] if p.error is None and p.embedding is not None]
+    preds = preds[: len(tasks)]
     good = [p for p in preds if p.error is None]
     measure = settings.uncertainty_measure
     unc = {m: np.array([p.uncertainty.get(m) for p in good]) for m in ("least_confidence", "margin", "entropy")}
@@ -85,10 +96,11 @@ def score_pool(settings: Settings, project_id: int, task_ids: list[int] | None =
     rank = {good[i].task_id: r for r, i in enumerate(order)}
     batch: list[int] = []
     if good:
-        emb = np.stack([p.embedding if p.embedding is not None else np.zeros(1) for p in good])
-        strategy = settings.query_strategy or f"diverse_{measure}"
+        dim = next((len(p.embedding) for p in good if p.embedding is not None), 1)
+        emb = np.stack([p.embedding if p.embedding is not None else np.zeros(dim) for p in good])
         picks = select_batch(strategy, unc, settings.query_batch_size, embeddings=emb,
-                             rng=np.random.default_rng(settings.seed))
+                             rng=np.random.default_rng(settings.seed),
+                             labelled_embeddings=np.stack(lab_emb) if lab_emb else None)
         batch = [good[i].task_id for i in picks]
     with session_scope(settings.database_url) as s:
         for p in preds:
