@@ -295,11 +295,15 @@ def train_base_cmd(
     epochs: int = typer.Option(60), imgsz: int = typer.Option(256), seed: int = typer.Option(0),
     device: str = typer.Option("", help="'' = GPU if any"),
     install: bool = typer.Option(False, help="Copy the result to models/faceloop-base.pt (+ .json)"),
+    init: Optional[Path] = typer.Option(None, help="Continue from these weights (second stage) instead of the yaml"),
+    scale: float = typer.Option(0.5, help="Random scale gain 1 +- SCALE (0.9: faces as small as in scenes)"),
 ):
     """Train the default model (yolov5nu from its yaml) on ../shared/data/expressions."""
     from ml_worker.base_model import install_base, train_base
 
-    w = train_base(out, epochs=epochs, hours=hours, imgsz=imgsz, seed=seed, device=device)
+    if init is not None and not init.exists():
+        raise typer.BadParameter(f"no weights at {init}")
+    w = train_base(out, epochs=epochs, hours=hours, imgsz=imgsz, seed=seed, device=device, init=init, scale=scale)
     console.print(f"weights: {w}")
     if install:
         console.print(f"installed: {install_base(w)}")
@@ -348,6 +352,30 @@ def simulate(
         f"mAP50-95 {r['mAP50-95']:.3f} {r['seconds']:.0f}s{' (cached)' if r['cached'] else ''}", soft_wrap=True))
     console.print(res.files["summary_md"].read_text())
     for name, p in res.files.items():
+        console.print(f"{name}: {p}")
+
+
+@app.command("simulate-report")
+def simulate_report(
+    runs: list[Path] = typer.Argument(..., help="--out folders of `faceloop simulate` runs (e.g. one per seed)"),
+    out: Path = typer.Option(REPO_ROOT / "benchmarks" / "out" / "simulate", help="Output folder"),
+    reference: Optional[Path] = typer.Option(None, help="reference.json of a measured full-pool run"),
+):
+    """Merge simulations run in parallel (same settings, other seeds or strategies) into one
+    rounds.csv, summary.md and learning_curves.png."""
+    import json as _json
+
+    from ml_worker.simulate import merge_runs
+
+    missing = [str(r) for r in runs if not (r / "rounds.csv").exists()]
+    if missing:
+        raise typer.BadParameter(f"no rounds.csv in {missing}")
+    try:
+        files = merge_runs(runs, out, _json.loads(reference.read_text()) if reference else None)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    console.print(files["summary_md"].read_text())
+    for name, p in files.items():
         console.print(f"{name}: {p}")
 
 

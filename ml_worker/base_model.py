@@ -51,6 +51,8 @@ def train_base(
     seed: int = 0,
     device: str = "",
     workers: int = 2,
+    init: Path | None = None,
+    scale: float = 0.5,
 ) -> Path:
     """Train ``yolov5nu`` from its yaml on an expression set and copy ``best.pt`` to ``out_dir``.
 
@@ -61,6 +63,10 @@ def train_base(
         hours: optional wall-clock budget in hours (ultralytics ``time=``).
         imgsz: training size in pixels (square letterbox).
         batch, seed, device, workers: passed to ultralytics.
+        init: continue from these weights (a second stage after a run from the yaml) instead of
+            building ``yolov5nu.yaml``; the learning-rate schedule starts afresh.
+        scale: ultralytics' random scale gain ``1 +- scale``; 0.9 shrinks crops down to 10% so
+            that mosaics show faces as small as in room and car scenes.
     Returns: path of the copied weights.
     Raises: FileNotFoundError when the data folder is absent.
     """
@@ -74,12 +80,17 @@ def train_base(
     args = dict(
         data=str(data), epochs=epochs, imgsz=imgsz, batch=batch, seed=seed, deterministic=True,
         workers=workers, device=device or None, project=str(out_dir), name="run", exist_ok=True,
-        cache="ram", amp=False, plots=True, patience=0, verbose=True,
+        cache="ram", amp=False, plots=True, patience=0, verbose=True, scale=scale,
     )
     if hours:
         args["time"] = hours
     t0 = time.time()
-    model = YOLO("yolov5nu.yaml")
+    start = str(init) if init else "yolov5nu.yaml"
+    if init:
+        import hashlib
+
+        init_sha = hashlib.sha256(Path(init).read_bytes()).hexdigest()
+    model = YOLO(start, task="detect")
     model.train(**args)
     elapsed = time.time() - t0
     best = out_dir / "run" / "weights" / "best.pt"
@@ -88,7 +99,8 @@ def train_base(
     import torch
 
     record = {
-        "model": "yolov5nu.yaml", "data": str(data_dir), "train_args": {k: v for k, v in args.items() if k != "project"},
+        "model": "yolov5nu.yaml", "init": str(init) if init else None,
+        "init_sha256": init_sha if init else None, "data": str(data_dir), "train_args": {k: v for k, v in args.items() if k != "project"},
         "seconds": round(elapsed, 1), "hardware": f"{platform.machine()} {platform.processor()}".strip(),
         "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }

@@ -65,7 +65,8 @@ ROUND_COLUMNS = ["strategy", "seed", "round", "n_labelled", "mAP50", "mAP50-95",
 #: Columns of ``summary.csv``.
 SUMMARY_COLUMNS = ["strategy", "labels_to_target", "ratio_to_random", "labels_to_target_per_seed",
                    "seeds_reaching_target", "labels_mean", "labels_std", "final_mAP50_mean", "final_mAP50_std",
-                   "mean_mAP50_over_rounds", "auc_ratio_to_random"]
+                   "mean_mAP50_over_rounds", "auc_ratio_to_random", "ratio_per_seed_mean", "ratio_per_seed_std",
+                   "seeds_with_ratio"]
 #: Images scored per ``predict_tasks`` call (as in ``ml_worker.scoring``).
 SCORE_CHUNK = 32
 
@@ -664,13 +665,23 @@ def summarise(rows: list[dict], reference_map50: float | None, target: float = 0
             "mean_mAP50_over_rounds": round(float(np.mean(list(mean_curve.values()))), 4),
         })
     rnd = next((o for o in out if o["strategy"] == "random"), None)
+    rnd_seed = {seed: v for seed, v in _labels_per_seed(by_seed, "random", goal).items()} if goal is not None else {}
     for o in out:
+        ratios = [v / rnd_seed[seed] for seed, v in _labels_per_seed(by_seed, o["strategy"], goal).items()
+                  if v is not None and rnd_seed.get(seed)] if goal is not None else []
+        o["ratio_per_seed_mean"] = round(float(np.mean(ratios)), 3) if ratios else None
+        o["ratio_per_seed_std"] = round(float(np.std(ratios)), 3) if ratios else None
+        o["seeds_with_ratio"] = f"{len(ratios)}/{len(rnd_seed)}"
         lt, lr = o["labels_to_target"], rnd["labels_to_target"] if rnd else None
         o["ratio_to_random"] = round(lt / lr, 3) if (lt is not None and lr) else None
         ar = rnd["mean_mAP50_over_rounds"] if rnd else None
         o["auc_ratio_to_random"] = round(o["mean_mAP50_over_rounds"] / ar, 3) if ar else None
     out.sort(key=lambda o: (o["strategy"] != "random",))
     return out
+
+
+def _labels_per_seed(by_seed: dict[tuple[str, int], dict[int, float]], strategy: str, goal: float) -> dict[int, int | None]:
+    return {seed: labels_to_reach(p, goal) for (st, seed), p in sorted(by_seed.items()) if st == strategy}
 
 
 def winner(summary: list[dict]) -> str | None:
@@ -684,7 +695,7 @@ def winner(summary: list[dict]) -> str | None:
 
 
 def write_summary(csv_path: Path, md_path: Path, summary: list[dict], rows: list[dict], reference: dict | None,
-                  cfg: SimConfig, seconds: float) -> None:
+                  cfg: SimConfig, seconds: float, time_label: str = "Wall-clock time of the simulation") -> None:
     """Write ``summary.csv`` and a readable ``summary.md`` (target, table, winner, timings)."""
     with open(csv_path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
@@ -709,11 +720,14 @@ def write_summary(csv_path: Path, md_path: Path, summary: list[dict], rows: list
     else:
         lines.append("No full-pool reference: labels to target are not computed.")
     lines += ["", "| strategy | labels to target (mean curve) | ratio to random | per seed | mean ± std (seeds reaching) "
-              "| final mAP50 | mean mAP50 over rounds | ratio to random |", "|---|---|---|---|---|---|---|---|"]
+              "| ratio to random per seed (mean ± std, seeds where both reach) "
+              "| final mAP50 | mean mAP50 over rounds | ratio to random |", "|---|---|---|---|---|---|---|---|---|"]
     for o in summary:
         ms = "-" if o["labels_mean"] is None else f"{o['labels_mean']} ± {o['labels_std']} ({o['seeds_reaching_target']})"
+        rs = ("-" if o.get("ratio_per_seed_mean") is None
+              else f"{o['ratio_per_seed_mean']} ± {o['ratio_per_seed_std']} ({o['seeds_with_ratio']})")
         lines.append(f"| {o['strategy']} | {fmt(o['labels_to_target'])} | {na(o['ratio_to_random'])} | "
-                     f"{o['labels_to_target_per_seed']} | {ms} | {o['final_mAP50_mean']:.4f} ± {o['final_mAP50_std']:.4f} | "
+                     f"{o['labels_to_target_per_seed']} | {ms} | {rs} | {o['final_mAP50_mean']:.4f} ± {o['final_mAP50_std']:.4f} | "
                      f"{o['mean_mAP50_over_rounds']:.4f} | {na(o['auc_ratio_to_random'])} |")
     lines += ["", f"Winner (fewest labels to target, then mean mAP50 over rounds): **{winner(summary)}**. "
               "Compare the differences with the spread over seeds (± std) before acting on them.", ""]
@@ -722,7 +736,7 @@ def write_summary(csv_path: Path, md_path: Path, summary: list[dict], rows: list
         lines.append(f"Per query round (not cached): {np.mean([r['seconds'] for r in fresh]):.1f} s on average "
                      f"(scoring {np.mean([r['score_s'] for r in fresh]):.1f} s, training "
                      f"{np.mean([r['train_s'] for r in fresh]):.1f} s, evaluation {np.mean([r['eval_s'] for r in fresh]):.1f} s).")
-    lines.append(f"Wall-clock time of the simulation: {seconds / 60:.1f} min.")
+    lines.append(f"{time_label}: {seconds / 60:.1f} min.")
     md_path.write_text("\n".join(lines) + "\n")
 
 
@@ -755,3 +769,67 @@ def plot_learning_curves(rows: list[dict], path: Path, reference_map50: float | 
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def merge_runs(run_dirs: list[Path], out_dir: Path, reference: dict | None = None) -> dict[str, Path]:
+    """Merge simulations run in parallel (e.g. one process per seed) into one report.
+
+    Args:
+        run_dirs: ``--out`` folders of :func:`run_simulation` with the same settings apart from
+            seeds, strategies and ``reference_map50`` (their ``config.json`` files are compared).
+        out_dir: where the merged ``rounds.csv``, ``summary.{csv,md}``, ``learning_curves.png``
+            and ``config.json`` go.
+        reference: full-pool metrics (``{"mAP50", ...}``); default a measured ``reference.json``
+            of the runs, else a given one.
+    Returns: the written files. Rows of the same strategy, seed and round appear once.
+    Raises: ValueError when the runs' settings differ, FileNotFoundError when a run has no
+        ``rounds.csv``.
+    """
+    ignore = {"seeds", "strategies", "reference_map50", "work_dir", "reference"}
+    configs, rows, seen, refs = [], [], set(), []
+    for d in map(Path, run_dirs):
+        c = json.loads((d / "config.json").read_text())
+        configs.append(c)
+        for r in read_rounds(d / "rounds.csv"):
+            key = (r["strategy"], r["seed"], r["round"])
+            if key not in seen:
+                seen.add(key)
+                rows.append(r)
+        if (d / "reference.json").exists():
+            refs.append(json.loads((d / "reference.json").read_text()))
+    base = {k: v for k, v in configs[0].items() if k not in ignore}
+    for c in configs[1:]:
+        diff = sorted(k for k in set(base) | set(c) if k not in ignore and base.get(k) != c.get(k))
+        if diff:
+            raise ValueError(f"runs differ in {diff}; only seeds and strategies may differ")
+    if reference is None:
+        measured = [r for r in refs if not r.get("given")]
+        reference = (measured or refs or [None])[0]
+    c0 = configs[0]
+    seeds = sorted({r["seed"] for r in rows})
+    strategies = tuple(dict.fromkeys(r["strategy"] for r in rows))
+    cfg = SimConfig(data=Path(c0["data"]), init_weights=Path(c0["init_weights"]), strategies=strategies,
+                    seeds=tuple(seeds), k=c0["k"], b=c0["b"], rounds=c0["rounds"], epochs=c0["epochs"],
+                    imgsz=c0["imgsz"], train_batch=c0["train_batch"], aggregation=c0["aggregation"],
+                    candidates=c0["candidates"], pool_split=c0["pool_split"], test_split=c0["test_split"],
+                    target=c0["target"], warm_start=c0["warm_start"])
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {"rounds_csv": out_dir / "rounds.csv", "curves_png": out_dir / "learning_curves.png",
+             "summary_csv": out_dir / "summary.csv", "summary_md": out_dir / "summary.md",
+             "config_json": out_dir / "config.json"}
+    rows.sort(key=lambda r: (r["seed"], strategies.index(r["strategy"]), r["round"]))
+    _write_rounds(files["rounds_csv"], rows)
+    ref50 = reference["mAP50"] if reference else None
+    summary = summarise(rows, ref50, cfg.target)
+    wall = sum(r["seconds"] for r in rows if not r["cached"])
+    write_summary(files["summary_csv"], files["summary_md"], summary, rows, reference, cfg, wall,
+                  time_label=f"Merged from {len(run_dirs)} runs; compute time of their rounds that were not cached")
+    plot_learning_curves(rows, files["curves_png"], ref50, cfg.target,
+                         title=f"{Path(cfg.data).name}: pool {c0.get('pool_images')}, test {c0.get('test_images')}, "
+                               f"{len(seeds)} seed(s), {cfg.epochs} epochs @ {cfg.imgsz}px")
+    files["config_json"].write_text(json.dumps(dict(c0, seeds=seeds, strategies=list(strategies),
+                                                    merged_from=[str(d) for d in run_dirs]), indent=2))
+    if reference is not None:
+        (out_dir / "reference.json").write_text(json.dumps(reference, indent=2))
+    return files

@@ -2,22 +2,24 @@
 uncertainty strategies that choose differently from random.
 
 One run (24 pool images, 16 test images, k=4, b=4, 2 query rounds, 1 epoch at 160 px, one seed,
-random + entropy + diverse_entropy) takes about two minutes on 2 CPU cores.
+random + entropy + diverse_entropy + typiclust + cluster_entropy) takes about two minutes on 2 CPU
+cores.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 
 from ml_worker.simulate import (
-    ROUND_COLUMNS, SUMMARY_COLUMNS, SimConfig, labels_to_reach, load_data, query, read_rounds, run_simulation,
-    seed_order, summarise, winner,
+    ROUND_COLUMNS, SUMMARY_COLUMNS, SimConfig, _write_rounds, labels_to_reach, load_data, merge_runs, query,
+    read_rounds, run_simulation, seed_order, summarise, winner,
 )
 from tests.conftest import AWAKE_SLEEP, require_data
 
-STRATEGIES = ("random", "entropy", "diverse_entropy")
+STRATEGIES = ("random", "entropy", "diverse_entropy", "typiclust", "cluster_entropy")
 SEED, K, B, ROUNDS = 0, 4, 4, 2
 
 
@@ -123,3 +125,49 @@ def test_summary_arithmetic():
     assert labels_to_reach({10: 0.1, 20: 0.3}, 0.5) is None
     s = {o["strategy"]: o for o in summarise(data, reference_map50=None)}
     assert s["random"]["labels_to_target"] is None and winner(list(s.values())) == "entropy"
+    # per-seed ratios: seed 0's random never reaches .9 (.89 at 40), seed 1's reaches it at 40
+    # and entropy's at 20 -> one ratio, .5
+    s = {o["strategy"]: o for o in summarise(data, reference_map50=1.0, target=0.9)}
+    assert s["entropy"]["labels_to_target_per_seed"] == "0:30 1:20"
+    assert (s["entropy"]["ratio_per_seed_mean"], s["entropy"]["ratio_per_seed_std"]) == (0.5, 0.0)
+    assert s["entropy"]["seeds_with_ratio"] == "1/2"
+
+
+def _fake_run(folder, seed, strategies, given=None, **config):
+    folder.mkdir(parents=True)
+    rows = []
+    for st in strategies:
+        for rnd, (n, v) in enumerate(((10, 0.2), (20, 0.6 if st == "random" else 0.8))):
+            rows.append({"strategy": st, "seed": seed, "round": rnd, "n_labelled": n, "mAP50": v + seed / 100,
+                         "mAP50-95": v / 2, "precision": v, "recall": v, "selected": f"a{seed}{rnd} b{seed}{rnd}",
+                         "selected_uncertainty": "", "seconds": 10.0, "score_s": 1.0, "train_s": 8.0, "eval_s": 1.0,
+                         "cached": int(rnd == 0 and st != strategies[0])})
+    _write_rounds(folder / "rounds.csv", rows)
+    cfg = {"data": "/d", "init_weights": "/w.pt", "k": 10, "b": 10, "rounds": 1, "epochs": 1, "imgsz": 160,
+           "train_batch": 8, "aggregation": "max", "candidates": 3, "pool_split": "train", "test_split": "val",
+           "target": 0.95, "warm_start": False, "seeds": [seed], "strategies": list(strategies),
+           "pool_images": 40, "test_images": 10, "work_dir": str(folder / "work")}
+    cfg.update(config)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    if given is not None:
+        (folder / "reference.json").write_text(json.dumps(given))
+
+
+def test_merge_runs_of_parallel_seeds(tmp_path):
+    """Runs of other seeds merge into one report: every row once, the measured reference wins
+    over a given one, and runs with other settings are refused."""
+    _fake_run(tmp_path / "a", 0, ("random", "typiclust"), given={"mAP50": 0.8, "given": True})
+    _fake_run(tmp_path / "b", 1, ("random", "typiclust"), given={"mAP50": 0.8, "mAP50-95": 0.4, "n_labelled": 40})
+    files = merge_runs([tmp_path / "a", tmp_path / "b", tmp_path / "b"], tmp_path / "m")
+    rows = read_rounds(files["rounds_csv"])
+    assert len(rows) == 8 and {r["seed"] for r in rows} == {0, 1}
+    assert json.loads((tmp_path / "m" / "reference.json").read_text()).get("given") is None
+    s = {o["strategy"]: o for o in summarise(rows, 0.8, 0.95)}  # target .76: typiclust at 20, random never
+    assert s["typiclust"]["labels_to_target"] == 20 and s["random"]["labels_to_target"] is None
+    md = files["summary_md"].read_text()
+    assert "| typiclust | 20 |" in md and "seeds [0, 1]" in md
+    assert files["curves_png"].read_bytes()[:4] == b"\x89PNG"
+    assert json.loads(files["config_json"].read_text())["seeds"] == [0, 1]
+    _fake_run(tmp_path / "c", 2, ("random",), epochs=5)
+    with pytest.raises(ValueError, match="epochs"):
+        merge_runs([tmp_path / "a", tmp_path / "c"], tmp_path / "m2")
