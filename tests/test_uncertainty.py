@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from backend.uncertainty import (ImageUncertainty, aggregate, entropy, image_uncertainty, least_confidence, margin,
-                                 normalise)
+from backend.uncertainty import (ImageUncertainty, aggregate, entropy, image_uncertainty, joint, least_confidence,
+                                 margin, normalise)
 
 approx = pytest.approx
 
@@ -92,34 +92,48 @@ def test_aggregate_errors():
 
 
 # --- per image --------------------------------------------------------------------------------
+def test_joint():
+    # 1 - c (1 - u): c .9, u .4 -> 1 - .54 = .46;  c .1, u 0 -> .9;  c 1, u .3 -> .3;  c 0 -> 1
+    assert joint(np.array([0.4, 0.0, 0.3, 0.2]), np.array([0.9, 0.1, 1.0, 0.0])) == approx([0.46, 0.9, 0.3, 1.0])
+
+
 def test_image_uncertainty_boxes_basis():
     confs = np.array([0.9, 0.8, 0.1])  # threshold .5 keeps rows 0 and 1
     u = image_uncertainty(P, confs, threshold=0.5, how="max")
     assert u.basis == "boxes" and u.n_boxes == 2
-    assert u.least_confidence == approx(0.8)   # max(.4, .8)
-    assert u.margin == approx(1.0)             # max(.4, 1)
-    assert u.entropy == approx(0.860964, abs=1e-6)
+    # joint 1 - c (1 - u): lc row 0: 1 - .9*.6 = .46, row 1: 1 - .8*.2 = .84
+    assert u.least_confidence == approx(0.84)
+    assert u.margin == approx(1.0)             # row 1: 1 - .8*0
+    # entropy row 0: 1 - .9*(1 - .678390) = .710551; row 1: 1 - .8*(1 - .860964) = .888771
+    assert u.entropy == approx(0.888771, abs=1e-6)
     m = image_uncertainty(P, confs, threshold=0.5, how="mean")
-    assert m.least_confidence == approx(0.6)   # (.4 + .8) / 2
-    assert m.margin == approx(0.7)             # (.4 + 1) / 2
-    assert m.entropy == approx((0.678390 + 0.860964) / 2, abs=1e-6)
+    assert m.least_confidence == approx(0.65)  # (.46 + .84) / 2
+    assert m.margin == approx(0.73)            # (1 - .9*.6 = .46, 1) -> .73
+    assert m.entropy == approx((0.710551 + 0.888771) / 2, abs=1e-6)
 
 
 def test_image_uncertainty_threshold_is_inclusive():
     u = image_uncertainty(P[:1], np.array([0.5]), threshold=0.5)
     assert u.basis == "boxes" and u.n_boxes == 1
-    assert u.least_confidence == approx(0.4)
+    assert u.least_confidence == approx(0.7)   # 1 - .5 * (1 - .4)
 
 
 def test_image_uncertainty_candidate_basis():
-    # no box reaches .5: the best candidate (conf .3, row 1) is scored, each measure raised to at
-    # least 1 - .3 = .7: lc max(.7, .8) = .8; margin max(.7, 1) = 1; entropy max(.7, .861) = .861
+    # no box reaches .5: the best candidate (conf .3, row 1) is scored the same joint way:
+    # lc 1 - .3*(1 - .8) = .94; margin 1 - .3*0 = 1; entropy 1 - .3*(1 - .860964) = .958289
     confs = np.array([0.2, 0.3, 0.05])
     u = image_uncertainty(P, confs, threshold=0.5)
     assert u.basis == "candidate" and u.n_boxes == 0
-    assert u.least_confidence == approx(0.8)
+    assert u.least_confidence == approx(0.94)
     assert u.margin == approx(1.0)
-    assert u.entropy == approx(0.860964, abs=1e-6)
+    assert u.entropy == approx(0.958289, abs=1e-6)
+
+
+def test_unsure_detection_outranks_a_sure_one_with_the_same_class_split():
+    # both normalise to .6/.4; the box scored (.06, .04) is far more likely a miss
+    weak = image_uncertainty(np.array([[0.6, 0.4]]), np.array([0.06]), threshold=0.05)
+    strong = image_uncertainty(np.array([[0.6, 0.4]]), np.array([0.9]), threshold=0.05)
+    assert weak.margin > strong.margin and weak.entropy > strong.entropy
 
 
 def test_image_uncertainty_candidate_confident_class_still_uncertain():
