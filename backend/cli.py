@@ -321,7 +321,7 @@ def simulate(
     rounds: int = typer.Option(7, help="Query rounds (budget k + rounds*b labels)"),
     epochs: int = typer.Option(10, help="Fine-tuning epochs per round"),
     imgsz: int = typer.Option(160, help="Training/inference size, pixels"),
-    batch: int = typer.Option(64, help="Training batch (64: no gradient accumulation, see docs/active_learning.md)"),
+    batch: int = typer.Option(16, help="Training batch (the product's TRAIN_BATCH; one optimizer step per batch)"),
     aggregation: str = typer.Option("max", help="Box uncertainties -> image: max | mean | sum"),
     candidates: int = typer.Option(3, help="diverse_*: k-center over the candidates*b most uncertain"),
     pool_size: Optional[int] = typer.Option(None, help="Subsample the pool (default: all of it)"),

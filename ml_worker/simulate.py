@@ -38,6 +38,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from contextlib import nullcontext
@@ -203,10 +204,8 @@ class SimConfig:
         k: seed-set size (images labelled at round 0).
         b: query batch size (images labelled per round).
         rounds: query rounds after round 0 (budget ``k + rounds * b`` labels).
-        epochs, imgsz, train_batch: training recipe (epochs per round, pixels, images per batch).
-            ultralytics accumulates gradients up to 64 images per optimizer step, so with small
-            labelled sets a batch of 64 gives one step per epoch where a batch of 16 gives one
-            step per four batches: at the same compute, 2-4x more steps.
+        epochs, imgsz, train_batch: training recipe (epochs per round, pixels, images per batch;
+            the product's ``TRAIN_BATCH`` by default, one optimizer step per batch).
         aggregation: how box uncertainties make an image's (``max``, ``mean``, ``sum``).
         candidates: ``diverse_*`` strategies consider the ``candidates * b`` most uncertain images.
         pool_size, test_size: subsample the pool / test split (None = all).
@@ -229,7 +228,7 @@ class SimConfig:
     rounds: int = 7
     epochs: int = 10
     imgsz: int = 160
-    train_batch: int = 64
+    train_batch: int = 16
     aggregation: str = "max"
     candidates: int = 3
     pool_split: str = "train"
@@ -320,7 +319,8 @@ def train_and_evaluate(labelled: list[LabelledImage], val: list[LabelledImage], 
     ids = sorted(x.id for x in labelled)
     key_src = json.dumps({"code": code_fingerprint(), "init": init_sha, "train": ids, "val": sorted(x.id for x in val), "test": sorted(x.id for x in data.test),
                           "data": str(data.folder), "epochs": settings.train_epochs, "imgsz": settings.imgsz,
-                          "batch": settings.train_batch, "seed": seed, "device": settings.device}, sort_keys=True)
+                          "batch": settings.train_batch, "seed": seed, "device": settings.device,
+                          "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("FACELOOP_")}}, sort_keys=True)
     key = hashlib.sha1(key_src.encode()).hexdigest()[:16]
     run = Path(work_dir) / "train" / key
     done = run / "result.json"
