@@ -313,9 +313,9 @@ def train_base_cmd(
 def simulate(
     data: Path = typer.Option(REPO_ROOT.parent / "shared" / "data" / "awake_sleep",
                               help="YOLO-layout dataset read in place (pool = train split, test = val split)"),
-    strategies: str = typer.Option("random,least_confidence,margin,entropy,diverse_entropy",
+    strategies: str = typer.Option("random,least_confidence,margin,entropy,diverse_margin,typiclust,cluster_margin",
                                    help="Comma-separated sampler strategies (random is always included)"),
-    seeds: str = typer.Option("0,1", help="Comma-separated seeds (seed set and training seed)"),
+    seeds: str = typer.Option("0,1,2", help="Comma-separated seeds (seed set and training seed)"),
     k: int = typer.Option(20, help="Seed-set size: random images labelled before round 1"),
     b: int = typer.Option(20, help="Query batch: images labelled per round"),
     rounds: int = typer.Option(7, help="Query rounds (budget k + rounds*b labels)"),
@@ -324,6 +324,7 @@ def simulate(
     batch: int = typer.Option(16, help="Training batch (the product's TRAIN_BATCH; one optimizer step per batch)"),
     aggregation: str = typer.Option("max", help="Box uncertainties -> image: max | mean | sum"),
     candidates: int = typer.Option(3, help="diverse_*: k-center over the candidates*b most uncertain"),
+    prefilter: int = typer.Option(10, help="cluster_*: k-means over the prefilter*b most uncertain"),
     pool_size: Optional[int] = typer.Option(None, help="Subsample the pool (default: all of it)"),
     test_size: Optional[int] = typer.Option(None, help="Subsample the test split (default: all of it)"),
     init: Path = typer.Option(REPO_ROOT / "models" / "faceloop-base.pt", help="Weights every round starts from"),
@@ -340,7 +341,7 @@ def simulate(
     cfg = SimConfig(data=data, label_config=_config_path(config), init_weights=init,
                     strategies=tuple(s.strip() for s in strategies.split(",") if s.strip()),
                     seeds=tuple(int(s) for s in seeds.split(",") if s.strip()), k=k, b=b, rounds=rounds,
-                    epochs=epochs, imgsz=imgsz, train_batch=batch, aggregation=aggregation, candidates=candidates,
+                    epochs=epochs, imgsz=imgsz, train_batch=batch, aggregation=aggregation, candidates=candidates, prefilter=prefilter,
                     pool_size=pool_size, test_size=test_size, reference_map50=reference_map50, warm_start=warm_start,
                     device=device)
     try:

@@ -73,7 +73,9 @@ def main() -> None:
     rows = []
     for n in args.sizes:
         subset = order[:n]
-        small_val = val[:: max(1, len(val) // 24)]  # a small split to keep per-epoch validation cheap
+        # per-epoch validation (which picks best.pt) on the labelled images themselves: the val
+        # split that is reported must not choose the weights
+        small_val = subset
         y = write_yolo_dataset(work / f"train_{n}", names, [("train", p.stem, p, _boxes(p)) for p in subset]
                                + [("val", p.stem, p, _boxes(p)) for p in small_val])
         for start in args.starts:

@@ -208,6 +208,7 @@ class SimConfig:
             the product's ``TRAIN_BATCH`` by default, one optimizer step per batch).
         aggregation: how box uncertainties make an image's (``max``, ``mean``, ``sum``).
         candidates: ``diverse_*`` strategies consider the ``candidates * b`` most uncertain images.
+        prefilter: ``cluster_*`` strategies cluster the ``prefilter * b`` most uncertain images.
         pool_size, test_size: subsample the pool / test split (None = all).
         target: fraction of the full-pool reference mAP50 that counts as reached.
         reference: train the full-pool reference run (else ``reference_map50`` or no target).
@@ -221,8 +222,9 @@ class SimConfig:
     data: Path = DEFAULT_DATA
     label_config: Path = DEFAULT_LABEL_CONFIG
     init_weights: Path = DEFAULT_MODEL_PATH
-    strategies: tuple[str, ...] = ("random", "least_confidence", "margin", "entropy", "diverse_entropy")
-    seeds: tuple[int, ...] = (0, 1)
+    strategies: tuple[str, ...] = ("random", "least_confidence", "margin", "entropy", "diverse_margin", "typiclust",
+                                   "cluster_margin")
+    seeds: tuple[int, ...] = (0, 1, 2)
     k: int = 20
     b: int = 20
     rounds: int = 7
@@ -231,6 +233,7 @@ class SimConfig:
     train_batch: int = 16
     aggregation: str = "max"
     candidates: int = 3
+    prefilter: int = 10
     pool_split: str = "train"
     test_split: str = "val"
     pool_size: int | None = None
@@ -393,7 +396,7 @@ def random_rng(seed: int, round_index: int) -> np.random.Generator:
 def query(strategy: str, unlabelled: list[LabelledImage], b: int, seed: int, round_index: int,
           weights: Path | None, schema: ProjectSchema, settings: Settings, candidates: int = 3,
           on_chunk: Callable[[int, int], None] | None = None,
-          labelled: list[LabelledImage] | None = None) -> tuple[list[int], float | None]:
+          labelled: list[LabelledImage] | None = None, prefilter: int = 10) -> tuple[list[int], float | None]:
     """Pick the next query batch with the product's :func:`ml_worker.sampler.select`.
 
     Args:
@@ -416,7 +419,8 @@ def query(strategy: str, unlabelled: list[LabelledImage], b: int, seed: int, rou
     in_pool = ok < n
     lab_emb = emb[~in_pool] if extra else None
     unc, emb, ok = {m: v[in_pool] for m, v in unc.items()}, emb[in_pool], ok[in_pool]
-    picks = select(strategy, unc, b, embeddings=emb, candidates=candidates, rng=rng, labelled_embeddings=lab_emb)
+    picks = select(strategy, unc, b, embeddings=emb, candidates=candidates, rng=rng, labelled_embeddings=lab_emb,
+                   prefilter=prefilter)
     measure = strategy.split("_", 1)[1] if strategy.startswith(("diverse_", "cluster_")) else strategy
     measure = measure if measure in MEASURES else "entropy"
     return [int(ok[i]) for i in picks], float(np.mean(unc[measure][picks])) if picks else None
@@ -557,7 +561,7 @@ def run_simulation(cfg: SimConfig, out_dir: Path, work_dir: Path | None = None, 
                     t0 = time.time()
                     picks, sel_unc = query(strategy, [data.pool[i] for i in rest], cfg.b, seed, rnd, res.weights,
                                            schema, settings, cfg.candidates, on_chunk,
-                                           labelled=[data.pool[i] for i in labelled])
+                                           labelled=[data.pool[i] for i in labelled], prefilter=cfg.prefilter)
                     score_s = time.time() - t0
                     chosen = [rest[p] for p in picks]
                     labelled = labelled + chosen
@@ -709,7 +713,8 @@ def write_summary(csv_path: Path, md_path: Path, summary: list[dict], rows: list
                  f"labels; seeds {list(cfg.seeds)}; {cfg.epochs} epochs at {cfg.imgsz} px, batch {cfg.train_batch}, "
                  + ("from the previous round's weights (warm start, round 0 from "
                     f"`{Path(cfg.init_weights).name}`)" if cfg.warm_start else f"from `{Path(cfg.init_weights).name}` each round")
-                 + f"; aggregation `{cfg.aggregation}`; diverse candidates {cfg.candidates} x b.")
+                 + f"; aggregation `{cfg.aggregation}`; diverse candidates {cfg.candidates} x b; cluster prefilter "
+                 f"{cfg.prefilter} x b.")
     lines.append("")
     if reference is not None:
         lines.append(f"Full-pool reference mAP50 = {reference['mAP50']:.4f}"
@@ -811,7 +816,7 @@ def merge_runs(run_dirs: list[Path], out_dir: Path, reference: dict | None = Non
     cfg = SimConfig(data=Path(c0["data"]), init_weights=Path(c0["init_weights"]), strategies=strategies,
                     seeds=tuple(seeds), k=c0["k"], b=c0["b"], rounds=c0["rounds"], epochs=c0["epochs"],
                     imgsz=c0["imgsz"], train_batch=c0["train_batch"], aggregation=c0["aggregation"],
-                    candidates=c0["candidates"], pool_split=c0["pool_split"], test_split=c0["test_split"],
+                    candidates=c0["candidates"], prefilter=c0.get("prefilter", 10), pool_split=c0["pool_split"], test_split=c0["test_split"],
                     target=c0["target"], warm_start=c0["warm_start"])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
