@@ -68,7 +68,7 @@ class Settings(BaseSettings):
     seed: int = 0
 
     # Sampling
-    uncertainty_measure: str = Field("entropy", description="least_confidence | margin | entropy")
+    uncertainty_measure: str = Field("margin", description="least_confidence | margin | entropy (review-queue order)")
     aggregation: str = Field("max", description="How box uncertainties make an image's: max | mean | sum")
     query_batch_size: int = 20
     query_strategy: str = Field(
