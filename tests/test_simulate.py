@@ -95,7 +95,9 @@ def test_fixed_seed_reproduces_selections(sim):
     settings = cfg.settings(out / "work")
     unlabelled = [data.pool[i] for i in order[K:]]
     for s in STRATEGIES:
-        again = [query(s, unlabelled, B, SEED, 1, w0, schema, settings)[0] for _ in range(2)]
+        seed_set = [data.pool[i] for i in order[:K]]  # typiclust and diverse_* place picks against it
+        again = [query(s, unlabelled, B, SEED, 1, w0, schema, settings, labelled=seed_set,
+                       prefilter=cfg.prefilter)[0] for _ in range(2)]
         assert again[0] == again[1]
         recorded = next(r["selected"].split() for r in rows if r["strategy"] == s and r["round"] == 1)
         assert [unlabelled[i].id for i in again[0]] == recorded
