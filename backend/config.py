@@ -11,7 +11,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -74,6 +74,24 @@ class Settings(BaseSettings):
     query_strategy: str = Field(
         "", description="Query-batch strategy (ml_worker.sampler.STRATEGIES); '' = ml_worker.sampler.DEFAULT_QUERY_STRATEGY")
     review_view_title: str = "Review queue"
+
+    @field_validator("uncertainty_measure", "aggregation", "query_strategy")
+    @classmethod
+    def _known_sampling_choice(cls, v: str, info) -> str:
+        """A misspelt measure, aggregation or strategy fails at start-up with the valid choices,
+        not later inside a scoring job (which would leave the pool unscored)."""
+        from backend.uncertainty import AGGREGATIONS, MEASURES
+
+        if info.field_name == "query_strategy":
+            from ml_worker.sampler import STRATEGIES as choices
+
+            if v == "":
+                return v
+        else:
+            choices = MEASURES if info.field_name == "uncertainty_measure" else AGGREGATIONS
+        if v not in choices:
+            raise ValueError(f"{v!r} is not one of {', '.join(choices)}")
+        return v
 
     def model_post_init(self, __context) -> None:  # noqa: D401 - pydantic hook
         self.var_dir = Path(self.var_dir).resolve()
