@@ -27,6 +27,20 @@ console = Console()
 DEFAULT_IMAGES = REPO_ROOT.parent / "shared" / "data" / "awake_sleep" / "images" / "val"
 
 
+@app.callback()
+def _check_settings() -> None:
+    """Read the settings once before any command, so a bad environment variable (e.g. a misspelt
+    QUERY_STRATEGY) is reported in one line instead of a traceback from deep inside."""
+    from pydantic import ValidationError
+
+    try:
+        get_settings()
+    except ValidationError as e:
+        bad = "; ".join(f"{'.'.join(map(str, err['loc'])).upper()}: {err['msg']}" for err in e.errors())
+        console.print(f"[red]invalid setting[/] (environment or .env): {bad}", soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
 def _config_path(name: str) -> Path:
     p = Path(name)
     if p.exists():
@@ -338,9 +352,13 @@ def simulate(
     labelled pool; writes rounds.csv, learning_curves.png and summary.md to OUT."""
     from ml_worker.simulate import SimConfig, run_simulation
 
+    try:
+        seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
+    except ValueError:
+        raise typer.BadParameter(f"--seeds must be comma-separated integers, got {seeds!r}") from None
     cfg = SimConfig(data=data, label_config=_config_path(config), init_weights=init,
                     strategies=tuple(s.strip() for s in strategies.split(",") if s.strip()),
-                    seeds=tuple(int(s) for s in seeds.split(",") if s.strip()), k=k, b=b, rounds=rounds,
+                    seeds=seed_list, k=k, b=b, rounds=rounds,
                     epochs=epochs, imgsz=imgsz, train_batch=batch, aggregation=aggregation, candidates=candidates, prefilter=prefilter,
                     pool_size=pool_size, test_size=test_size, reference_map50=reference_map50, warm_start=warm_start,
                     device=device)
@@ -348,9 +366,17 @@ def simulate(
         cfg.check()
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
-    res = run_simulation(cfg, out, on_round=lambda r: console.print(
-        f"{r['strategy']} s{r['seed']} r{r['round']}: {r['n_labelled']} labels mAP50 {r['mAP50']:.3f} "
-        f"mAP50-95 {r['mAP50-95']:.3f} {r['seconds']:.0f}s{' (cached)' if r['cached'] else ''}", soft_wrap=True))
+    if not data.exists():
+        raise typer.BadParameter(f"no data set folder at {data}")
+    if not init.exists():
+        raise typer.BadParameter(f"no initial weights at {init}")
+    try:
+        res = run_simulation(cfg, out, on_round=lambda r: console.print(
+            f"{r['strategy']} s{r['seed']} r{r['round']}: {r['n_labelled']} labels mAP50 {r['mAP50']:.3f} "
+            f"mAP50-95 {r['mAP50-95']:.3f} {r['seconds']:.0f}s{' (cached)' if r['cached'] else ''}", soft_wrap=True))
+    except (FileNotFoundError, ValueError) as e:  # bad data set, k larger than the pool, ...
+        console.print(f"[red]simulation stopped:[/] {e}")
+        raise typer.Exit(2) from None
     console.print(res.files["summary_md"].read_text())
     for name, p in res.files.items():
         console.print(f"{name}: {p}")
@@ -368,12 +394,17 @@ def simulate_report(
 
     from ml_worker.simulate import merge_runs
 
-    missing = [str(r) for r in runs if not (r / "rounds.csv").exists()]
-    if missing:
-        raise typer.BadParameter(f"no rounds.csv in {missing}")
+    absent = [str(r) for r in runs if not r.is_dir()]
+    if absent:
+        raise typer.BadParameter(f"no such folder: {', '.join(absent)}")
+    if reference is not None and not reference.is_file():
+        raise typer.BadParameter(f"no reference file at {reference}")
     try:
-        files = merge_runs(runs, out, _json.loads(reference.read_text()) if reference else None)
-    except ValueError as e:
+        ref = _json.loads(reference.read_text()) if reference else None
+        if ref is not None and "mAP50" not in ref:
+            raise ValueError(f"{reference} has no mAP50 (expected a simulation's reference.json)")
+        files = merge_runs(runs, out, ref)
+    except (FileNotFoundError, ValueError) as e:
         raise typer.BadParameter(str(e)) from None
     console.print(files["summary_md"].read_text())
     for name, p in files.items():

@@ -201,9 +201,20 @@ def select(strategy: str, uncertainty: dict[str, np.ndarray], k: int, embeddings
             ``typiclust``).
         prefilter: ``cluster_*`` clusters the ``prefilter * k`` most uncertain images.
     Returns: indices into the pool, most informative first.
-    Raises: ValueError for an unknown strategy or missing embeddings.
+    Raises: ValueError for an unknown strategy, missing embeddings or uncertainty, or embeddings
+        whose rows do not match the pool. A NaN uncertainty counts as 1 (unknown = uncertain).
     """
+    # an unknown (NaN) uncertainty counts as maximally uncertain, like an image with no candidate
+    uncertainty = {m: np.nan_to_num(np.asarray(v, dtype=np.float64), nan=1.0, posinf=1.0, neginf=0.0)
+                   for m, v in uncertainty.items()}
     n = len(next(iter(uncertainty.values()))) if uncertainty else (len(embeddings) if embeddings is not None else 0)
+    if embeddings is not None:
+        emb = np.asarray(embeddings)
+        if emb.ndim != 2 or (uncertainty and len(emb) != n):
+            raise ValueError(f"embeddings must be (n, d) with n = {n} pool images, got shape {emb.shape}")
+    measure = strategy.partition("_")[2] if strategy.startswith(("diverse_", "cluster_")) else strategy
+    if measure in MEASURES and measure not in uncertainty:
+        raise ValueError(f"strategy {strategy} needs the {measure!r} uncertainty of every pool image")
     k = min(k, n)
     if strategy == "random":
         rng = rng or np.random.default_rng(0)

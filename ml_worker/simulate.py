@@ -254,6 +254,10 @@ class SimConfig:
             raise ValueError(f"unknown aggregation {self.aggregation!r}; use one of {AGGREGATIONS}")
         if self.k < 1 or self.b < 1 or self.rounds < 0 or self.epochs < 1:
             raise ValueError("k, b and epochs must be >= 1 and rounds >= 0")
+        if self.candidates < 1 or self.prefilter < 1:
+            raise ValueError("candidates and prefilter must be >= 1 (they multiply the batch size b)")
+        if any(n is not None and n < 1 for n in (self.pool_size, self.test_size)):
+            raise ValueError("pool_size and test_size must be >= 1 when given")
         if not self.seeds:
             raise ValueError("give at least one seed")
         self.strategies = tuple(dict.fromkeys(strategies))
@@ -476,11 +480,6 @@ def run_simulation(cfg: SimConfig, out_dir: Path, work_dir: Path | None = None, 
     """
     t_start = time.time()
     cfg = cfg.check()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(work_dir or out_dir / "work").resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    settings = cfg.settings(work)
     schema = ProjectSchema.parse(Path(cfg.label_config).read_text())
     data = load_data(cfg.data, schema, cfg.pool_split, cfg.test_split, cfg.pool_size, cfg.test_size)
     if cfg.k > len(data.pool):
@@ -488,6 +487,11 @@ def run_simulation(cfg: SimConfig, out_dir: Path, work_dir: Path | None = None, 
     init = Path(cfg.init_weights)
     if not init.exists():
         raise FileNotFoundError(f"initial weights not found: {init}")
+    out_dir = Path(out_dir)  # created only once the inputs are known to be usable
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(work_dir or out_dir / "work").resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    settings = cfg.settings(work)
     init_sha = file_sha256(init)
     # every round starts from the same bytes, even if the file is replaced while the simulation runs
     snap = work / "init" / f"{init_sha[:16]}.pt"
@@ -760,11 +764,18 @@ def plot_learning_curves(rows: list[dict], path: Path, reference_map50: float | 
         mean = np.array([np.mean(pts[x]) for x in xs])
         std = np.array([np.std(pts[x]) for x in xs])
         ls = "--" if s == "random" else "-"
-        line, = ax.plot(xs, mean, ls, marker="o", ms=3, label=s, color="black" if s == "random" else None)
+        line, = ax.plot(xs, mean, ls, marker="o", ms=3, label=s, color="black" if s == "random" else None,
+                        zorder=5 if s == "random" else 2)  # the baseline stays visible on top
         ax.fill_between(xs, np.clip(mean - std, 0, 1), np.clip(mean + std, 0, 1), alpha=0.15, color=line.get_color())
     if reference_map50 is not None:
         ax.axhline(reference_map50, color="grey", lw=1, label=f"full pool {reference_map50:.3f}")
         ax.axhline(target * reference_map50, color="grey", lw=1, ls=":", label=f"{target:.0%} of full pool")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if reference_map50 is not None:
+        lo, hi = ax.get_ylim()
+        ax.set_ylim(min(lo, target * reference_map50 - 0.02), max(hi, reference_map50 + 0.02))
     ax.set_xlabel("labelled images")
     ax.set_ylabel("mAP50 on the test split")
     ax.set_title(title, fontsize=9)
@@ -790,12 +801,22 @@ def merge_runs(run_dirs: list[Path], out_dir: Path, reference: dict | None = Non
     Raises: ValueError when the runs' settings differ, FileNotFoundError when a run has no
         ``rounds.csv``.
     """
-    ignore = {"seeds", "strategies", "reference_map50", "work_dir", "reference"}
+    ignore = {"seeds", "strategies", "reference_map50", "work_dir", "reference", "prefilter", "merged_from"}
+    out_dir = Path(out_dir)
     configs, rows, seen, refs = [], [], set(), []
     for d in map(Path, run_dirs):
+        for name in ("rounds.csv", "config.json"):
+            if not (d / name).is_file():
+                raise FileNotFoundError(f"{d} is not a simulation output folder: no {name}")
+        if d.resolve() == out_dir.resolve():
+            raise ValueError(f"--out {out_dir} is one of the runs; merge into another folder")
         c = json.loads((d / "config.json").read_text())
         configs.append(c)
-        for r in read_rounds(d / "rounds.csv"):
+        try:
+            run_rows = read_rounds(d / "rounds.csv")
+        except (TypeError, ValueError, KeyError) as e:
+            raise ValueError(f"{d / 'rounds.csv'} is malformed ({e.__class__.__name__}: {e})") from None
+        for r in run_rows:
             key = (r["strategy"], r["seed"], r["round"])
             if key not in seen:
                 seen.add(key)
@@ -807,8 +828,14 @@ def merge_runs(run_dirs: list[Path], out_dir: Path, reference: dict | None = Non
         diff = sorted(k for k in set(base) | set(c) if k not in ignore and base.get(k) != c.get(k))
         if diff:
             raise ValueError(f"runs differ in {diff}; only seeds and strategies may differ")
+    if not rows:
+        raise ValueError("the runs hold no rounds")
     if reference is None:
         measured = [r for r in refs if not r.get("given")]
+        values = sorted({round(r["mAP50"], 6) for r in measured})
+        if len(values) > 1:
+            log.warning("the runs measured different full-pool references %s; using the first run's (pass "
+                        "--reference to choose)", values)
         reference = (measured or refs or [None])[0]
     c0 = configs[0]
     seeds = sorted({r["seed"] for r in rows})
@@ -818,7 +845,6 @@ def merge_runs(run_dirs: list[Path], out_dir: Path, reference: dict | None = Non
                     imgsz=c0["imgsz"], train_batch=c0["train_batch"], aggregation=c0["aggregation"],
                     candidates=c0["candidates"], prefilter=c0.get("prefilter", 10), pool_split=c0["pool_split"], test_split=c0["test_split"],
                     target=c0["target"], warm_start=c0["warm_start"])
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"rounds_csv": out_dir / "rounds.csv", "curves_png": out_dir / "learning_curves.png",
              "summary_csv": out_dir / "summary.csv", "summary_md": out_dir / "summary.md",

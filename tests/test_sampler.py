@@ -191,3 +191,20 @@ def test_k_center_greedy_labelled_set_large_pool_is_chunked():
     x, lab = rng.normal(size=(3000, 64)), rng.normal(size=(1000, 64))
     picks = k_center_greedy(x, 5, labelled=lab)
     assert len(set(picks)) == 5
+
+
+def test_select_nan_uncertainty_counts_as_most_uncertain():
+    u = {m: np.array([0.1, np.nan, 0.5, 0.7, 0.2]) for m in ("least_confidence", "margin", "entropy")}
+    emb = np.random.default_rng(0).normal(size=(5, 4))
+    assert select("margin", u, 2) == [1, 3]
+    assert 1 in select("cluster_margin", u, 2, embeddings=emb)  # no error from k-means weights
+
+
+def test_select_checks_shapes_and_measures():
+    emb = np.zeros((6, 2))
+    with pytest.raises(ValueError, match="embeddings must be"):
+        select("cluster_margin", UNC, 2, embeddings=emb[:3])
+    with pytest.raises(ValueError, match="embeddings must be"):
+        select("typiclust", UNC, 2, embeddings=np.zeros(6))
+    with pytest.raises(ValueError, match="needs the 'margin' uncertainty"):
+        select("cluster_margin", {"entropy": UNC["entropy"]}, 2, embeddings=emb)

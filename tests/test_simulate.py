@@ -173,3 +173,29 @@ def test_merge_runs_of_parallel_seeds(tmp_path):
     _fake_run(tmp_path / "c", 2, ("random",), epochs=5)
     with pytest.raises(ValueError, match="epochs"):
         merge_runs([tmp_path / "a", tmp_path / "c"], tmp_path / "m2")
+
+
+def test_merge_runs_refuses_bad_inputs(tmp_path):
+    _fake_run(tmp_path / "a", 0, ("random",))
+    with pytest.raises(ValueError, match="is one of the runs"):
+        merge_runs([tmp_path / "a"], tmp_path / "a")  # would overwrite the input
+    (tmp_path / "noconf").mkdir()
+    (tmp_path / "noconf" / "rounds.csv").write_text((tmp_path / "a" / "rounds.csv").read_text())
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        merge_runs([tmp_path / "noconf"], tmp_path / "m")
+    _fake_run(tmp_path / "cut", 1, ("random",))
+    with open(tmp_path / "cut" / "rounds.csv", "a") as f:
+        f.write("random,1,2,30,0.3\n")  # a row cut short
+    with pytest.raises(ValueError, match="malformed"):
+        merge_runs([tmp_path / "cut"], tmp_path / "m")
+    _fake_run(tmp_path / "empty", 2, ("random",))
+    (tmp_path / "empty" / "rounds.csv").write_text(",".join(ROUND_COLUMNS) + "\n")
+    with pytest.raises(ValueError, match="no rounds"):
+        merge_runs([tmp_path / "empty"], tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("bad", [{"prefilter": 0}, {"candidates": -1}, {"pool_size": 0}, {"test_size": -1}])
+def test_config_refuses_non_positive_sizes(bad):
+    with pytest.raises(ValueError, match=">= 1"):
+        SimConfig(**bad).check()
