@@ -140,8 +140,9 @@ def typiclust(embeddings: np.ndarray, k: int, labelled: np.ndarray | None = None
         typ[pool_members] = t[members >= len(lab)]
     picks: list[int] = []
     taken = np.zeros(n, dtype=bool)
+    left = np.bincount(pool_labels, minlength=n_clusters)  # unlabelled, not yet picked, per cluster
     while len(picks) < k:
-        open_ = [c for c in range(n_clusters) if np.any((pool_labels == c) & ~taken)]
+        open_ = np.flatnonzero(left > 0).tolist()
         big = [c for c in open_ if size[c] >= MIN_CLUSTER_SIZE] or open_
         c = min(big, key=lambda c: (covered[c], -size[c], c))
         cand = np.flatnonzero((pool_labels == c) & ~taken)
@@ -149,6 +150,7 @@ def typiclust(embeddings: np.ndarray, k: int, labelled: np.ndarray | None = None
         picks.append(j)
         taken[j] = True
         covered[c] += 1
+        left[c] -= 1
     return picks
 
 
