@@ -366,10 +366,6 @@ def simulate(
         cfg.check()
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
-    if not data.exists():
-        raise typer.BadParameter(f"no data set folder at {data}")
-    if not init.exists():
-        raise typer.BadParameter(f"no initial weights at {init}")
     try:
         res = run_simulation(cfg, out, on_round=lambda r: console.print(
             f"{r['strategy']} s{r['seed']} r{r['round']}: {r['n_labelled']} labels mAP50 {r['mAP50']:.3f} "

@@ -20,11 +20,10 @@ with ``c`` the box confidence (its highest class sigmoid; ultralytics trains the
 against IoU-aware targets, so ``c`` also reflects localisation) and ``u_class`` one of the measures
 above: the chance that the pre-annotation is wrong, if "the face is found" (``c``) and "its class
 is right" (``1 - u_class``) are taken as independent. ``1 - u_box`` is the task score Label Studio
-shows. Measured on the awake/sleep pool (``docs/active_learning.md``): after the first
-fine-tune on 20 images the class entropy of the normalised scores ranked images *against* their
-errors (AUROC 0.33; the class head has not yet separated awake from sleep, so every box normalises
-to about 50/50), ``1 - c`` ranked them well (0.84) and the joint margin in between (0.58); after
-40 images the joint measures reached 0.85.
+shows. ``benchmarks/uncertainty_auroc.py`` measures how well each measure ranks a model's errors
+on the awake/sleep pool: the joint measures beat the class entropy alone at every round, where
+that entropy ranked errors *backwards* early on (AUROC 0.34-0.36 after 20 labels: the new
+awake/sleep head starts at about 50/50 for every face); figures in ``docs/active_learning.md``.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from backend.config import REPO_ROOT, configure_ultralytics
+from backend.hashing import file_sha256
 
 SHARED_DATA = (REPO_ROOT.parent / "shared" / "data").resolve()
 EXPRESSION_CLASSES = ["neutral", "happy", "sad", "surprise", "fear", "disgust", "angry", "contempt"]
@@ -86,10 +87,7 @@ def train_base(
         args["time"] = hours
     t0 = time.time()
     start = str(init) if init else "yolov5nu.yaml"
-    if init:
-        import hashlib
-
-        init_sha = hashlib.sha256(Path(init).read_bytes()).hexdigest()
+    init_sha = file_sha256(Path(init)) if init else None
     model = YOLO(start, task="detect")
     model.train(**args)
     elapsed = time.time() - t0
@@ -100,7 +98,7 @@ def train_base(
 
     record = {
         "model": "yolov5nu.yaml", "init": str(init) if init else None,
-        "init_sha256": init_sha if init else None, "data": str(data_dir), "train_args": {k: v for k, v in args.items() if k != "project"},
+        "init_sha256": init_sha, "data": str(data_dir), "train_args": {k: v for k, v in args.items() if k != "project"},
         "seconds": round(elapsed, 1), "hardware": f"{platform.machine()} {platform.processor()}".strip(),
         "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }

@@ -187,6 +187,15 @@ def cluster_uncertain(uncertainty: np.ndarray, embeddings: np.ndarray, k: int, p
     return sorted(picks, key=lambda i: (-u[i], i))
 
 
+def strategy_measure(strategy: str) -> str | None:
+    """The uncertainty measure a strategy ranks by (``cluster_margin`` -> ``margin``), or None for
+    ``random`` and ``typiclust`` (and for a name that is not a strategy)."""
+    if strategy in MEASURES:
+        return strategy
+    kind, _, measure = strategy.partition("_")
+    return measure if kind in ("diverse", "cluster") and measure in MEASURES else None
+
+
 def select(strategy: str, uncertainty: dict[str, np.ndarray], k: int, embeddings: np.ndarray | None = None,
            rng: np.random.Generator | None = None, candidates: int = 3,
            labelled_embeddings: np.ndarray | None = None, prefilter: int = 10) -> list[int]:
@@ -214,28 +223,27 @@ def select(strategy: str, uncertainty: dict[str, np.ndarray], k: int, embeddings
         emb = np.asarray(embeddings)
         if emb.ndim != 2 or (uncertainty and len(emb) != n):
             raise ValueError(f"embeddings must be (n, d) with n = {n} pool images, got shape {emb.shape}")
-    measure = strategy.partition("_")[2] if strategy.startswith(("diverse_", "cluster_")) else strategy
-    if measure in MEASURES and measure not in uncertainty:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; use one of {STRATEGIES}")
+    measure = strategy_measure(strategy)
+    if measure is not None and measure not in uncertainty:
         raise ValueError(f"strategy {strategy} needs the {measure!r} uncertainty of every pool image")
     k = min(k, n)
     if strategy == "random":
         rng = rng or np.random.default_rng(0)
         return [int(i) for i in rng.choice(n, size=k, replace=False)]
-    if strategy in MEASURES:
-        return top_k(uncertainty[strategy], k)
-    needs_embeddings = strategy == "typiclust" or (strategy.partition("_")[0] in ("diverse", "cluster")
-                                                    and strategy.partition("_")[2] in MEASURES)
-    if needs_embeddings and embeddings is None:
+    if strategy == measure:
+        return top_k(uncertainty[measure], k)
+    # the rest place the batch in embedding space: typiclust, cluster_*, diverse_*
+    if embeddings is None:
         raise ValueError(f"strategy {strategy} needs image embeddings")
-    if needs_embeddings and k == 0:
+    if k == 0:
         return []
     seed = int(rng.integers(2**31 - 1)) if rng is not None else 0
     if strategy == "typiclust":
         return typiclust(embeddings, k, labelled=labelled_embeddings, seed=seed)
-    if strategy.startswith("cluster_") and strategy[8:] in MEASURES:
-        return cluster_uncertain(uncertainty[strategy[8:]], embeddings, k, prefilter=prefilter, seed=seed)
-    if strategy.startswith("diverse_") and strategy[8:] in MEASURES:
-        pool = top_k(uncertainty[strategy[8:]], min(n, max(k, candidates * k)))
-        picks = k_center_greedy(np.asarray(embeddings)[pool], k, first=0, labelled=labelled_embeddings)
-        return [pool[i] for i in picks]
-    raise ValueError(f"unknown strategy {strategy!r}; use one of {STRATEGIES}")
+    if strategy.startswith("cluster_"):
+        return cluster_uncertain(uncertainty[measure], embeddings, k, prefilter=prefilter, seed=seed)
+    pool = top_k(uncertainty[measure], min(n, max(k, candidates * k)))  # diverse_*
+    picks = k_center_greedy(np.asarray(embeddings)[pool], k, first=0, labelled=labelled_embeddings)
+    return [pool[i] for i in picks]

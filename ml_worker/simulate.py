@@ -53,7 +53,7 @@ from backend.hashing import file_sha256
 from backend.config import DEFAULT_MODEL_PATH, LABEL_CONFIG_DIR, REPO_ROOT, Settings
 from backend.labels import ProjectSchema
 from backend.uncertainty import AGGREGATIONS, MEASURES
-from ml_worker.sampler import STRATEGIES, USES_LABELLED, select
+from ml_worker.sampler import STRATEGIES, USES_LABELLED, select, strategy_measure
 
 log = logging.getLogger("faceloop.simulate")
 
@@ -425,8 +425,7 @@ def query(strategy: str, unlabelled: list[LabelledImage], b: int, seed: int, rou
     unc, emb, ok = {m: v[in_pool] for m, v in unc.items()}, emb[in_pool], ok[in_pool]
     picks = select(strategy, unc, b, embeddings=emb, candidates=candidates, rng=rng, labelled_embeddings=lab_emb,
                    prefilter=prefilter)
-    measure = strategy.split("_", 1)[1] if strategy.startswith(("diverse_", "cluster_")) else strategy
-    measure = measure if measure in MEASURES else "entropy"
+    measure = strategy_measure(strategy) or "entropy"
     return [int(ok[i]) for i in picks], float(np.mean(unc[measure][picks])) if picks else None
 
 
@@ -504,9 +503,7 @@ def run_simulation(cfg: SimConfig, out_dir: Path, work_dir: Path | None = None, 
     init = snap
     test_yaml = write_dataset(work / "test_dataset", data.names, [], data.test)
     budget_rounds = min(cfg.rounds, math.ceil((len(data.pool) - cfg.k) / cfg.b)) if cfg.b else 0
-    files = {"rounds_csv": out_dir / "rounds.csv", "curves_png": out_dir / "learning_curves.png",
-             "summary_csv": out_dir / "summary.csv", "summary_md": out_dir / "summary.md",
-             "config_json": out_dir / "config.json"}
+    files = _output_files(out_dir)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
     config.update(pool_images=len(data.pool), test_images=len(data.test), init_sha256=init_sha,
                   query_rounds=budget_rounds, classes=data.names, work_dir=str(work),
@@ -583,13 +580,28 @@ def run_simulation(cfg: SimConfig, out_dir: Path, work_dir: Path | None = None, 
                     advance(f"seed {seed} {strategy} round {rnd} done")
                 _write_rounds(files["rounds_csv"], rows)
 
-    _write_rounds(files["rounds_csv"], rows)
-    summary = summarise(rows, reference["mAP50"] if reference else None, cfg.target)
-    write_summary(files["summary_csv"], files["summary_md"], summary, rows, reference, cfg, time.time() - t_start)
-    plot_learning_curves(rows, files["curves_png"], reference["mAP50"] if reference else None, cfg.target,
-                         title=f"{Path(cfg.data).name}: pool {len(data.pool)}, test {len(data.test)}, "
-                               f"{len(cfg.seeds)} seed(s), {cfg.epochs} epochs @ {cfg.imgsz}px")
+    summary = _write_report(files, rows, reference, cfg, len(data.pool), len(data.test), time.time() - t_start)
     return SimResult(rows, reference, summary, files, time.time() - t_start)
+
+
+def _output_files(out_dir: Path) -> dict[str, Path]:
+    return {"rounds_csv": out_dir / "rounds.csv", "curves_png": out_dir / "learning_curves.png",
+            "summary_csv": out_dir / "summary.csv", "summary_md": out_dir / "summary.md",
+            "config_json": out_dir / "config.json"}
+
+
+def _write_report(files: dict[str, Path], rows: list[dict], reference: dict | None, cfg: SimConfig, pool_images,
+                  test_images, seconds: float, time_label: str = "Wall-clock time of the simulation") -> list[dict]:
+    """``rounds.csv``, ``summary.{csv,md}`` and ``learning_curves.png`` from round rows; returns
+    the summary (shared by :func:`run_simulation` and :func:`merge_runs`)."""
+    _write_rounds(files["rounds_csv"], rows)
+    ref50 = reference["mAP50"] if reference else None
+    summary = summarise(rows, ref50, cfg.target)
+    write_summary(files["summary_csv"], files["summary_md"], summary, rows, reference, cfg, seconds, time_label)
+    plot_learning_curves(rows, files["curves_png"], ref50, cfg.target,
+                         title=f"{Path(cfg.data).name}: pool {pool_images}, test {test_images}, "
+                               f"{len(cfg.seeds)} seed(s), {cfg.epochs} epochs @ {cfg.imgsz}px")
+    return summary
 
 
 def _row(strategy: str, seed: int, rnd: int, labelled: list[int], selected: list[str], sel_unc: float | None,
@@ -673,7 +685,7 @@ def summarise(rows: list[dict], reference_map50: float | None, target: float = 0
             "mean_mAP50_over_rounds": round(float(np.mean(list(mean_curve.values()))), 4),
         })
     rnd = next((o for o in out if o["strategy"] == "random"), None)
-    rnd_seed = {seed: v for seed, v in _labels_per_seed(by_seed, "random", goal).items()} if goal is not None else {}
+    rnd_seed = _labels_per_seed(by_seed, "random", goal) if goal is not None else {}
     for o in out:
         ratios = [v / rnd_seed[seed] for seed, v in _labels_per_seed(by_seed, o["strategy"], goal).items()
                   if v is not None and rnd_seed.get(seed)] if goal is not None else []
@@ -846,19 +858,11 @@ def merge_runs(run_dirs: list[Path], out_dir: Path, reference: dict | None = Non
                     candidates=c0["candidates"], prefilter=c0.get("prefilter", 10), pool_split=c0["pool_split"], test_split=c0["test_split"],
                     target=c0["target"], warm_start=c0["warm_start"])
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = {"rounds_csv": out_dir / "rounds.csv", "curves_png": out_dir / "learning_curves.png",
-             "summary_csv": out_dir / "summary.csv", "summary_md": out_dir / "summary.md",
-             "config_json": out_dir / "config.json"}
+    files = _output_files(out_dir)
     rows.sort(key=lambda r: (r["seed"], strategies.index(r["strategy"]), r["round"]))
-    _write_rounds(files["rounds_csv"], rows)
-    ref50 = reference["mAP50"] if reference else None
-    summary = summarise(rows, ref50, cfg.target)
-    wall = sum(r["seconds"] for r in rows if not r["cached"])
-    write_summary(files["summary_csv"], files["summary_md"], summary, rows, reference, cfg, wall,
+    _write_report(files, rows, reference, cfg, c0.get("pool_images"), c0.get("test_images"),
+                  sum(r["seconds"] for r in rows if not r["cached"]),
                   time_label=f"Merged from {len(run_dirs)} runs; compute time of their rounds that were not cached")
-    plot_learning_curves(rows, files["curves_png"], ref50, cfg.target,
-                         title=f"{Path(cfg.data).name}: pool {c0.get('pool_images')}, test {c0.get('test_images')}, "
-                               f"{len(seeds)} seed(s), {cfg.epochs} epochs @ {cfg.imgsz}px")
     files["config_json"].write_text(json.dumps(dict(c0, seeds=seeds, strategies=list(strategies),
                                                     merged_from=[str(d) for d in run_dirs]), indent=2))
     if reference is not None:
