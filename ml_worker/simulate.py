@@ -813,7 +813,7 @@ def merge_runs(run_dirs: list[Path], out_dir: Path, reference: dict | None = Non
     Raises: ValueError when the runs' settings differ, FileNotFoundError when a run has no
         ``rounds.csv``.
     """
-    ignore = {"seeds", "strategies", "reference_map50", "work_dir", "reference", "prefilter", "merged_from"}
+    ignore = {"seeds", "strategies", "reference_map50", "work_dir", "reference", "merged_from"}
     out_dir = Path(out_dir)
     configs, rows, seen, refs = [], [], set(), []
     for d in map(Path, run_dirs):
@@ -823,6 +823,7 @@ def merge_runs(run_dirs: list[Path], out_dir: Path, reference: dict | None = Non
         if d.resolve() == out_dir.resolve():
             raise ValueError(f"--out {out_dir} is one of the runs; merge into another folder")
         c = json.loads((d / "config.json").read_text())
+        c.setdefault("prefilter", SimConfig.prefilter)  # runs written before the option had the default
         configs.append(c)
         try:
             run_rows = read_rounds(d / "rounds.csv")

@@ -173,6 +173,9 @@ def test_merge_runs_of_parallel_seeds(tmp_path):
     _fake_run(tmp_path / "c", 2, ("random",), epochs=5)
     with pytest.raises(ValueError, match="epochs"):
         merge_runs([tmp_path / "a", tmp_path / "c"], tmp_path / "m2")
+    _fake_run(tmp_path / "p", 3, ("random",), prefilter=4)  # "a" has no prefilter key: the default 10
+    with pytest.raises(ValueError, match="prefilter"):
+        merge_runs([tmp_path / "a", tmp_path / "p"], tmp_path / "m3")
 
 
 def test_merge_runs_refuses_bad_inputs(tmp_path):
