@@ -61,7 +61,9 @@ def percent_to_pixels(value: dict, width: int, height: int) -> tuple[float, floa
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
         x1, y1, x2, y2 = min(xs), min(ys), max(xs), max(ys)
     else:
-        x1, y1, x2, y2 = x, y, x + w, y + h
+        # a box drawn upward or leftward is stored with a negative width or height: same box
+        x1, x2 = min(x, x + w), max(x, x + w)
+        y1, y2 = min(y, y + h), max(y, y + h)
     return (clamp(x1, 0, width), clamp(y1, 0, height), clamp(x2, 0, width), clamp(y2, 0, height))
 
 

@@ -210,3 +210,13 @@ def test_boxes_from_result_rotated_uses_original_size():
     boxes, problems = s.boxes_from_result([r])
     assert problems == []
     assert boxes == [pytest.approx((0.475, 0.2, 0.05, 0.2, 1))]
+
+
+def test_boxes_from_result_negative_size_is_the_same_box():
+    # a box drawn upward and leftward: LS stores the anchor where the drag started and a negative
+    # width/height; it is the box (10, 10)-(30, 40) % and must not be left out of training
+    s = ProjectSchema.parse(EXAMPLE_CONFIG)
+    r = rect_region(30, 40, -20, -30, "Happy", rid="up-left")
+    boxes, problems = s.boxes_from_result([r])
+    assert problems == []
+    assert boxes == [pytest.approx((0.2, 0.25, 0.2, 0.3, 0))]
