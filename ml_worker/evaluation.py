@@ -1,0 +1,239 @@
+"""Evaluate pre-annotations the way a person meets them: what they accept, fix, draw or delete.
+
+Pure functions over boxes in pixels and class *names* (never class indices), so two models with
+other class lists or another class order are compared on the same labels by name. Used by the
+train station's promotion gate, ``faceloop evaluate`` and ``faceloop bench-accept``.
+
+Per image, predictions are matched one-to-one to ground-truth faces, greedily by predicted score
+(highest first) to the free ground-truth face of highest IoU, class-agnostic:
+
+- IoU >= 0.5 and the right class: **accepted** as is;
+- IoU >= 0.5, wrong class (or no class: an unlabelled face box): **class fixed**;
+- 0.1 <= IoU < 0.5: **box fixed** (moved or resized; its class may need a fix too, counted in
+  ``box_and_class_fixed``);
+- a ground-truth face no prediction overlaps: **missed**, drawn by hand;
+- a prediction matched to no face: a **false box**, deleted.
+
+The acceptance rate is ``accepted / faces``; edits per image count every fix, drawing and deletion.
+mAP50 is the COCO-style AP at IoU 0.5 (ultralytics' ``ap_per_class``, 101-point interpolation),
+class-aware by name over the classes that occur in the ground truth; face mAP50 ignores classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+#: IoU at or above which a predicted box is the face as drawn (COCO's AP50 threshold).
+MATCH_IOU = 0.5
+#: IoU at or above which a predicted box is on the face but needs moving/resizing.
+TOUCH_IOU = 0.1
+
+
+@dataclass
+class GTFace:
+    """A labelled face: corners in pixels and its class name (None when the class is unknown)."""
+
+    box: tuple[float, float, float, float]
+    label: str | None
+
+
+@dataclass
+class PredFace:
+    """A pre-annotation box: corners in pixels, class name (None = unlabelled face) and score 0-1."""
+
+    box: tuple[float, float, float, float]
+    label: str | None
+    score: float
+
+
+@dataclass
+class AcceptanceCounts:
+    """What a person does with one or many images' pre-annotations (see module docstring)."""
+
+    images: int = 0
+    faces: int = 0
+    predicted: int = 0
+    accepted: int = 0
+    class_fixed: int = 0
+    box_fixed: int = 0
+    box_and_class_fixed: int = 0
+    missed: int = 0
+    false_boxes: int = 0
+    found_iou30: int = 0
+
+    def add(self, other: "AcceptanceCounts") -> None:
+        for k in self.__dataclass_fields__:
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted faces / ground-truth faces (0-1); 0 when there are no faces."""
+        return self.accepted / self.faces if self.faces else 0.0
+
+    @property
+    def edits_per_image(self) -> float:
+        """(class fixes + box fixes + faces drawn + false boxes deleted) / images."""
+        edits = self.class_fixed + self.box_fixed + self.missed + self.false_boxes
+        return edits / self.images if self.images else 0.0
+
+    @property
+    def class_accuracy(self) -> float:
+        """Right class among faces found at IoU >= 0.5 (0-1)."""
+        found = self.accepted + self.class_fixed
+        return self.accepted / found if found else 0.0
+
+    @property
+    def boxes_per_face(self) -> float:
+        return self.predicted / self.faces if self.faces else 0.0
+
+    def as_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d.update(acceptance_rate=self.acceptance_rate, edits_per_image=self.edits_per_image,
+                 class_accuracy=self.class_accuracy, boxes_per_face=self.boxes_per_face,
+                 recall_iou30=self.found_iou30 / self.faces if self.faces else 0.0,
+                 false_boxes_per_image=self.false_boxes / self.images if self.images else 0.0)
+        return d
+
+
+def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every box in ``a`` ``(n, 4)`` with every box in ``b`` ``(m, 4)``, corners ``x1 y1 x2 y2``
+    in the same units; returns ``(n, m)`` in 0-1."""
+    a = np.asarray(a, float).reshape(-1, 4)
+    b = np.asarray(b, float).reshape(-1, 4)
+    if not len(a) or not len(b):
+        return np.zeros((len(a), len(b)))
+    ix = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
+    iy = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
+    inter = ix * iy
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def _same(a: str | None, b: str | None) -> bool:
+    return a is not None and b is not None and a.lower() == b.lower()
+
+
+def acceptance(preds: list[PredFace], gts: list[GTFace]) -> AcceptanceCounts:
+    """What a person does with one image's pre-annotations (see the module docstring)."""
+    c = AcceptanceCounts(images=1, faces=len(gts), predicted=len(preds))
+    order = sorted(range(len(preds)), key=lambda i: -preds[i].score)
+    ious = iou_matrix([preds[i].box for i in order], [g.box for g in gts])
+    free = set(range(len(gts)))
+    if len(gts):
+        c.found_iou30 = int((ious >= 0.3).any(axis=0).sum()) if len(preds) else 0
+    for r, i in enumerate(order):
+        if not free:
+            c.false_boxes += 1
+            continue
+        cand = sorted(free, key=lambda j: -ious[r, j])
+        j = cand[0]
+        v = ious[r, j]
+        if v >= MATCH_IOU:
+            if _same(preds[i].label, gts[j].label):
+                c.accepted += 1
+            else:
+                c.class_fixed += 1
+        elif v >= TOUCH_IOU:
+            c.box_fixed += 1
+            if not _same(preds[i].label, gts[j].label):
+                c.box_and_class_fixed += 1
+        else:
+            c.false_boxes += 1
+            continue
+        free.discard(j)
+    c.missed = len(free)
+    return c
+
+
+def _tp_matrix(preds: list[PredFace], gts: list[GTFace], class_aware: bool, thresholds: np.ndarray) -> np.ndarray:
+    """``(n_pred, n_thresholds)`` true positives: greedy by score, one GT per prediction."""
+    tp = np.zeros((len(preds), len(thresholds)), bool)
+    if not preds or not gts:
+        return tp
+    ious = iou_matrix([p.box for p in preds], [g.box for g in gts])
+    if class_aware:
+        same = np.array([[_same(p.label, g.label) for g in gts] for p in preds])
+        ious = np.where(same, ious, 0.0)
+    order = np.argsort([-p.score for p in preds], kind="stable")
+    for k, t in enumerate(thresholds):
+        used = np.zeros(len(gts), bool)
+        for i in order:
+            cand = np.where(~used & (ious[i] >= t))[0]
+            if len(cand):
+                j = cand[np.argmax(ious[i, cand])]
+                used[j] = True
+                tp[i, k] = True
+    return tp
+
+
+def map50(images: list[tuple[list[PredFace], list[GTFace]]], class_aware: bool = True) -> dict:
+    """mAP at IoU 0.5 and 0.5:0.95 over ``(predictions, ground truth)`` per image.
+
+    Class-aware by name over the classes present in the ground truth (a predicted class the ground
+    truth lacks counts as a false positive of no class, so it lowers nothing but precision of none);
+    ``class_aware=False`` treats every box as one class "face".
+    Returns: ``{"mAP50", "mAP50-95", "per_class": {name: mAP50}}`` (0-1); 0.0 when there are no
+    ground-truth boxes.
+    """
+    from ultralytics.utils.metrics import ap_per_class
+
+    thresholds = np.linspace(0.5, 0.95, 10)
+    tps, confs, pcls, tcls = [], [], [], []
+    names: list[str] = []
+
+    def cid(label: str | None) -> int:
+        key = "face" if not class_aware else (label or "").lower()
+        if key not in names:
+            names.append(key)
+        return names.index(key)
+
+    for preds, gts in images:
+        tps.append(_tp_matrix(preds, gts, class_aware, thresholds))
+        confs.extend(p.score for p in preds)
+        pcls.extend(cid(p.label) for p in preds)
+        tcls.extend(cid(g.label) for g in gts)
+    if not tcls:
+        return {"mAP50": 0.0, "mAP50-95": 0.0, "per_class": {}}
+    tp = np.concatenate(tps, 0) if tps else np.zeros((0, 10), bool)
+    res = ap_per_class(tp, np.asarray(confs, float), np.asarray(pcls, int), np.asarray(tcls, int))
+    ap, unique = res[5], res[6]
+    per = {names[int(c)]: float(ap[k, 0]) for k, c in enumerate(unique)}
+    return {"mAP50": float(ap[:, 0].mean()) if len(ap) else 0.0,
+            "mAP50-95": float(ap.mean()) if len(ap) else 0.0, "per_class": per}
+
+
+@dataclass
+class Evaluation:
+    """Everything :func:`evaluate_predictions` measured; see :meth:`as_dict` for the figures."""
+
+    counts: AcceptanceCounts = field(default_factory=AcceptanceCounts)
+    classes: dict = field(default_factory=dict)
+    faces: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"mAP50": self.classes.get("mAP50", 0.0), "mAP50-95": self.classes.get("mAP50-95", 0.0),
+                "per_class_mAP50": self.classes.get("per_class", {}), "face_mAP50": self.faces.get("mAP50", 0.0),
+                **self.counts.as_dict()}
+
+
+def evaluate_predictions(images: list[tuple[list[PredFace], list[GTFace]]],
+                         candidates: list[list[PredFace]] | None = None) -> Evaluation:
+    """Acceptance counts, class-aware and face mAP50 over ``(predictions, ground truth)`` per image.
+
+    Args:
+        images: per image, the pre-annotations a person sees (above the score threshold) and the
+            ground-truth faces.
+        candidates: per image, every box down to a low score for the AP curves (default: the
+            pre-annotations themselves, which caps recall at the threshold).
+    """
+    ev = Evaluation()
+    for preds, gts in images:
+        ev.counts.add(acceptance(preds, gts))
+    ap_images = images if candidates is None else [(c, g) for c, (_, g) in zip(candidates, images)]
+    ev.classes = map50(ap_images, class_aware=True)
+    ev.faces = map50(ap_images, class_aware=False)
+    return ev
