@@ -15,8 +15,12 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-#: The default model shipped with the repository (trained by ``faceloop train-base``).
-DEFAULT_MODEL_PATH = REPO_ROOT / "models" / "faceloop-base.pt"
+#: The default model version every project starts from: a two-stage bundle (face detector +
+#: face-crop classifier, ``facemodels.two_stage``; provenance in models/MODEL_CARD.md).
+DEFAULT_MODEL_PATH = REPO_ROOT / "models" / "faceloop-default.json"
+#: The single-stage YOLO expression model of the first release (the active-learning simulation's
+#: starting point; no longer served by default).
+SINGLE_STAGE_BASE_PATH = REPO_ROOT / "models" / "faceloop-base.pt"
 LABEL_CONFIG_DIR = REPO_ROOT / "label_config"
 
 
@@ -61,6 +65,9 @@ class Settings(BaseSettings):
     train_epochs: int = 30
     train_batch: int = 16
     train_patience: int = 0
+    detector_epochs: int = Field(10, description="Epochs of the face detector (stage 1) per retrain")
+    classifier_epochs: int = Field(0, description="Epochs of the face-crop classifier (stage 2) per retrain; "
+                                   "0 = the recipe's default (facemodels.classifier.RECIPE)")
     retrain_min_annotations: int = Field(
         10, description="New annotations that trigger a retrain (project setting wins if > 0)"
     )

@@ -18,6 +18,15 @@ from label_studio_sdk.label_interface import LabelInterface
 from backend import geometry
 
 
+#: Names of one expression class that models and label configs use interchangeably (lower case).
+SYNONYMS: dict[str, tuple[str, ...]] = {
+    "fearful": ("fear", "scared", "afraid"), "fear": ("fearful", "scared", "afraid"),
+    "disgusted": ("disgust",), "disgust": ("disgusted",),
+    "surprised": ("surprise",), "surprise": ("surprised",),
+    "angry": ("anger",), "anger": ("angry",), "happy": ("happiness", "smile"), "sad": ("sadness",),
+}
+
+
 class LabelConfigError(ValueError):
     """The label config is unusable for faceloop (malformed XML, no RectangleLabels on an Image)."""
 
@@ -104,6 +113,11 @@ class ProjectSchema:
     def label_map(self, model_names: list[str]) -> dict[int, str]:
         """Map model class indices to this config's labels.
 
+        Order of rules: the label's ``predicted_values`` attribute lists the class; the label
+        equals it; equals it case-insensitively; equals one of its :data:`SYNONYMS` (the
+        face-api.js expression net says ``fearful``, ``disgusted``, ``surprised`` where label
+        configs and datasets say ``fear``, ``disgust``, ``surprise``).
+
         Args:
             model_names: the model's class names in index order.
         Returns: ``{model_class_index: label}`` for the classes the config knows (others absent).
@@ -115,6 +129,9 @@ class ProjectSchema:
                 hit = next((lab for lab in self.labels if lab == name), None)
             if hit is None:
                 hit = next((lab for lab in self.labels if lab.lower() == str(name).lower()), None)
+            if hit is None:
+                syn = SYNONYMS.get(str(name).lower(), ())
+                hit = next((lab for lab in self.labels if lab.lower() in syn), None)
             if hit is not None:
                 out[i] = hit
         return out

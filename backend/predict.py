@@ -59,6 +59,23 @@ def analyse(det, schema: ProjectSchema, model_names: list[str], threshold: float
     boxes: list[Box] = []
     probs, confs = [], []
     for d in det.detections:
+        if d.face_conf is not None:
+            # two stages: the detector says whether it is a face, the classifier which class.
+            # The threshold applies to the face confidence, so a face whose class is unsure is
+            # still boxed; the region score is P(face) * P(class | face).
+            if idx:
+                merged = np.array([d.class_scores[g].sum() for g in groups])
+                p_cls = merged / merged.sum() if merged.sum() > 0 else np.full(len(groups), 1 / len(groups))
+                probs.append(p_cls)
+                label = labels_order[int(p_cls.argmax())]
+                score = d.face_conf * float(p_cls.max())
+            else:
+                label, score = None, d.face_conf
+                probs.append(np.array([1.0]))
+            confs.append(d.face_conf)
+            if d.face_conf >= threshold:
+                boxes.append(Box(*d.box, label=label, score=score))
+            continue
         if idx:
             sub = d.class_scores[idx]
             conf = float(sub.max())

@@ -34,13 +34,17 @@ class Detection:
         box: ``(x1, y1, x2, y2)`` in pixels of the EXIF-oriented image.
         conf: the model's confidence (0-1), the max of ``class_scores``.
         cls: index of the best class in the model's class list.
-        class_scores: ``(nc,)`` independent sigmoid scores (0-1) of every model class.
+        class_scores: ``(nc,)`` independent sigmoid scores (0-1) of every model class; for a
+            two-stage model, the face-crop classifier's softmax probabilities (sum 1).
+        face_conf: two-stage models only: the face detector's confidence (0-1) that this box is a
+            face, independent of its class; None for a single-stage model.
     """
 
     box: tuple[float, float, float, float]
     conf: float
     cls: int
     class_scores: np.ndarray
+    face_conf: float | None = None
 
 
 @dataclass
@@ -176,14 +180,18 @@ class ModelCache:
         self._models: dict[tuple[str, float], FaceModel] = {}
         self._lock = threading.Lock()
 
-    def get(self, path: str | Path) -> FaceModel:
-        """Return the model at ``path``, loading it on first use. Raises FileNotFoundError."""
+    def get(self, path: str | Path):
+        """Return the model at ``path`` (YOLO ``.pt`` weights: :class:`FaceModel`; a two-stage
+        bundle ``.json``: :class:`facemodels.two_stage.TwoStageModel`), loading it on first use.
+        Raises FileNotFoundError."""
         p = Path(path)
         key = (str(p.resolve()) if p.exists() else str(p), p.stat().st_mtime if p.exists() else 0.0)
         with self._lock:
             m = self._models.get(key)
             if m is None:
-                m = FaceModel(p, self.device)
+                from facemodels.two_stage import TwoStageModel, is_bundle
+
+                m = TwoStageModel(p, self.device) if is_bundle(p) else FaceModel(p, self.device)
                 if len(self._models) >= self.max_models:
                     self._models.pop(next(iter(self._models)))
                 self._models[key] = m

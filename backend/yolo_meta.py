@@ -28,6 +28,10 @@ def read_class_names(path: Path) -> list[str]:
     of the checkpoint, which avoids importing torch and ultralytics (seconds) on ``/setup``.
     """
     p = Path(path)
+    if p.suffix == ".json":  # a two-stage bundle: the classifier's classes
+        import json
+
+        return [str(n) for n in json.loads(p.read_text()).get("classes") or []]
     side = p.with_suffix(".json")
     if side.exists():
         import json

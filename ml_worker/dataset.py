@@ -11,6 +11,7 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import yaml
 from PIL import Image
 
@@ -49,6 +50,25 @@ def split_ids(task_ids: list[int], val_fraction: float) -> tuple[list[int], list
 
 
 @dataclass
+class Sample:
+    """One annotated image of a dataset, decoded.
+
+    Attributes:
+        task_id: Label Studio task id.
+        split: ``"train"`` or ``"val"``.
+        image: ``(H, W, 3)`` uint8 RGB (EXIF orientation applied).
+        boxes: ``(x1, y1, x2, y2, class_index)`` in pixels; class index into the schema's labels.
+        path: the image file written into the dataset folder.
+    """
+
+    task_id: int
+    split: str
+    image: np.ndarray
+    boxes: list[tuple[float, float, float, float, int]]
+    path: Path | None = None
+
+
+@dataclass
 class DatasetInfo:
     """What :func:`build_dataset` wrote.
 
@@ -57,6 +77,8 @@ class DatasetInfo:
         train_ids, val_ids: task ids per split.
         boxes: number of boxes written.
         problems: ``(task_id, message)`` for tasks left out (bad image, unlabelled region, ...).
+        samples: the decoded images and their boxes (for the face-crop classifier and evaluation).
+        moved_to_val: task ids moved from train to val so that val holds every class it can.
     """
 
     yaml_path: Path
@@ -64,6 +86,37 @@ class DatasetInfo:
     val_ids: list[int]
     boxes: int = 0
     problems: list[tuple[int, str]] = field(default_factory=list)
+    samples: list[Sample] = field(default_factory=list)
+    moved_to_val: list[int] = field(default_factory=list)
+
+    def val_boxes(self) -> int:
+        """Labelled faces in the validation split."""
+        return sum(len(s.boxes) for s in self.samples if s.split == "val")
+
+
+def _hash(task_id: int) -> int:
+    return int(hashlib.sha1(str(task_id).encode()).hexdigest(), 16) % 1000
+
+
+def cover_classes(train: list[int], val: list[int], classes_of: dict[int, set[int]]) -> tuple[list[int], list[int], list[int]]:
+    """Move train tasks into val until val holds a box of every class that at least two tasks have.
+
+    Deterministic: for each missing class (in index order) the train task with that class and the
+    smallest id hash moves, and only while train keeps at least one task with the class.
+    Returns: ``(train, val, moved)``.
+    """
+    train, val, moved = list(train), list(val), []
+    all_classes = sorted(set().union(*classes_of.values())) if classes_of else []
+    for c in all_classes:
+        if any(c in classes_of.get(t, ()) for t in val):
+            continue
+        having = sorted((t for t in train if c in classes_of.get(t, ())), key=_hash)
+        if len(having) >= 2:
+            t = having[0]
+            train.remove(t)
+            val.append(t)
+            moved.append(t)
+    return train, val, moved
 
 
 def write_yolo_dataset(out_dir: Path, names: list[str], items: list[tuple[str, str, Image.Image | Path, list]]) -> Path:
@@ -125,8 +178,26 @@ def build_dataset(tasks: list, schema: ProjectSchema, out_dir: Path, settings: S
         else:
             ok.append((t, boxes, img))
     train_ids, val_ids = split_ids([t.id for t, _, _ in ok], settings.val_fraction)
+    train_ids, val_ids, moved = cover_classes(train_ids, val_ids, {t.id: {b[4] for b in boxes} for t, boxes, _ in ok})
     val_set = set(val_ids)
     items = [("val" if t.id in val_set else "train", f"task_{t.id}", Image.fromarray(img.array), boxes)
              for t, boxes, img in ok]
     y = write_yolo_dataset(out_dir, schema.labels, items)
-    return DatasetInfo(y, train_ids, val_ids, sum(len(b) for _, b, _ in ok), problems)
+    samples = []
+    for (t, boxes, img), (split, stem, _, _) in zip(ok, items):
+        w, h = img.width, img.height
+        px = [((cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h, c) for cx, cy, bw, bh, c in boxes]
+        samples.append(Sample(t.id, split, img.array, px, Path(out_dir) / "images" / split / f"{stem}.jpg"))
+    return DatasetInfo(y, sorted(train_ids), sorted(val_ids), sum(len(b) for _, b, _ in ok), problems, samples,
+                       moved)
+
+
+def write_face_dataset(ds: DatasetInfo, out_dir: Path) -> Path:
+    """The same images as ``ds`` (symlinked) with every box of class 0 ``face``: the detector's
+    dataset. Returns its ``data.yaml``."""
+    items = []
+    for s in ds.samples:
+        h, w = s.image.shape[:2]
+        boxes = [((x1 + x2) / 2 / w, (y1 + y2) / 2 / h, (x2 - x1) / w, (y2 - y1) / h, 0) for x1, y1, x2, y2, _ in s.boxes]
+        items.append((s.split, f"task_{s.task_id}", s.path, boxes))
+    return write_yolo_dataset(out_dir, ["face"], items)

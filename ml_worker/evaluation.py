@@ -237,3 +237,41 @@ def evaluate_predictions(images: list[tuple[list[PredFace], list[GTFace]]],
     ev.classes = map50(ap_images, class_aware=True)
     ev.faces = map50(ap_images, class_aware=False)
     return ev
+
+
+def predict_faces(model, images: list[np.ndarray], schema, settings, batch: int = 16
+                  ) -> tuple[list[list[PredFace]], list[list[PredFace]]]:
+    """Pre-annotations of ``images`` through the product's prediction path
+    (``model.detect`` + :func:`backend.predict.analyse`).
+
+    Args:
+        model: :class:`backend.yolo.FaceModel` or :class:`facemodels.two_stage.TwoStageModel`.
+        images: ``(H, W, 3)`` uint8 RGB arrays.
+        schema: the project's :class:`backend.labels.ProjectSchema` (labels, threshold).
+    Returns: ``(shown, candidates)`` per image: the boxes a person sees (at the project's score
+        threshold) and every candidate down to ``settings.candidate_threshold`` (for AP curves).
+    """
+    from backend.predict import analyse
+
+    thr = schema.score_threshold if schema.score_threshold is not None else settings.score_threshold
+    low = min(settings.candidate_threshold, thr)
+    shown, cands = [], []
+    for start in range(0, len(images), batch):
+        dets = model.detect(images[start : start + batch], conf=low, imgsz=settings.imgsz, batch=batch)
+        for det in dets:
+            for out, t in ((shown, thr), (cands, low)):
+                boxes, _ = analyse(det, schema, model.names, t, settings.aggregation)
+                out.append([PredFace(b.xyxy, b.label, float(b.score or 0.0)) for b in boxes])
+    return shown, cands
+
+
+def evaluate_model(model, samples: list[tuple[np.ndarray, list[GTFace]]], schema, settings) -> dict:
+    """Evaluate a model on labelled images through the product's prediction path.
+
+    Args:
+        samples: ``(image RGB uint8, ground-truth faces with class names)`` per image.
+    Returns: :meth:`Evaluation.as_dict` plus ``"images"``.
+    """
+    shown, cands = predict_faces(model, [im for im, _ in samples], schema, settings)
+    ev = evaluate_predictions([(p, g) for p, (_, g) in zip(shown, samples)], candidates=cands)
+    return {**ev.as_dict(), "images": len(samples)}

@@ -50,7 +50,7 @@ from urllib.parse import quote
 import numpy as np
 
 from backend.hashing import file_sha256
-from backend.config import DEFAULT_MODEL_PATH, LABEL_CONFIG_DIR, REPO_ROOT, Settings
+from backend.config import LABEL_CONFIG_DIR, REPO_ROOT, SINGLE_STAGE_BASE_PATH, Settings
 from backend.labels import ProjectSchema
 from backend.uncertainty import AGGREGATIONS, MEASURES
 from ml_worker.sampler import STRATEGIES, USES_LABELLED, select, strategy_measure
@@ -221,7 +221,7 @@ class SimConfig:
 
     data: Path = DEFAULT_DATA
     label_config: Path = DEFAULT_LABEL_CONFIG
-    init_weights: Path = DEFAULT_MODEL_PATH
+    init_weights: Path = SINGLE_STAGE_BASE_PATH
     strategies: tuple[str, ...] = ("random", "least_confidence", "margin", "entropy", "diverse_margin", "typiclust",
                                    "cluster_margin")
     seeds: tuple[int, ...] = (0, 1, 2)

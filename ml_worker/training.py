@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from backend.config import Settings, configure_ultralytics
 
 log = logging.getLogger("faceloop.training")
@@ -175,19 +177,35 @@ def evaluate(weights: str | Path, data_yaml: Path, out_dir: Path, settings: Sett
             "recall": float(m.box.mr), "per_class": per, "save_dir": str(m.save_dir)}
 
 
-def gate(candidate: dict, current: dict | None, reason_if_no_current: str) -> tuple[bool, str]:
-    """Promotion rule: promote when there is nothing comparable to beat (first model for the
-    project's classes, or new classes), else when the candidate's mAP50-95 on the same
-    validation split is at least the current version's (ties go to the newer data).
+def gate(candidate: dict, current: dict | None, val_faces: int) -> tuple[bool, str]:
+    """Promotion rule, on the same validation split, classes matched by name.
 
+    - The split holds no labelled face: nothing is measured, the current version stays.
+    - Neither version finds a labelled face with the right class (mAP50 0 for both): stays.
+    - Otherwise the candidate is promoted when its mAP50 is at least the current version's
+      (ties go to the newer data); the acceptance rate is reported beside it.
+
+    Args:
+        candidate, current: :func:`ml_worker.evaluation.evaluate_model` results (``current`` None
+            when the current version could not be evaluated).
+        val_faces: labelled faces in the validation split.
     Returns: ``(promote, reason)``.
     """
+    if val_faces == 0:
+        return False, "validation split has no labelled face: nothing to compare, the current version stays"
+    c = candidate["mAP50"]
+    acc = f", acceptance {candidate['acceptance_rate']:.2f}"
     if current is None:
-        return True, reason_if_no_current
-    c, o = candidate["mAP50-95"], current["mAP50-95"]
+        if c <= 0:
+            return False, f"mAP50 {c:.3f}: the candidate finds no labelled face with its class"
+        return True, f"mAP50 {c:.3f}{acc}; the current version could not be evaluated"
+    o = current["mAP50"]
+    if c <= 0 and o <= 0:
+        return False, "mAP50 0.000 for both versions: neither finds a labelled face with its class"
     if c >= o:
-        return True, f"mAP50-95 {c:.3f} >= current {o:.3f} on the same validation split"
-    return False, f"mAP50-95 {c:.3f} < current {o:.3f} on the same validation split"
+        return True, (f"mAP50 {c:.3f} >= current {o:.3f} on the same {val_faces} validation faces{acc} "
+                      f"(current {current['acceptance_rate']:.2f})")
+    return False, f"mAP50 {c:.3f} < current {o:.3f} on the same {val_faces} validation faces{acc}"
 
 
 @dataclass
@@ -200,12 +218,97 @@ class TrainOutcome:
     metrics: dict
 
 
+def _parts(path: str | Path, settings: Settings) -> tuple[Path, Path]:
+    """Detector and classifier weights of a model version; a legacy single-stage version (a YOLO
+    ``.pt``) continues from the shipped default's parts."""
+    from facemodels.two_stage import is_bundle, read_bundle
+
+    src = path if is_bundle(path) and Path(path).exists() else settings.default_model_path
+    b = read_bundle(src)
+    return Path(b["detector_path"]), Path(b["classifier_path"])
+
+
+def train_two_stage(ds, schema, init: str | Path, settings: Settings, work: Path,
+                    progress: ProgressFn | None = None, seed: int | None = None) -> dict:
+    """Fine-tune both stages of ``init`` on a built dataset and write a candidate bundle.
+
+    Stage 1: the YOLO face detector on every labelled box as one class ``face`` (so its boxes
+    follow the project's box style). Stage 2: the face-crop classifier on the train split's crops
+    with the project's classes; classes the current classifier already names (by name, synonyms
+    included: :meth:`backend.labels.ProjectSchema.label_map`) keep their weights.
+
+    Args:
+        ds: :class:`ml_worker.dataset.DatasetInfo` (with ``samples``).
+        init: the current version (bundle ``.json``, or a legacy ``.pt``).
+        work: job folder; the candidate lands in ``work/candidate/bundle.json``.
+        progress: called with ``{"stage", "epoch", "epochs", "message"}``.
+    Returns: ``{"bundle": path, "detector_seconds", "classifier_seconds", "classifier": metrics}``.
+    Raises: ValueError when the train split has no labelled face.
+    """
+    from facemodels.classifier import FaceClassifier
+    from facemodels.classifier import fine_tune as fine_tune_classifier
+    from facemodels.two_stage import write_bundle
+    from ml_worker.dataset import write_face_dataset
+
+    seed = settings.seed if seed is None else seed
+    det_init, clf_init = _parts(init, settings)
+    crops = [(s.image, np.asarray(b[:4], float), int(b[4])) for s in ds.samples if s.split == "train" for b in s.boxes]
+    if not crops:
+        raise ValueError("the train split has no labelled face: nothing to learn from")
+    det_epochs, clf_epochs = settings.detector_epochs, settings.classifier_epochs or None
+
+    def report(**f):
+        if progress:
+            progress(f)
+
+    face_yaml = write_face_dataset(ds, work / "faces")
+    t0 = time.time()
+    report(stage="train detector", epoch=0, message=f"stage 1: face detector on {len(ds.train_ids)} images")
+    best_det = fine_tune(det_init, face_yaml, work / "detector", settings, epochs=det_epochs, seed=seed,
+                         on_epoch=lambda i: report(stage="train detector", epoch=i["epoch"],
+                                                   message=f"stage 1 (face detector): epoch {i['epoch']}/{i['epochs']}"))
+    det_s = time.time() - t0
+
+    clf = FaceClassifier.load(clf_init)
+    lmap = schema.label_map(clf.classes)  # rename known classes to the project's labels
+    clf.classes = [lmap.get(i, c) for i, c in enumerate(clf.classes)]
+    if len(set(clf.classes)) != len(clf.classes):  # two old classes map to one label: keep old names
+        clf = FaceClassifier.load(clf_init)
+    t1 = time.time()
+    kw = {"epochs": clf_epochs} if clf_epochs else {}
+
+    def on_clf_epoch(epoch, epochs, loss):
+        report(stage="train classifier", epoch=det_epochs + epoch, epochs=det_epochs + epochs,
+               message=f"stage 2 (face classifier): epoch {epoch}/{epochs}, loss {loss:.3f}")
+
+    tuned, cm = fine_tune_classifier(clf, crops, list(schema.labels), seed=seed, on_epoch=on_clf_epoch, **kw)
+    clf_s = time.time() - t1
+    tuned.save(work / "classifier.pt")
+    cand_dir = work / "candidate"
+    if cand_dir.exists():
+        shutil.rmtree(cand_dir)
+    bundle = write_bundle(cand_dir, best_det, work / "classifier.pt", list(schema.labels), imgsz=settings.imgsz)
+    return {"bundle": bundle, "detector_seconds": round(det_s, 1), "classifier_seconds": round(clf_s, 1),
+            "classifier": {k: v for k, v in cm.items() if k in ("loss", "train_seconds", "n_train", "recipe",
+                                                                   "kept_classes")}}
+
+
+def _val_samples(ds, schema) -> list:
+    from ml_worker.evaluation import GTFace
+
+    return [(s.image, [GTFace(tuple(b[:4]), schema.labels[int(b[4])]) for b in s.boxes])
+            for s in ds.samples if s.split == "val"]
+
+
 def run_training(settings: Settings, job_id: int, progress: ProgressFn | None = None) -> TrainOutcome:
     """Run one training job end to end (the job must be ``running``; see ``ml_worker.tasks``).
 
     Steps: snapshot the annotations (latest non-cancelled per task), build the dataset with the
-    deterministic split, fine-tune from the promoted version, evaluate candidate and current
-    version on the same split, store weights atomically, register, promote by :func:`gate`.
+    deterministic split (val holds every class the labels allow), fine-tune both stages from the
+    promoted version (:func:`train_two_stage`), evaluate candidate and current version on the same
+    validation images through the product's prediction path
+    (:func:`ml_worker.evaluation.evaluate_model`), store the version folder atomically, register,
+    promote by :func:`gate`.
 
     Raises: ValueError when there are too few usable annotated tasks (message says how many).
     """
@@ -216,6 +319,8 @@ def run_training(settings: Settings, job_id: int, progress: ProgressFn | None = 
     from backend.labels import ProjectSchema
     from backend.lsapi import snapshot
     from backend.models import ModelVersion, Project, TrainingJob
+    from backend.yolo import ModelCache
+    from ml_worker.evaluation import evaluate_model
 
     def update(**fields):
         with session_scope(settings.database_url) as s:
@@ -254,42 +359,51 @@ def run_training(settings: Settings, job_id: int, progress: ProgressFn | None = 
     if len(ds.train_ids) < 1 or len(ds.val_ids) < 1:
         raise ValueError(f"need at least 2 usable annotated tasks, have {len(ds.train_ids) + len(ds.val_ids)} "
                          f"(left out: {ds.problems[:5]})")
-    update(stage="train", n_train=len(ds.train_ids), n_val=len(ds.val_ids), epochs=settings.train_epochs,
+    total = settings.detector_epochs + (settings.classifier_epochs or 0)
+    update(stage="train", n_train=len(ds.train_ids), n_val=len(ds.val_ids), epochs=total,
            message=f"fine-tuning on {len(ds.train_ids)} images, validating on {len(ds.val_ids)}")
 
-    init = current_info[2] if Path(current_info[2]).exists() else BASE_YAML
-
-    def on_epoch(info):
-        m = info["metrics"]
-        update(epoch=info["epoch"], epochs=info["epochs"],
-               message=f"epoch {info['epoch']}/{info['epochs']} mAP50={m.get('metrics/mAP50(B)', 0):.3f}")
+    def on_progress(f):
+        update(**{k: v for k, v in f.items() if k in ("stage", "epoch", "epochs", "message")})
 
     t0 = time.time()
-    best = fine_tune(init, ds.yaml_path, job_dir, settings, on_epoch=on_epoch)
+    trained = train_two_stage(ds, schema, current_info[2], settings, job_dir, on_progress)
     train_s = time.time() - t0
     update(stage="evaluate", message="evaluating candidate and current version on the validation split")
-    cand = evaluate(best, ds.yaml_path, job_dir, settings, name="val_candidate")
-    same_classes = [c.lower() for c in current_info[3]] == [c.lower() for c in schema.labels]
-    cur = evaluate(current_info[2], ds.yaml_path, job_dir, settings, name="val_current") if (
-        same_classes and Path(current_info[2]).exists()) else None
-    promote_it, reason = gate(cand, cur, "first model trained for this project's classes" if not same_classes
-                              else "no comparable current version")
+    val = _val_samples(ds, schema)
+    cache = ModelCache(settings.device)
+    cand = evaluate_model(cache.get(trained["bundle"]), val, schema, settings)
+    try:
+        cur = evaluate_model(cache.get(current_info[2]), val, schema, settings)
+    except (FileNotFoundError, ValueError) as e:
+        log.warning("job %s: current version %s not evaluated: %s", job_id, current_info[1], e)
+        cur = None
+    promote_it, reason = gate(cand, cur, ds.val_boxes())
 
     with session_scope(settings.database_url) as s:
         name = registry.next_version_name(s, pid)
-    path, sha = registry.store_weights(best, settings.model_dir, pid, name)
+    from facemodels.two_stage import write_bundle
+
+    b = trained["bundle"]
+    folder = Path(settings.model_dir) / f"project_{pid}" / name
+    bundle = write_bundle(folder, b.parent / "detector.pt", b.parent / "classifier.pt", list(schema.labels),
+                          imgsz=settings.imgsz, trained_by_job=job_id)
+    from backend.hashing import file_sha256
+
+    sha = file_sha256(bundle)
     plots = {}
-    for src in [job_dir / "train" / "results.png", Path(cand["save_dir"]) / "confusion_matrix.png",
-                job_dir / "train" / "results.csv"]:
+    for src in [job_dir / "detector" / "train" / "results.png", job_dir / "detector" / "train" / "results.csv"]:
         if src.exists():
-            dst = path.with_name(f"{name}.{src.name}")
+            dst = folder / f"detector_{src.name}"
             shutil.copyfile(src, dst)
-            plots[src.name] = str(dst)
+            plots[f"detector {src.name}"] = str(dst)
     metrics = {"candidate": cand, "current": cur, "current_version": current_info[1], "n_train": len(ds.train_ids),
-               "n_val": len(ds.val_ids), "val_task_ids": ds.val_ids, "train_seconds": round(train_s, 1),
-               "plots": plots, "left_out": ds.problems}
+               "n_val": len(ds.val_ids), "val_faces": ds.val_boxes(), "val_task_ids": ds.val_ids,
+               "moved_to_val": ds.moved_to_val, "train_seconds": round(train_s, 1),
+               "detector_seconds": trained["detector_seconds"], "classifier_seconds": trained["classifier_seconds"],
+               "classifier_training": trained["classifier"], "plots": plots, "left_out": ds.problems}
     with session_scope(settings.database_url) as s:
-        v = ModelVersion(project_id=pid, version=name, path=str(path), sha256=sha,
+        v = ModelVersion(project_id=pid, version=name, path=str(bundle), sha256=sha,
                          classes_json=json.dumps(schema.labels), parent_id=current_info[0],
                          metrics_json=json.dumps(metrics, default=str), training_job_id=job_id,
                          status="candidate", gate_reason=reason)
@@ -304,5 +418,5 @@ def run_training(settings: Settings, job_id: int, progress: ProgressFn | None = 
         if ds.problems else ""
     update(version_id=vid, stage="registered",
            message=f"{name}: {'promoted' if promote_it else 'rejected'} ({reason}); "
-                   f"mAP50={cand['mAP50']:.3f} mAP50-95={cand['mAP50-95']:.3f}{left}")
+                   f"mAP50={cand['mAP50']:.3f} acceptance={cand['acceptance_rate']:.2f}{left}")
     return TrainOutcome(name, promote_it, reason, metrics)
