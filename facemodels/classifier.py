@@ -1,0 +1,388 @@
+"""Stage 2 of the pre-labels: a face-crop classifier on the detector's boxes.
+
+Initialised from the face-api.js expression net (``@vladmandic/face-api`` 1.7.15, MIT) ported to
+PyTorch (:mod:`facemodels.faceapi_net`, converted by ``scripts/convert_faceapi.py``; provenance in
+``models/MODEL_CARD.md``). Crops follow face-api's preprocessing exactly
+(:mod:`facemodels.preprocess`), with an optional margin around the box.
+
+Bad boxes: a box that is not finite, has zero or negative width/height (x2 <= x1 or y2 <= y1),
+or lies entirely outside the image raises ``ValueError``; a box partly outside the image is
+clipped at the image borders.
+
+Threads: nothing here calls ``torch.set_num_threads``; the caller decides.
+
+The fine-tuning recipe (``fine_tune``'s defaults) and its measurements: ``docs/classifier.md``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from facemodels.faceapi_net import FEATURE_DIM, FaceExpressionNet
+from facemodels.preprocess import (INPUT_SIZE, MEAN_RGB, check_boxes, check_image, crop_region, face_batch,
+                                   resize_bilinear_tf_legacy, square_padding)
+
+#: File format tag of our ``.pt`` files.
+FORMAT = "faceloop-face-classifier"
+FORMAT_VERSION = 1
+#: Class names of face-api.js's expression net, in its output order (``FaceExpressions.ts``).
+FACEAPI_CLASSES = ["neutral", "happy", "sad", "angry", "fearful", "disgusted", "surprised"]
+#: face-api's expression names -> the names used by faceloop's label configs / datasets.
+FACEAPI_TO_DATASET = {"neutral": "neutral", "happy": "happy", "sad": "sad", "angry": "angry",
+                      "fearful": "fear", "disgusted": "disgust", "surprised": "surprise"}
+#: Crop margin (fraction of the box side added on each side) used by a freshly converted model.
+DEFAULT_MARGIN = 0.0
+#: Boxes per forward pass in inference.
+INFER_BATCH = 64
+
+
+def default_classifier_path() -> Path:
+    """``models/face_expression.pt`` in the repository (the converted face-api.js expression net)."""
+    return Path(__file__).resolve().parent.parent / "models" / "face_expression.pt"
+
+
+class FaceClassifier:
+    """Face-crop classifier: (image, boxes) -> class probabilities / embeddings.
+
+    Attributes: ``classes`` (class names, index order of the probabilities), ``crop_margin``
+    (fraction of the box's width/height added on each side before cropping), ``meta`` (provenance
+    and training information, JSON-serialisable), ``net`` (:class:`FaceExpressionNet`).
+    """
+
+    def __init__(self, net: FaceExpressionNet, classes: Sequence[str], *, crop_margin: float = DEFAULT_MARGIN,
+                 meta: dict | None = None, device: str | torch.device = "cpu"):
+        classes = [str(c) for c in classes]
+        if len(classes) != net.fc.out_features:
+            raise ValueError(f"{len(classes)} class names for a head with {net.fc.out_features} outputs")
+        if len(set(classes)) != len(classes) or not classes:
+            raise ValueError(f"class names must be non-empty and unique: {classes}")
+        if not (0.0 <= crop_margin <= 1.0):
+            raise ValueError(f"crop_margin must be in [0, 1], got {crop_margin}")
+        self.classes = classes
+        self.crop_margin = float(crop_margin)
+        self.meta = dict(meta or {})
+        self.device = torch.device(device)
+        self.net = net.to(self.device).eval()
+
+    # ---------------------------------------------------------------- files
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "FaceClassifier":
+        """Load our ``.pt`` format (written by :meth:`save` or ``scripts/convert_faceapi.py``).
+
+        Raises FileNotFoundError for a missing file and ValueError for a file of another format.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no face classifier at {path}")
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unpickling error means "not our file"
+            raise ValueError(f"{path} is not a readable face classifier file: {e}") from e
+        if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a {FORMAT} file (format={ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt)})")
+        if ckpt.get("format_version", 0) > FORMAT_VERSION:
+            raise ValueError(f"{path} has format version {ckpt['format_version']}; this code reads <= {FORMAT_VERSION}")
+        net = FaceExpressionNet(len(ckpt["classes"]))
+        net.load_state_dict(ckpt["state_dict"])
+        return cls(net, ckpt["classes"], crop_margin=ckpt.get("crop_margin", DEFAULT_MARGIN),
+                   meta=json.loads(ckpt.get("meta_json", "{}")), device=device)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the model atomically (temporary file in the same folder, then ``os.replace``)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ckpt = {"format": FORMAT, "format_version": FORMAT_VERSION, "arch": "faceapi_expression_net",
+                "input_size": INPUT_SIZE, "classes": list(self.classes), "crop_margin": self.crop_margin,
+                "state_dict": {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()},
+                "meta_json": json.dumps(self.meta, sort_keys=True)}
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(ckpt, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    # ---------------------------------------------------------------- inference
+    def inputs(self, image: np.ndarray, boxes) -> np.ndarray:
+        """(n, 3, 112, 112) float32 network input for the boxes of one image (see preprocess)."""
+        return face_batch(image, boxes, self.crop_margin)
+
+    @torch.no_grad()
+    def _run(self, x: np.ndarray, what: str) -> np.ndarray:
+        k = len(self.classes) if what == "proba" else FEATURE_DIM
+        if len(x) == 0:
+            return np.zeros((0, k), dtype=np.float32)
+        self.net.eval()
+        outs = []
+        for i in range(0, len(x), INFER_BATCH):
+            xb = torch.from_numpy(x[i:i + INFER_BATCH]).to(self.device)
+            f = self.net.features(xb)
+            if what == "proba":
+                outs.append(torch.softmax(self.net.fc(f), dim=1))
+            else:
+                outs.append(F.normalize(f, dim=1))
+        return torch.cat(outs).cpu().numpy().astype(np.float32)
+
+    def predict_proba(self, image: np.ndarray, boxes) -> np.ndarray:
+        """Class probabilities of each face.
+
+        ``image``: (H, W, 3) uint8 RGB; ``boxes``: (n, 4) x1, y1, x2, y2 in pixels.
+        Returns (n, K) float32 softmax probabilities (0-1, rows sum to 1), columns in ``classes``
+        order. Raises ValueError for a bad image or box (see the module docstring).
+        """
+        return self._run(self.inputs(image, boxes), "proba")
+
+    def embed(self, image: np.ndarray, boxes) -> np.ndarray:
+        """(n, 256) float32 L2-normalised pooled features of each face (for diversity sampling)."""
+        return self._run(self.inputs(image, boxes), "embed")
+
+    def predict_proba_many(self, items: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+        """Batched over many images: ``[(image, boxes), ...]`` -> ``[(n_i, K) probabilities, ...]``."""
+        return self._many(items, "proba")
+
+    def embed_many(self, items: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+        """Batched over many images: ``[(image, boxes), ...]`` -> ``[(n_i, 256) embeddings, ...]``."""
+        return self._many(items, "embed")
+
+    def _many(self, items, what):
+        xs = [self.inputs(im, bx) for im, bx in items]
+        sizes = [len(x) for x in xs]
+        allx = np.concatenate(xs) if xs else np.zeros((0, 3, INPUT_SIZE, INPUT_SIZE), np.float32)
+        out = self._run(allx, what)
+        return list(np.split(out, np.cumsum(sizes)[:-1])) if xs else []
+
+
+# ---------------------------------------------------------------------------- fine-tuning
+
+#: The recipe: ``fine_tune``'s defaults (measured in docs/classifier.md, benchmarks/classifier_awake_sleep.py).
+RECIPE = dict(epochs=40, lr=3e-3, backbone_lr_scale=0.1, train_blocks=2, weight_decay=1e-4, batch_size=16,
+              crop_margin=0.2, head_init="mean", flip=True, scale_jitter=0.15, shift_jitter=0.08,
+              brightness=0.3, contrast=0.3, label_smoothing=0.1)
+
+
+class _Patch:
+    """A training face: a sub-image around the box (enough context for jitter) and the box in it."""
+
+    __slots__ = ("img", "box", "label")
+
+    def __init__(self, image: np.ndarray, box: np.ndarray, label: int, context: float):
+        H, W = image.shape[:2]
+        x1, y1, x2, y2 = crop_region(box, (H, W), context)
+        img = image[y1:y2, x1:x2]
+        b = np.array(box, dtype=np.float64) - [x1, y1, x1, y1]
+        # keep at most ~3x the net input on the long side: enough for the 112 px resize
+        side = max(img.shape[:2])
+        limit = 3 * INPUT_SIZE * (1 + 2 * context)
+        if side > limit:
+            s = limit / side
+            h, w = max(1, round(img.shape[0] * s)), max(1, round(img.shape[1] * s))
+            img = resize_bilinear_tf_legacy(img, (h, w)).round().clip(0, 255).astype(np.uint8)
+            b = b * [w / (x2 - x1), h / (y2 - y1), w / (x2 - x1), h / (y2 - y1)]
+        self.img, self.box, self.label = np.ascontiguousarray(img), b, int(label)
+
+
+def _pixels(img: np.ndarray, box, margin: float) -> np.ndarray:
+    """(112, 112, 3) float32 pixels 0-255 of one crop, before normalisation."""
+    x1, y1, x2, y2 = crop_region(box, img.shape[:2], margin)
+    crop = img[y1:y2, x1:x2]
+    t, b, l, r = square_padding(*crop.shape[:2])
+    crop = np.pad(crop.astype(np.float32), ((t, b), (l, r), (0, 0)))
+    if crop.shape[0] != INPUT_SIZE:
+        crop = resize_bilinear_tf_legacy(crop, INPUT_SIZE)
+    return crop
+
+
+def _augmented_batch(patches: list[_Patch], rng: np.random.Generator, margin: float, cfg: dict) -> np.ndarray:
+    out = np.empty((len(patches), 3, INPUT_SIZE, INPUT_SIZE), dtype=np.float32)
+    for i, p in enumerate(patches):
+        x1, y1, x2, y2 = p.box
+        w, h = x2 - x1, y2 - y1
+        s = 1.0 + rng.uniform(-cfg["scale_jitter"], cfg["scale_jitter"])
+        cx = (x1 + x2) / 2 + rng.uniform(-cfg["shift_jitter"], cfg["shift_jitter"]) * w
+        cy = (y1 + y2) / 2 + rng.uniform(-cfg["shift_jitter"], cfg["shift_jitter"]) * h
+        box = [cx - s * w / 2, cy - s * h / 2, cx + s * w / 2, cy + s * h / 2]
+        try:
+            px = _pixels(p.img, box, margin)
+        except ValueError:  # jitter pushed the box out of the patch: use the plain box
+            px = _pixels(p.img, p.box, margin)
+        if cfg["flip"] and rng.random() < 0.5:
+            px = px[:, ::-1]
+        if cfg["brightness"] or cfg["contrast"]:
+            b = 1.0 + rng.uniform(-cfg["brightness"], cfg["brightness"])
+            c = 1.0 + rng.uniform(-cfg["contrast"], cfg["contrast"])
+            m = px.mean()
+            px = np.clip((px - m) * c + m * b, 0, 255)
+        out[i] = ((px - MEAN_RGB) / np.float32(255.0)).transpose(2, 0, 1)
+    return out
+
+
+def _plain_batch(patches: list[_Patch], margin: float) -> np.ndarray:
+    return np.stack([((_pixels(p.img, p.box, margin) - MEAN_RGB) / np.float32(255.0)).transpose(2, 0, 1)
+                     for p in patches]).astype(np.float32)
+
+
+def _check_samples(samples, classes, what):
+    if not isinstance(samples, (list, tuple)):
+        raise ValueError(f"{what} must be a list of (image, box, class index) tuples")
+    for i, s in enumerate(samples):
+        if len(s) != 3:
+            raise ValueError(f"{what}[{i}] must be (image, box, class index), got {len(s)} items")
+        check_image(s[0])
+        check_boxes(s[1])
+        if not (0 <= int(s[2]) < len(classes)):
+            raise ValueError(f"{what}[{i}]: class index {s[2]} is not in 0..{len(classes) - 1} ({classes})")
+
+
+def evaluate(model: FaceClassifier, samples: list[tuple[np.ndarray, np.ndarray, int]]) -> dict:
+    """Accuracy of ``model`` on ``(image, box, class index)`` samples: ``{"accuracy", "n", "per_class"}``."""
+    if not samples:
+        return {"accuracy": float("nan"), "n": 0, "per_class": {}}
+    probs = np.concatenate([model.predict_proba(im, np.asarray(b, dtype=np.float64).reshape(1, 4)) for im, b, _ in samples])
+    y = np.array([int(s[2]) for s in samples])
+    pred = probs.argmax(1)
+    per = {model.classes[c]: float((pred[y == c] == c).mean()) for c in np.unique(y)}
+    return {"accuracy": float((pred == y).mean()), "n": int(len(y)), "per_class": per}
+
+
+def fine_tune(init: FaceClassifier, samples: list[tuple[np.ndarray, np.ndarray, int]], classes: list[str], *,
+              epochs: int = RECIPE["epochs"], seed: int = 0, val: list | None = None,
+              on_epoch: Callable[[int, int, float], None] | None = None, **overrides) -> tuple[FaceClassifier, dict]:
+    """Fine-tune a copy of ``init`` on face crops for ``classes``.
+
+    ``samples``: ``[(image (H,W,3) uint8 RGB, box (4,) x1,y1,x2,y2 pixels, class index into classes), ...]``.
+    The head is rebuilt for ``classes``: a class that ``init`` already has (same name) keeps its
+    row of the fully connected layer; a new class's row is initialised from the mean pooled
+    feature of its training crops (``head_init="mean"``: a nearest-class-mean classifier, logits
+    ``f·μ_c − |μ_c|²/2`` scaled) or zeros (``head_init="zero"``). Then the last ``train_blocks``
+    dense blocks (0-4) and the head are trained with AdamW (backbone lr × ``backbone_lr_scale``),
+    a cosine schedule, label smoothing, and augmentation (horizontal flip, box scale/shift
+    jitter, brightness/contrast). ``init`` is not modified. Keyword ``overrides`` change any
+    :data:`RECIPE` entry. ``val``: optional samples in the same form, scored after training.
+    ``on_epoch(epoch, epochs, mean_loss)`` is called after every epoch (1-based).
+
+    Returns ``(model, metrics)``; metrics: ``loss`` (per-epoch mean training loss), ``train_seconds``,
+    ``n_train``, ``recipe`` (the settings used), ``classes``, ``kept_classes`` (rows taken from
+    ``init``), and ``val_accuracy`` / ``val_per_class`` when ``val`` is given.
+    Raises ValueError for no samples, bad classes, bad images/boxes or class indices.
+    """
+    cfg = dict(RECIPE)
+    unknown = set(overrides) - set(cfg)
+    if unknown:
+        raise ValueError(f"unknown fine_tune settings: {sorted(unknown)} (known: {sorted(cfg)})")
+    cfg.update(overrides)
+    cfg["epochs"] = int(epochs)
+    classes = [str(c) for c in classes]
+    if not classes or len(set(classes)) != len(classes):
+        raise ValueError(f"classes must be non-empty and unique: {classes}")
+    if not samples:
+        raise ValueError("fine_tune needs at least one labelled face")
+    _check_samples(samples, classes, "samples")
+    if val:
+        _check_samples(val, classes, "val")
+    if cfg["head_init"] not in ("mean", "zero"):
+        raise ValueError(f"head_init must be 'mean' or 'zero', got {cfg['head_init']!r}")
+    if not 0 <= cfg["train_blocks"] <= 4:
+        raise ValueError(f"train_blocks must be 0..4, got {cfg['train_blocks']}")
+
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    margin = float(cfg["crop_margin"])
+    context = margin + cfg["scale_jitter"] + cfg["shift_jitter"] + 0.05
+    patches = [_Patch(im, check_boxes(b)[0], y, context) for im, b, y in samples]
+    labels = torch.tensor([p.label for p in patches])
+
+    net = copy.deepcopy(init.net).cpu()
+    old = {c: i for i, c in enumerate(init.classes)}
+    kept = [c for c in classes if c in old]
+    fc = torch.nn.Linear(FEATURE_DIM, len(classes))
+    with torch.no_grad():
+        fc.weight.zero_()
+        fc.bias.zero_()
+        new_idx = [i for i, c in enumerate(classes) if c not in old]
+        if new_idx and cfg["head_init"] == "mean":
+            net.eval()
+            feats = net.features(torch.from_numpy(_plain_batch(patches, margin)))
+            # nearest class mean on the pooled features, scaled so that logits spread ~ a few units
+            mus = {}
+            for i in new_idx:
+                sel = labels == i
+                mus[i] = feats[sel].mean(0) if sel.any() else feats.mean(0)
+            spread = torch.stack([feats[labels == i].sub(mus[i]).pow(2).sum(1).mean()
+                                  for i in new_idx if (labels == i).any()]).mean() if len(labels) > 1 else torch.tensor(1.0)
+            scale = 2.0 / max(float(spread), 1e-6)
+            for i in new_idx:
+                fc.weight[i] = scale * mus[i]
+                fc.bias[i] = -scale * mus[i].pow(2).sum() / 2
+        for i, c in enumerate(classes):
+            if c in old:
+                fc.weight[i] = net.fc.weight[old[c]]
+                fc.bias[i] = net.fc.bias[old[c]]
+    net.fc = fc
+
+    blocks = [net.features.dense0, net.features.dense1, net.features.dense2, net.features.dense3]
+    trainable = blocks[4 - cfg["train_blocks"]:] if cfg["train_blocks"] else []
+    for p in net.features.parameters():
+        p.requires_grad_(False)
+    back = [p for b in trainable for p in b.parameters()]
+    for p in back:
+        p.requires_grad_(True)
+    groups = [{"params": list(net.fc.parameters()), "lr": cfg["lr"]}]
+    if back:
+        groups.append({"params": back, "lr": cfg["lr"] * cfg["backbone_lr_scale"]})
+    opt = torch.optim.AdamW(groups, weight_decay=cfg["weight_decay"])
+    bs = max(1, int(cfg["batch_size"]))
+    steps_per_epoch = math.ceil(len(patches) / bs)
+    total = max(1, steps_per_epoch * cfg["epochs"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+
+    losses = []
+    for ep in range(cfg["epochs"]):
+        net.train()
+        order = rng.permutation(len(patches))
+        tot, n = 0.0, 0
+        for k in range(0, len(order), bs):
+            idx = order[k:k + bs]
+            x = torch.from_numpy(_augmented_batch([patches[i] for i in idx], rng, margin, cfg))
+            loss = F.cross_entropy(net(x), labels[idx], label_smoothing=cfg["label_smoothing"])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            tot += float(loss) * len(idx)
+            n += len(idx)
+        losses.append(tot / n)
+        if on_epoch:
+            on_epoch(ep + 1, cfg["epochs"], losses[-1])
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(True)
+    train_s = time.perf_counter() - t0
+    meta = dict(init.meta)
+    meta["fine_tune"] = {"n_train": len(patches), "seed": seed, "recipe": cfg, "classes": classes,
+                         "kept_classes": kept, "train_seconds": round(train_s, 2),
+                         "parent": init.meta.get("sha256") or init.meta.get("source", {}).get("package")}
+    model = FaceClassifier(net, classes, crop_margin=margin, meta=meta, device=init.device)
+    metrics = {"loss": losses, "train_seconds": train_s, "n_train": len(patches), "recipe": cfg,
+               "classes": classes, "kept_classes": kept}
+    if val:
+        ev = evaluate(model, val)
+        metrics["val_accuracy"] = ev["accuracy"]
+        metrics["val_per_class"] = ev["per_class"]
+    return model, metrics
