@@ -1,0 +1,111 @@
+"""Two-stage model versions: bundle files, the detector + classifier prediction path, training of
+both stages on a real (tiny) annotated set, and the promotion gate's rules."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+import pytest
+
+from backend.config import DEFAULT_MODEL_PATH
+from backend.labels import Box, ProjectSchema
+from backend.lsapi import SnapshotTask
+from facemodels.two_stage import read_bundle, write_bundle
+from ml_worker.training import gate
+from tests.conftest import AWAKE_SLEEP, require_data
+from tests.helpers_unit import config_text, make_settings
+
+
+def test_shipped_default_is_a_bundle_whose_files_match():
+    b = read_bundle(DEFAULT_MODEL_PATH)
+    from backend.hashing import file_sha256
+
+    assert file_sha256(b["detector_path"]) == b["detector_sha256"]
+    assert file_sha256(b["classifier_path"]) == b["classifier_sha256"]
+    assert "happy" in b["classes"]
+
+
+def test_bundle_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        read_bundle(tmp_path / "nope.json")
+    (tmp_path / "x.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a faceloop-two-stage bundle"):
+        read_bundle(tmp_path / "x.json")
+    (tmp_path / "y.json").write_text(json.dumps({"format": "faceloop-two-stage", "detector": "d.pt",
+                                                 "classifier": "c.pt"}))
+    with pytest.raises(FileNotFoundError, match="detector weights"):
+        read_bundle(tmp_path / "y.json")
+
+
+def test_write_bundle_is_atomic_and_refuses_to_overwrite(tmp_path):
+    b = read_bundle(DEFAULT_MODEL_PATH)
+    out = write_bundle(tmp_path / "v1", Path(b["detector_path"]), Path(b["classifier_path"]), ["a", "b"])
+    assert read_bundle(out)["classes"] == ["a", "b"]
+    assert [p.name for p in tmp_path.iterdir()] == ["v1"]  # no temporary folder left behind
+    with pytest.raises(FileExistsError):
+        write_bundle(tmp_path / "v1", Path(b["detector_path"]), Path(b["classifier_path"]), ["a"])
+
+
+def test_gate_rules():
+    cand = {"mAP50": 0.6, "acceptance_rate": 0.5}
+    assert gate(cand, {"mAP50": 0.5, "acceptance_rate": 0.4}, 10)[0]
+    assert not gate(cand, {"mAP50": 0.7, "acceptance_rate": 0.4}, 10)[0]
+    ok, why = gate(cand, {"mAP50": 0.5, "acceptance_rate": 0.4}, 0)
+    assert not ok and "no labelled face" in why
+    ok, why = gate({"mAP50": 0.0, "acceptance_rate": 0.0}, {"mAP50": 0.0, "acceptance_rate": 0.0}, 5)
+    assert not ok and "neither" in why
+
+
+def _tasks(n: int):
+    """``n`` awake/sleep train images as annotated tasks with /data/local-files URLs, read from disk."""
+    from PIL import Image
+
+    data = require_data(AWAKE_SLEEP)
+    schema = ProjectSchema.parse(config_text("awake_sleep"))
+    files = sorted((data / "images" / "train").glob("*.jpg"))[:: 30][:n]
+    tasks = []
+    for i, f in enumerate(files):
+        w, h = Image.open(f).size
+        result = []
+        for line in (data / "labels" / "train" / f"{f.stem}.txt").read_text().split("\n"):
+            if line.strip():
+                c, cx, cy, bw, bh = map(float, line.split())
+                box = Box((cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h,
+                          label=schema.labels[int(c)])
+                result.append(schema.region(box, w, h))
+        rel = f.relative_to(data)
+        tasks.append(SnapshotTask(id=100 + i, data={"image": f"/data/local-files/?d={quote(str(rel))}"}, result=result))
+    return tasks, schema, data
+
+
+@pytest.mark.slow
+def test_train_two_stage_on_real_faces(tmp_path):
+    from backend.yolo import ModelCache
+    from ml_worker.dataset import build_dataset
+    from ml_worker.evaluation import evaluate_model
+    from ml_worker.training import _val_samples, train_two_stage
+
+    tasks, schema, data = _tasks(12)
+    settings = make_settings(tmp_path, local_files_document_root=str(data), imgsz=160, train_batch=4,
+                             detector_epochs=1, classifier_epochs=3)
+    ds = build_dataset(tasks, schema, tmp_path / "ds", settings)
+    assert ds.problems == [] and len(ds.samples) == 12
+    assert {b[4] for s in ds.samples if s.split == "val" for b in s.boxes} == {0, 1}, "val holds both classes"
+    seen = []
+    out = train_two_stage(ds, schema, DEFAULT_MODEL_PATH, settings, tmp_path / "job", progress=seen.append)
+    b = read_bundle(out["bundle"])
+    assert b["classes"] == ["awake", "sleep"]
+    assert {f["stage"] for f in seen} >= {"train detector", "train classifier"}
+    model = ModelCache().get(out["bundle"])
+    assert model.names == ["awake", "sleep"]
+    r = evaluate_model(model, _val_samples(ds, schema), schema, settings)
+    assert r["images"] == len(ds.val_ids) and r["faces"] == ds.val_boxes()
+    for k in ("mAP50", "face_mAP50", "acceptance_rate", "class_accuracy"):
+        assert 0.0 <= r[k] <= 1.0
+    # the predictions carry the project's classes, as probabilities
+    det = model.detect([ds.samples[0].image], conf=0.01, imgsz=160)[0]
+    for d in det.detections:
+        assert d.face_conf is not None and np.isclose(d.class_scores.sum(), 1.0, atol=1e-4)
