@@ -16,7 +16,8 @@ from backend.hashing import file_sha256
 from backend.models import ModelVersion, Project, TrainingJob, WebhookEvent
 from tests.helpers_unit import config_text, make_settings
 
-EXPRESSIONS = ["neutral", "happy", "sad", "surprise", "fear", "disgust", "angry", "contempt"]
+#: The shipped default classifier's classes (face-api.js expression net, its own names and order).
+EXPRESSIONS = ["neutral", "happy", "sad", "angry", "fearful", "disgusted", "surprised"]
 
 
 @pytest.fixture
@@ -108,7 +109,7 @@ def test_database_refuses_two_queued_jobs(db):
 # --- versions ---------------------------------------------------------------------------------
 def test_promoted_version_registers_the_shipped_model(db, settings):
     assert settings.default_model_path == DEFAULT_MODEL_PATH
-    assert DEFAULT_MODEL_PATH.exists(), "models/faceloop-base.pt is shipped with the repo"
+    assert DEFAULT_MODEL_PATH.exists(), "models/faceloop-default.json is shipped with the repo"
     sha = file_sha256(DEFAULT_MODEL_PATH)
     with session_scope(db) as s:
         v = registry.promoted_version(s, 5, settings)
