@@ -407,5 +407,78 @@ def simulate_report(
         console.print(f"{name}: {p}")
 
 
+@app.command()
+def evaluate(
+    model: Path = typer.Argument(..., help="Model version: a two-stage bundle (.json) or YOLO weights (.pt)"),
+    data: Path = typer.Argument(..., help="Labelled YOLO folder (images/, labels/, data.yaml)"),
+    split: str = typer.Option("val", help="Split to evaluate on"),
+    limit: Optional[int] = typer.Option(None, help="At most this many images (spread over the split)"),
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON"),
+):
+    """Score any model on a labelled folder through the product's prediction path: mAP50,
+    face mAP50, class accuracy of found faces, and what a person would accept, fix or delete."""
+    import json as _json
+
+    from ml_worker.bench import evaluate_folder
+
+    if not model.is_file():
+        raise typer.BadParameter(f"no model file at {model}")
+    try:
+        r = evaluate_folder(model, data, split, get_settings(), limit)
+    except (FileNotFoundError, ValueError) as e:
+        console.print(f"[red]cannot evaluate:[/] {e}")
+        raise typer.Exit(1) from None
+    if as_json:
+        print(_json.dumps(r, indent=2))
+        return
+    t = Table(title=f"{model.name} on {data.name}/{split} ({r['images']} images, {r['faces']} faces)")
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    for k in ("mAP50", "face_mAP50", "class_accuracy", "acceptance_rate", "accepted", "class_fixed", "box_fixed",
+              "missed", "false_boxes", "edits_per_image", "boxes_per_face", "recall_iou30", "false_boxes_per_image"):
+        v = r[k]
+        t.add_row(k, f"{v:.3f}" if isinstance(v, float) else str(v))
+    console.print(t)
+
+
+@app.command("bench-accept")
+def bench_accept_cmd(
+    data: Path = typer.Option(REPO_ROOT.parent / "shared" / "data" / "awake_sleep",
+                              help="YOLO folder: pool = train split, test = val split (unseen people)"),
+    sizes: str = typer.Option("0,20,40,80", help="Comma-separated numbers of labelled images"),
+    seeds: str = typer.Option("0,1,2", help="Comma-separated seeds"),
+    strategies: str = typer.Option("sampler,random", help="sampler (QUERY_STRATEGY) and/or random"),
+    test_limit: Optional[int] = typer.Option(None, help="Evaluate on at most this many test images"),
+    out: Path = typer.Option(REPO_ROOT / "benchmarks" / "out" / "bench_accept", help="Output folder"),
+):
+    """Simulate a person: label N images (picked by the sampler, or at random), retrain through the
+    worker's code, pre-annotate the held-out images, and count what the person accepts, fixes,
+    draws and deletes. Writes rounds.csv, summary.json, acceptance.png and each round's model."""
+    from ml_worker.bench import bench_accept
+
+    try:
+        size_list = [int(x) for x in sizes.split(",") if x.strip()]
+        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter("--sizes and --seeds are comma-separated integers") from None
+    strat = tuple(x.strip() for x in strategies.split(",") if x.strip())
+    if not set(strat) <= {"sampler", "random"} or not strat:
+        raise typer.BadParameter("--strategies: sampler and/or random")
+    if any(n < 0 for n in size_list):
+        raise typer.BadParameter("--sizes must be >= 0")
+    try:
+        res = bench_accept(data, size_list, seed_list, out, get_settings(), strategies=strat, test_limit=test_limit,
+                           on_row=lambda r: console.print(
+                               f"{r['strategy']} seed {r['seed']} {r['labels']} labels: acceptance "
+                               f"{r['acceptance_rate']:.3f}, edits/image {r['edits_per_image']:.2f}, mAP50 "
+                               f"{r['mAP50']:.3f}, class acc. {r['class_accuracy']:.3f}, boxes/face "
+                               f"{r['boxes_per_face']:.2f}, train {r['train_seconds']:.0f} s", soft_wrap=True))
+    except (FileNotFoundError, ValueError) as e:
+        console.print(f"[red]benchmark stopped:[/] {e}")
+        raise typer.Exit(1) from None
+    for name, p in res["files"].items():
+        console.print(f"{name}: {p}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()
