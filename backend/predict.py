@@ -100,6 +100,20 @@ def analyse(det, schema: ProjectSchema, model_names: list[str], threshold: float
     return boxes, unc
 
 
+def pre_annotation_threshold(schema: ProjectSchema, settings: Settings, model=None) -> float:
+    """The confidence (0-1) at which a face becomes a pre-annotation.
+
+    A two-stage model version carries a face threshold tuned on the project's labelled images
+    when it was trained (``face_threshold`` in its bundle; :func:`ml_worker.training.tune_face_threshold`):
+    it wins, since it was measured on this project's faces. Otherwise the label config's
+    ``model_score_threshold``, else ``SCORE_THRESHOLD``.
+    """
+    tuned = getattr(model, "face_threshold", None)
+    if tuned is not None:
+        return float(tuned)
+    return schema.score_threshold if schema.score_threshold is not None else settings.score_threshold
+
+
 def load_images(urls: list[str], settings: Settings, ls_url: str | None = None, workers: int = 4) -> list[LoadedImage | ImageError]:
     """Fetch and decode images concurrently; each entry is the image or the ImageError it raised."""
 
@@ -130,7 +144,7 @@ def predict_tasks(tasks: list[dict], schema: ProjectSchema, model, settings: Set
         embed: also return image embeddings.
     Returns: one :class:`TaskPrediction` per task, in order.
     """
-    threshold = schema.score_threshold if schema.score_threshold is not None else settings.score_threshold
+    threshold = pre_annotation_threshold(schema, settings, model)
     out: list[TaskPrediction] = []
     urls = []
     for t in tasks:

@@ -122,6 +122,8 @@ class TwoStageModel:
         self.detector = FaceModel(self.bundle["detector_path"], device)
         self.classifier = FaceClassifier.load(self.bundle["classifier_path"])
         self.names: list[str] = list(self.classifier.classes)
+        #: face confidence (0-1) tuned on the labelled images when this version was trained, or None
+        self.face_threshold: float | None = self.bundle.get("face_threshold")
         self._lock = threading.Lock()
 
     def detect(self, images: list[np.ndarray], conf: float, imgsz: int = 256, batch: int = 16,

@@ -140,9 +140,9 @@ def _score_pool(model, pool: list[LabelledImage], schema: ProjectSchema, setting
     """Uncertainty (every measure) and embeddings of pool images, as the scoring station computes them."""
     from PIL import Image, ImageOps
 
-    from backend.predict import analyse
+    from backend.predict import analyse, pre_annotation_threshold
 
-    thr = schema.score_threshold if schema.score_threshold is not None else settings.score_threshold
+    thr = pre_annotation_threshold(schema, settings, model)
     unc = {m: [] for m in ("least_confidence", "margin", "entropy")}
     emb = []
     for start in range(0, len(pool), 32):

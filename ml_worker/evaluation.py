@@ -251,9 +251,9 @@ def predict_faces(model, images: list[np.ndarray], schema, settings, batch: int 
     Returns: ``(shown, candidates)`` per image: the boxes a person sees (at the project's score
         threshold) and every candidate down to ``settings.candidate_threshold`` (for AP curves).
     """
-    from backend.predict import analyse
+    from backend.predict import analyse, pre_annotation_threshold
 
-    thr = schema.score_threshold if schema.score_threshold is not None else settings.score_threshold
+    thr = pre_annotation_threshold(schema, settings, model)
     low = min(settings.candidate_threshold, thr)
     shown, cands = [], []
     for start in range(0, len(images), batch):

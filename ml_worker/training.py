@@ -228,6 +228,48 @@ def _parts(path: str | Path, settings: Settings) -> tuple[Path, Path]:
     return Path(b["detector_path"]), Path(b["classifier_path"])
 
 
+def classifier_epochs(settings: Settings) -> int:
+    """Epochs of the face-crop classifier per retrain: ``CLASSIFIER_EPOCHS``, else the recipe's."""
+    from facemodels.classifier import RECIPE
+
+    return settings.classifier_epochs or int(RECIPE["epochs"])
+
+
+def tune_face_threshold(detector, samples, imgsz: int, grid: np.ndarray | None = None) -> tuple[float, dict]:
+    """The face confidence that best separates faces from non-faces on labelled images.
+
+    Runs the detector once (candidates down to 0.01) and, for each threshold of ``grid``
+    (default 0.05 ... 0.90), matches the boxes above it one-to-one to the labelled faces at IoU
+    >= 0.5 (class-agnostic, :func:`ml_worker.evaluation.acceptance`); the threshold with the best
+    F1 of faces found vs. boxes shown wins (ties: the higher threshold, fewer boxes to delete).
+
+    Args:
+        detector: :class:`backend.yolo.FaceModel`; samples: :class:`ml_worker.dataset.Sample` list.
+    Returns: ``(threshold, {"f1", "recall", "precision", "boxes_per_face"})`` at that threshold.
+    """
+    from ml_worker.evaluation import GTFace, PredFace, acceptance
+
+    grid = np.round(np.arange(0.05, 0.91, 0.05), 2) if grid is None else grid
+    dets = detector.detect([s.image for s in samples], conf=0.01, imgsz=imgsz)
+    gts = [[GTFace(tuple(b[:4]), None) for b in s.boxes] for s in samples]
+    best = (float(grid[0]), {"f1": -1.0})
+    for t in grid:
+        tp = n_pred = n_gt = 0
+        for d, g in zip(dets, gts):
+            preds = [PredFace(x.box, None, x.conf) for x in d.detections if x.conf >= t]
+            c = acceptance(preds, g)
+            tp += c.class_fixed  # unlabelled boxes at IoU >= 0.5 count as "class fixed"
+            n_pred += len(preds)
+            n_gt += len(g)
+        p = tp / n_pred if n_pred else 0.0
+        r = tp / n_gt if n_gt else 0.0
+        f1 = 2 * p * r / (p + r) if p + r else 0.0
+        if f1 >= best[1]["f1"]:
+            best = (float(t), {"f1": round(f1, 4), "recall": round(r, 4), "precision": round(p, 4),
+                               "boxes_per_face": round(n_pred / n_gt, 3) if n_gt else 0.0})
+    return best
+
+
 def train_two_stage(ds, schema, init: str | Path, settings: Settings, work: Path,
                     progress: ProgressFn | None = None, seed: int | None = None) -> dict:
     """Fine-tune both stages of ``init`` on a built dataset and write a candidate bundle.
@@ -255,7 +297,7 @@ def train_two_stage(ds, schema, init: str | Path, settings: Settings, work: Path
     crops = [(s.image, np.asarray(b[:4], float), int(b[4])) for s in ds.samples if s.split == "train" for b in s.boxes]
     if not crops:
         raise ValueError("the train split has no labelled face: nothing to learn from")
-    det_epochs, clf_epochs = settings.detector_epochs, settings.classifier_epochs or None
+    det_epochs, clf_epochs = settings.detector_epochs, classifier_epochs(settings)
 
     def report(**f):
         if progress:
@@ -268,6 +310,11 @@ def train_two_stage(ds, schema, init: str | Path, settings: Settings, work: Path
                          on_epoch=lambda i: report(stage="train detector", epoch=i["epoch"],
                                                    message=f"stage 1 (face detector): epoch {i['epoch']}/{i['epochs']}"))
     det_s = time.time() - t0
+    from backend.yolo import FaceModel
+
+    face_thr, thr_fit = tune_face_threshold(FaceModel(best_det, settings.device), ds.samples, settings.imgsz)
+    report(stage="train detector", message=f"face threshold {face_thr:.2f} (F1 {thr_fit['f1']:.2f} on the "
+                                           f"{len(ds.samples)} labelled images)")
 
     clf = FaceClassifier.load(clf_init)
     lmap = schema.label_map(clf.classes)  # rename known classes to the project's labels
@@ -275,20 +322,22 @@ def train_two_stage(ds, schema, init: str | Path, settings: Settings, work: Path
     if len(set(clf.classes)) != len(clf.classes):  # two old classes map to one label: keep old names
         clf = FaceClassifier.load(clf_init)
     t1 = time.time()
-    kw = {"epochs": clf_epochs} if clf_epochs else {}
 
     def on_clf_epoch(epoch, epochs, loss):
         report(stage="train classifier", epoch=det_epochs + epoch, epochs=det_epochs + epochs,
                message=f"stage 2 (face classifier): epoch {epoch}/{epochs}, loss {loss:.3f}")
 
-    tuned, cm = fine_tune_classifier(clf, crops, list(schema.labels), seed=seed, on_epoch=on_clf_epoch, **kw)
+    tuned, cm = fine_tune_classifier(clf, crops, list(schema.labels), epochs=clf_epochs, seed=seed,
+                                     on_epoch=on_clf_epoch)
     clf_s = time.time() - t1
     tuned.save(work / "classifier.pt")
     cand_dir = work / "candidate"
     if cand_dir.exists():
         shutil.rmtree(cand_dir)
-    bundle = write_bundle(cand_dir, best_det, work / "classifier.pt", list(schema.labels), imgsz=settings.imgsz)
+    bundle = write_bundle(cand_dir, best_det, work / "classifier.pt", list(schema.labels), imgsz=settings.imgsz,
+                          face_threshold=face_thr, face_threshold_fit=thr_fit)
     return {"bundle": bundle, "detector_seconds": round(det_s, 1), "classifier_seconds": round(clf_s, 1),
+            "face_threshold": face_thr, "face_threshold_fit": thr_fit,
             "classifier": {k: v for k, v in cm.items() if k in ("loss", "train_seconds", "n_train", "recipe",
                                                                    "kept_classes")}}
 
@@ -359,7 +408,7 @@ def run_training(settings: Settings, job_id: int, progress: ProgressFn | None = 
     if len(ds.train_ids) < 1 or len(ds.val_ids) < 1:
         raise ValueError(f"need at least 2 usable annotated tasks, have {len(ds.train_ids) + len(ds.val_ids)} "
                          f"(left out: {ds.problems[:5]})")
-    total = settings.detector_epochs + (settings.classifier_epochs or 0)
+    total = settings.detector_epochs + classifier_epochs(settings)
     update(stage="train", n_train=len(ds.train_ids), n_val=len(ds.val_ids), epochs=total,
            message=f"fine-tuning on {len(ds.train_ids)} images, validating on {len(ds.val_ids)}")
 
@@ -387,7 +436,8 @@ def run_training(settings: Settings, job_id: int, progress: ProgressFn | None = 
     b = trained["bundle"]
     folder = Path(settings.model_dir) / f"project_{pid}" / name
     bundle = write_bundle(folder, b.parent / "detector.pt", b.parent / "classifier.pt", list(schema.labels),
-                          imgsz=settings.imgsz, trained_by_job=job_id)
+                          imgsz=settings.imgsz, trained_by_job=job_id, face_threshold=trained["face_threshold"],
+                          face_threshold_fit=trained["face_threshold_fit"])
     from backend.hashing import file_sha256
 
     sha = file_sha256(bundle)
@@ -401,6 +451,7 @@ def run_training(settings: Settings, job_id: int, progress: ProgressFn | None = 
                "n_val": len(ds.val_ids), "val_faces": ds.val_boxes(), "val_task_ids": ds.val_ids,
                "moved_to_val": ds.moved_to_val, "train_seconds": round(train_s, 1),
                "detector_seconds": trained["detector_seconds"], "classifier_seconds": trained["classifier_seconds"],
+               "face_threshold": trained["face_threshold"], "face_threshold_fit": trained["face_threshold_fit"],
                "classifier_training": trained["classifier"], "plots": plots, "left_out": ds.problems}
     with session_scope(settings.database_url) as s:
         v = ModelVersion(project_id=pid, version=name, path=str(bundle), sha256=sha,

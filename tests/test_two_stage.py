@@ -98,9 +98,10 @@ def test_train_two_stage_on_real_faces(tmp_path):
     out = train_two_stage(ds, schema, DEFAULT_MODEL_PATH, settings, tmp_path / "job", progress=seen.append)
     b = read_bundle(out["bundle"])
     assert b["classes"] == ["awake", "sleep"]
+    assert 0.05 <= b["face_threshold"] <= 0.9 and b["face_threshold_fit"]["f1"] >= 0
     assert {f["stage"] for f in seen} >= {"train detector", "train classifier"}
     model = ModelCache().get(out["bundle"])
-    assert model.names == ["awake", "sleep"]
+    assert model.names == ["awake", "sleep"] and model.face_threshold == b["face_threshold"]
     r = evaluate_model(model, _val_samples(ds, schema), schema, settings)
     assert r["images"] == len(ds.val_ids) and r["faces"] == ds.val_boxes()
     for k in ("mAP50", "face_mAP50", "acceptance_rate", "class_accuracy"):
