@@ -84,16 +84,20 @@ def analyse(det, schema: ProjectSchema, model_names: list[str], threshold: float
 
 
 def load_images(urls: list[str], settings: Settings, ls_url: str | None = None, workers: int = 4) -> list[LoadedImage | ImageError]:
-    """Fetch and decode images concurrently; each entry is the image or the ImageError it raised."""
+    """Fetch and decode images concurrently; each entry is the image or an ImageError.
+
+    A returned ImageError is a fresh one holding only its message (no traceback, no cause): a
+    raised exception keeps the frames that held the fetched bytes alive (issue 9: 0.8 MB an error).
+    """
 
     def one(u):
         try:
             return load_image(u, settings, ls_url)
         except ImageError as e:
-            return e
+            return ImageError(str(e)[:500])
         except Exception as e:  # never let one task fail the batch
-            log.exception("unexpected error loading %r", u)
-            return ImageError(f"{e.__class__.__name__}: {e}")
+            log.error("unexpected error loading an image: %s", e.__class__.__name__)
+            return ImageError(f"could not load the image: {e.__class__.__name__}: {str(e)[:200]}")
 
     if len(urls) <= 1:
         return [one(u) for u in urls]
@@ -118,13 +122,19 @@ def predict_tasks(tasks: list[dict], schema: ProjectSchema, model, settings: Set
     urls = []
     for t in tasks:
         tid = t.get("id") if isinstance(t, dict) else None
-        out.append(TaskPrediction(task_id=tid if isinstance(tid, int) else None))
+        valid_id = isinstance(tid, int) and not isinstance(tid, bool) and 0 <= tid < 2**63
+        out.append(TaskPrediction(task_id=tid if valid_id else None))
         data = t.get("data") if isinstance(t, dict) else None
+        url = data.get(schema.value_key) if isinstance(data, dict) else None
         if not isinstance(data, dict) or schema.value_key not in data:
             out[-1].error = f"task has no data.{schema.value_key} (the label config's image field)"
             urls.append(None)
+        elif not isinstance(url, str) or not url.strip():
+            shown = "null" if url is None else type(url).__name__ if not isinstance(url, str) else "an empty string"
+            out[-1].error = f"task data.{schema.value_key} is {shown}, not an image URL"
+            urls.append(None)
         else:
-            urls.append(data[schema.value_key])
+            urls.append(url)
     todo = [i for i, u in enumerate(urls) if u is not None]
     loaded = load_images([urls[i] for i in todo], settings, ls_url)
     ok = []
