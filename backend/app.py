@@ -18,6 +18,7 @@ import secrets
 import threading
 import time
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
@@ -40,7 +41,8 @@ class SetupRequest(BaseModel):
     """``POST /setup`` body sent by Label Studio."""
 
     model_config = ConfigDict(extra="allow")
-    project: str | int
+    project: Any = Field(..., description="'<id>.<created_ts>' or an int id; checked by parse_project_id "
+                                          "(kept raw: pydantic would coerce true to 1)")
     schema_: str = Field("", alias="schema")
     hostname: str | None = None
     access_token: str | None = None
@@ -52,7 +54,7 @@ class PredictRequest(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     tasks: list[dict]
-    project: str | int | None = None
+    project: Any = None  # checked by parse_project_id (kept raw: pydantic would coerce true to 1)
     label_config: str | None = None
     params: dict | None = None
 

@@ -169,32 +169,58 @@ def _slots(kind: str, n: int) -> threading.BoundedSemaphore:
         return _semaphores.setdefault((kind, n), threading.BoundedSemaphore(max(1, n)))
 
 
-def _gray(a: np.ndarray) -> np.ndarray:
-    return np.repeat(a[:, :, None], 3, axis=2)
+#: Rows converted at a time in :func:`to_rgb8` (bounds the temporaries of a 40 MP image).
+_ROWS = 256
 
 
-def _scale_to_u8(a: np.ndarray, hi: float) -> np.ndarray:
-    """``a`` (0..hi) -> uint8 0..255, rounded."""
-    out = a.astype(np.float32)
-    out *= 255.0 / hi
-    np.clip(out, 0, 255, out=out)
-    return np.rint(out, out=out).astype(np.uint8)
+def _rows(h: int):
+    for r0 in range(0, h, _ROWS):
+        yield slice(r0, min(h, r0 + _ROWS))
 
 
-def _stretch_to_u8(a: np.ndarray) -> np.ndarray:
-    """Min-max stretch to uint8 (a constant image becomes 0)."""
-    a = np.nan_to_num(a.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-    lo, hi = float(a.min()), float(a.max())
+def _gray_u8(a: np.ndarray, convert) -> np.ndarray:
+    """``(H, W)`` values -> ``(H, W, 3)`` uint8 grey, ``convert(block) -> uint8`` row block by row block."""
+    out = np.empty(a.shape[:2] + (3,), np.uint8)
+    for rs in _rows(a.shape[0]):
+        out[rs] = convert(a[rs])[:, :, None]
+    return out
+
+
+def _scaled(hi: float):
+    """Block converter: 0..hi -> 0..255, rounded and clipped."""
+    def convert(block):
+        f = block.astype(np.float32) * np.float32(255.0 / hi)
+        return np.rint(np.clip(f, 0, 255)).astype(np.uint8)
+    return convert
+
+
+def _stretched(lo: float, hi: float):
+    """Block converter: min-max stretch lo..hi -> 0..255 (a constant image becomes 0)."""
     if hi <= lo:
-        return np.zeros(a.shape, np.uint8)
-    return _scale_to_u8(a - lo, hi - lo)
+        return lambda block: np.zeros(block.shape, np.uint8)
+    scale = _scaled(hi - lo)
+    return lambda block: scale(np.nan_to_num(block.astype(np.float32), nan=lo, posinf=hi, neginf=lo) - np.float32(lo))
+
+
+def _finite_range(a: np.ndarray) -> tuple[float, float]:
+    lo, hi = np.inf, -np.inf
+    for rs in _rows(a.shape[0]):
+        b = a[rs]
+        if b.dtype.kind == "f":
+            b = b[np.isfinite(b)]
+        if b.size:
+            lo, hi = min(lo, float(b.min())), max(hi, float(b.max()))
+    return (0.0, 0.0) if lo > hi else (lo, hi)
 
 
 def _over_white(rgba: np.ndarray) -> np.ndarray:
     """Composite straight-alpha RGBA (uint8) on white, as a browser shows it on a white page."""
-    alpha = rgba[:, :, 3:4].astype(np.float32) / 255.0
-    rgb = rgba[:, :, :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
-    return np.rint(rgb).astype(np.uint8)
+    out = np.empty(rgba.shape[:2] + (3,), np.uint8)
+    for rs in _rows(rgba.shape[0]):
+        b = rgba[rs].astype(np.uint16)
+        a = b[:, :, 3:4]
+        out[rs] = ((b[:, :, :3] * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
+    return out
 
 
 def to_rgb8(im: Image.Image) -> np.ndarray:
@@ -203,41 +229,40 @@ def to_rgb8(im: Image.Image) -> np.ndarray:
     - ``RGB``: as is. ``1``, ``L``: grey to RGB. ``P`` / ``PA`` / ``LA`` / ``La`` / ``RGBA`` /
       ``RGBa`` (and ``P`` with a ``transparency`` entry): alpha composited on white.
     - ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``, ``RGBX``: Pillow's own conversion to RGB.
-    - 16-bit ``I;16`` / ``I;16L`` / ``I;16B`` / ``I;16N``: by the mode's range, value / 257
+    - 16-bit ``I;16`` / ``I;16L`` / ``I;16B`` / ``I;16N``: by the mode's range, value x 255/65535
       (0-65535 -> 0-255, what browsers show for a 16-bit PNG).
-    - 32-bit ``I``: values in 0-255 as 8-bit, in 0-65535 as 16-bit (/257; Pillow opens 16-bit
+    - 32-bit ``I``: values in 0-255 as 8-bit, in 0-65535 as 16-bit (Pillow opens 16-bit
       TIFF/PNG files as ``I`` in some versions), else min-max stretched.
-    - ``F``: values in 0-1 x 255, in 0-255 as is, else min-max stretched; NaN/inf -> 0.
+    - ``F``: values in 0-1 x 255, in 0-255 as is (rounded), else min-max stretched; NaN/inf -> 0.
 
+    Work is done 256 rows at a time, so the temporaries stay small for large images.
     Raises: ImageError for a mode Pillow cannot convert to RGB.
     """
     mode = im.mode
     if mode == "RGB":
         return np.asarray(im)
     if mode in ("L", "1"):
-        return _gray(np.asarray(im.convert("L")))
+        return _gray_u8(np.asarray(im.convert("L") if mode == "1" else im), lambda b: b)
     if mode.startswith("I;16"):
-        return _gray(_scale_to_u8(np.asarray(im), 65535.0))
-    if mode == "I":
+        return _gray_u8(np.asarray(im), _scaled(65535.0))
+    if mode in ("I", "F"):
         a = np.asarray(im)
-        lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)
-        if lo >= 0 and hi <= 255:
-            return _gray(a.astype(np.uint8))
-        if lo >= 0 and hi <= 65535:
-            return _gray(_scale_to_u8(a, 65535.0))
-        return _gray(_stretch_to_u8(a))
-    if mode == "F":
-        a = np.nan_to_num(np.asarray(im), nan=0.0, posinf=0.0, neginf=0.0)
-        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
-        if lo >= 0 and hi <= 1.0:
-            return _gray(_scale_to_u8(a, 1.0))
-        if lo >= 0 and hi <= 255.0:
-            return _gray(np.rint(a).astype(np.uint8))
-        return _gray(_stretch_to_u8(a))
+        lo, hi = _finite_range(a)
+        if mode == "F" and lo >= 0 and hi <= 1.0:
+            conv = _scaled(1.0)
+        elif lo >= 0 and hi <= 255:
+            conv = _scaled(255.0)
+        elif mode == "I" and lo >= 0 and hi <= 65535:
+            conv = _scaled(65535.0)
+        else:
+            conv = _stretched(lo, hi)
+        if mode == "F":
+            return _gray_u8(a, lambda b: conv(np.nan_to_num(b, nan=0.0, posinf=0.0, neginf=0.0)))
+        return _gray_u8(a, conv)
     if mode in ("RGBA", "RGBa", "LA", "La", "PA") or (mode == "P" and "transparency" in im.info):
         if mode == "La":  # premultiplied grey + alpha: no direct conversion in Pillow
             im = im.convert("LA")
-        return _over_white(np.asarray(im.convert("RGBA")))
+        return _over_white(np.asarray(im if mode == "RGBA" else im.convert("RGBA")))
     try:
         return np.asarray(im.convert("RGB"))
     except (ValueError, OSError) as e:

@@ -20,6 +20,9 @@ from backend.uncertainty import ImageUncertainty, image_uncertainty, normalise
 
 log = logging.getLogger(__name__)
 
+#: Images fetched, decoded and detected together in :func:`predict_tasks`.
+LOAD_CHUNK = 8
+
 
 @dataclass
 class TaskPrediction:
@@ -136,20 +139,26 @@ def predict_tasks(tasks: list[dict], schema: ProjectSchema, model, settings: Set
         else:
             urls.append(url)
     todo = [i for i, u in enumerate(urls) if u is not None]
-    loaded = load_images([urls[i] for i in todo], settings, ls_url)
-    ok = []
-    for i, img in zip(todo, loaded):
-        if isinstance(img, ImageError):
-            out[i].error = str(img)
-        else:
-            out[i].width, out[i].height = img.width, img.height
-            ok.append((i, img))
-    if ok:
-        dets = model.detect([img.array for _, img in ok], conf=min(settings.candidate_threshold, threshold),
-                            imgsz=settings.imgsz, embed=embed)
-        for (i, _), det in zip(ok, dets):
-            out[i].boxes, out[i].uncertainty = analyse(det, schema, model.names, threshold, settings.aggregation)
-            out[i].embedding = det.embedding
+    # images are decoded and detected LOAD_CHUNK at a time: a request of many large images never
+    # holds more than LOAD_CHUNK decoded arrays (issue 9: memory)
+    for c0 in range(0, len(todo), LOAD_CHUNK):
+        chunk = todo[c0 : c0 + LOAD_CHUNK]
+        loaded = load_images([urls[i] for i in chunk], settings, ls_url)
+        ok = []
+        for i, img in zip(chunk, loaded):
+            if isinstance(img, ImageError):
+                out[i].error = str(img)
+            else:
+                out[i].width, out[i].height = img.width, img.height
+                ok.append((i, img))
+        del loaded
+        if ok:
+            dets = model.detect([img.array for _, img in ok], conf=min(settings.candidate_threshold, threshold),
+                                imgsz=settings.imgsz, embed=embed)
+            for (i, _), det in zip(ok, dets):
+                out[i].boxes, out[i].uncertainty = analyse(det, schema, model.names, threshold, settings.aggregation)
+                out[i].embedding = det.embedding
+        del ok
     return out
 
 
