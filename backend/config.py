@@ -67,9 +67,13 @@ class Settings(BaseSettings):
         40_000_000, description="Most pixels decoded per image (read from the header before decoding; a larger "
         "JPEG is decoded at 1/2, 1/4 or 1/8 scale to fit, other formats are refused)")
     min_image_side: int = Field(16, description="Images narrower or lower than this (pixels) are refused")
+    max_image_side: int = Field(
+        2048, description="Decoded images are reduced (integer factor, box filter) to this long side, pixels; "
+        "bounds memory (the model sees IMGSZ anyway); 0 = keep full size")
     image_fetch_timeout_s: float = Field(10.0, description="Overall deadline of one image download, seconds")
     max_concurrent_fetches: int = Field(16, description="Image downloads at once per process")
-    max_concurrent_decodes: int = Field(2, description="Image decodes at once per process (bounds memory)")
+    max_concurrent_decodes: int = Field(
+        1, description="Image decodes at once per process: each may take 4 bytes x MAX_IMAGE_PIXELS (160 MB at 40 MP)")
     image_urls_allow_private: bool = Field(
         False, description="Fetch task images from private/loopback hosts other than Label Studio (off: refused)")
     device: str = Field("", description="torch device for training/inference; '' = cuda:0 if available")

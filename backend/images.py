@@ -269,28 +269,65 @@ def to_rgb8(im: Image.Image) -> np.ndarray:
         raise ImageError(f"unsupported image mode {mode}: {e}") from None
 
 
-def _draft_to_fit(im: Image.Image, max_pixels: int) -> bool:
-    """Ask the JPEG decoder for a 1/2, 1/4 or 1/8 scale that fits ``max_pixels``; False if none."""
+def _draft_to_fit(im: Image.Image, max_pixels: int, max_side: int) -> None:
+    """Ask the JPEG decoder for a 1/2, 1/4 or 1/8 scale (decodes less, costs less): the smallest
+    one that keeps at least ``max_side`` px on the long side, within ``max_pixels``; else the
+    largest one within ``max_pixels``; nothing when even 1/8 is over ``max_pixels``."""
     w, h = im.size
-    for scale in (2, 4, 8):
-        tw, th = math.ceil(w / scale), math.ceil(h / scale)
-        if tw * th <= max_pixels:
-            im.draft(im.mode, (tw, th))
-            return im.size[0] * im.size[1] <= max_pixels
-    return False
+    fits = [s for s in (2, 4, 8) if math.ceil(w / s) * math.ceil(h / s) <= max_pixels]
+    if not fits:
+        return
+    good = [s for s in fits if max_side > 0 and max(math.ceil(w / s), math.ceil(h / s)) >= max_side]
+    scale = max(good) if good else min(fits)
+    im.draft(im.mode, (math.ceil(w / scale), math.ceil(h / scale)))
 
 
-def decode_image(data: bytes, max_pixels: int, min_side: int = 1) -> LoadedImage:
+#: EXIF orientation -> the transpose that displays the image upright (as ``ImageOps.exif_transpose``).
+_ORIENT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+           5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+           8: Image.Transpose.ROTATE_90}
+
+
+#: Modes ``Image.reduce`` supports, shrunk strip by strip (no full-size temporary: reducing RGBA
+#: whole makes a premultiplied full-size copy first).
+_REDUCIBLE = {"L", "LA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "I", "F"}
+
+
+def _shrink(im: Image.Image, max_side: int) -> Image.Image:
+    """``im`` reduced by the smallest integer factor that brings its long side to ``max_side``
+    or less (box filter: ``Image.reduce`` strip by strip, or a BOX resize for modes reduce
+    lacks: ``1``, ``P``, ``PA``, ``I;16*``); else ``im`` itself."""
+    w, h = im.size
+    k = math.ceil(max(w, h) / max_side) if max_side > 0 else 1
+    if k <= 1:
+        return im
+    if im.mode in _REDUCIBLE:
+        small = Image.new(im.mode, (math.ceil(w / k), math.ceil(h / k)))
+        step = k * 64
+        for r0 in range(0, h, step):
+            part = im.crop((0, r0, w, min(h, r0 + step))).reduce(k)
+            small.paste(part, (0, r0 // k))
+    else:
+        small = im.resize((max(1, math.ceil(w / k)), max(1, math.ceil(h / k))), Image.Resampling.BOX)
+    small.info = dict(im.info)  # P transparency and friends
+    return small
+
+
+def decode_image(data: bytes, max_pixels: int, min_side: int = 1, max_side: int = 0) -> LoadedImage:
     """Decode image bytes to 8-bit RGB (:func:`to_rgb8`) with EXIF orientation applied.
 
-    The size is read from the header before any pixel is decoded: above ``max_pixels`` a JPEG is
-    decoded at 1/2, 1/4 or 1/8 scale to fit (the returned width/height are the decoded ones;
-    Label Studio's percent coordinates do not depend on the scale), other formats are refused.
+    The size is read from the header before any pixel is decoded and more than ``max_pixels``
+    is refused, except for a JPEG, which is decoded at 1/2, 1/4 or 1/8 scale when that fits.
+    An image whose long side is over ``max_side`` is then reduced by an integer factor (box
+    filter) to fit. The returned width/height are those of the array (Label Studio's percent
+    coordinates do not depend on the scale; ``original_width``/``original_height`` of regions
+    are then the reduced size).
 
     Args:
         data: the file's bytes.
         max_pixels: most pixels (width x height) to decode.
         min_side: smallest width or height accepted, pixels (after EXIF rotation).
+        max_side: longest side kept, pixels (0 = no limit).
     Raises: ImageError for bytes that are not an image, truncated data, too many pixels or a side
         under ``min_side``. Messages never contain the bytes themselves.
     """
@@ -298,12 +335,19 @@ def decode_image(data: bytes, max_pixels: int, min_side: int = 1) -> LoadedImage
         raise ImageError("image is empty (0 bytes)")
     msg = None
     try:
-        with _pil_open(io.BytesIO(data)) as im:
-            w, h = im.size
-            if w * h > max_pixels and not (im.format == "JPEG" and _draft_to_fit(im, max_pixels)):
+        with _pil_open(io.BytesIO(data)) as src:
+            w, h = src.size
+            if src.format == "JPEG" and (w * h > max_pixels or (max_side > 0 and max(w, h) > 2 * max_side)):
+                _draft_to_fit(src, max_pixels, max_side)
+            if src.size[0] * src.size[1] > max_pixels:
                 raise ImageError(f"image is too large: {w}x{h} px (limit {max_pixels} px)")
-            im.load()
-            ImageOps.exif_transpose(im, in_place=True)
+            src.load()
+            orientation = src.getexif().get(0x0112, 1)
+            im = _shrink(src, max_side)
+            if im is not src:
+                src.close()  # frees the full-size pixels now, not at the end of the block
+            if orientation in _ORIENT:
+                im = im.transpose(_ORIENT[orientation])
             arr = to_rgb8(im)
     except ImageError:
         raise
@@ -523,4 +567,30 @@ def load_image(url: str, settings: Settings, ls_url: str | None = None) -> Loade
     """
     data = fetch_image_bytes(url, settings, ls_url)
     with _slots("decode", settings.max_concurrent_decodes):
-        return decode_image(data, settings.max_image_pixels, settings.min_image_side)
+        try:
+            return decode_image(data, settings.max_image_pixels, settings.min_image_side, settings.max_image_side)
+        finally:
+            if len(data) > 64 * 1024:  # could be a large image: hand its freed pixels back
+                _release_freed_memory()
+
+
+def _release_freed_memory() -> None:
+    """``malloc_trim(0)`` (glibc): give freed heap memory back to the OS.
+
+    Decodes run in several threads, so glibc keeps each thread's freed full-size pixels in that
+    thread's arena; without this, four 40 MP decodes in a row kept ~550 MB resident instead of
+    ~175 MB (tests/security/test_bombs.py). A no-op where glibc is absent.
+    """
+    global _trim
+    if _trim is None:
+        try:
+            import ctypes
+
+            _trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _trim = False
+    if _trim:
+        _trim(0)
+
+
+_trim = None
