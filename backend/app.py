@@ -10,12 +10,15 @@ goes to Celery).
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import logging
+import re
 import secrets
 import threading
 import time
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
@@ -24,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlmodel import select
 
 from backend import registry
+from backend.registry import valid_id
 from backend.config import Settings, get_settings
 from backend.db import session_scope
 from backend.labels import LabelConfigError, ProjectSchema
@@ -37,7 +41,8 @@ class SetupRequest(BaseModel):
     """``POST /setup`` body sent by Label Studio."""
 
     model_config = ConfigDict(extra="allow")
-    project: str | int
+    project: Any = Field(..., description="'<id>.<created_ts>' or an int id; checked by parse_project_id "
+                                          "(kept raw: pydantic would coerce true to 1)")
     schema_: str = Field("", alias="schema")
     hostname: str | None = None
     access_token: str | None = None
@@ -49,7 +54,7 @@ class PredictRequest(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     tasks: list[dict]
-    project: str | int | None = None
+    project: Any = None  # checked by parse_project_id (kept raw: pydantic would coerce true to 1)
     label_config: str | None = None
     params: dict | None = None
 
@@ -60,26 +65,132 @@ def _same(given: str, expected: str) -> bool:
     return secrets.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode("utf-8", "surrogateescape"))
 
 
+#: Largest id accepted (Label Studio ids are database integers: signed 64-bit).
+MAX_ID = 2**63 - 1
+_UID = re.compile(r"^\s*(\d{1,19})(?:\.\d{0,20})?\s*$")
+
+
 def parse_project_id(value) -> int:
     """Label Studio's project uid ``"<id>.<created_ts>"`` (or a plain id) -> int id.
 
+    Accepts an int (not a bool) or a string of digits with an optional ``.<digits>`` suffix;
+    the id must be 1..2^63-1.
     Raises: HTTPException 422 when it is not of that form.
     """
+    pid = None
+    if isinstance(value, str):
+        m = _UID.match(value)
+        pid = valid_id(int(m.group(1))) if m else None
+    else:
+        pid = valid_id(value)
+    if pid is None:
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:60] + "..."
+        raise HTTPException(422, f"project must look like '<id>.<timestamp>' or an integer id 1..2^63-1, got {shown}")
+    return pid
+
+
+def _is_loopback(request: Request) -> bool:
+    host = request.client.host if request.client else ""
     try:
-        return int(str(value).split(".", 1)[0])
-    except (TypeError, ValueError):
-        raise HTTPException(422, f"project must look like '<id>.<timestamp>' or an integer id, got {value!r}")
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _json_too_deep(body: bytes, limit: int) -> bool:
+    """True when ``body`` is JSON nested deeper than ``limit`` (or too deep for Python's parser).
+
+    Cheap first: a body with fewer opening brackets than ``limit`` cannot be that deep.
+    """
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False
+    try:
+        doc = json.loads(body)
+    except RecursionError:
+        return True
+    except ValueError:
+        return False  # not JSON: the route says so
+    stack = [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values() if isinstance(v, (dict, list)))
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node if isinstance(v, (dict, list)))
+    return False
+
+
+class BodyLimits:
+    """ASGI middleware: 413 for a body over ``max_bytes`` (by Content-Length, or while reading),
+    400 for JSON nested deeper than ``max_depth``; the body is then replayed to the app."""
+
+    def __init__(self, app, max_bytes: int, max_depth: int):
+        self.app, self.max_bytes, self.max_depth = app, max_bytes, max_depth
+
+    async def _answer(self, send, status: int, detail: str):
+        body = json.dumps({"detail": detail}).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        too_big = f"request body is larger than {self.max_bytes} bytes (MAX_BODY_BYTES)"
+        length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            return await self._answer(send, 413, too_big)
+        chunks, size, more = [], 0, True
+        while more:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                return await self._answer(send, 413, too_big)
+            chunks.append(chunk)
+            more = msg.get("more_body", False)
+        body = b"".join(chunks)
+        if body.count(b"[") + body.count(b"{") > self.max_depth:
+            from starlette.concurrency import run_in_threadpool
+
+            if await run_in_threadpool(_json_too_deep, body, self.max_depth):
+                return await self._answer(send, 400, f"JSON body is nested deeper than {self.max_depth} levels")
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
 
 
 # --- app -------------------------------------------------------------------------------------
 def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the backend app for ``settings`` (default: from the environment)."""
+    """Build the backend app for ``settings`` (default: from the environment).
+
+    Auth (issue 9): with ``BASIC_AUTH_USER``/``BASIC_AUTH_PASS`` every route needs basic auth;
+    without them the backend answers loopback clients only (403 for others) unless
+    ``ALLOW_REMOTE_WITHOUT_AUTH`` is true. ``/webhook`` takes basic auth or the
+    ``X-Faceloop-Secret`` header (``WEBHOOK_SECRET``) when either is configured.
+
+    Raises: ValueError when only one of BASIC_AUTH_USER and BASIC_AUTH_PASS is set.
+    """
     settings = settings or get_settings()
+    if bool(settings.basic_auth_user) != bool(settings.basic_auth_pass):
+        raise ValueError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
     state: dict = {"models": None}
     metrics = CollectorRegistry()
     m_predict = Histogram("faceloop_predict_seconds", "Time of /predict requests", registry=metrics)
     m_tasks = Counter("faceloop_predicted_tasks_total", "Tasks predicted", ["outcome"], registry=metrics)
     m_hooks = Counter("faceloop_webhooks_total", "Webhooks received", ["action"], registry=metrics)
+    hook_labels: set[str] = set()
 
     def models():
         if state["models"] is None:
@@ -106,12 +217,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
 
     app = FastAPI(title="faceloop ML backend", version="0.1.0", lifespan=lifespan)
+    app.add_middleware(BodyLimits, max_bytes=settings.max_body_bytes, max_depth=settings.max_json_depth)
 
     def check_basic_auth(request: Request) -> bool:
-        if not settings.basic_auth_user:
-            return True
         header = request.headers.get("authorization", "")
-        if header.lower().startswith("basic "):
+        if settings.basic_auth_user and header.lower().startswith("basic "):
             try:
                 user, _, pw = base64.b64decode(header[6:]).decode().partition(":")
             except Exception:
@@ -119,13 +229,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return _same(user, settings.basic_auth_user) and _same(pw, settings.basic_auth_pass)
         return False
 
-    def require_auth(request: Request):
-        if not check_basic_auth(request):
-            raise HTTPException(401, "basic auth required", headers={"WWW-Authenticate": "Basic"})
+    def loopback_only(request: Request):
+        if not settings.allow_remote_without_auth and not _is_loopback(request):
+            raise HTTPException(403, "no BASIC_AUTH_USER/BASIC_AUTH_PASS configured: this backend answers "
+                                     "loopback clients only (set them, or ALLOW_REMOTE_WITHOUT_AUTH=true)")
+
+    # async: runs on the event loop, so /health answers even when the threadpool is busy
+    async def require_auth(request: Request):
+        if settings.basic_auth_user:
+            if not check_basic_auth(request):
+                raise HTTPException(401, "basic auth required", headers={"WWW-Authenticate": "Basic"})
+        else:
+            loopback_only(request)
 
     @app.get("/")
     @app.get("/health")
-    def health(_=Depends(require_auth)):
+    async def health(_=Depends(require_auth)):
         return {"status": "UP", "model_class": "FaceModel", "version": "faceloop 0.1.0"}
 
     @app.post("/setup")
@@ -136,12 +255,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except LabelConfigError as e:
             raise HTTPException(422, f"faceloop cannot serve this label config: {e}")
         with session_scope(settings.database_url) as s:
-            registry.upsert_project(s, pid, label_config=req.schema_, ls_url=req.hostname)
+            # req.hostname is NOT stored: credentials go to LABEL_STUDIO_URL only (issue 9)
+            registry.upsert_project(s, pid, label_config=req.schema_)
             try:
                 v = registry.promoted_version(s, pid, settings)
             except FileNotFoundError as e:
                 raise HTTPException(503, str(e))
             return {"model_version": v.version}
+
+    def not_set_up(pid: int) -> HTTPException:
+        return HTTPException(404, f"project {pid} is not set up in faceloop: Label Studio calls /setup when "
+                                  "the ML backend is connected to the project (connect it, or validate it again)")
 
     @app.post("/predict")
     def predict(req: PredictRequest, _=Depends(require_auth)):
@@ -150,6 +274,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         if not req.tasks:
             return {"results": []}
+        if len(req.tasks) > settings.max_tasks_per_request:
+            raise HTTPException(413, f"{len(req.tasks)} tasks in one request; at most {settings.max_tasks_per_request} "
+                                     "(MAX_TASKS_PER_REQUEST): send them in smaller batches")
         pid = req.tasks[0].get("project")
         pid = parse_project_id(pid if pid is not None else req.project)
         with session_scope(settings.database_url) as s:
@@ -159,14 +286,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 schema = ProjectSchema.parse(config)
             except LabelConfigError as e:
                 raise HTTPException(422, f"faceloop cannot serve this label config: {e}")
-            proj = registry.upsert_project(s, pid, label_config=config)
-            ls_url = proj.ls_url or None
+            if proj is None:
+                raise not_set_up(pid)
+            registry.upsert_project(s, pid, label_config=config)
             try:
                 version = registry.promoted_version(s, pid, settings)
             except FileNotFoundError as e:
                 raise HTTPException(503, str(e))
         model = models().get(version.path)
-        preds = predict_tasks(req.tasks, schema, model, settings, ls_url=ls_url)
+        preds = predict_tasks(req.tasks, schema, model, settings)
         results = [to_ls_prediction(p, schema, version.version, settings.uncertainty_measure) for p in preds]
         for p in preds:
             m_tasks.labels("error" if p.error else "ok").inc()
@@ -175,27 +303,57 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         m_predict.observe(time.perf_counter() - t0)
         return {"results": results}
 
+    def check_webhook_auth(request: Request):
+        if settings.webhook_secret or settings.basic_auth_user:
+            ok = (bool(settings.webhook_secret)
+                  and _same(request.headers.get("x-faceloop-secret", ""), settings.webhook_secret)) \
+                or check_basic_auth(request)
+            if not ok:
+                raise HTTPException(401, "webhook needs header X-Faceloop-Secret (WEBHOOK_SECRET) or basic auth",
+                                    headers={"WWW-Authenticate": "Basic"})
+        else:
+            loopback_only(request)
+
     @app.post("/webhook")
     async def webhook(request: Request):
+        check_webhook_auth(request)
         raw = await request.body()
         try:
             payload = json.loads(raw or b"null")
+        except RecursionError:
+            raise HTTPException(400, "webhook body is nested too deeply")
         except ValueError:
             raise HTTPException(400, "webhook body is not JSON")
         if not isinstance(payload, dict) or not isinstance(payload.get("action"), str):
             raise HTTPException(400, "webhook body must be a JSON object with an 'action' string")
-        if settings.webhook_secret:
-            ok = _same(request.headers.get("x-faceloop-secret", ""), settings.webhook_secret) or (
-                bool(settings.basic_auth_user) and check_basic_auth(request))
-            if not ok:
-                raise HTTPException(401, "webhook secret missing or wrong (header X-Faceloop-Secret)")
-        action = payload["action"]
-        m_hooks.labels(action).inc()
+        action = payload["action"][:100]
+        project = payload.get("project")
+        pid = None
+        if isinstance(project, dict) and "id" in project:
+            pid = valid_id(project["id"])
+            if pid is None:
+                shown = repr(project["id"])[:60]
+                raise HTTPException(422, f"project.id must be an integer id 1..2^63-1, got {shown}")
+        label = action if action.isidentifier() and len(action) <= 40 else "other"
+        if label not in hook_labels and len(hook_labels) >= 50:  # bounded metric cardinality
+            label = "other"
+        hook_labels.add(label)
+        m_hooks.labels(label).inc()
         from fastapi.concurrency import run_in_threadpool
 
         from backend.events import handle_event
 
-        return await run_in_threadpool(handle_event, settings, action, payload)
+        def run():
+            if pid is not None:
+                with session_scope(settings.database_url) as s:
+                    known = s.get(Project, pid) is not None
+                if not known:
+                    if action == "START_TRAINING":
+                        raise not_set_up(pid)
+                    return {"status": "ignored", "reason": f"project {pid} is not set up in faceloop (no /setup)"}
+            return handle_event(settings, action, payload)
+
+        return await run_in_threadpool(run)
 
     @app.get("/versions")
     async def versions(request: Request, _=Depends(require_auth)):
@@ -204,7 +362,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             try:
                 body = json.loads((await request.body()) or b"{}")
                 pid = body.get("project") if isinstance(body, dict) else None
-            except ValueError:
+            except (ValueError, RecursionError):
                 pid = None
         pid = parse_project_id(pid) if pid is not None else None
 
@@ -220,13 +378,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return {"versions": await run_in_threadpool(names)}
 
     @app.get("/metrics")
-    def prom():
+    async def prom(_=Depends(require_auth)):
         return Response(generate_latest(metrics), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(Exception)
     async def unexpected(_request, exc):  # pragma: no cover - last resort: clear JSON, server stays up
         log.exception("unhandled error")
-        return JSONResponse({"detail": f"internal error: {exc.__class__.__name__}: {exc}"}, status_code=500)
+        return JSONResponse({"detail": f"internal error: {exc.__class__.__name__}"}, status_code=500)
 
     app.state.settings = settings
     return app

@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     label_studio_api_key: str = Field(
         "", description="Personal access token (a JWT refresh token) or legacy token"
     )
+    label_studio_url_aliases: str = Field(
+        "", description="Comma-separated other base URLs of the same Label Studio (e.g. http://localhost:8080 "
+        "beside http://127.0.0.1:8080). Credentials go only to LABEL_STUDIO_URL and these; never to /setup's hostname")
     local_files_document_root: str = Field(
         "", description="If set, /data/local-files/?d=... URLs are read from this folder on disk"
     )
@@ -49,16 +52,34 @@ class Settings(BaseSettings):
     celery_result_backend: str = ""
 
     # Backend HTTP
-    basic_auth_user: str = ""
+    basic_auth_user: str = Field("", description="Basic auth user for every route (set with BASIC_AUTH_PASS)")
     basic_auth_pass: str = ""
-    webhook_secret: str = Field("", description="If set, /webhook also needs header X-Faceloop-Secret")
+    webhook_secret: str = Field(
+        "", description="If set, /webhook takes header X-Faceloop-Secret (or basic auth, as START_TRAINING has)")
+    allow_remote_without_auth: bool = Field(
+        False, description="Without BASIC_AUTH_USER the backend answers loopback clients only; true lifts that")
+    max_body_bytes: int = Field(10 * 1024 * 1024, description="Largest request body (413 above)")
+    max_json_depth: int = Field(64, description="Deepest JSON nesting accepted in a request body (400 above)")
+    max_tasks_per_request: int = Field(1000, description="Most tasks in one /predict request (413 above)")
 
     # Model / inference
     imgsz: int = Field(256, description="Inference and training image size, pixels (the default model's)")
     score_threshold: float = Field(0.25, description="Min box confidence (0-1) for a pre-annotation")
     candidate_threshold: float = Field(0.01, description="Min confidence of low-score face candidates")
-    max_image_bytes: int = 50 * 1024 * 1024
-    max_image_pixels: int = 80_000_000
+    max_image_bytes: int = Field(30 * 1024 * 1024, description="Largest image file, bytes")
+    max_image_pixels: int = Field(
+        40_000_000, description="Most pixels decoded per image (read from the header before decoding; a larger "
+        "JPEG is decoded at 1/2, 1/4 or 1/8 scale to fit, other formats are refused)")
+    min_image_side: int = Field(16, description="Images narrower or lower than this (pixels) are refused")
+    max_image_side: int = Field(
+        2048, description="Decoded images are reduced (integer factor, box filter) to this long side, pixels; "
+        "bounds memory (the model sees IMGSZ anyway); 0 = keep full size")
+    image_fetch_timeout_s: float = Field(10.0, description="Overall deadline of one image download, seconds")
+    max_concurrent_fetches: int = Field(16, description="Image downloads at once per process")
+    max_concurrent_decodes: int = Field(
+        1, description="Image decodes at once per process: each may take 4 bytes x MAX_IMAGE_PIXELS (160 MB at 40 MP)")
+    image_urls_allow_private: bool = Field(
+        False, description="Fetch task images from private/loopback hosts other than Label Studio (off: refused)")
     device: str = Field("", description="torch device for training/inference; '' = cuda:0 if available")
 
     # Training

@@ -1,6 +1,7 @@
 """The record station: what the backend does with each Label Studio webhook.
 
-Every event is stored whole in the database first (nothing is lost even if Redis is down), then:
+Every event is stored in the database first, trimmed to the fields the product uses
+(:func:`backend.registry.trim_payload`) (nothing is lost even if Redis is down), then:
 
 - ``START_TRAINING``: queue a retrain now (coalesced: see :func:`backend.registry.request_training`).
 - ``ANNOTATION_CREATED`` / ``ANNOTATION_UPDATED`` / ``ANNOTATIONS_CREATED``: queue a retrain once
@@ -72,7 +73,7 @@ def queue_training(settings: Settings, project_id: int, trigger: str) -> dict:
 def handle_event(settings: Settings, action: str, payload: dict) -> dict:
     """Record one webhook and act on it (see module docstring). Returns the JSON answer."""
     project = payload.get("project") if isinstance(payload.get("project"), dict) else {}
-    pid = project.get("id")
+    pid = registry.valid_id(project.get("id"))  # None for bools, negative or > 2^63-1 ids
     with session_scope(settings.database_url) as s:
         registry.record_event(s, action, payload)
         if isinstance(pid, int):
@@ -96,7 +97,7 @@ def handle_event(settings: Settings, action: str, payload: dict) -> dict:
     if action == "TASKS_CREATED":
         tasks = payload.get("tasks") or []
         ids = [t["id"] if isinstance(t, dict) else t for t in tasks]
-        ids = [i for i in ids if isinstance(i, int)]
+        ids = [i for i in ids if registry.valid_id(i) is not None]
         if ids:
             enqueue(settings, "faceloop.preannotate", [pid, ids])
         return {"status": "ok", "tasks": len(ids)}

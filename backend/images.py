@@ -3,29 +3,62 @@
 Images come back as RGB arrays of the image *as displayed* (``ImageOps.exif_transpose``), which
 is the frame Label Studio's percent coordinates refer to.
 
-URL kinds (label-studio-protocol.md §1):
-- ``/data/upload/<pid>/<file>`` and other relative ``/data/...`` URLs: from Label Studio, with
-  ``Authorization`` from the SDK client (a personal access token is exchanged for a 300 s access
-  token by the SDK; a legacy token is sent as ``Token``).
-- ``/data/local-files/?d=<path>``: from disk when ``LOCAL_FILES_DOCUMENT_ROOT`` is set, else from
-  Label Studio as above.
-- ``http(s)://``: Label Studio's own host gets the auth header; others are fetched without it.
+URL kinds (label-studio-protocol.md §1, §5 "Authentication, backend -> LS"):
+- Relative Label Studio *file* URLs: ``/data/upload/<pid>/<file>``, ``/data/local-files/?d=<path>``,
+  ``/tasks/<id>/presign/?fileuri=...``, ``/projects/<id>/presign/?fileuri=...`` and
+  ``/storage-data/uploaded/?filepath=...`` (storage resolve URLs). They are fetched from
+  ``LABEL_STUDIO_URL`` with ``Authorization`` from the SDK client (a personal access token is
+  exchanged for a 300 s access token by the SDK; a legacy token is sent as ``Token``).
+  ``/data/local-files/`` is read from disk instead when ``LOCAL_FILES_DOCUMENT_ROOT`` is set.
+- Any other relative URL (``/api/...`` above all) is refused before any request is made.
+- ``http(s)://`` on Label Studio's own origin (``LABEL_STUDIO_URL`` or one of
+  ``LABEL_STUDIO_URL_ALIASES``): as the relative file URLs (same path rule, with the token).
+- ``http(s)://`` elsewhere: fetched *without* credentials; hosts that resolve to a private,
+  loopback, link-local or reserved address are refused unless ``IMAGE_URLS_ALLOW_PRIVATE`` is
+  set, and every failure gives the same message (no port scanning through error texts).
+
+Safety rules (issue 9): credentials go only to the configured Label Studio, never to ``/setup``'s
+``hostname`` (an ``ls_url`` argument that is not a configured Label Studio origin is ignored);
+redirects are followed by hand, at most :data:`MAX_REDIRECTS`, and a hop keeps the token only
+when it stays on a Label Studio file URL; one download has an overall deadline
+(``IMAGE_FETCH_TIMEOUT_S``) and a size cap (``MAX_IMAGE_BYTES``); error texts name the URL
+without its query string and never echo fetched bytes. Decoding reads the size from the header
+first and refuses more than ``MAX_IMAGE_PIXELS`` (a larger JPEG is decoded at reduced scale with
+``Image.draft``); at most ``MAX_CONCURRENT_DECODES`` images decode at once per process.
 """
 
 from __future__ import annotations
 
 import io
+import ipaddress
+import logging
+import math
+import re
+import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, unquote, urljoin, urlsplit
 
 import httpx
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from backend.config import Settings
+
+log = logging.getLogger("faceloop.images")
+
+#: Redirect hops followed for one image (each one checked like the first URL).
+MAX_REDIRECTS = 5
+
+#: Label Studio paths that serve task files (LS 1.23: ``data_import`` upload view, ``core``
+#: local-files view, ``tasks``/``projects`` storage presign views, ``io_storages`` uploaded-file
+#: resolver). Only these ever get the API token.
+LS_FILE_PATH = re.compile(
+    r"^/(?:data/upload/[^?#]+|data/local-files/?|tasks/\d+/presign/?|projects/\d+/presign/?"
+    r"|storage-data/uploaded/?)$")
 
 
 class ImageError(Exception):
@@ -48,16 +81,54 @@ class LoadedImage:
 
 _clients: dict[tuple[str, str], object] = {}
 _clients_lock = threading.Lock()
+_warned: set[str] = set()
+
+
+def _origin(url: str) -> tuple[str, str, int] | None:
+    """``(scheme, host, port)`` of an http(s) URL (default ports filled in), or None."""
+    try:
+        p = urlsplit(url)
+        if p.scheme not in ("http", "https") or not p.hostname:
+            return None
+        return p.scheme, p.hostname.lower().rstrip("."), p.port or (443 if p.scheme == "https" else 80)
+    except ValueError:  # bad port, bad IPv6 literal
+        return None
+
+
+def ls_bases(settings: Settings) -> list[str]:
+    """The configured Label Studio base URLs: ``LABEL_STUDIO_URL`` then ``LABEL_STUDIO_URL_ALIASES``."""
+    bases = [settings.label_studio_url] + [u for u in settings.label_studio_url_aliases.split(",")]
+    return [b.strip().rstrip("/") for b in bases if b.strip()]
+
+
+def ls_base(settings: Settings, candidate: str | None = None) -> str:
+    """The Label Studio base URL to use: the configured one whose origin ``candidate`` has, else
+    ``LABEL_STUDIO_URL``. A ``candidate`` from a request (``/setup``'s ``hostname``, a stored
+    ``Project.ls_url``) never becomes a base of its own, so credentials cannot be redirected."""
+    bases = ls_bases(settings)
+    if candidate:
+        o = _origin(candidate)
+        for b in bases:
+            if o is not None and _origin(b) == o:
+                return b
+        if candidate not in _warned:
+            _warned.add(candidate)
+            log.warning("ignoring Label Studio URL %r: not LABEL_STUDIO_URL or one of LABEL_STUDIO_URL_ALIASES",
+                        _safe_url(candidate))
+    return bases[0] if bases else ""
 
 
 def ls_client(settings: Settings, url: str | None = None):
-    """A cached ``label_studio_sdk.LabelStudio`` client for ``settings`` (or ``url``).
+    """A cached ``label_studio_sdk.LabelStudio`` client for the configured Label Studio.
 
+    Args:
+        url: a Label Studio base URL to prefer; used only when it is a configured one
+            (see :func:`ls_base`), else ignored.
     Raises: ImageError when no API key is configured.
     """
     from label_studio_sdk import LabelStudio
 
-    base = (url or settings.label_studio_url).rstrip("/")
+    base = ls_base(settings, url)
     if not settings.label_studio_api_key:
         raise ImageError("LABEL_STUDIO_API_KEY is not set: the backend cannot read images or write predictions")
     key = (base, settings.label_studio_api_key)
@@ -70,7 +141,8 @@ def ls_client(settings: Settings, url: str | None = None):
 
 
 def auth_headers(settings: Settings, url: str | None = None) -> dict[str, str]:
-    """``Authorization`` header for Label Studio, refreshed by the SDK when the key is a PAT."""
+    """``Authorization`` header for the configured Label Studio, refreshed by the SDK when the
+    key is a PAT (the refresh goes to ``LABEL_STUDIO_URL`` only)."""
     headers = ls_client(settings, url)._client_wrapper.get_headers()
     return {"Authorization": headers["Authorization"]}
 
@@ -87,29 +159,359 @@ def _pil_open(fp):
     return getattr(patches, "_image_open", Image.open)(fp)
 
 
-def decode_image(data: bytes, max_pixels: int) -> LoadedImage:
-    """Decode image bytes to RGB with EXIF orientation applied.
+# --- decoding ---------------------------------------------------------------------------------
+_semaphores: dict[tuple[str, int], threading.BoundedSemaphore] = {}
 
-    Raises: ImageError for bytes that are not an image, truncated data, or more than
-        ``max_pixels`` pixels.
+
+def _slots(kind: str, n: int) -> threading.BoundedSemaphore:
+    """The process-wide semaphore of ``n`` slots for ``kind`` (``fetch`` or ``decode``)."""
+    with _clients_lock:
+        return _semaphores.setdefault((kind, n), threading.BoundedSemaphore(max(1, n)))
+
+
+#: Rows converted at a time in :func:`to_rgb8` (bounds the temporaries of a 40 MP image).
+_ROWS = 256
+
+
+def _rows(h: int):
+    for r0 in range(0, h, _ROWS):
+        yield slice(r0, min(h, r0 + _ROWS))
+
+
+def _gray_u8(a: np.ndarray, convert) -> np.ndarray:
+    """``(H, W)`` values -> ``(H, W, 3)`` uint8 grey, ``convert(block) -> uint8`` row block by row block."""
+    out = np.empty(a.shape[:2] + (3,), np.uint8)
+    for rs in _rows(a.shape[0]):
+        out[rs] = convert(a[rs])[:, :, None]
+    return out
+
+
+def _scaled(hi: float):
+    """Block converter: 0..hi -> 0..255, rounded and clipped."""
+    def convert(block):
+        f = block.astype(np.float32) * np.float32(255.0 / hi)
+        return np.rint(np.clip(f, 0, 255)).astype(np.uint8)
+    return convert
+
+
+def _stretched(lo: float, hi: float):
+    """Block converter: min-max stretch lo..hi -> 0..255 (a constant image becomes 0)."""
+    if hi <= lo:
+        return lambda block: np.zeros(block.shape, np.uint8)
+    scale = _scaled(hi - lo)
+    return lambda block: scale(np.nan_to_num(block.astype(np.float32), nan=lo, posinf=hi, neginf=lo) - np.float32(lo))
+
+
+def _finite_range(a: np.ndarray) -> tuple[float, float]:
+    lo, hi = np.inf, -np.inf
+    for rs in _rows(a.shape[0]):
+        b = a[rs]
+        if b.dtype.kind == "f":
+            b = b[np.isfinite(b)]
+        if b.size:
+            lo, hi = min(lo, float(b.min())), max(hi, float(b.max()))
+    return (0.0, 0.0) if lo > hi else (lo, hi)
+
+
+def _over_white(rgba: np.ndarray) -> np.ndarray:
+    """Composite straight-alpha RGBA (uint8) on white, as a browser shows it on a white page."""
+    out = np.empty(rgba.shape[:2] + (3,), np.uint8)
+    for rs in _rows(rgba.shape[0]):
+        b = rgba[rs].astype(np.uint16)
+        a = b[:, :, 3:4]
+        out[rs] = ((b[:, :, :3] * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
+    return out
+
+
+def to_rgb8(im: Image.Image) -> np.ndarray:
+    """Any Pillow image -> ``(H, W, 3)`` uint8 RGB, scaled to what a viewer shows.
+
+    - ``RGB``: as is. ``1``, ``L``: grey to RGB. ``P`` / ``PA`` / ``LA`` / ``La`` / ``RGBA`` /
+      ``RGBa`` (and ``P`` with a ``transparency`` entry): alpha composited on white.
+    - ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``, ``RGBX``: Pillow's own conversion to RGB.
+    - 16-bit ``I;16`` / ``I;16L`` / ``I;16B`` / ``I;16N``: by the mode's range, value x 255/65535
+      (0-65535 -> 0-255, what browsers show for a 16-bit PNG).
+    - 32-bit ``I``: values in 0-255 as 8-bit, in 0-65535 as 16-bit (Pillow opens 16-bit
+      TIFF/PNG files as ``I`` in some versions), else min-max stretched.
+    - ``F``: values in 0-1 x 255, in 0-255 as is (rounded), else min-max stretched; NaN/inf -> 0.
+
+    Work is done 256 rows at a time, so the temporaries stay small for large images.
+    Raises: ImageError for a mode Pillow cannot convert to RGB.
+    """
+    mode = im.mode
+    if mode == "RGB":
+        return np.asarray(im)
+    if mode in ("L", "1"):
+        return _gray_u8(np.asarray(im.convert("L") if mode == "1" else im), lambda b: b)
+    if mode.startswith("I;16"):
+        return _gray_u8(np.asarray(im), _scaled(65535.0))
+    if mode in ("I", "F"):
+        a = np.asarray(im)
+        lo, hi = _finite_range(a)
+        if mode == "F" and lo >= 0 and hi <= 1.0:
+            conv = _scaled(1.0)
+        elif lo >= 0 and hi <= 255:
+            conv = _scaled(255.0)
+        elif mode == "I" and lo >= 0 and hi <= 65535:
+            conv = _scaled(65535.0)
+        else:
+            conv = _stretched(lo, hi)
+        if mode == "F":
+            return _gray_u8(a, lambda b: conv(np.nan_to_num(b, nan=0.0, posinf=0.0, neginf=0.0)))
+        return _gray_u8(a, conv)
+    if mode in ("RGBA", "RGBa", "LA", "La", "PA") or (mode == "P" and "transparency" in im.info):
+        if mode == "La":  # premultiplied grey + alpha: no direct conversion in Pillow
+            im = im.convert("LA")
+        return _over_white(np.asarray(im if mode == "RGBA" else im.convert("RGBA")))
+    try:
+        return np.asarray(im.convert("RGB"))
+    except (ValueError, OSError) as e:
+        raise ImageError(f"unsupported image mode {mode}: {e}") from None
+
+
+def _draft_to_fit(im: Image.Image, max_pixels: int, max_side: int) -> None:
+    """Ask the JPEG decoder for a 1/2, 1/4 or 1/8 scale (decodes less, costs less): the smallest
+    one that keeps at least ``max_side`` px on the long side, within ``max_pixels``; else the
+    largest one within ``max_pixels``; nothing when even 1/8 is over ``max_pixels``."""
+    w, h = im.size
+    fits = [s for s in (2, 4, 8) if math.ceil(w / s) * math.ceil(h / s) <= max_pixels]
+    if not fits:
+        return
+    good = [s for s in fits if max_side > 0 and max(math.ceil(w / s), math.ceil(h / s)) >= max_side]
+    scale = max(good) if good else min(fits)
+    im.draft(im.mode, (math.ceil(w / scale), math.ceil(h / scale)))
+
+
+#: EXIF orientation -> the transpose that displays the image upright (as ``ImageOps.exif_transpose``).
+_ORIENT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+           5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+           8: Image.Transpose.ROTATE_90}
+
+
+#: Modes ``Image.reduce`` supports, shrunk strip by strip (no full-size temporary: reducing RGBA
+#: whole makes a premultiplied full-size copy first).
+_REDUCIBLE = {"L", "LA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "I", "F"}
+
+
+def _shrink(im: Image.Image, max_side: int) -> Image.Image:
+    """``im`` reduced by the smallest integer factor that brings its long side to ``max_side``
+    or less (box filter: ``Image.reduce`` strip by strip, or a BOX resize for modes reduce
+    lacks: ``1``, ``P``, ``PA``, ``I;16*``); else ``im`` itself."""
+    w, h = im.size
+    k = math.ceil(max(w, h) / max_side) if max_side > 0 else 1
+    if k <= 1:
+        return im
+    if im.mode in _REDUCIBLE:
+        small = Image.new(im.mode, (math.ceil(w / k), math.ceil(h / k)))
+        step = k * 64
+        for r0 in range(0, h, step):
+            part = im.crop((0, r0, w, min(h, r0 + step))).reduce(k)
+            small.paste(part, (0, r0 // k))
+    else:
+        small = im.resize((max(1, math.ceil(w / k)), max(1, math.ceil(h / k))), Image.Resampling.BOX)
+    small.info = dict(im.info)  # P transparency and friends
+    return small
+
+
+def decode_image(data: bytes, max_pixels: int, min_side: int = 1, max_side: int = 0) -> LoadedImage:
+    """Decode image bytes to 8-bit RGB (:func:`to_rgb8`) with EXIF orientation applied.
+
+    The size is read from the header before any pixel is decoded and more than ``max_pixels``
+    is refused, except for a JPEG, which is decoded at 1/2, 1/4 or 1/8 scale when that fits.
+    An image whose long side is over ``max_side`` is then reduced by an integer factor (box
+    filter) to fit. The returned width/height are those of the array (Label Studio's percent
+    coordinates do not depend on the scale; ``original_width``/``original_height`` of regions
+    are then the reduced size).
+
+    Args:
+        data: the file's bytes.
+        max_pixels: most pixels (width x height) to decode.
+        min_side: smallest width or height accepted, pixels (after EXIF rotation).
+        max_side: longest side kept, pixels (0 = no limit).
+    Raises: ImageError for bytes that are not an image, truncated data, too many pixels or a side
+        under ``min_side``. Messages never contain the bytes themselves.
     """
     if not data:
         raise ImageError("image is empty (0 bytes)")
+    msg = None
     try:
-        with _pil_open(io.BytesIO(data)) as im:
-            if im.width * im.height > max_pixels:
-                raise ImageError(f"image is too large: {im.width}x{im.height} px (limit {max_pixels} px)")
-            im = ImageOps.exif_transpose(im)
-            arr = np.asarray(im.convert("RGB"))
+        with _pil_open(io.BytesIO(data)) as src:
+            w, h = src.size
+            if src.format == "JPEG" and (w * h > max_pixels or (max_side > 0 and max(w, h) > 2 * max_side)):
+                _draft_to_fit(src, max_pixels, max_side)
+            if src.size[0] * src.size[1] > max_pixels:
+                raise ImageError(f"image is too large: {w}x{h} px (limit {max_pixels} px)")
+            src.load()
+            orientation = src.getexif().get(0x0112, 1)
+            im = _shrink(src, max_side)
+            if im is not src:
+                src.close()  # frees the full-size pixels now, not at the end of the block
+            if orientation in _ORIENT:
+                im = im.transpose(_ORIENT[orientation])
+            arr = to_rgb8(im)
     except ImageError:
         raise
     except UnidentifiedImageError:
-        raise ImageError(f"not a readable image ({len(data)} bytes starting {data[:8]!r})") from None
+        msg = f"not a readable image ({len(data)} bytes in no format Pillow can read)"
     except (Image.DecompressionBombError, ImportError) as e:
-        raise ImageError(f"not a readable image: {e}") from e
-    except (OSError, ValueError, SyntaxError) as e:  # truncated/corrupt files
-        raise ImageError(f"broken image data: {e}") from e
-    return LoadedImage(arr, arr.shape[1], arr.shape[0])
+        msg = f"not a readable image: {str(e)[:200]}"
+    except MemoryError:
+        msg = "image needs more memory to decode than the backend has"
+    except (OSError, ValueError, SyntaxError, EOFError) as e:  # truncated/corrupt files
+        msg = f"broken image data: {str(e)[:200]}"
+    if msg is not None:
+        raise ImageError(msg)
+    height, width = arr.shape[:2]
+    if min(width, height) < min_side:
+        raise ImageError(f"image is too small: {width}x{height} px (minimum {min_side} px a side)")
+    return LoadedImage(np.ascontiguousarray(arr), width, height)
+
+
+# --- fetching ---------------------------------------------------------------------------------
+def _safe_url(url: str) -> str:
+    """``url`` for messages: no user info, query or fragment (they may hold tokens), 200 chars."""
+    try:
+        p = urlsplit(url)
+        host = p.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        port = f":{p.port}" if p.port else ""
+        out = f"{p.scheme}://{host}{port}{p.path}" if p.scheme else p.path
+    except ValueError:
+        out = url.split("?", 1)[0].split("#", 1)[0]
+    return out if len(out) <= 200 else out[:200] + "..."
+
+
+def is_ls_file_path(path: str) -> bool:
+    """True for Label Studio paths that serve task files (:data:`LS_FILE_PATH`); paths with
+    ``.``/``..`` segments or backslashes (also percent-encoded) are never file paths."""
+    if "\\" in unquote(path) or any(seg in (".", "..") for seg in unquote(path).split("/")):
+        return False
+    return bool(LS_FILE_PATH.match(path))
+
+
+def _is_private_host(host: str) -> bool | None:
+    """True when ``host`` resolves to a non-global address (private, loopback, link-local,
+    reserved, multicast), False when all its addresses are global, None when it does not resolve."""
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return None
+    for info in infos:
+        ip = ipaddress.ip_address(info[4][0].split("%", 1)[0])
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        if not ip.is_global or ip.is_multicast:
+            return True
+    return False
+
+
+def _foreign_failure(url: str) -> ImageError:
+    # One message for every failure on a host that is not Label Studio: refused connection,
+    # timeout, DNS failure and HTTP errors all read the same (no port scanning by error text).
+    return ImageError(f"could not fetch {_safe_url(url)}: no image received (host unreachable, too slow, "
+                      "or it answered an error)")
+
+
+def _ls_path(url: str, settings: Settings) -> str | None:
+    """The Label Studio path of an absolute URL on a configured Label Studio origin (the base's
+    own path prefix removed), or None when the URL is not on Label Studio."""
+    o = _origin(url)
+    for b in ls_bases(settings):
+        if o is not None and _origin(b) == o:
+            path = urlsplit(url).path
+            prefix = urlsplit(b).path.rstrip("/")
+            return path[len(prefix):] if prefix and path.startswith(prefix + "/") else path
+    return None
+
+
+def _headers_for(url: str, settings: Settings) -> dict | None:
+    """Request headers for one hop: the token for a Label Studio file URL, none for a foreign
+    host; None when the URL must not be fetched at all (raises with the reason instead)."""
+    path = _ls_path(url, settings)
+    if path is not None:
+        if not is_ls_file_path(path):
+            raise ImageError(f"image URL {_safe_url(url)} is not a Label Studio file URL (/data/upload/, "
+                             "/data/local-files/, storage presign): refused")
+        return auth_headers(settings)
+    if _origin(url) is None:
+        raise ImageError(f"unsupported image URL {_safe_url(url)!r}: use /data/upload, /data/local-files or http(s)")
+    if not settings.image_urls_allow_private:
+        private = _is_private_host(urlsplit(url).hostname)
+        if private is None:
+            raise _foreign_failure(url)
+        if private:
+            raise ImageError(f"image URL {_safe_url(url)} points to a private or loopback address that is not "
+                             "Label Studio: refused (set IMAGE_URLS_ALLOW_PRIVATE=true to allow)")
+    return {}
+
+
+def _http_get(url: str, settings: Settings) -> bytes:
+    """Download ``url`` under the rules of the module docstring (deadline, size cap, redirects)."""
+    deadline = time.monotonic() + settings.image_fetch_timeout_s
+    slots = _slots("fetch", settings.max_concurrent_fetches)
+    if not slots.acquire(timeout=settings.image_fetch_timeout_s):
+        raise ImageError(f"too many image downloads in progress: {_safe_url(url)} waited "
+                         f"{settings.image_fetch_timeout_s:g} s")
+    try:
+        for _hop in range(MAX_REDIRECTS + 1):
+            headers = _headers_for(url, settings)
+            on_ls = bool(headers)
+            try:
+                result = _get_once(url, headers, settings, deadline)
+            except ImageError:
+                raise
+            except (httpx.HTTPError, OSError, ValueError):
+                result = None
+            if result is None:
+                if on_ls:
+                    raise ImageError(f"could not reach Label Studio for {_safe_url(url)}")
+                raise _foreign_failure(url)
+            status, body, location = result
+            if location is not None:
+                url = urljoin(url, location)
+                continue
+            if status != 200:
+                if on_ls:
+                    raise ImageError(f"Label Studio answered HTTP {status} for {_safe_url(url)}")
+                raise _foreign_failure(url)
+            return body
+        raise ImageError(f"more than {MAX_REDIRECTS} redirects for {_safe_url(url)}")
+    finally:
+        slots.release()
+
+
+def _get_once(url: str, headers: dict, settings: Settings, deadline: float):
+    """One GET without following redirects: ``(status, body, redirect location or None)``."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise _timeout(url, settings, bool(headers))
+    step = min(5.0, remaining)
+    timeout = httpx.Timeout(step, connect=step, read=step, write=step, pool=step)
+    with httpx.Client(timeout=timeout, follow_redirects=False) as c:
+        with c.stream("GET", url, headers=headers) as r:
+            if r.status_code in (301, 302, 303, 307, 308) and r.headers.get("location"):
+                return r.status_code, b"", r.headers["location"]
+            if r.status_code != 200:
+                return r.status_code, b"", None
+            length = r.headers.get("content-length")
+            if length and length.isdigit() and int(length) > settings.max_image_bytes:
+                raise ImageError(f"image at {_safe_url(url)} is larger than {settings.max_image_bytes} bytes")
+            buf = bytearray()
+            for chunk in r.iter_bytes():
+                buf.extend(chunk)
+                if len(buf) > settings.max_image_bytes:
+                    raise ImageError(f"image at {_safe_url(url)} is larger than {settings.max_image_bytes} bytes")
+                if time.monotonic() > deadline:
+                    raise _timeout(url, settings, bool(headers))
+            return 200, bytes(buf), None
+
+
+def _timeout(url: str, settings: Settings, on_ls: bool) -> ImageError:
+    if on_ls:
+        return ImageError(f"downloading {_safe_url(url)} from Label Studio took over "
+                          f"{settings.image_fetch_timeout_s:g} s")
+    return _foreign_failure(url)
 
 
 def _read_local(rel: str, settings: Settings) -> bytes:
@@ -125,46 +527,70 @@ def _read_local(rel: str, settings: Settings) -> bytes:
     return p.read_bytes()
 
 
-def _http_get(url: str, headers: dict, settings: Settings) -> bytes:
-    try:
-        with httpx.Client(timeout=httpx.Timeout(30.0, connect=5.0), follow_redirects=True) as c:
-            with c.stream("GET", url, headers=headers) as r:
-                if r.status_code != 200:
-                    raise ImageError(f"GET {url} answered HTTP {r.status_code}")
-                buf = bytearray()
-                for chunk in r.iter_bytes():
-                    buf.extend(chunk)
-                    if len(buf) > settings.max_image_bytes:
-                        raise ImageError(f"image at {url} is larger than {settings.max_image_bytes} bytes")
-                return bytes(buf)
-    except httpx.HTTPError as e:
-        raise ImageError(f"could not fetch {url}: {e.__class__.__name__}: {e}") from e
-
-
 def fetch_image_bytes(url: str, settings: Settings, ls_url: str | None = None) -> bytes:
-    """Bytes of a task's image URL (see module docstring for the kinds).
+    """Bytes of a task's image URL (see module docstring for the kinds and the rules).
 
     Args:
         url: the value of ``task["data"][value_key]``.
-        ls_url: Label Studio base URL to use (e.g. ``/setup``'s hostname); default the settings'.
-    Raises: ImageError for an unsupported or failing URL.
+        ls_url: Label Studio base URL to prefer for relative URLs; used only when it is
+            ``LABEL_STUDIO_URL`` or one of ``LABEL_STUDIO_URL_ALIASES`` (else ignored).
+    Raises: ImageError for an unsupported, refused or failing URL.
     """
     if not isinstance(url, str) or not url.strip():
-        raise ImageError(f"task has no image URL (got {url!r})")
+        shown = url if url is None or isinstance(url, (int, float, str)) else type(url).__name__
+        raise ImageError(f"task has no image URL (got {shown!r})")
     url = url.strip()
-    base = (ls_url or settings.label_studio_url).rstrip("/")
-    parsed = urlparse(url)
-    if parsed.scheme in ("", None) and url.startswith("/"):
-        if parsed.path.startswith("/data/local-files") and settings.local_files_document_root:
+    if len(url) > 8192:
+        raise ImageError(f"image URL is too long ({len(url)} characters)")
+    try:
+        parsed = urlsplit(url)
+    except ValueError:
+        raise ImageError(f"unsupported image URL {_safe_url(url)!r}: not a valid URL") from None
+    if not parsed.scheme and not parsed.netloc and url.startswith("/"):
+        if not is_ls_file_path(parsed.path):
+            raise ImageError(f"image URL {_safe_url(url)!r} is not a Label Studio file URL (/data/upload/, "
+                             "/data/local-files/, storage presign): refused")
+        if parsed.path.rstrip("/") == "/data/local-files" and settings.local_files_document_root:
             d = parse_qs(parsed.query).get("d", [""])[0]
             return _read_local(d, settings)
-        return _http_get(base + url, auth_headers(settings, base), settings)
+        base = ls_base(settings, ls_url)
+        return _http_get(base + url, settings)
     if parsed.scheme in ("http", "https"):
-        same_host = url.startswith(base + "/")
-        return _http_get(url, auth_headers(settings, base) if same_host else {}, settings)
-    raise ImageError(f"unsupported image URL {url!r}: use /data/upload, /data/local-files or http(s)")
+        return _http_get(url, settings)
+    raise ImageError(f"unsupported image URL {_safe_url(url)!r}: use /data/upload, /data/local-files or http(s)")
 
 
 def load_image(url: str, settings: Settings, ls_url: str | None = None) -> LoadedImage:
-    """Fetch and decode a task image. Raises ImageError with a message for the user."""
-    return decode_image(fetch_image_bytes(url, settings, ls_url), settings.max_image_pixels)
+    """Fetch and decode a task image (decodes bounded by ``MAX_CONCURRENT_DECODES``).
+
+    Raises: ImageError with a message for the user.
+    """
+    data = fetch_image_bytes(url, settings, ls_url)
+    with _slots("decode", settings.max_concurrent_decodes):
+        try:
+            return decode_image(data, settings.max_image_pixels, settings.min_image_side, settings.max_image_side)
+        finally:
+            if len(data) > 64 * 1024:  # could be a large image: hand its freed pixels back
+                _release_freed_memory()
+
+
+def _release_freed_memory() -> None:
+    """``malloc_trim(0)`` (glibc): give freed heap memory back to the OS.
+
+    Decodes run in several threads, so glibc keeps each thread's freed full-size pixels in that
+    thread's arena; without this, four 40 MP decodes in a row kept ~550 MB resident instead of
+    ~175 MB (tests/security/test_bombs.py). A no-op where glibc is absent.
+    """
+    global _trim
+    if _trim is None:
+        try:
+            import ctypes
+
+            _trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _trim = False
+    if _trim:
+        _trim(0)
+
+
+_trim = None

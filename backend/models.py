@@ -121,7 +121,7 @@ class TaskScore(SQLModel, table=True):
 
 
 class WebhookEvent(SQLModel, table=True):
-    """A webhook received from Label Studio, kept whole (payload) so nothing is lost."""
+    """A webhook received from Label Studio; ``payload_json`` holds the fields the product uses (``backend.registry.trim_payload``)."""
 
     id: Optional[int] = Field(default=None, primary_key=True)
     project_id: Optional[int] = Field(default=None, index=True)

@@ -20,6 +20,9 @@ from backend.uncertainty import ImageUncertainty, image_uncertainty, normalise
 
 log = logging.getLogger(__name__)
 
+#: Images fetched, decoded and detected together in :func:`predict_tasks`.
+LOAD_CHUNK = 8
+
 
 @dataclass
 class TaskPrediction:
@@ -115,16 +118,20 @@ def pre_annotation_threshold(schema: ProjectSchema, settings: Settings, model=No
 
 
 def load_images(urls: list[str], settings: Settings, ls_url: str | None = None, workers: int = 4) -> list[LoadedImage | ImageError]:
-    """Fetch and decode images concurrently; each entry is the image or the ImageError it raised."""
+    """Fetch and decode images concurrently; each entry is the image or an ImageError.
+
+    A returned ImageError is a fresh one holding only its message (no traceback, no cause): a
+    raised exception keeps the frames that held the fetched bytes alive (issue 9: 0.8 MB an error).
+    """
 
     def one(u):
         try:
             return load_image(u, settings, ls_url)
         except ImageError as e:
-            return e
+            return ImageError(str(e)[:500])
         except Exception as e:  # never let one task fail the batch
-            log.exception("unexpected error loading %r", u)
-            return ImageError(f"{e.__class__.__name__}: {e}")
+            log.error("unexpected error loading an image: %s", e.__class__.__name__)
+            return ImageError(f"could not load the image: {e.__class__.__name__}: {str(e)[:200]}")
 
     if len(urls) <= 1:
         return [one(u) for u in urls]
@@ -149,28 +156,40 @@ def predict_tasks(tasks: list[dict], schema: ProjectSchema, model, settings: Set
     urls = []
     for t in tasks:
         tid = t.get("id") if isinstance(t, dict) else None
-        out.append(TaskPrediction(task_id=tid if isinstance(tid, int) else None))
+        valid_id = isinstance(tid, int) and not isinstance(tid, bool) and 0 <= tid < 2**63
+        out.append(TaskPrediction(task_id=tid if valid_id else None))
         data = t.get("data") if isinstance(t, dict) else None
+        url = data.get(schema.value_key) if isinstance(data, dict) else None
         if not isinstance(data, dict) or schema.value_key not in data:
             out[-1].error = f"task has no data.{schema.value_key} (the label config's image field)"
             urls.append(None)
+        elif not isinstance(url, str) or not url.strip():
+            shown = "null" if url is None else type(url).__name__ if not isinstance(url, str) else "an empty string"
+            out[-1].error = f"task data.{schema.value_key} is {shown}, not an image URL"
+            urls.append(None)
         else:
-            urls.append(data[schema.value_key])
+            urls.append(url)
     todo = [i for i, u in enumerate(urls) if u is not None]
-    loaded = load_images([urls[i] for i in todo], settings, ls_url)
-    ok = []
-    for i, img in zip(todo, loaded):
-        if isinstance(img, ImageError):
-            out[i].error = str(img)
-        else:
-            out[i].width, out[i].height = img.width, img.height
-            ok.append((i, img))
-    if ok:
-        dets = model.detect([img.array for _, img in ok], conf=min(settings.candidate_threshold, threshold),
-                            imgsz=settings.imgsz, embed=embed)
-        for (i, _), det in zip(ok, dets):
-            out[i].boxes, out[i].uncertainty = analyse(det, schema, model.names, threshold, settings.aggregation)
-            out[i].embedding = det.embedding
+    # images are decoded and detected LOAD_CHUNK at a time: a request of many large images never
+    # holds more than LOAD_CHUNK decoded arrays (issue 9: memory)
+    for c0 in range(0, len(todo), LOAD_CHUNK):
+        chunk = todo[c0 : c0 + LOAD_CHUNK]
+        loaded = load_images([urls[i] for i in chunk], settings, ls_url)
+        ok = []
+        for i, img in zip(chunk, loaded):
+            if isinstance(img, ImageError):
+                out[i].error = str(img)
+            else:
+                out[i].width, out[i].height = img.width, img.height
+                ok.append((i, img))
+        del loaded
+        if ok:
+            dets = model.detect([img.array for _, img in ok], conf=min(settings.candidate_threshold, threshold),
+                                imgsz=settings.imgsz, embed=embed)
+            for (i, _), det in zip(ok, dets):
+                out[i].boxes, out[i].uncertainty = analyse(det, schema, model.names, threshold, settings.aggregation)
+                out[i].embedding = det.embedding
+        del ok
     return out
 
 

@@ -138,17 +138,67 @@ def request_training(s: Session, project_id: int, trigger: str) -> tuple[Trainin
     return job, True
 
 
+#: Most ids kept from a list in a stored webhook (``tasks``, ``annotations``).
+MAX_STORED_IDS = 10_000
+_ANNOTATION_FIELDS = ("id", "task", "project", "was_cancelled", "ground_truth", "created_at", "updated_at",
+                      "completed_by", "lead_time")
+_PROJECT_FIELDS = ("id", "title", "min_annotations_to_start_training", "model_version", "updated_at")
+
+
+def valid_id(v) -> int | None:
+    """``v`` as a Label Studio id (int 1..2^63-1, not bool), else None."""
+    return v if isinstance(v, int) and not isinstance(v, bool) and 1 <= v < 2**63 else None
+
+
+def _scalar(v):
+    """Keep short scalars only (ids, flags, timestamps); drop anything else."""
+    if v is None or isinstance(v, (bool, float)) or (isinstance(v, int) and abs(v) < 2**63):
+        return v
+    if isinstance(v, str):
+        return v[:100]
+    if isinstance(v, dict) and valid_id(v.get("id")) is not None:  # e.g. completed_by as a user object
+        return valid_id(v.get("id"))
+    return None
+
+
+def _pick(obj, fields) -> dict:
+    return {k: _scalar(obj[k]) for k in fields if isinstance(obj, dict) and k in obj}
+
+
+def trim_payload(action: str, payload: dict) -> dict:
+    """The fields of a webhook the product uses, no more (issue 9: payloads were stored whole).
+
+    Kept: ``action``; ``project`` {id, title, min_annotations_to_start_training, model_version,
+    updated_at}; ``annotation`` {id, task, project, was_cancelled, ground_truth, created_at,
+    updated_at, completed_by, lead_time}; ``task`` {id}; ``tasks`` and ``annotations`` as lists
+    of ``{id[, task]}`` (at most :data:`MAX_STORED_IDS`). Strings are cut at 100 characters;
+    label configs, results and task data are dropped (training reads them from Label Studio).
+    """
+    out: dict = {"action": str(action)[:100]}
+    if isinstance(payload.get("project"), dict):
+        out["project"] = _pick(payload["project"], _PROJECT_FIELDS)
+    if isinstance(payload.get("annotation"), dict):
+        out["annotation"] = _pick(payload["annotation"], _ANNOTATION_FIELDS)
+    if isinstance(payload.get("task"), dict):
+        out["task"] = _pick(payload["task"], ("id",))
+    for key, fields in (("tasks", ("id",)), ("annotations", ("id", "task"))):
+        items = payload.get(key)
+        if isinstance(items, list):
+            out[key] = [(_pick(i, fields) if isinstance(i, dict) else _scalar(i)) for i in items[:MAX_STORED_IDS]]
+    return out
+
+
 def record_event(s: Session, action: str, payload: dict) -> WebhookEvent:
-    """Store a webhook whole, with the project, annotation and task ids it names."""
+    """Store a webhook trimmed by :func:`trim_payload`, with the project, annotation and task ids
+    it names (ids that are not ints 1..2^63-1, or are bools, are stored as None)."""
     proj = payload.get("project")
-    pid = proj.get("id") if isinstance(proj, dict) else None
+    pid = valid_id(proj.get("id")) if isinstance(proj, dict) else None
     ann = payload.get("annotation") if isinstance(payload.get("annotation"), dict) else {}
     task = payload.get("task") if isinstance(payload.get("task"), dict) else {}
-    ev = WebhookEvent(project_id=pid if isinstance(pid, int) else None, action=str(action),
-                      annotation_id=ann.get("id") if isinstance(ann.get("id"), int) else None,
-                      task_id=(task.get("id") if isinstance(task.get("id"), int) else ann.get("task")
-                               if isinstance(ann.get("task"), int) else None),
-                      payload_json=json.dumps(payload, default=str))
+    task_id = valid_id(task.get("id"))
+    ev = WebhookEvent(project_id=pid, action=str(action)[:100], annotation_id=valid_id(ann.get("id")),
+                      task_id=task_id if task_id is not None else valid_id(ann.get("task")),
+                      payload_json=json.dumps(trim_payload(action, payload), default=str))
     s.add(ev)
     s.flush()
     return ev

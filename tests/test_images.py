@@ -60,10 +60,17 @@ def test_decode_truncated_png():
 
 
 def test_decode_too_many_pixels():
-    # 64 x 48 = 3072 px > 3000
+    # 64 x 48 = 3072 px > 3000: a PNG is refused, a JPEG is decoded at half scale (32 x 24)
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48)).save(buf, "PNG")
     with pytest.raises(ImageError, match=r"image is too large: 64x48 px \(limit 3000 px\)"):
-        decode_image(jpeg_bytes(64, 48), 3000)
-    assert decode_image(jpeg_bytes(64, 48), 3072).width == 64  # the limit itself is allowed
+        decode_image(buf.getvalue(), 3000)
+    assert decode_image(buf.getvalue(), 3072).width == 64  # the limit itself is allowed
+    half = decode_image(jpeg_bytes(64, 48), 3000)
+    assert (half.width, half.height) == (32, 24)
+    assert decode_image(jpeg_bytes(64, 48), 3072).width == 64
+    with pytest.raises(ImageError, match=r"image is too large: 64x48 px \(limit 40 px\)"):
+        decode_image(jpeg_bytes(64, 48), 40)  # even 1/8 (8 x 6) is over
 
 
 # --- fetch_image_bytes ------------------------------------------------------------------------
@@ -88,16 +95,16 @@ def test_local_file(settings, root):
 
 
 def test_local_file_with_leading_slash_and_spaces(settings, root):
-    write_jpeg(root / "my faces" / "b c.jpg", width=5, height=6)
-    assert load_image(local_url("/my faces/b c.jpg"), settings).height == 6
+    write_jpeg(root / "my faces" / "b c.jpg", width=20, height=24)
+    assert load_image(local_url("/my faces/b c.jpg"), settings).height == 24
 
 
 def test_local_file_whose_name_has_a_percent_sign(settings, root):
     # Label Studio decodes ?d= once (Django's request.GET); a file literally named "a%20b.jpg" is
     # sent as d=a%2520b.jpg and must not be read as "a b.jpg".
-    write_jpeg(root / "a%20b.jpg", width=7, height=9)
-    write_jpeg(root / "a b.jpg", width=3, height=3)
-    assert load_image(local_url("a%20b.jpg"), settings).width == 7
+    write_jpeg(root / "a%20b.jpg", width=17, height=19)
+    write_jpeg(root / "a b.jpg", width=16, height=16)
+    assert load_image(local_url("a%20b.jpg"), settings).width == 17
 
 
 def test_local_file_missing(settings):
@@ -155,10 +162,12 @@ def test_relative_url_without_api_key(tmp_path):
         fetch_image_bytes("/data/upload/1/face.jpg", s)
 
 
-def test_http_unreachable_host(settings):
-    # nothing listens on port 1: a connection error becomes an ImageError naming the URL
+def test_http_unreachable_host(tmp_path):
+    # nothing listens on port 1: a connection error becomes an ImageError naming the URL (private
+    # addresses allowed here; by default they are refused before any request: tests/security)
+    s = make_settings(tmp_path, image_urls_allow_private=True)
     with pytest.raises(ImageError, match=r"could not fetch http://127\.0\.0\.1:1/face\.jpg"):
-        fetch_image_bytes("http://127.0.0.1:1/face.jpg", settings, ls_url="http://127.0.0.2:9")
+        fetch_image_bytes("http://127.0.0.1:1/face.jpg", s, ls_url="http://127.0.0.2:9")
 
 
 def test_local_files_url_without_document_root_goes_to_label_studio(tmp_path):
