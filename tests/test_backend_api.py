@@ -274,36 +274,7 @@ def test_joined_job_that_was_never_sent_is_sent_again(client, settings, monkeypa
     assert len(_jobs(settings, 45)) == 1
 
 
-def test_annotation_events_count_up_to_the_threshold(client, settings):
-    # RETRAIN_MIN_ANNOTATIONS = 3 (settings); the project's own setting is 0 = not set
-    project = {"id": 42, "label_config": config_text("awake_sleep"), "min_annotations_to_start_training": 0}
-
-    def annotate(i):
-        t0 = time.perf_counter()
-        r = client.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": project,
-                                          "annotation": {"id": 100 + i, "task": i, "result": []},
-                                          "task": {"id": i, "data": {}}})
-        assert r.status_code == 200, r.text
-        assert time.perf_counter() - t0 < WEBHOOK_BUDGET_S
-        return r.json()
-
-    assert annotate(1) == {"status": "recorded", "new_annotations": 1, "retrain_at": 3}
-    assert annotate(2)["new_annotations"] == 2
-    assert _jobs(settings, 42) == []
-    third = annotate(3)
-    assert third["status"] == "ok" and third["new_annotations"] == 3 and third["queued"] is True
-    assert [j[1:] for j in _jobs(settings, 42)] == [("queued", "annotations")]
-    # counting starts again after the job
-    assert annotate(4) == {"status": "recorded", "new_annotations": 1, "retrain_at": 3}
-    assert len(_jobs(settings, 42)) == 1
-
-
-def test_project_threshold_wins(client, settings):
-    project = {"id": 43, "min_annotations_to_start_training": 2}
-    body = {"action": "ANNOTATION_UPDATED", "project": project, "annotation": {"id": 1, "task": 1}}
-    assert client.post("/webhook", json=body).json()["retrain_at"] == 2
-    assert client.post("/webhook", json=body).json()["queued"] is True
-    assert len(_jobs(settings, 43)) == 1
+# the retrain trigger (switch, threshold, what counts): tests/test_retrain_trigger.py
 
 
 def test_other_events_are_recorded(client, settings):
