@@ -183,6 +183,7 @@ def up(
     from backend.stack import Stack, StackError, read_json
 
     folder = _image_folder(images)
+    os.umask(0o077)  # secrets, tokens, databases: this user only
     xml_path = _config_path(config)
     xml = xml_path.read_text()
     settings = get_settings()
@@ -258,6 +259,10 @@ def up(
                     break
         except KeyboardInterrupt:
             pass
+    except Exception as e:
+        if getattr(e, "status_code", None) is None:
+            raise
+        _fail(f"Label Studio answered {api_error_text(e)}; see {root / 'logs'}")  # no headers, no cookies
     finally:
         st.stop()
 

@@ -253,7 +253,8 @@ def connect_backend(client, project_id: int, backend_url: str, title: str = "fac
     if webhook_secret:
         ensure_webhook(client, project_id, backend_url, webhook_secret, replace_urls=old_urls)
     if existing:
-        ml = client.ml.update(id=existing[0].id, url=backend_url, is_interactive=False, **auth)
+        # ``project`` is needed: Label Studio 1.23.2's PATCH without it fails (500, setup_() missing project)
+        ml = client.ml.update(id=existing[0].id, project=project_id, url=backend_url, is_interactive=False, **auth)
     else:
         ml = client.ml.create(project=project_id, url=backend_url, title=title, is_interactive=False, **auth)
     if webhook_secret:  # a webhook Label Studio made anyway (e.g. added by hand earlier) goes

@@ -63,6 +63,8 @@ def free_port() -> int:
 def port_is_free(port: int) -> bool:
     """True when nothing listens on 127.0.0.1:``port`` and we may bind it."""
     with socket.socket() as s:
+        # as servers bind (SO_REUSEADDR): a port in TIME_WAIT after a restart counts as free
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", int(port)))
         except OSError:
@@ -231,8 +233,10 @@ class Stack:
         logs = self.root / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         f = open(logs / f"{name}.log", "ab")
+        # umask 077: whatever the services write (Label Studio's and faceloop's databases, tokens,
+        # models) is readable by this user only
         p = subprocess.Popen(cmd, env=env, cwd=str(cwd or self.root), stdout=f, stderr=subprocess.STDOUT,
-                             stdin=subprocess.DEVNULL, start_new_session=True)
+                             stdin=subprocess.DEVNULL, start_new_session=True, umask=0o077)
         self.procs[name] = p
         return p
 
@@ -275,6 +279,8 @@ class Stack:
             st._start_backend(extra_env or {})
             if worker:
                 st.start_worker()
+            for db in st.var_dir.glob("*.db*"):
+                os.chmod(db, 0o600)
             st.save_state(running=True)
         except BaseException:
             st.stop()
