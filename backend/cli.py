@@ -52,60 +52,204 @@ def _config_path(name: str) -> Path:
     return p
 
 
+def _image_folder(folder: Path) -> Path:
+    """The folder ``up`` serves, resolved; a file, a missing path or a folder without images is a
+    clear error (exit 2)."""
+    from backend.lsapi import IMAGE_SUFFIXES
+
+    if folder.is_file():
+        raise typer.BadParameter(f"{folder} is a file, not a folder: give the folder that holds the images")
+    if not folder.is_dir():
+        raise typer.BadParameter(f"image folder {folder} does not exist")
+    folder = folder.resolve()
+    if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.rglob("*")):
+        raise typer.BadParameter(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+    return folder
+
+
 def _images(folder: Path, limit: int | None) -> list[Path]:
     from backend.lsapi import IMAGE_SUFFIXES
 
-    if not folder.is_dir():
-        raise typer.BadParameter(f"image folder {folder} does not exist")
+    folder = _image_folder(folder)
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise typer.BadParameter(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
     return files[:limit] if limit else files
+
+
+def _stack_root() -> Path:
+    return get_settings().var_dir / "stack"
+
+
+def _fail(msg: str, code: int = 1):
+    console.print(f"[red]error:[/] {msg}", soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _use_running_stack() -> dict | None:
+    """Point the settings at the stack ``faceloop up`` runs (``var/stack/stack.json``): its Redis,
+    Label Studio URL and token. Variables set in the environment win. Returns the state or None."""
+    from backend.stack import running_stack
+
+    st = running_stack(_stack_root())
+    if not st:
+        return None
+    env = {"LABEL_STUDIO_URL": st.get("ls_url"), "CELERY_BROKER_URL": st.get("redis_url")}
+    tok = Path(st.get("token_file") or "")
+    if tok.is_file():
+        env["LABEL_STUDIO_API_KEY"] = tok.read_text().strip()
+    for k, v in env.items():
+        if v and not os.environ.get(k):
+            os.environ[k] = v
+    get_settings.cache_clear()
+    return st
+
+
+def _require_project(project: int) -> None:
+    """Exit 1 with a clear message unless ``project`` is known: a row in faceloop's database or a
+    project of Label Studio. Nothing is recorded for an unknown project."""
+    from backend.models import Project
+
+    if project <= 0:
+        _fail(f"project ids are positive integers, got {project}")
+    with _db() as s:
+        if s.get(Project, project) is not None:
+            return
+    settings = get_settings()
+    where = settings.label_studio_url
+    if not settings.label_studio_api_key:
+        _fail(f"project {project} is unknown to faceloop, and no Label Studio API key is set to ask {where} "
+              f"(start the stack with `faceloop up`, or set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY)")
+    from label_studio_sdk import LabelStudio
+
+    from backend.lsapi import api_error_text
+
+    try:
+        LabelStudio(base_url=where, api_key=settings.label_studio_api_key, timeout=10).projects.get(id=project)
+    except Exception as e:  # noqa: BLE001 - ApiError, connection errors: one clean line
+        if getattr(e, "status_code", None) == 404:
+            _fail(f"no project {project} in Label Studio at {where}")
+        _fail(f"project {project} is unknown to faceloop and Label Studio at {where} could not be asked: "
+              f"{api_error_text(e)}")
+
+
+def _broker_reachable(url: str) -> str | None:
+    """None when Redis answers PING at ``url``, else the reason."""
+    import redis
+
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2).ping()
+        return None
+    except Exception as e:  # noqa: BLE001
+        return f"{e.__class__.__name__}: {e}"
+
+
+def _choose_document_root(folder: Path, asked: Path | None, recorded: str | None) -> Path:
+    """Label Studio's LOCAL_FILES_DOCUMENT_ROOT: asked, else the one of the first ``up`` (task
+    URLs are relative to it, so it stays), else the folder's parent. The folder must be strictly
+    below it (Label Studio refuses a storage on the root itself)."""
+    root = Path(asked).resolve() if asked else Path(recorded) if recorded else folder.parent
+    if root not in folder.parents:
+        raise typer.BadParameter(
+            f"{folder} is not inside {root}, the folder Label Studio serves local files from"
+            + (" (chosen at the first `faceloop up` of this stack; the tasks of earlier projects point into it)"
+               if recorded and not asked else "")
+            + ". Pass --document-root with a common parent of your image folders (earlier projects' images "
+              "then stop showing if it changes), or --root for a separate stack.")
+    return root
 
 
 @app.command()
 def up(
-    images: Path = typer.Argument(DEFAULT_IMAGES, help="Folder of face images to label (stays in place)"),
+    images: Path = typer.Argument(DEFAULT_IMAGES, help="Folder of face images to label (stays in place; "
+                                                       "subfolders included)"),
     config: str = typer.Option("awake_sleep", help="Label config in label_config/ (name) or an XML path"),
-    title: str = typer.Option("faces", help="Project title"),
-    limit: Optional[int] = typer.Option(None, help="Import at most this many images"),
-    root: Path = typer.Option(REPO_ROOT / "var" / "stack", help="Folder for the services' data and logs"),
+    title: Optional[str] = typer.Option(None, help="Project title (default: faces: <folder name>)"),
+    new: bool = typer.Option(False, "--new", help="Create a new project even if one exists for this folder + config"),
+    root: Optional[Path] = typer.Option(None, help="Folder for the services' data, secrets and logs "
+                                                   "(default VAR_DIR/stack; kept between runs)"),
+    document_root: Optional[Path] = typer.Option(None, help="Label Studio's local-files root: a parent of IMAGES "
+                                                            "(default: the first run's, else IMAGES' parent)"),
+    ls_port: Optional[int] = typer.Option(None, help="Label Studio port (default: last run's, else 8080, else free)"),
+    backend_port: Optional[int] = typer.Option(None, help="Backend port (default: last run's, else 9090, else free)"),
+    redis_port: Optional[int] = typer.Option(None, help="Redis port (default: last run's, else 6379, else free)"),
     exit_after_setup: bool = typer.Option(False, help="Stop the services once the project is ready"),
 ):
-    """Start Redis, Label Studio, the backend and a worker; create a project with IMAGES; connect."""
+    """Start Redis, Label Studio, the backend and a worker; open (or create) the project of IMAGES
+    and CONFIG with the images as a Local Files storage; connect the backend with auth on."""
+    import hashlib
+
     from label_studio_sdk import LabelStudio
 
-    from backend.lsapi import connect_backend, create_project, import_local_images
-    from backend.stack import LS_PASSWORD, LS_USER, Stack
+    from backend.lsapi import api_error_text, connect_backend, create_project, sync_local_storage
+    from backend.stack import Stack, StackError, read_json
 
-    files = _images(images, limit)
-    xml = _config_path(config).read_text()
+    folder = _image_folder(images)
+    os.umask(0o077)  # secrets, tokens, databases: this user only
+    xml_path = _config_path(config)
+    xml = xml_path.read_text()
     settings = get_settings()
+    root = (root or _stack_root()).resolve()
+    state = read_json(root / "stack.json")
+    doc_root = _choose_document_root(folder, document_root, state.get("document_root"))
+    asked = {k: v for k, v in (("label-studio", ls_port), ("backend", backend_port), ("redis", redis_port)) if v}
     console.print(f"[bold]starting[/] redis-server, Label Studio, backend, worker under {root} ...")
     t0 = time.time()
-    st = Stack.start(root, document_root=images.resolve(), var_dir=settings.var_dir)
+    try:
+        st = Stack.start(root, document_root=doc_root, var_dir=settings.var_dir, ports=asked, stable_ports=True)
+    except StackError as e:
+        _fail(str(e))
+    stop = {"now": False}
+
+    def _stop(*_):
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, _stop)
     try:
         console.print(f"services up in {time.time() - t0:.0f} s")
         client = LabelStudio(base_url=st.ls_url, api_key=st.api_key)
-        pid = create_project(client, title, xml)
-        ids = import_local_images(client, pid, files, images.resolve())
-        connect_backend(client, pid, st.backend_url)
-        from backend.config import Settings
-        from backend.events import enqueue
+        key = {"folder": str(folder), "config_sha256": hashlib.sha256(xml.encode()).hexdigest()}
+        projects = [p for p in (st.state().get("projects") or []) if isinstance(p, dict)]
+        entry = None if new else next((p for p in reversed(projects) if all(p.get(k) == v for k, v in key.items())),
+                                      None)
+        pid = None
+        if entry is not None:
+            try:
+                pid = int(client.projects.get(id=entry["id"]).id)
+            except Exception as e:  # noqa: BLE001 - deleted in Label Studio: make a new one
+                console.print(f"[yellow]project {entry['id']} of this folder is gone ({api_error_text(e)}); "
+                              "creating a new one[/]")
+                projects.remove(entry)
+                entry = None
+        if entry is None:
+            pid = create_project(client, title or f"faces: {folder.name}"[:50], xml)
+            entry = {"id": pid, **key, "config": str(xml_path), "storage_id": None}
+            projects.append(entry)
+        try:
+            sid, n_new = sync_local_storage(client, pid, folder, entry.get("storage_id"))
+        except Exception as e:  # noqa: BLE001
+            _fail(f"Label Studio did not accept the folder as a Local Files storage: {api_error_text(e)}")
+        entry["storage_id"] = sid
+        ml_id = connect_backend(client, pid, st.backend_url, basic_auth=st.basic_auth, webhook_secret=st.webhook_secret)
+        others = _reconnect_projects(client, st, exclude={pid})
+        st.save_state(running=True, projects=projects)
+        n_tasks = int(client.projects.get(id=pid).task_number or 0)
+        if n_new:
+            from backend.config import Settings
+            from backend.events import enqueue
 
-        enqueue(Settings(celery_broker_url=st.redis_url, var_dir=settings.var_dir), "faceloop.score", [pid])
-        console.print(f"project {pid}: {len(ids)} tasks imported, faceloop connected as its ML backend; "
-                      f"the worker is pre-annotating them and building the review queue")
-        console.print(f"\n  Label Studio  {st.ls_url}/projects/{pid}/data\n  login         {LS_USER} / {LS_PASSWORD}\n"
+            enqueue(Settings(celery_broker_url=st.redis_url, var_dir=settings.var_dir), "faceloop.score", [pid])
+        console.print(f"project {pid}: {n_tasks} tasks ({n_new} new) from {folder}; faceloop connected as its ML "
+                      f"backend {ml_id} (basic auth){f'; {len(others)} earlier projects reconnected' if others else ''}")
+        login = (f"{st.ls_user} / {st.ls_password}   (shown once; stored in {root / 'secrets.json'})"
+                 if st.first_start else f"{st.ls_user} / password in {root / 'secrets.json'}")
+        console.print(f"\n  Label Studio  {st.ls_url}/projects/{pid}/data\n  login         {login}\n"
                       f"  backend       {st.backend_url}\n  logs          {root / 'logs'}\n"
-                      f"  state         {settings.var_dir}\n"
-                      f"\nLabel some faces, then Settings -> Model -> Start Training (or `faceloop train {pid}`)."
+                      f"  state         {settings.var_dir}\n", soft_wrap=True)
+        console.print(f"Label some faces, then Settings -> Model -> Start Training (or `faceloop train {pid}`)."
                       f"\nThe review queue: view '{settings.review_view_title}', or `faceloop queue {pid}`.")
+        console.print(f"UP {time.time() - t0:.1f} s project={pid} ls={st.ls_url}")  # one line for scripts/tests
         if exit_after_setup:
             return
         console.print("\nCtrl-C stops everything.")
-        stop = {"now": False}
-        signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
         try:
             while not stop["now"]:
                 time.sleep(1)
@@ -115,8 +259,31 @@ def up(
                     break
         except KeyboardInterrupt:
             pass
+    except Exception as e:
+        if getattr(e, "status_code", None) is None:
+            raise
+        _fail(f"Label Studio answered {api_error_text(e)}; see {root / 'logs'}")  # no headers, no cookies
     finally:
         st.stop()
+
+
+def _reconnect_projects(client, st, exclude: set) -> list[int]:
+    """Point every other project that has faceloop as ML backend at this run's backend URL, with
+    this install's auth and webhook (their backend showed "Disconnected" after a port change)."""
+    from backend.lsapi import api_error_text, connect_backend
+
+    done = []
+    for p in client.projects.list():
+        if int(p.id) in exclude:
+            continue
+        try:
+            if any(m.title == "faceloop" for m in client.ml.list(project=p.id)):
+                connect_backend(client, int(p.id), st.backend_url, basic_auth=st.basic_auth,
+                                webhook_secret=st.webhook_secret)
+                done.append(int(p.id))
+        except Exception as e:  # noqa: BLE001 - one broken project does not stop `up`
+            console.print(f"[yellow]project {p.id}: could not reconnect the backend: {api_error_text(e)}[/]")
+    return done
 
 
 @app.command()
@@ -137,7 +304,7 @@ def demo(
     from backend.demo import annotate_from_ground_truth, dataset_names, retrieve_predictions, wait_for_job
     from backend.labels import ProjectSchema
     from backend.lsapi import connect_backend, create_project, review_queue, upload_images
-    from backend.stack import LS_PASSWORD, LS_USER, Stack
+    from backend.stack import Stack
 
     imgs = _images(data / "images" / "train", None)
     step = max(1, len(imgs) // n_images)
@@ -147,11 +314,12 @@ def demo(
     t0 = time.time()
     st = Stack.start(root, var_dir=var_dir, extra_env={"TRAIN_EPOCHS": epochs})
     try:
-        console.print(f"services up in {time.time() - t0:.0f} s: Label Studio {st.ls_url} ({LS_USER} / {LS_PASSWORD})")
+        console.print(f"services up in {time.time() - t0:.0f} s: Label Studio {st.ls_url} "
+                      f"({st.ls_user} / password in {root / 'secrets.json'})")
         client = LabelStudio(base_url=st.ls_url, api_key=st.api_key)
         pid = create_project(client, "faceloop demo", xml)
         ids = upload_images(client, st.ls_url, pid, files)
-        connect_backend(client, pid, st.backend_url)
+        connect_backend(client, pid, st.backend_url, basic_auth=st.basic_auth, webhook_secret=st.webhook_secret)
         t1 = time.time()
         retrieve_predictions(client, pid)
         console.print(f"{len(ids)} tasks pre-annotated by the default model in {time.time() - t1:.1f} s")
@@ -196,6 +364,8 @@ def queue(project: int = typer.Argument(..., help="Label Studio project id"),
     from backend import registry
     from backend.models import TaskScore
 
+    _use_running_stack()
+    _require_project(project)
     settings = get_settings()
     with _db() as s:
         v = registry.promoted_version(s, project, settings)
@@ -224,6 +394,8 @@ def versions(project: int = typer.Argument(..., help="Label Studio project id"))
 
     from backend.models import ModelVersion
 
+    _use_running_stack()
+    _require_project(project)
     with _db() as s:
         rows = s.exec(select(ModelVersion).where(ModelVersion.project_id == project).order_by(ModelVersion.id)).all()
     t = Table(title=f"project {project} model versions")
@@ -248,6 +420,8 @@ def jobs(project: int = typer.Argument(..., help="Label Studio project id")):
 
     from backend.models import TrainingJob
 
+    _use_running_stack()
+    _require_project(project)
     with _db() as s:
         rows = s.exec(select(TrainingJob).where(TrainingJob.project_id == project).order_by(TrainingJob.id)).all()
     t = Table(title=f"project {project} training jobs")
@@ -261,16 +435,35 @@ def jobs(project: int = typer.Argument(..., help="Label Studio project id")):
 
 @app.command()
 def train(project: int = typer.Argument(..., help="Label Studio project id")):
-    """Queue a retrain, as *Start Training* in Label Studio does (coalesced with a queued one)."""
-    from backend.events import queue_training
+    """Queue a retrain, as *Start Training* in Label Studio does (coalesced with a queued one).
 
-    console.print(queue_training(get_settings(), project, "cli"))
+    Exits 1 (and records no job) when the project is unknown or Redis cannot be reached."""
+    from backend.events import queue_training
+    from backend.models import TrainingJob
+
+    _use_running_stack()
+    _require_project(project)
+    settings = get_settings()
+    why = _broker_reachable(settings.celery_broker_url)
+    if why:
+        _fail(f"Redis at {settings.celery_broker_url} cannot be reached ({why}); no job recorded. "
+              "Start the stack with `faceloop up` (other commands find it), or set CELERY_BROKER_URL.")
+    out = queue_training(settings, project, "cli")
+    with _db() as s:
+        job = s.get(TrainingJob, int(out["job"]))
+        sent = bool(job is not None and job.celery_id)
+    console.print(out)
+    if not sent:
+        _fail(f"job {out['job']} is recorded but could not be sent to Redis at {settings.celery_broker_url}; "
+              "it is sent again when a worker starts")
 
 
 @app.command()
 def score(project: int = typer.Argument(..., help="Label Studio project id"),
           here: bool = typer.Option(False, help="Score in this process instead of on the worker")):
     """Score the unlabelled pool with the promoted version and refresh the review queue."""
+    _use_running_stack()
+    _require_project(project)
     settings = get_settings()
     if here:
         from rich.progress import Progress
@@ -284,7 +477,12 @@ def score(project: int = typer.Argument(..., help="Label Studio project id"),
     else:
         from backend.events import enqueue
 
-        console.print({"celery_id": enqueue(settings, "faceloop.score", [project])})
+        why = _broker_reachable(settings.celery_broker_url)
+        cid = None if why else enqueue(settings, "faceloop.score", [project])
+        if cid is None:
+            _fail(f"could not queue the scoring: Redis at {settings.celery_broker_url} cannot be reached"
+                  f"{f' ({why})' if why else ''}. Start the stack with `faceloop up`, or use --here.")
+        console.print({"celery_id": cid})
 
 
 @app.command()

@@ -3,10 +3,16 @@
 Every event is stored in the database first, trimmed to the fields the product uses
 (:func:`backend.registry.trim_payload`) (nothing is lost even if Redis is down), then:
 
-- ``START_TRAINING``: queue a retrain now (coalesced: see :func:`backend.registry.request_training`).
-- ``ANNOTATION_CREATED`` / ``ANNOTATION_UPDATED`` / ``ANNOTATIONS_CREATED``: queue a retrain once
-  the project has this many new annotation events since its last training: the project's
-  ``min_annotations_to_start_training`` if > 0, else ``RETRAIN_MIN_ANNOTATIONS``.
+- ``START_TRAINING`` (the *Start Training* button): queue a retrain now (coalesced: see
+  :func:`backend.registry.request_training`). See :func:`handle_event` for the one sent by Label
+  Studio itself after an annotation is saved.
+- ``ANNOTATION_CREATED`` / ``ANNOTATION_UPDATED`` / ``ANNOTATIONS_CREATED``: Label Studio's project
+  switch "Start model training on annotation submission" decides. It is stored as the project's
+  ``min_annotations_to_start_training`` (0 = off; the switch stores 1 when turned on, the API
+  accepts any N). Off: annotations never queue a retrain. On: a retrain is queued once
+  :func:`backend.registry.annotations_since_last_training` (tasks newly labelled since the last
+  training: no edits, no skips) reaches the threshold: the project's value when it is above 1,
+  else ``RETRAIN_MIN_ANNOTATIONS``.
 - ``ANNOTATIONS_DELETED``: recorded; training always snapshots Label Studio's current
   annotations, so deleted ones are left out of the next run.
 - ``PROJECT_UPDATED``: refresh the stored label config and training threshold.
@@ -70,12 +76,55 @@ def queue_training(settings: Settings, project_id: int, trigger: str) -> dict:
     return {"job": str(job_id), "queued": created, "joined_existing": not created}
 
 
+#: Seconds within which an annotation webhook following a START_TRAINING marks it as the one
+#: Label Studio sends by itself on saving an annotation (see :func:`handle_event`).
+AUTO_START_WINDOW_S = 8.0
+
+
+def retrain_threshold(settings: Settings, min_annotations: int) -> int | None:
+    """Newly labelled tasks that trigger a retrain; None when the project's switch is off (0).
+
+    Label Studio's switch stores 1 when turned on: the threshold is then RETRAIN_MIN_ANNOTATIONS;
+    a value above 1 (set through the API) is the project's own threshold."""
+    m = int(min_annotations or 0)
+    if m <= 0:
+        return None
+    return m if m > 1 else max(1, settings.retrain_min_annotations)
+
+
+def _decide_start_training(settings: Settings, pid: int, event_id: int) -> dict | None:
+    """A START_TRAINING received while the project's switch is on: when an annotation webhook of
+    the project arrived after it, Label Studio sent it by itself on saving that annotation, and the
+    threshold rule has already decided; otherwise it was the button: queue now."""
+    from sqlmodel import select
+
+    from backend.models import WebhookEvent
+
+    with session_scope(settings.database_url) as s:
+        later = s.exec(select(WebhookEvent.id).where(WebhookEvent.project_id == pid, WebhookEvent.id > event_id,
+                                                     WebhookEvent.action.in_(registry.ANNOTATION_ACTIONS))).first()
+    if later is not None:
+        log.info("START_TRAINING of project %s came with an annotation save: threshold rule applies", pid)
+        return None
+    return queue_training(settings, pid, "start_training")
+
+
 def handle_event(settings: Settings, action: str, payload: dict) -> dict:
-    """Record one webhook and act on it (see module docstring). Returns the JSON answer."""
+    """Record one webhook and act on it (see module docstring). Returns the JSON answer.
+
+    START_TRAINING while the project's "train on annotation submission" switch is on: Label
+    Studio itself sends START_TRAINING on every annotation save then (``tasks/models.py::
+    update_ml_backend``: every N-th annotation, N = the stored value, 1 for the switch), inside the
+    save request and just before that annotation's webhook; the payloads are identical to the
+    button's. So the decision waits :data:`AUTO_START_WINDOW_S` (in a thread; the answer goes out
+    at once): an annotation webhook in between means it was the automatic one, and the threshold
+    rule decides instead; none means the button, and a retrain is queued.
+    """
     project = payload.get("project") if isinstance(payload.get("project"), dict) else {}
     pid = registry.valid_id(project.get("id"))  # None for bools, negative or > 2^63-1 ids
     with session_scope(settings.database_url) as s:
-        registry.record_event(s, action, payload)
+        ev = registry.record_event(s, action, payload)
+        event_id = ev.id
         if isinstance(pid, int):
             registry.upsert_project(
                 s, pid, label_config=project.get("label_config"), title=project.get("title"),
@@ -84,16 +133,25 @@ def handle_event(settings: Settings, action: str, payload: dict) -> dict:
     if not isinstance(pid, int):
         return {"status": "ignored", "reason": "no project id in payload"}
     if action == "START_TRAINING":
+        if retrain_threshold(settings, project.get("min_annotations_to_start_training") or 0) is not None:
+            import threading
+
+            t = threading.Timer(AUTO_START_WINDOW_S, _decide_start_training, (settings, pid, event_id))
+            t.daemon = True
+            t.start()
+            return {"status": "ok", "decision_in_s": AUTO_START_WINDOW_S}
         return {"status": "ok", **queue_training(settings, pid, "start_training")}
     if action in registry.ANNOTATION_ACTIONS:
         with session_scope(settings.database_url) as s:
             from backend.models import Project
 
-            need = s.get(Project, pid).min_annotations_to_start_training or settings.retrain_min_annotations
+            need = retrain_threshold(settings, s.get(Project, pid).min_annotations_to_start_training)
+            if need is None:
+                return {"status": "recorded", "auto_retrain": "off (project switch)"}
             n = registry.annotations_since_last_training(s, pid)
         if n >= need:
-            return {"status": "ok", "new_annotations": n, **queue_training(settings, pid, "annotations")}
-        return {"status": "recorded", "new_annotations": n, "retrain_at": need}
+            return {"status": "ok", "new_tasks": n, **queue_training(settings, pid, "annotations")}
+        return {"status": "recorded", "new_tasks": n, "retrain_at": need}
     if action == "TASKS_CREATED":
         tasks = payload.get("tasks") or []
         ids = [t["id"] if isinstance(t, dict) else t for t in tasks]

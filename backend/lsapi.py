@@ -130,26 +130,51 @@ def create_project(client, title: str, label_config: str, description: str = "")
     return int(p.id)
 
 
-def import_local_images(client, project_id: int, paths: list, document_root, value_key: str = "image") -> list[int]:
-    """Import images that stay on disk as ``/data/local-files/?d=<path under document_root>`` tasks.
+IMAGE_REGEX = r"(?i).*\.(jpe?g|png|bmp|webp)$"
 
-    Label Studio must serve local files from ``document_root``
-    (``LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true``, ``..._DOCUMENT_ROOT``). Returns task ids.
-    Raises: ValueError for a path outside ``document_root``.
+
+def storage_title(folder) -> str:
+    """Title faceloop gives the Local Files storage of ``folder`` (shown in Settings -> Cloud Storage)."""
+    return f"faceloop: {folder}"[:256]
+
+
+def sync_local_storage(client, project_id: int, folder, storage_id: int | None = None) -> tuple[int, int]:
+    """Make the images under ``folder`` (nested folders too) tasks of the project, in place.
+
+    Label Studio 1.23 serves ``/data/local-files/?d=X`` only when a Local Files import storage of
+    the project has a path containing X, and that path must be a strict subfolder of its
+    ``LOCAL_FILES_DOCUMENT_ROOT`` (label-studio-protocol.md §1). So the storage is created on
+    ``folder`` (``recursive_scan``, image files only by :data:`IMAGE_REGEX`, ``use_blob_urls``:
+    one task per image, data ``{"image": "/data/local-files/?d=<path under the root>"}``) and
+    synced; Label Studio creates one task per new file and skips files it already linked, so
+    running it again after images were added creates only the new tasks.
+
+    Args:
+        folder: absolute folder of images (must be under Label Studio's document root).
+        storage_id: the storage made earlier for this folder, if known (else looked up by path).
+    Returns: ``(storage_id, tasks_created)``.
+    Raises: label_studio_sdk ApiError when Label Studio refuses the storage (e.g. outside the root).
     """
     from pathlib import Path
-    from urllib.parse import quote
 
-    root = Path(document_root).resolve()
-    tasks = []
-    for p in paths:
-        rel = Path(p).resolve().relative_to(root)
-        tasks.append({"data": {value_key: f"/data/local-files/?d={quote(str(rel))}"}})
-    ids: list[int] = []
-    for i in range(0, len(tasks), 500):
-        r = client.projects.import_tasks(id=project_id, request=tasks[i : i + 500], return_task_ids=True)
-        ids.extend(_get(r, "task_ids") or [])
-    return ids
+    path = str(Path(folder).resolve())
+    sid = None
+    for stg in client.import_storage.local.list(project=project_id):
+        if (storage_id is not None and int(stg.id) == int(storage_id)) or (storage_id is None and _get(stg, "path") == path):
+            sid = int(stg.id)
+            break
+    if sid is None:
+        sid = int(client.import_storage.local.create(
+            project=project_id, path=path, regex_filter=IMAGE_REGEX, use_blob_urls=True, recursive_scan=True,
+            title=storage_title(path)).id)
+    before = _count_tasks(client, project_id)
+    client.import_storage.local.sync(id=sid)
+    return sid, _count_tasks(client, project_id) - before
+
+
+def _count_tasks(client, project_id: int) -> int:
+    p = client.projects.get(id=project_id)
+    return int(_get(p, "task_number") or 0)
 
 
 def upload_images(client, ls_url: str, project_id: int, paths: list) -> list[int]:
@@ -177,8 +202,79 @@ def upload_images(client, ls_url: str, project_id: int, paths: list) -> list[int
     return ids
 
 
-def connect_backend(client, project_id: int, backend_url: str, title: str = "faceloop") -> int:
-    """Add faceloop as the project's ML backend (Label Studio checks /health and /setup) and
-    return the ML backend id. Label Studio also creates the ``<url>/webhook`` webhook."""
-    ml = client.ml.create(project=project_id, url=backend_url, title=title, is_interactive=False)
+#: Webhook actions faceloop's backend acts on (backend.events.handle_event).
+WEBHOOK_ACTIONS = ["ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED",
+                   "TASKS_CREATED", "PROJECT_UPDATED"]
+SECRET_HEADER = "X-Faceloop-Secret"
+
+
+def ensure_webhook(client, project_id: int, backend_url: str, secret: str, replace_urls: tuple = ()) -> int:
+    """Exactly one project webhook to ``<backend_url>/webhook`` carrying the secret header.
+
+    Label Studio's ordinary webhooks carry no auth, so the backend (with ``WEBHOOK_SECRET`` set)
+    only accepts those with header ``X-Faceloop-Secret`` (label-studio-protocol.md §0.3). A
+    webhook to that URL or to one of ``replace_urls`` (the backend's earlier address), or one
+    already carrying the header, is updated in place (URL, header, actions); further copies,
+    such as the unauthenticated ``<url>/webhook`` Label Studio creates with an ML backend, are
+    deleted. Returns the webhook id.
+    """
+    url = backend_url.rstrip("/") + "/webhook"
+    targets = {url, *(u.rstrip("/") + "/webhook" for u in replace_urls)}
+    ours = [w for w in client.webhooks.list(project=str(project_id))
+            if _get(w, "project") == project_id
+            and (_get(w, "url") in targets or SECRET_HEADER in (_get(w, "headers") or {}))]
+    spec = dict(url=url, headers={SECRET_HEADER: secret}, actions=WEBHOOK_ACTIONS, send_payload=True,
+                send_for_all_actions=False, is_active=True)
+    if not ours:
+        return int(client.webhooks.create(project=project_id, **spec).id)
+    keep, extra = ours[0], ours[1:]
+    client.webhooks.update(id=keep.id, **spec)
+    for w in extra:
+        client.webhooks.delete(id=w.id)
+    return int(keep.id)
+
+
+def connect_backend(client, project_id: int, backend_url: str, title: str = "faceloop",
+                    basic_auth: tuple[str, str] | None = None, webhook_secret: str | None = None) -> int:
+    """Make faceloop the project's ML backend (Label Studio checks /health and /setup) and
+    return the ML backend id; reconnects an existing faceloop backend instead of adding one.
+
+    With ``basic_auth`` (user, password) Label Studio sends it on /health, /setup, /predict and
+    START_TRAINING (``auth_method="BASIC_AUTH"``). With ``webhook_secret`` the product's webhook
+    is registered first (:func:`ensure_webhook`), so Label Studio, which skips creating its own
+    ``<url>/webhook`` when one to that URL exists, leaves no unauthenticated copy. An existing ML
+    backend titled ``title`` (e.g. at the port of an earlier run) gets the new URL and auth.
+    """
+    auth = {}
+    if basic_auth:
+        auth = dict(auth_method="BASIC_AUTH", basic_auth_user=basic_auth[0], basic_auth_pass=basic_auth[1])
+    existing = [m for m in client.ml.list(project=project_id) if _get(m, "title") == title]
+    old_urls = tuple(str(_get(m, "url")) for m in existing if _get(m, "url") != backend_url)
+    if webhook_secret:
+        ensure_webhook(client, project_id, backend_url, webhook_secret, replace_urls=old_urls)
+    if existing:
+        # ``project`` is needed: Label Studio 1.23.2's PATCH without it fails (500, setup_() missing project)
+        ml = client.ml.update(id=existing[0].id, project=project_id, url=backend_url, is_interactive=False, **auth)
+    else:
+        ml = client.ml.create(project=project_id, url=backend_url, title=title, is_interactive=False, **auth)
+    if webhook_secret:  # a webhook Label Studio made anyway (e.g. added by hand earlier) goes
+        ensure_webhook(client, project_id, backend_url, webhook_secret, replace_urls=old_urls)
     return int(ml.id)
+
+
+def ml_backend_state(client, project_id: int) -> str | None:
+    """State Label Studio shows for the project's first ML backend (``CO`` connected, ``DI``
+    disconnected, ``ER`` error, ``TR`` training), or None without one. Listing makes Label
+    Studio call /health (protocol doc §1)."""
+    mls = client.ml.list(project=project_id)
+    return str(_get(mls[0], "state")) if mls else None
+
+
+def api_error_text(e: Exception) -> str:
+    """An SDK/HTTP error as one line without headers or cookies: ``HTTP <status>: <detail>``."""
+    status = getattr(e, "status_code", None)
+    body = getattr(e, "body", None)
+    if status is None:
+        return f"{e.__class__.__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    detail = body.get("detail") or body.get("validation_errors") or body if isinstance(body, dict) else body
+    return f"HTTP {status}: {str(detail)[:300]}"

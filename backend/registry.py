@@ -207,11 +207,73 @@ def record_event(s: Session, action: str, payload: dict) -> WebhookEvent:
 ANNOTATION_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED")
 
 
-def annotations_since_last_training(s: Session, project_id: int) -> int:
-    """Annotation events recorded since the start of the project's last training job."""
+def last_training_start(s: Session, project_id: int):
+    """When the project's last training took its snapshot: the latest job's ``started_at`` (or,
+    still queued, its ``created_at``: annotations made meanwhile are in that run). None: never."""
     last = s.exec(select(TrainingJob).where(TrainingJob.project_id == project_id)
                   .order_by(TrainingJob.created_at.desc())).first()
+    if last is None:
+        return None
+    return _aware(last.started_at or last.created_at)
+
+
+def _aware(t):
+    from datetime import datetime, timezone
+
+    if isinstance(t, str):
+        try:
+            t = datetime.fromisoformat(t.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+    if t is not None and t.tzinfo is None:
+        t = t.replace(tzinfo=timezone.utc)
+    return t
+
+
+def _event_annotations(ev: WebhookEvent) -> list[dict]:
+    """The annotation dicts of an annotation webhook (``annotation``, or the ``annotations`` list of
+    ANNOTATIONS_CREATED), each with its ``task`` id filled in from the event when missing."""
+    try:
+        payload = json.loads(ev.payload_json or "{}")
+    except ValueError:
+        return []
+    anns = payload.get("annotations") if isinstance(payload.get("annotations"), list) else [payload.get("annotation")]
+    out = []
+    for a in anns:
+        if isinstance(a, dict):
+            task = a.get("task")
+            task = task.get("id") if isinstance(task, dict) else task
+            out.append({**a, "task": task if isinstance(task, int) else ev.task_id})
+    return out
+
+
+def annotations_since_last_training(s: Session, project_id: int) -> int:
+    """Tasks newly labelled since the project's last training (the retrain trigger's count).
+
+    A task counts once when an annotation webhook since the last training's snapshot
+    (:func:`last_training_start`) carries a non-cancelled annotation of it (``was_cancelled``
+    false: skips do not count) that was created after that moment, and no non-cancelled
+    annotation of that task was received before it. So editing an annotation, or labelling a task
+    that already was, adds nothing; several edits of one new task count once; a skipped task that
+    is later labelled counts. Reads the stored payloads' ``annotation.{task, was_cancelled,
+    created_at}`` (Label Studio's webhook payload, label-studio-protocol.md §1).
+    """
+    since = last_training_start(s, project_id)
     q = select(WebhookEvent).where(WebhookEvent.project_id == project_id, WebhookEvent.action.in_(ANNOTATION_ACTIONS))
-    if last is not None:
-        q = q.where(WebhookEvent.received_at > last.created_at)
-    return len(s.exec(q).all())
+    recent = s.exec(q.where(WebhookEvent.received_at > since) if since is not None else q).all()
+    new_tasks: set[int] = set()
+    for ev in recent:
+        for a in _event_annotations(ev):
+            created = _aware(a.get("created_at"))
+            if a.get("was_cancelled") or not isinstance(a.get("task"), int):
+                continue
+            if since is not None and created is not None and created <= since:
+                continue  # an edit of an annotation made before the last training
+            new_tasks.add(a["task"])
+    if since is not None and new_tasks:
+        older = s.exec(q.where(WebhookEvent.received_at <= since, WebhookEvent.task_id.in_(new_tasks))).all()
+        for ev in older:
+            for a in _event_annotations(ev):
+                if not a.get("was_cancelled"):
+                    new_tasks.discard(a["task"])
+    return len(new_tasks)

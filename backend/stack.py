@@ -1,18 +1,35 @@
 """Start the whole loop on loopback: redis-server, Label Studio (own venv), backend, worker.
 
-Used by ``faceloop up`` (the main job) and by the end-to-end tests' session fixture, so both run
-the same parts the same way. Every service gets a free 127.0.0.1 port and a folder under
-``root``; :meth:`Stack.stop` tears everything down.
+Used by ``faceloop up`` (the main job), ``faceloop demo`` and the end-to-end tests, so all of them
+run the same parts the same way. Everything lives under one folder ``root`` (``faceloop up``:
+``var/stack``), which is kept between runs:
+
+- ``root/label-studio/``: Label Studio's data (SQLite, media) and the admin's personal access token
+  (``faceloop-pat.txt``, mode 0600).
+- ``root/secrets.json`` (mode 0600): per-install secrets generated at the first start: the Label
+  Studio admin password, the backend's basic-auth user/password (Label Studio -> backend) and the
+  webhook secret (header ``X-Faceloop-Secret``). Nothing is hard-coded.
+- ``root/stack.json`` (mode 0600): where the running stack listens (ports, URLs, process ids,
+  data folders) and which Label Studio project belongs to which image folder + label config.
+  ``faceloop train/score/queue/jobs/versions`` read it to find the running stack.
+- ``root/logs/*.log``: one log per service.
+
+Ports: the one asked for, else the one recorded at the last start, else the usual one (Label
+Studio 8080, backend 9090, Redis 6379), each only if free; otherwise a free port.
 
 Label Studio's environment follows label-studio-protocol.md §6 and environment.md: loopback ML
 backends allowed (``LABEL_STUDIO_ML_BLOCK_LOCAL_IP=false``, ``SSRF_PROTECTION_ENABLED=false``),
-telemetry off, data in our folder, local-files serving from a document root of our choice.
+telemetry off, data in our folder, local-files serving from a document root of our choice. No
+``LABEL_STUDIO_HOST`` is set, so Local Files tasks hold relative ``/data/local-files/?d=`` URLs
+that stay valid when the port changes.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -27,7 +44,9 @@ import httpx
 from backend.config import REPO_ROOT
 
 LS_USER = "admin@faceloop.local"
-LS_PASSWORD = "faceloop-admin-pass"
+DEFAULT_PORTS = {"label-studio": 8080, "backend": 9090, "redis": 6379}
+STATE_FILE = "stack.json"
+SECRETS_FILE = "secrets.json"
 
 
 class StackError(RuntimeError):
@@ -39,6 +58,78 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    """True when nothing listens on 127.0.0.1:``port`` and we may bind it."""
+    with socket.socket() as s:
+        # as servers bind (SO_REUSEADDR): a port in TIME_WAIT after a restart counts as free
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", int(port)))
+        except OSError:
+            return False
+    return True
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` with mode 0600 from the start (no window where it is 0644)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from ``path``, or ``{}`` when it is absent or unreadable."""
+    try:
+        data = json.loads(Path(path).read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def load_secrets(root: Path) -> tuple[dict, bool]:
+    """The install's secrets (``root/secrets.json``, mode 0600), generated on first use.
+
+    Returns: ``(secrets, created)``; keys ``ls_user``, ``ls_password``, ``basic_auth_user``,
+    ``basic_auth_pass``, ``webhook_secret``. Values come from :func:`secrets.token_urlsafe`.
+    """
+    path = Path(root) / SECRETS_FILE
+    data = read_json(path)
+    wanted = {"ls_user": lambda: LS_USER, "ls_password": lambda: secrets.token_urlsafe(18),
+              "basic_auth_user": lambda: "labelstudio", "basic_auth_pass": lambda: secrets.token_urlsafe(24),
+              "webhook_secret": lambda: secrets.token_urlsafe(32)}
+    created = not data
+    missing = [k for k in wanted if not data.get(k)]
+    for k in missing:
+        data[k] = wanted[k]()
+    if missing or (path.exists() and path.stat().st_mode & 0o077):
+        write_private(path, json.dumps(data, indent=1))
+    return data, created
+
+
+def pid_alive(pid) -> bool:
+    """True when process ``pid`` exists (signal 0)."""
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, ValueError, TypeError):
+        return False
+    return True
+
+
+def running_stack(root: Path) -> dict | None:
+    """The state of the stack running from ``root`` (``stack.json``), or None when it is not running
+    (no file, or its Label Studio / Redis processes are gone)."""
+    st = read_json(Path(root) / STATE_FILE)
+    pids = st.get("pids") or {}
+    if not st.get("running") or not pids or not all(pid_alive(pids.get(n)) for n in ("redis", "label-studio")):
+        return None
+    return st
 
 
 def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
@@ -86,8 +177,7 @@ def get_personal_access_token(ls_url: str, email: str, password: str) -> str:
         r = c.post("/api/token/", headers={"X-CSRFToken": c.cookies.get("csrftoken", csrf),
                                            "Referer": ls_url + "/"})
         if r.status_code not in (200, 201):
-            # a user may hold one PAT only: reuse by deleting and creating again is not offered;
-            raise StackError(f"could not create a personal access token: HTTP {r.status_code} {r.text[:200]}")
+            raise StackError(f"could not create a personal access token: HTTP {r.status_code}")
         return r.json()["token"]
 
 
@@ -96,10 +186,14 @@ class Stack:
     """The loop's processes. Create with :meth:`start`; stop with :meth:`stop`.
 
     Attributes:
-        root: folder for every service's data and logs (``<root>/logs/*.log``).
-        ls_url, backend_url, redis_url: where the services listen.
+        root: folder for every service's data, the secrets, the state file and the logs.
+        document_root: Label Studio's ``LOCAL_FILES_DOCUMENT_ROOT`` (None: local files off).
+        ls_url, backend_url, redis_url: where the services listen (127.0.0.1).
         api_key: Label Studio personal access token of the admin user.
+        secrets: the install's secrets (see :func:`load_secrets`); ``first_start`` is True when
+            they were generated by this start (the admin password is shown once then).
         env: environment the backend and worker run with (our settings).
+        ports: ``{"label-studio", "backend", "redis"}`` -> port.
     """
 
     root: Path
@@ -112,13 +206,37 @@ class Stack:
     api_key: str = ""
     env: dict = field(default_factory=dict)
     ports: dict = field(default_factory=dict)
+    secrets: dict = field(default_factory=dict)
+    first_start: bool = False
+
+    @property
+    def ls_user(self) -> str:
+        return self.secrets["ls_user"]
+
+    @property
+    def ls_password(self) -> str:
+        return self.secrets["ls_password"]
+
+    @property
+    def basic_auth(self) -> tuple[str, str]:
+        return self.secrets["basic_auth_user"], self.secrets["basic_auth_pass"]
+
+    @property
+    def webhook_secret(self) -> str:
+        return self.secrets["webhook_secret"]
+
+    @property
+    def state_path(self) -> Path:
+        return self.root / STATE_FILE
 
     def _spawn(self, name: str, cmd: list[str], env: dict, cwd: Path | None = None) -> subprocess.Popen:
         logs = self.root / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         f = open(logs / f"{name}.log", "ab")
+        # umask 077: whatever the services write (Label Studio's and faceloop's databases, tokens,
+        # models) is readable by this user only
         p = subprocess.Popen(cmd, env=env, cwd=str(cwd or self.root), stdout=f, stderr=subprocess.STDOUT,
-                             stdin=subprocess.DEVNULL, start_new_session=True)
+                             stdin=subprocess.DEVNULL, start_new_session=True, umask=0o077)
         self.procs[name] = p
         return p
 
@@ -127,42 +245,89 @@ class Stack:
 
     @classmethod
     def start(cls, root: Path, document_root: Path | None = None, worker: bool = True,
-              extra_env: dict | None = None, ls_timeout: float = 180, var_dir: Path | None = None) -> "Stack":
+              extra_env: dict | None = None, ls_timeout: float = 180, var_dir: Path | None = None,
+              ports: dict | None = None, stable_ports: bool = False) -> "Stack":
         """Start redis-server, Label Studio, the backend and (optionally) a Celery worker.
 
         Args:
-            root: working folder (created).
+            root: working folder (created; kept between runs: Label Studio's data, secrets, state).
             document_root: folder Label Studio serves as ``/data/local-files/?d=`` (images that
-                stay where they are: nothing is copied).
+                stay where they are: nothing is copied). Local Files storages must be strict
+                subfolders of it (Label Studio refuses the root itself).
             extra_env: settings for backend and worker (e.g. ``TRAIN_EPOCHS``).
             var_dir: faceloop's state folder (database, models); default ``<root>/var``.
-        Raises: StackError naming the service that failed and its log.
+            ports: ports asked for, by service name (``label-studio``, ``backend``, ``redis``);
+                one that is taken is an error.
+            stable_ports: for services not in ``ports``, try the port of the last start, then the
+                usual one (8080/9090/6379), before a free one. False (tests): free ports.
+        Raises: StackError naming the service that failed and its log; a stack already running
+            from ``root``.
         """
         root = Path(root).resolve()
         root.mkdir(parents=True, exist_ok=True)
+        if running_stack(root):
+            st = read_json(root / STATE_FILE)
+            raise StackError(f"a stack is already running from {root} (Label Studio {st.get('ls_url')}, "
+                             f"process {st.get('pids', {}).get('label-studio')}); stop it first (Ctrl-C)")
+        sec, created = load_secrets(root)
         st = cls(root=root, document_root=Path(document_root).resolve() if document_root else None,
-                 var_dir=Path(var_dir).resolve() if var_dir else root / "var")
+                 var_dir=Path(var_dir).resolve() if var_dir else root / "var", secrets=sec, first_start=created)
+        st._choose_ports(ports or {}, stable_ports)
         try:
             st._start_redis()
             st._start_label_studio(ls_timeout)
             st._start_backend(extra_env or {})
             if worker:
                 st.start_worker()
+            for db in st.var_dir.glob("*.db*"):
+                os.chmod(db, 0o600)
+            st.save_state(running=True)
         except BaseException:
             st.stop()
             raise
         return st
 
+    def _choose_ports(self, asked: dict, stable: bool) -> None:
+        last = (read_json(self.state_path).get("ports") or {}) if stable else {}
+        taken: set[int] = set()
+        for name in DEFAULT_PORTS:
+            if asked.get(name):
+                port = int(asked[name])
+                if not port_is_free(port) or port in taken:
+                    raise StackError(f"port {port} asked for {name} is in use")
+            else:
+                cands = [last.get(name), DEFAULT_PORTS[name]] if stable else []
+                port = next((int(c) for c in cands if c and int(c) not in taken and port_is_free(int(c))), None)
+                while port is None or port in taken:
+                    port = free_port()
+            taken.add(port)
+            self.ports[name] = port
+
+    def save_state(self, running: bool, **extra) -> None:
+        """Write ``stack.json`` (mode 0600): URLs, ports, pids, folders; keeps recorded projects."""
+        state = read_json(self.state_path)
+        state.update({
+            "running": running, "root": str(self.root), "ls_url": self.ls_url, "backend_url": self.backend_url,
+            "redis_url": self.redis_url, "ports": self.ports, "var_dir": str(self.var_dir),
+            "document_root": str(self.document_root) if self.document_root else None,
+            "token_file": str(self.root / "label-studio" / "faceloop-pat.txt"),
+            "pids": {n: p.pid for n, p in self.procs.items()}, "updated_at": time.time(),
+        })
+        state.update(extra)
+        write_private(self.state_path, json.dumps(state, indent=1))
+
+    def state(self) -> dict:
+        return read_json(self.state_path)
+
     def _start_redis(self):
         exe = shutil.which("redis-server")
         if not exe:
             raise StackError("redis-server not found: run scripts/bootstrap.sh (apt-get install redis-server)")
-        port = free_port()
+        port = self.ports["redis"]
         (self.root / "redis").mkdir(exist_ok=True)
         p = self._spawn("redis", [exe, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
                                   "--appendonly", "no", "--dir", str(self.root / "redis")], dict(os.environ))
         self.redis_url = f"redis://127.0.0.1:{port}/0"
-        self.ports["redis"] = port
         import redis
 
         deadline = time.time() + 20
@@ -177,18 +342,20 @@ class Stack:
         raise StackError(f"redis-server did not start; see {self.log('redis')}")
 
     def _start_label_studio(self, timeout: float):
-        port = free_port()
+        port = self.ports["label-studio"]
         self.ls_url = f"http://127.0.0.1:{port}"
         data = self.root / "label-studio"
         data.mkdir(exist_ok=True)
+        os.chmod(data, 0o700)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHON"))}
+        env.pop("LABEL_STUDIO_HOST", None)
         env.update({
             "LABEL_STUDIO_BASE_DATA_DIR": str(data), "XDG_DATA_HOME": str(data / "xdg"),
             "XDG_CONFIG_HOME": str(data / "xdg"), "XDG_CACHE_HOME": str(data / "xdg"), "HOME": str(data),
-            "LABEL_STUDIO_USERNAME": LS_USER, "LABEL_STUDIO_PASSWORD": LS_PASSWORD,
+            "LABEL_STUDIO_USERNAME": self.ls_user, "LABEL_STUDIO_PASSWORD": self.ls_password,
             "LABEL_STUDIO_ML_BLOCK_LOCAL_IP": "false", "ML_BLOCK_LOCAL_IP": "false",
             "SSRF_PROTECTION_ENABLED": "false", "USE_DEFAULT_BANNED_SUBNETS": "false",
-            "LABEL_STUDIO_HOST": self.ls_url, "SENTRY_DSN": "", "FRONTEND_SENTRY_DSN": "",
+            "SENTRY_DSN": "", "FRONTEND_SENTRY_DSN": "",
             "COLLECT_ANALYTICS": "false", "LATEST_VERSION_CHECK": "false",
             "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
         })
@@ -198,19 +365,24 @@ class Stack:
         p = self._spawn("label-studio", [str(ls_bin()), "start", "--no-browser", "--port", str(port),
                                          "--internal-host", "127.0.0.1", "--data-dir", str(data)], env, cwd=data)
         wait_http(self.ls_url + "/health", timeout, p, self.log("label-studio"))
+        for db in data.glob("*.sqlite3"):
+            os.chmod(db, 0o600)
         token_file = data / "faceloop-pat.txt"
         if token_file.exists():
             self.api_key = token_file.read_text().strip()
+            os.chmod(token_file, 0o600)
         else:
-            self.api_key = get_personal_access_token(self.ls_url, LS_USER, LS_PASSWORD)
-            token_file.write_text(self.api_key)
+            self.api_key = get_personal_access_token(self.ls_url, self.ls_user, self.ls_password)
+            write_private(token_file, self.api_key)
 
     def service_env(self, extra: dict) -> dict:
-        """Environment of backend and worker: our settings for this stack."""
+        """Environment of backend and worker: our settings for this stack (auth on)."""
         env = dict(os.environ)
+        user, pw = self.basic_auth
         env.update({
             "LABEL_STUDIO_URL": self.ls_url, "LABEL_STUDIO_API_KEY": self.api_key,
             "CELERY_BROKER_URL": self.redis_url, "VAR_DIR": str(self.var_dir),
+            "BASIC_AUTH_USER": user, "BASIC_AUTH_PASS": pw, "WEBHOOK_SECRET": self.webhook_secret,
             "PYTHONUNBUFFERED": "1",
         })
         if self.document_root:
@@ -219,32 +391,43 @@ class Stack:
         return env
 
     def _start_backend(self, extra: dict):
-        port = free_port()
+        port = self.ports["backend"]
         self.backend_url = f"http://127.0.0.1:{port}"
         self.env = self.service_env(extra)
         p = self._spawn("backend", [sys.executable, "-m", "uvicorn", "backend.main:app", "--host", "127.0.0.1",
                                     "--port", str(port), "--log-level", "warning"], self.env, cwd=REPO_ROOT)
-        self.ports["backend"] = port
-        wait_http(self.backend_url + "/health", 60, p, self.log("backend"))
+        user, pw = self.basic_auth
+        deadline = time.time() + 60
+        while time.time() < deadline:  # /health needs the basic auth now
+            if p.poll() is not None:
+                raise StackError(f"backend exited with {p.returncode}; see {self.log('backend')}")
+            try:
+                if httpx.get(self.backend_url + "/health", auth=(user, pw), timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise StackError(f"backend did not come up within 60 s; see {self.log('backend')}")
 
     def start_worker(self, name: str = "worker"):
         """Start a Celery worker (queues ``train`` and ``score``, one process)."""
         self._spawn(name, [sys.executable, "-m", "celery", "-A", "ml_worker.celery_app", "worker",
                            "-Q", "train,score", "-c", "1", "--pool", "solo", "-n", f"{name}@%h",
                            "--loglevel", "INFO"], self.env, cwd=REPO_ROOT)
-        import redis  # noqa: F401
-
+        log = self.log(name)
+        start = log.stat().st_size if log.exists() else 0
         deadline = time.time() + 90
         while time.time() < deadline:
-            if self.log(name).exists() and b"ready." in self.log(name).read_bytes():
+            if log.exists() and b"ready." in log.read_bytes()[start:]:
                 return
             if self.procs[name].poll() is not None:
-                raise StackError(f"celery worker exited; see {self.log(name)}")
+                raise StackError(f"celery worker exited; see {log}")
             time.sleep(0.5)
-        raise StackError(f"celery worker not ready within 90 s; see {self.log(name)}")
+        raise StackError(f"celery worker not ready within 90 s; see {log}")
 
     def stop(self):
-        """Stop every process (SIGTERM to its process group, then SIGKILL after 15 s)."""
+        """Stop every process (SIGTERM to its process group, then SIGKILL after 15 s) and mark the
+        state file as not running (the recorded ports and projects stay for the next start)."""
         for name, p in reversed(list(self.procs.items())):
             if p.poll() is None:
                 try:
@@ -260,4 +443,9 @@ class Stack:
                     os.killpg(p.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+        had = bool(self.procs)
         self.procs.clear()
+        if had and self.state_path.exists():
+            state = read_json(self.state_path)
+            state.update(running=False, pids={})
+            write_private(self.state_path, json.dumps(state, indent=1))

@@ -21,6 +21,7 @@ from sqlmodel import select
 
 from backend.config import get_settings
 from backend.db import session_scope
+from backend.lsapi import api_error_text
 from backend.models import TrainingJob, utcnow
 from ml_worker.celery_app import app
 
@@ -84,8 +85,9 @@ def train(self, job_id: int) -> dict:
             with session_scope(settings.database_url) as s:
                 j = s.get(TrainingJob, job_id)
                 j.state, j.finished_at = "failed", utcnow()
-                j.error = f"{e.__class__.__name__}: {e}\n{traceback.format_exc(limit=5)}"
-            return {"job": job_id, "state": "failed", "error": str(e)}
+                # the message only (an SDK ApiError's str() holds response headers and cookies)
+                j.error = api_error_text(e) + "\n" + "".join(traceback.format_tb(e.__traceback__, limit=5))
+            return {"job": job_id, "state": "failed", "error": api_error_text(e)}
 
 
 @app.task(bind=True, name="faceloop.score")

@@ -205,20 +205,23 @@ def test_record_event(db):
 
 
 def test_annotations_since_last_training(db):
-    def ann(s, action="ANNOTATION_CREATED", pid=8):
-        registry.record_event(s, action, {"project": {"id": pid}, "annotation": {"id": 1}})
+    """Distinct tasks newly labelled: edits and skips do not count (more in test_retrain_trigger.py)."""
+    def ann(s, action="ANNOTATION_CREATED", pid=8, task=1, cancelled=False):
+        registry.record_event(s, action, {"project": {"id": pid}, "annotation": {
+            "id": 100 + task, "task": task, "was_cancelled": cancelled}})
 
     with session_scope(db) as s:
         registry.upsert_project(s, 8)
-        for _ in range(3):
-            ann(s)
-        ann(s, "ANNOTATION_UPDATED")
-        ann(s, "ANNOTATIONS_DELETED")  # not an annotation made
-        ann(s, "ANNOTATION_CREATED", pid=9)  # another project
-        assert registry.annotations_since_last_training(s, 8) == 4
+        for task in (1, 2, 3):
+            ann(s, task=task)
+        ann(s, "ANNOTATION_UPDATED", task=1)  # an edit of task 1
+        ann(s, task=4, cancelled=True)  # a skip
+        ann(s, "ANNOTATIONS_DELETED", task=5)  # not an annotation made
+        ann(s, "ANNOTATION_CREATED", pid=9, task=6)  # another project
+        assert registry.annotations_since_last_training(s, 8) == 3
     with session_scope(db) as s:
         registry.request_training(s, 8, "annotations")
     with session_scope(db) as s:
         assert registry.annotations_since_last_training(s, 8) == 0
-        ann(s, "ANNOTATIONS_CREATED")
+        ann(s, "ANNOTATIONS_CREATED", task=7)
         assert registry.annotations_since_last_training(s, 8) == 1

@@ -1,0 +1,340 @@
+"""A person's main job in a real browser: ``faceloop up FOLDER``, label, Start Training, restart.
+
+Runs the real stack as a person starts it (``faceloop up`` as a subprocess, on free ports) on a
+folder of images from ``../shared/data/awake_sleep`` copied into a temporary folder with a nested
+subfolder and file names with a space and non-ASCII characters. Debian's ``chromium`` driven by
+Playwright (never ``playwright install``) then:
+
+1. logs in with the form; opens a task of the project; the image has loaded (``naturalWidth > 0``),
+   every thumbnail of the folder too, and the pre-label regions are listed;
+2. accepts one pre-label per task (click the region, press the class hotkey, remove the other
+   boxes with Backspace, Submit) on a few tasks, with the class of the dataset's ground truth;
+3. presses *Start Training* in Settings -> Model (the ML backend card's menu), waits for the new
+   model version, reopens an unlabelled task and sees the new version's prediction;
+4. stops ``faceloop up`` (SIGINT), starts it again: same project, same tasks, the backend shows
+   "Connected".
+
+Screenshots of every step go to ``$FACELOOP_BROWSER_OUT`` (default: a pytest temp folder; the
+path is printed). ``docs/img/`` holds copies of some of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import unquote
+
+import pytest
+
+from tests.conftest import REPO, require_data
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+#: Small training so the test stays within minutes on 2 shared cores.
+TRAIN_ENV = {"TRAIN_EPOCHS": "8", "IMGSZ": "256", "TRAIN_BATCH": "4", "QUERY_BATCH_SIZE": "3",
+             "RETRAIN_MIN_ANNOTATIONS": "1000", "OMP_NUM_THREADS": "1"}
+N_IMAGES = 12
+N_LABEL = 4  # tasks labelled in the browser before Start Training (>= 2 for a train/val split)
+
+
+def _free_port() -> int:
+    from backend.stack import free_port
+
+    return free_port()
+
+
+class Up:
+    """``faceloop up`` as a subprocess; its output goes to ``log``."""
+
+    def __init__(self, folder: Path, var_dir: Path, ports: dict, log: Path):
+        self.folder, self.var_dir, self.ports, self.log = folder, var_dir, ports, log
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 300) -> dict:
+        env = dict(os.environ, VAR_DIR=str(self.var_dir), PYTHONPATH=str(REPO), **TRAIN_ENV)
+        for k in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "CELERY_BROKER_URL", "DATABASE_URL"):
+            env.pop(k, None)
+        start = self.log.stat().st_size if self.log.exists() else 0
+        with open(self.log, "ab") as f:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "backend.cli", "up", str(self.folder), "--ls-port", str(self.ports["ls"]),
+                 "--backend-port", str(self.ports["backend"]), "--redis-port", str(self.ports["redis"])],
+                cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            text = self.log.read_text(errors="replace")[start:]
+            m = re.search(r"UP ([\d.]+) s project=(\d+) ls=(\S+)", text)
+            if m:
+                return {"seconds": float(m.group(1)), "project": int(m.group(2)), "ls_url": m.group(3), "out": text}
+            if self.proc.poll() is not None:
+                raise AssertionError(f"faceloop up exited with {self.proc.returncode}:\n{text[-3000:]}")
+            time.sleep(1)
+        self.stop()
+        raise AssertionError(f"faceloop up not ready within {timeout} s:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self, timeout: float = 60) -> float:
+        """Ctrl-C, as a person stops it; returns the seconds it took to exit."""
+        if self.proc is None or self.proc.poll() is not None:
+            return 0.0
+        t0 = time.time()
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            raise AssertionError("faceloop up did not stop on Ctrl-C")
+        return time.time() - t0
+
+
+def _cli(var_dir: Path, *args) -> subprocess.CompletedProcess:
+    env = dict(os.environ, VAR_DIR=str(var_dir), PYTHONPATH=str(REPO))
+    for k in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "CELERY_BROKER_URL", "DATABASE_URL"):
+        env.pop(k, None)
+    return subprocess.run([sys.executable, "-m", "backend.cli", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """A person's folder: 12 awake/sleep images, 4 of them in a nested folder with a space in its
+    name, one file with a space and non-ASCII characters. Returns ``(folder, {file name: class})``."""
+    data = require_data()
+    import yaml
+
+    names = yaml.safe_load((data / "data.yaml").read_text())["names"]
+    src = sorted((data / "images" / "val").glob("*.jpg"))
+    by_class: dict[str, list[Path]] = {}
+    for p in src:
+        lines = (data / "labels" / "val" / f"{p.stem}.txt").read_text().split()
+        if lines:
+            by_class.setdefault(names[int(lines[0])], []).append(p)
+    picks = [p for pair in zip(by_class["awake"], by_class["sleep"]) for p in pair][:N_IMAGES]
+    folder = tmp_path_factory.mktemp("person") / "my faces"
+    (folder / "day 2").mkdir(parents=True)
+    truth = {}
+    for i, p in enumerate(picks):
+        name = {0: "café – Zoë 1.jpg"}.get(i, p.name)
+        dest = folder / "day 2" / name if i % 3 == 0 else folder / name
+        shutil.copyfile(p, dest)
+        truth[dest.name] = names[int((data / "labels" / "val" / f"{p.stem}.txt").read_text().split()[0])]
+    return folder, truth
+
+
+@pytest.fixture(scope="module")
+def out_dir(tmp_path_factory):
+    out = Path(os.environ.get("FACELOOP_BROWSER_OUT") or tmp_path_factory.mktemp("screenshots"))
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"\nbrowser test screenshots: {out}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        pytest.skip("Debian's chromium is not installed (scripts/bootstrap.sh installs it)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip playwright missing (scripts/bootstrap.sh)")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        yield b
+        b.close()
+
+
+def _login(page, ls_url: str, user: str, password: str):
+    page.goto(ls_url + "/user/login/")
+    page.fill("input[name=email]", user)
+    page.fill("input[name=password]", password)
+    page.click("button[type=submit]")
+    page.wait_for_url(lambda url: "/user/login" not in url, timeout=60_000)
+    page.wait_for_load_state("networkidle")
+
+
+def _main_image(page) -> dict:
+    """The image the person sees in the labelling area (the largest one on screen)."""
+    return page.evaluate("""() => {
+        const imgs = Array.from(document.querySelectorAll('img'))
+            .map(i => ({src: i.src, w: i.naturalWidth, shown: i.getBoundingClientRect().width}))
+            .filter(i => i.shown > 200);
+        imgs.sort((a, b) => b.shown - a.shown);
+        return imgs[0] || {src: '', w: 0, shown: 0};
+    }""")
+
+
+def _open_task(page, ls_url: str, pid: int, task_id: int, regions: bool = True):
+    page.goto(f"{ls_url}/projects/{pid}/data?task={task_id}")
+    if regions:
+        page.locator(".lsf-outliner-item").first.wait_for(timeout=120_000)  # regions listed: the pre-labels
+    page.wait_for_function("""() => Array.from(document.querySelectorAll('img'))
+        .some(i => i.getBoundingClientRect().width > 200 && i.complete && i.naturalWidth > 0)""", timeout=60_000)
+
+
+def test_person_up_label_train_restart(image_folder, out_dir, browser, tmp_path):
+    from label_studio_sdk import LabelStudio
+
+    from backend.db import session_scope
+    from backend.demo import wait_for_job
+    from backend.models import ModelVersion
+
+    folder, truth = image_folder
+    var_dir = tmp_path / "var"
+    ports = {"ls": _free_port(), "backend": _free_port(), "redis": _free_port()}
+    assert len(set(ports.values())) == 3
+    up = Up(folder, var_dir, ports, tmp_path / "up.log")
+    shots = []
+
+    def shot(page, name):
+        path = out_dir / f"{len(shots) + 1:02d}_{name}.png"
+        page.screenshot(path=str(path))
+        shots.append(path)
+
+    t_test = time.time()
+    first = up.start()
+    try:
+        pid, ls_url = first["project"], first["ls_url"]
+        assert ls_url == f"http://127.0.0.1:{ports['ls']}"
+        assert "shown once" in first["out"]  # the generated admin password, printed at the first start only
+        root = var_dir / "stack"
+        secrets = json.loads((root / "secrets.json").read_text())
+        for f in (root / "secrets.json", root / "stack.json", root / "label-studio" / "faceloop-pat.txt",
+                  root / "label-studio" / "label_studio.sqlite3"):
+            assert f.stat().st_mode & 0o077 == 0, f"{f} is readable by others"
+        assert secrets["ls_password"] in first["out"]
+        client = LabelStudio(base_url=ls_url, api_key=(root / "label-studio" / "faceloop-pat.txt").read_text().strip())
+        tasks = {t.id: t.data["image"] for t in client.tasks.list(project=pid)}
+        assert len(tasks) == N_IMAGES
+        names = {tid: Path(unquote(url.split("?d=", 1)[1])).name
+                 for tid, url in tasks.items()}
+        assert set(names.values()) == set(truth)
+        ml = client.ml.list(project=pid)
+        assert len(ml) == 1 and ml[0].auth_method == "BASIC_AUTH" and ml[0].state == "CO"
+        hooks = [w for w in client.webhooks.list(project=str(pid)) if w.project == pid]
+        assert len(hooks) == 1 and "X-Faceloop-Secret" in (hooks[0].headers or {}), "one authenticated webhook"
+
+        # --- 1. log in, open a task: the image and the pre-labels ---------------------------------
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        _login(page, ls_url, secrets["ls_user"], secrets["ls_password"])
+        shot(page, "logged_in")
+        special = next(t for t, n in names.items() if "Zoë" in n)  # nested folder, space, non-ASCII
+        _open_task(page, ls_url, pid, special)
+        img = _main_image(page)
+        assert img["w"] > 0, f"image did not load: {img}"
+        n_regions = page.locator(".lsf-outliner-item").count()
+        assert n_regions >= 1, "no pre-label regions drawn"
+        # every image of the folder loads (the Data Manager's thumbnails of the local files)
+        page.wait_for_timeout(1000)
+        thumbs = page.evaluate("""() => Array.from(document.querySelectorAll('img'))
+            .filter(i => i.src.includes('/data/local-files/')).map(i => [i.src, i.complete && i.naturalWidth > 0])""")
+        assert thumbs and all(ok for _, ok in thumbs), thumbs
+        shot(page, "task_image_and_prelabels")
+
+        # --- 2. accept one pre-label per task and submit ------------------------------------------
+        hotkey = {"awake": "1", "sleep": "2"}  # label_config/awake_sleep.xml
+        # tasks where the default model found a face (its predictions are written by `up`'s scoring)
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            preds = {t.id: t.predictions or [] for t in client.tasks.list(project=pid, fields="all")}
+            if all(preds.values()):
+                break
+            time.sleep(2)
+        with_faces = [t for t in sorted(preds) if any(p.result for p in preds[t])]
+        assert len(with_faces) >= N_LABEL + 1, {t: [len(p.result) for p in ps] for t, ps in preds.items()}
+        labelled = with_faces[:N_LABEL]
+        for i, tid in enumerate(labelled):
+            _open_task(page, ls_url, pid, tid)
+            items = page.locator(".lsf-outliner-item")
+            items.first.click()
+            page.keyboard.press(hotkey[truth[names[tid]]])
+            page.wait_for_timeout(300)
+            if i == 0:
+                shot(page, "prelabel_accepted_with_class")
+            while page.locator(".lsf-outliner-item").count() > 1:  # the other boxes: not faces to keep
+                page.locator(".lsf-outliner-item").nth(1).click()
+                page.keyboard.press("Backspace")
+                page.wait_for_timeout(200)
+            page.get_by_role("button", name="Submit").click()
+            page.wait_for_function(f"""async () => {{
+                const r = await fetch('/api/tasks/{tid}'); const t = await r.json();
+                return (t.annotations || []).length > 0; }}""", timeout=30_000)
+            if i == 0:
+                shot(page, "submitted")
+        for tid in labelled:
+            anns = client.tasks.get(id=tid).annotations
+            assert len(anns) == 1 and not anns[0]["was_cancelled"]
+            assert [r["value"]["rectanglelabels"] for r in anns[0]["result"]] == [[truth[names[tid]]]]
+
+        # --- 3. Start Training in Settings -> Model ------------------------------------------------
+        page.goto(f"{ls_url}/projects/{pid}/settings/ml")
+        page.get_by_text("Connected").first.wait_for(timeout=30_000)
+        page.get_by_role("button", name="Machine learning model options").click()
+        page.get_by_text("Start Training").first.wait_for(timeout=10_000)
+        shot(page, "start_training_menu")
+        t_train = time.time()
+        page.get_by_text("Start Training").first.click()
+        db = f"sqlite:///{var_dir / 'faceloop.db'}"
+        job = wait_for_job(db, pid, timeout=900)
+        train_s = time.time() - t_train
+        assert job.state == "succeeded", (job.state, job.error)
+        assert job.trigger == "start_training"
+        with session_scope(db) as s:
+            from sqlmodel import select
+
+            v = s.exec(select(ModelVersion).where(ModelVersion.project_id == pid, ModelVersion.status == "promoted")).one()
+            version = v.version
+        assert version == f"p{pid}-v1"
+        jobs_out = _cli(var_dir, "jobs", str(pid))  # a second terminal finds the running stack
+        assert jobs_out.returncode == 0 and "succeeded" in jobs_out.stdout, jobs_out.stdout + jobs_out.stderr
+        # an unlabelled task now shows the new version's prediction
+        unlabelled = next(t for t in with_faces if t not in labelled)
+        deadline = time.time() + 120
+        while time.time() < deadline and not any(p.model_version == version for p in
+                                                 client.tasks.get(id=unlabelled).predictions or []):
+            time.sleep(2)
+        _open_task(page, ls_url, pid, unlabelled)
+        page.get_by_text(version).first.wait_for(timeout=30_000)
+        labels = page.locator(".lsf-outliner-item").all_inner_texts()
+        assert any(("awake" in t or "sleep" in t) for t in labels), labels
+        shot(page, "new_version_prediction")
+
+        # clean errors from the CLI for an unknown project, nothing recorded
+        for cmd in (("jobs", "999"), ("versions", "999"), ("train", "999")):
+            r = _cli(var_dir, *cmd)
+            assert r.returncode == 1 and "no project 999" in r.stdout, (cmd, r.stdout, r.stderr)
+            assert "headers" not in r.stdout + r.stderr and "sessionid" not in r.stdout + r.stderr
+        with session_scope(db) as s:
+            from backend.models import TrainingJob
+
+            assert s.exec(select(TrainingJob).where(TrainingJob.project_id == 999)).first() is None
+            assert s.exec(select(ModelVersion).where(ModelVersion.project_id == 999)).first() is None
+
+        # --- 4. stop and start again: same project, backend connected -----------------------------
+        stop_s = up.stop()
+        second = up.start()
+        assert second["project"] == pid and second["ls_url"] == ls_url, second["out"][-2000:]
+        assert "shown once" not in second["out"] and secrets["ls_password"] not in second["out"]
+        assert len(list(client.tasks.list(project=pid))) == N_IMAGES, "no duplicate tasks after a restart"
+        ml = client.ml.list(project=pid)
+        assert len(ml) == 1 and ml[0].state == "CO", [(m.url, m.state) for m in ml]
+        page.goto(f"{ls_url}/user/login/")  # the session cookie survived; log in again if needed
+        if page.locator("input[name=email]").count():
+            _login(page, ls_url, secrets["ls_user"], secrets["ls_password"])
+        page.goto(f"{ls_url}/projects/{pid}/settings/ml")
+        page.get_by_text("Connected").first.wait_for(timeout=30_000)
+        shot(page, "after_restart_backend_connected")
+        _open_task(page, ls_url, pid, labelled[0])
+        assert _main_image(page)["w"] > 0
+        shot(page, "after_restart_task")
+        print(f"\nfirst `faceloop up` {first['seconds']:.0f} s; Start Training -> {version} promoted in {train_s:.0f} s; "
+              f"Ctrl-C {stop_s:.0f} s; restart {second['seconds']:.0f} s; whole test {time.time() - t_test:.0f} s")
+        print("screenshots:\n  " + "\n  ".join(map(str, shots)))
+    finally:
+        up.stop()
