@@ -170,8 +170,9 @@ def trim_payload(action: str, payload: dict) -> dict:
 
     Kept: ``action``; ``project`` {id, title, min_annotations_to_start_training, model_version,
     updated_at}; ``annotation`` {id, task, project, was_cancelled, ground_truth, created_at,
-    updated_at, completed_by, lead_time}; ``task`` {id}; ``tasks`` and ``annotations`` as lists
-    of ``{id[, task]}`` (at most :data:`MAX_STORED_IDS`). Strings are cut at 100 characters;
+    updated_at, completed_by, lead_time}; ``task`` {id}; ``tasks`` as a list of ``{id}`` and
+    ``annotations`` of ``{id, task, was_cancelled, created_at}`` (at most :data:`MAX_STORED_IDS`; the
+    retrain trigger reads them). Strings are cut at 100 characters;
     label configs, results and task data are dropped (training reads them from Label Studio).
     """
     out: dict = {"action": str(action)[:100]}
@@ -181,7 +182,7 @@ def trim_payload(action: str, payload: dict) -> dict:
         out["annotation"] = _pick(payload["annotation"], _ANNOTATION_FIELDS)
     if isinstance(payload.get("task"), dict):
         out["task"] = _pick(payload["task"], ("id",))
-    for key, fields in (("tasks", ("id",)), ("annotations", ("id", "task"))):
+    for key, fields in (("tasks", ("id",)), ("annotations", ("id", "task", "was_cancelled", "created_at"))):
         items = payload.get(key)
         if isinstance(items, list):
             out[key] = [(_pick(i, fields) if isinstance(i, dict) else _scalar(i)) for i in items[:MAX_STORED_IDS]]

@@ -25,6 +25,8 @@ SHARED_FACES = REPO_ROOT.parent / "shared" / "data" / "expressions" / "images"
 
 #: Webhooks must be answered fast (Label Studio waits 1 s); generous for a loaded 2-core machine.
 WEBHOOK_BUDGET_S = 3.0
+#: Without BASIC_AUTH_USER the backend answers loopback clients only (TestClient's default is "testclient").
+LOOPBACK = ("127.0.0.1", 50000)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +54,7 @@ def settings(tmp_path_factory, images):
 @pytest.fixture(scope="module")
 def client(settings):
     """One app (and so one loaded model) for the whole module."""
-    with TestClient(create_app(settings)) as c:
+    with TestClient(create_app(settings), client=LOOPBACK) as c:
         yield c
 
 
@@ -167,6 +169,7 @@ def test_predict_one_entry_per_task_in_order(client, base_version):
 def test_predict_project_without_known_classes_scores_zero(client):
     # The base model knows none of awake/sleep: faces (if any) come unlabelled, and every image is
     # maximally uncertain (basis unknown_classes), so score = 1 - 1 = 0.
+    _setup(client, project="3.1", schema=config_text("awake_sleep"))
     tasks = [_task(21, local_url("good.jpg"), project=3), _task(22, local_url("face.jpg"), project=3)]
     r = client.post("/predict", json={"tasks": tasks, "label_config": config_text("awake_sleep")})
     assert r.status_code == 200, r.text
@@ -225,6 +228,7 @@ def test_webhook_without_action_is_400(client, payload):
 
 
 def test_webhook_unknown_action_is_recorded_and_ignored(client, settings):
+    _setup(client, project=40)
     r = client.post("/webhook", json={"action": "SOMETHING_NEW", "project": {"id": 40}})
     assert r.status_code == 200 and r.json() == {"status": "ignored", "action": "SOMETHING_NEW"}
     r = client.post("/webhook", json={"action": "SOMETHING_NEW"})
@@ -234,6 +238,7 @@ def test_webhook_unknown_action_is_recorded_and_ignored(client, settings):
 
 
 def test_start_training_with_broker_down_keeps_the_job(client, settings):
+    _setup(client, project=41)
     project = {"id": 41, "title": "p", "label_config": config_text("awake_sleep"),
                "min_annotations_to_start_training": 0}
     t0 = time.perf_counter()
@@ -260,6 +265,7 @@ def test_joined_job_that_was_never_sent_is_sent_again(client, settings, monkeypa
     # requests send nothing more.
     from backend import events
 
+    _setup(client, project=45)
     hook = {"action": "START_TRAINING", "project": {"id": 45}}
     job = int(client.post("/webhook", json=hook).json()["job"])
     sent = []
@@ -278,6 +284,7 @@ def test_joined_job_that_was_never_sent_is_sent_again(client, settings, monkeypa
 
 
 def test_other_events_are_recorded(client, settings):
+    _setup(client, project=44)
     for action in ("ANNOTATIONS_DELETED", "PROJECT_UPDATED"):
         r = client.post("/webhook", json={"action": action, "project": {"id": 44}, "annotations": [{"id": 1}]})
         assert r.status_code == 200 and r.json() == {"status": "recorded"}
@@ -344,8 +351,11 @@ def test_non_ascii_credentials_are_401_not_500(tmp_path):
     assert c2.get("/health", headers=_basic("jöhn", "pässwort")).status_code == 200
 
 
-def test_webhook_needs_no_auth_without_secret(tmp_path):
-    # Label Studio sends ordinary webhooks without basic auth (protocol doc §0.3)
+def test_webhook_needs_auth_when_basic_auth_is_set(tmp_path):
+    # Label Studio sends ordinary webhooks without basic auth (protocol doc §0.3): with auth on,
+    # they must come from a webhook registered with the X-Faceloop-Secret header (issue 9)
     s = make_settings(tmp_path, basic_auth_user="ls", basic_auth_pass="pw")
     c = TestClient(create_app(s))
-    assert c.post("/webhook", json={"action": "PROJECT_UPDATED", "project": {"id": 1}}).status_code == 200
+    hook = {"action": "PROJECT_UPDATED", "project": {"id": 1}}
+    assert c.post("/webhook", json=hook).status_code == 401
+    assert c.post("/webhook", json=hook, headers=_basic("ls", "pw")).status_code == 200
