@@ -9,7 +9,12 @@ Times, on the same images and the same weights, in one run:
 Prints ms/image for each, the ratios B/A and C/A (goal <= 1.15) and D's images per second.
 The machine is noisy: each figure is the median of ``--repeats`` passes, interleaved.
 
-Run: .venv/bin/python benchmarks/predict_overhead.py [--n 40] [--repeats 3]
+``--model`` picks the version the backend serves (default: the shipped two-stage bundle); for a
+bundle, A times plain ultralytics on its detector weights. ``--model models/faceloop-base.pt``
+measures the first release's single-stage model, the reference of the issue-10 target
+(two-stage ``/predict`` per image <= 1.3x the single-stage one).
+
+Run: .venv/bin/python benchmarks/predict_overhead.py [--n 40] [--repeats 3] [--model PATH]
 """
 
 from __future__ import annotations
@@ -37,25 +42,29 @@ def main() -> None:
     ap.add_argument("--images", type=Path, default=REPO.parent / "shared" / "data" / "awake_sleep" / "images" / "val")
     ap.add_argument("--n", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--model", type=Path, default=None, help="bundle .json or YOLO .pt (default: the shipped one)")
     args = ap.parse_args()
     files = sorted(args.images.glob("*.jpg"))[: args.n]
     if not files:
         sys.exit(f"no images under {args.images} (is ../shared/data there?)")
     work = Path(tempfile.mkdtemp(prefix="faceloop-bench-"))
-    settings = Settings(var_dir=work / "var", local_files_document_root=str(args.images))
+    settings = Settings(var_dir=work / "var", local_files_document_root=str(args.images),
+                        **({"default_model_path": args.model.resolve()} if args.model else {}))
     configure_ultralytics(settings.var_dir)
     from ultralytics import YOLO
 
     from backend.labels import ProjectSchema
     from backend.predict import predict_tasks
-    from backend.yolo import FaceModel
+    from backend.yolo import ModelCache
+    from facemodels.two_stage import is_bundle, read_bundle
 
     xml = (REPO / "label_config" / "awake_sleep.xml").read_text()
     tasks = [{"id": i + 1, "project": 1, "data": {"image": f"/data/local-files/?d={f.name}"}} for i, f in enumerate(files)]
 
     port = free_port()
     env = dict(os.environ, VAR_DIR=str(settings.var_dir), LOCAL_FILES_DOCUMENT_ROOT=str(args.images),
-               LABEL_STUDIO_API_KEY="unused", CELERY_BROKER_URL="redis://127.0.0.1:1/0")
+               LABEL_STUDIO_API_KEY="unused", CELERY_BROKER_URL="redis://127.0.0.1:1/0",
+               DEFAULT_MODEL_PATH=str(settings.default_model_path))
     log = open(work / "backend.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "backend.main:app", "--host", "127.0.0.1", "--port",
                              str(port), "--log-level", "warning"], cwd=REPO, env=env, stdout=log, stderr=log)
@@ -65,11 +74,12 @@ def main() -> None:
         c = httpx.Client(base_url=url, timeout=600)
         version = c.post("/setup", json={"project": "1.0", "schema": xml}).json()["model_version"]
         weights = settings.default_model_path
-        plain = YOLO(str(weights), task="detect")
+        detector = read_bundle(weights)["detector_path"] if is_bundle(weights) else weights
+        plain = YOLO(str(detector), task="detect")
         # warm both up
         plain.predict(str(files[0]), imgsz=settings.imgsz, conf=settings.candidate_threshold, verbose=False)
         c.post("/predict", json={"tasks": tasks[:2], "label_config": xml}).raise_for_status()
-        fm = FaceModel(weights)
+        fm = ModelCache().get(weights)
         schema = ProjectSchema.parse(xml)
         predict_tasks(tasks[:2], schema, fm, settings, embed=True)
 
