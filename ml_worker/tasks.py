@@ -76,10 +76,13 @@ class Heartbeat:
     def _run(self) -> None:
         while not self._stop.wait(self.ttl / 4):
             try:
+                self.beat()  # first: the job is alive even if its lock expired during a Redis outage
                 self.lock.reacquire()
-                self.beat()
             except LockError:
-                log.error("job %s: lost its project lock (expired while Redis was unreachable?)", self.job_id)
+                # expired while Redis was unreachable: take it again unless another run holds it
+                held = self.lock.acquire(blocking=False)
+                log.error("job %s: its project lock had expired; %s", self.job_id,
+                          "taken again" if held else "another run holds it now")
             except Exception as e:  # Redis blip: try again next beat (the thread must not die)
                 log.warning("job %s: heartbeat failed: %s: %s", self.job_id, e.__class__.__name__, e)
 

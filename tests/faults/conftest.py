@@ -33,8 +33,9 @@ class RedisServer:
         raise RuntimeError("redis-server did not start")
 
     def stop(self):
-        self.proc.terminate()
-        self.proc.wait(10)
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
 
 
 @pytest.fixture

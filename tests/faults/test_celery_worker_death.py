@@ -92,3 +92,20 @@ def test_killed_worker_task_is_redelivered_to_the_next_worker(tmp_path, redis_se
         _stop(w1)
         if w2 is not None:
             _stop(w2)
+
+
+def test_sigterm_warm_shutdown_finishes(tmp_path, redis_server):
+    # issue 9 §6: SIGTERM to a worker hung in warm shutdown; it must finish the running task and exit
+    r = redis.Redis.from_url(redis_server.url)
+    w = _worker(redis_server.url, tmp_path, "w3")
+    try:
+        _send(redis_server.url, "k3", 4)
+        assert _wait(lambda: r.llen("k3") == 1, 90) is not None, (tmp_path / "w3.log").read_text()[-3000:]
+        w.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        w.wait(60)
+        print(f"\nSIGTERM during a 4 s task: worker exited {time.monotonic() - t0:.1f} s later, task finished: "
+              f"{r.llen('k3:done') == 1}")
+        assert r.llen("k3:done") == 1
+    finally:
+        _stop(w)

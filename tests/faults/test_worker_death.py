@@ -142,3 +142,34 @@ def test_celery_settings_for_lost_workers(tmp_path):
     assert conf.task_acks_late is True and conf.task_reject_on_worker_lost is True
     assert conf.broker_transport_options["visibility_timeout"] == s.celery_visibility_timeout_s == 3600
     assert conf.worker_prefetch_multiplier == 1
+
+
+def test_redis_outage_during_training_does_not_lose_the_job(tmp_path, redis_server):
+    # Redis down for longer than the TTL while the worker lives: when it returns, the heartbeat
+    # takes the lock again and the job is not declared lost
+    s = make_settings(tmp_path, celery_broker_url=redis_server.url, job_heartbeat_ttl_s=2.0)
+    with session_scope(s.database_url) as db:
+        registry.upsert_project(db, 6)
+        job, _ = registry.request_training(db, 6, "start_training")
+        job_id = job.id
+    proc = _start_probe(s, job_id, tmp_path)
+    server = None
+    try:
+        _wait(lambda: _job(s, job_id).stage == "training", 60)
+        redis_server.stop()
+        suspects: set = set()
+        assert sweep(s, suspects)["lost"] == []  # Redis down: nothing decided
+        time.sleep(5)  # > TTL
+        server = RedisServer(redis_server.port, tmp_path)  # back, empty (no persistence)
+        r = redis.Redis.from_url(server.url)
+        back = _wait(lambda: r.exists(alive_key(job_id)) and r.exists(lock_name(6)), 10)
+        for _ in range(3):
+            assert sweep(s, suspects)["lost"] == []
+            time.sleep(0.6)
+        assert _job(s, job_id).state == "running"
+        print(f"\nRedis back: heartbeat and lock restored {back:.1f} s later; job still running")
+    finally:
+        proc.kill()
+        proc.wait(10)
+        if server is not None:
+            server.stop()
