@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import redis
 from celery import Celery
 
@@ -81,7 +80,6 @@ def test_killed_worker_task_is_redelivered_to_the_next_worker(tmp_path, redis_se
         assert _wait(lambda: r.llen("k2") == 1, 90) is not None, (tmp_path / "w1.log").read_text()[-3000:]
         os.killpg(w1.pid, signal.SIGKILL)  # the whole worker: main process and pool
         w1.wait(10)
-        killed = time.monotonic()
         w2 = _worker(redis_server.url, tmp_path, "w2")
         again = _wait(lambda: r.llen("k2") == 2, 120)
         assert again is not None, (tmp_path / "w2.log").read_text()[-3000:]
