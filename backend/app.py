@@ -214,7 +214,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         get_engine(settings.database_url)
         threading.Thread(target=warm_up, daemon=True).start()
+        stop = None
+        if settings.recovery_interval_s > 0:  # lost training jobs, jobs queued while Redis was down
+            from ml_worker.tasks import start_recovery_thread
+
+            stop = start_recovery_thread(settings)
         yield
+        if stop is not None:
+            stop.set()
 
     app = FastAPI(title="faceloop ML backend", version="0.1.0", lifespan=lifespan)
     app.add_middleware(BodyLimits, max_bytes=settings.max_body_bytes, max_depth=settings.max_json_depth)

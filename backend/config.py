@@ -82,6 +82,17 @@ class Settings(BaseSettings):
         False, description="Fetch task images from private/loopback hosts other than Label Studio (off: refused)")
     device: str = Field("", description="torch device for training/inference; '' = cuda:0 if available")
 
+    # Worker faults (issue 9 §6)
+    job_heartbeat_ttl_s: float = Field(
+        45.0, description="A running training job's lock and heartbeat expire this long after its worker dies; "
+        "renewed every quarter of it while the worker lives")
+    recovery_interval_s: float = Field(
+        20.0, description="How often the backend and each worker look for lost jobs and re-send queued jobs "
+        "never sent (0 = off). A job is declared lost after two checks without heartbeat")
+    celery_visibility_timeout_s: int = Field(
+        3600, description="Redis redelivers a task not acknowledged after this long (acks_late); safe below the "
+        "longest job because a redelivered training waits on the project lock and then finds its job done")
+
     # Training
     train_epochs: int = 30
     train_batch: int = 16

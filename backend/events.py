@@ -35,7 +35,7 @@ def enqueue(settings: Settings, name: str, args: list) -> str | None:
     """Send a Celery task by name; returns its id, or None (logged) when the broker is down.
 
     A job that could not be sent stays ``queued`` in the database; the worker re-sends such jobs
-    when it starts (``ml_worker.tasks.resend_queued_jobs``).
+    when it starts and every ``RECOVERY_INTERVAL_S`` (``ml_worker.tasks.sweep``, also run by the backend).
     """
     try:
         from ml_worker.celery_app import make_celery

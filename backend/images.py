@@ -44,7 +44,7 @@ from urllib.parse import parse_qs, unquote, urljoin, urlsplit
 
 import httpx
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from backend.config import Settings
 
@@ -111,7 +111,7 @@ def ls_base(settings: Settings, candidate: str | None = None) -> str:
         for b in bases:
             if o is not None and _origin(b) == o:
                 return b
-        if candidate not in _warned:
+        if candidate not in _warned and len(_warned) < 100:
             _warned.add(candidate)
             log.warning("ignoring Label Studio URL %r: not LABEL_STUDIO_URL or one of LABEL_STUDIO_URL_ALIASES",
                         _safe_url(candidate))

@@ -41,3 +41,32 @@ def app_client(tmp_path, **kw) -> TestClient:
     """A TestClient (loopback client) of a backend with ``kw`` settings; no model warm-up."""
     return TestClient(create_app(make_settings(tmp_path, **kw)), client=kw.pop("_client", LOOPBACK),
                       raise_server_exceptions=False)
+
+
+#: Status codes of every backend response in tests/security (TestClient), for the no-500 check.
+STATUSES: list[int] = []
+
+
+@pytest.fixture(autouse=True)
+def no_500(monkeypatch):
+    """Record every TestClient response; a 500 fails the test that got it (issue 9: 0 of them)."""
+    from starlette.testclient import TestClient as StarletteClient
+
+    seen: list[int] = []
+    real = StarletteClient.request
+
+    def request(self, *a, **kw):
+        r = real(self, *a, **kw)
+        seen.append(r.status_code)
+        return r
+
+    monkeypatch.setattr(StarletteClient, "request", request)
+    yield
+    STATUSES.extend(seen)
+    assert 500 not in seen, f"a backend response was 500 ({seen.count(500)} of {len(seen)})"
+
+
+def pytest_terminal_summary(terminalreporter):
+    if STATUSES:
+        n500 = sum(s >= 500 for s in STATUSES)
+        terminalreporter.write_line(f"tests/security: {len(STATUSES)} backend responses, {n500} with status >= 500")

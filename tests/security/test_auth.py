@@ -14,7 +14,7 @@ from backend.app import create_app
 from backend.db import session_scope
 from backend.models import Project, TrainingJob, WebhookEvent
 from tests.helpers_unit import config_text, make_settings
-from tests.security.conftest import LOOPBACK, app_client
+from tests.security.conftest import app_client
 
 REMOTE = ("203.0.113.7", 40000)
 ROUTES = [("get", "/health", None), ("get", "/", None), ("get", "/metrics", None), ("get", "/versions", None),

@@ -3,7 +3,6 @@ predictions (never a 500 for the whole request). Real shipped model, TestClient.
 
 from __future__ import annotations
 
-import io
 
 import numpy as np
 import pytest

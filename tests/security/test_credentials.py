@@ -7,7 +7,6 @@ on 127.0.0.1; the attacker must receive no request carrying the key (or the acce
 from __future__ import annotations
 
 import pytest
-from sqlmodel import select
 
 from backend.db import session_scope
 from backend.images import ImageError, auth_headers, load_image, ls_client
