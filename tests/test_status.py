@@ -207,3 +207,26 @@ def test_thumbnail_of_a_task_in_a_real_label_studio(stack, tmp_path):
     assert Image.open(io.BytesIO(r.content)).size == (160, 120)
     assert c.get(f"/status/{other.id}/tasks/{tid}/thumb.jpg").status_code == 404  # not that project's task
     assert c.get(f"/status/{p.id}/tasks/999999/thumb.jpg").status_code == 404
+
+
+@pytest.mark.e2e
+def test_status_link_in_the_label_studio_project(stack):
+    """set_status_link puts the link in the instructions (HTML, shown by the labeling view's
+    Instructions button) and the description, keeps the person's text, and replaces itself."""
+    from label_studio_sdk import LabelStudio
+
+    from backend.lsapi import set_status_link
+    from tests.helpers_unit import EXAMPLE_CONFIG
+
+    client = LabelStudio(base_url=stack.ls_url, api_key=stack.api_key)
+    p = client.projects.create(title="linked", label_config=EXAMPLE_CONFIG, description="My faces",
+                               expert_instruction="<p>Draw every face.</p>")
+    set_status_link(client, p.id, f"http://127.0.0.1:9/status/{p.id}")
+    set_status_link(client, p.id, f"http://127.0.0.1:9090/status/{p.id}")
+    q = client.projects.get(id=p.id)
+    assert q.description == f"My faces\nfaceloop status: http://127.0.0.1:9090/status/{p.id}"
+    assert q.expert_instruction.count("faceloop status") == 1
+    assert f'href="http://127.0.0.1:9090/status/{p.id}"' in q.expert_instruction
+    assert q.expert_instruction.endswith("<p>Draw every face.</p>")
+    with pytest.raises(ValueError):
+        set_status_link(client, p.id, 'javascript:alert(1)')
