@@ -121,12 +121,15 @@ def _job_view(j: TrainingJob, now: datetime) -> dict:
             "version_id": j.version_id}
 
 
-def _plots(v: ModelVersion) -> list[dict]:
+def _plots(settings: Settings, v: ModelVersion) -> list[dict]:
+    """The version's plots that :func:`plot_path` serves: ``[{"k", "name", "image"}]``."""
     out = []
     for k, (name, path) in enumerate(sorted((v.metrics.get("plots") or {}).items())):
-        suffix = Path(str(path)).suffix.lower()
-        if suffix in PLOT_IMAGES or suffix in PLOT_DOWNLOADS:
-            out.append({"k": k, "name": name, "image": suffix in PLOT_IMAGES})
+        try:
+            plot_path(settings, v, k)
+        except HTTPException:
+            continue
+        out.append({"k": k, "name": name, "image": Path(str(path)).suffix.lower() in PLOT_IMAGES})
     return out
 
 
@@ -142,7 +145,6 @@ def plot_path(settings: Settings, v: ModelVersion, k: int) -> Path:
     path = Path(str(plots[k][1])).resolve()
     store = Path(settings.model_dir).resolve()
     if not path.is_relative_to(store):
-        log.warning("plot %r of version %s lies outside MODEL_DIR: not served", str(path), v.version)
         raise HTTPException(404, "plot is not in the model store")
     if path.suffix.lower() not in PLOT_IMAGES and path.suffix.lower() not in PLOT_DOWNLOADS:
         raise HTTPException(404, "only PNG, JPEG and CSV plots are served")
@@ -151,7 +153,7 @@ def plot_path(settings: Settings, v: ModelVersion, k: int) -> Path:
     return path
 
 
-def _version_view(v: ModelVersion, served_id: int | None, acc: dict) -> dict:
+def _version_view(settings: Settings, v: ModelVersion, served_id: int | None, acc: dict) -> dict:
     m = v.metrics
     cand, cur = m.get("candidate") or {}, m.get("current") or {}
     figures = [{"title": t, "value": _fmt(cand.get(k), kind), "current": _fmt(cur.get(k), kind) if cur else ""}
@@ -161,8 +163,19 @@ def _version_view(v: ModelVersion, served_id: int | None, acc: dict) -> dict:
             "gate_reason": v.gate_reason, "created": v.created_at.strftime("%Y-%m-%d %H:%M") if v.created_at else "",
             "current_version": m.get("current_version") or "", "has_metrics": bool(cand),
             "figures": figures, "n_train": m.get("n_train"), "n_val": m.get("n_val"),
-            "train_seconds": m.get("train_seconds"), "plots": _plots(v), "acceptance": a,
-            "job": v.training_job_id}
+            "train_seconds": m.get("train_seconds"), "plots": _plots(settings, v), "acceptance": a,
+            "job": v.training_job_id, "confusion": _confusion_view(cand.get("confusion"))}
+
+
+def _confusion_view(c) -> dict | None:
+    """The candidate's class confusion (``ml_worker.evaluation.confusion``) as table rows, or None."""
+    if not isinstance(c, dict) or not c.get("labels") or not isinstance(c.get("matrix"), list):
+        return None
+    labels = [str(x) for x in c["labels"]]
+    missed, false = c.get("missed") or {}, c.get("false_boxes") or {}
+    rows = [{"label": lab, "cells": [int(x) for x in row], "missed": int(missed.get(lab, 0))}
+            for lab, row in zip(labels, c["matrix"]) if any(row) or missed.get(lab)]
+    return {"labels": labels, "rows": rows, "false": [int(false.get(lab, 0)) for lab in labels]}
 
 
 def _acc_view(r: acceptance.PrelabelAcceptance) -> dict:
@@ -214,7 +227,7 @@ def project_context(settings: Settings, pid: int) -> dict:
     ls = settings.label_studio_url.rstrip("/")
     return {"pid": pid, "title": title or f"project {pid}", "ls_project": f"{ls}/projects/{pid}/data",
             "ls_task": f"{ls}/projects/{pid}/data?task=", "active": active, "finished": finished,
-            "versions": [_version_view(v, served.id if served else None, acc) for v in versions],
+            "versions": [_version_view(settings, v, served.id if served else None, acc) for v in versions],
             "served": served_name, "queue": queue, "queue_version": queue_version or "", "errors": errors,
             "acceptance": acc_rows, "without_prelabel": acceptance.without_prelabel(pid),
             "refresh_s": 5 if active else 30, "now": now.strftime("%Y-%m-%d %H:%M:%S UTC"),

@@ -156,6 +156,19 @@ def test_stored_counts_reach_rows_and_metrics(tmp_path):
     assert 'faceloop_prelabel_annotations{model_version="v1",project="6"} 1.0' in text
 
 
+def test_class_confusion_of_the_evaluation():
+    """ml_worker.evaluation.confusion: true class x predicted class over faces found at IoU >= 0.5."""
+    from ml_worker.evaluation import GTFace, PredFace, confusion
+
+    gts = [GTFace((0, 0, 10, 10), "awake"), GTFace((20, 0, 30, 10), "Sleep"), GTFace((40, 0, 50, 10), "awake")]
+    preds = [PredFace((0, 0, 10, 10), "awake", 0.9), PredFace((20, 0, 30, 11), "awake", 0.8),
+             PredFace((60, 60, 70, 70), "sleep", 0.7), PredFace((41, 0, 50, 10), None, 0.6)]
+    c = confusion([(preds, gts), ([], [GTFace((0, 0, 5, 5), "sleep")])])
+    assert c["labels"] == ["Sleep", "awake", "(no class)"]
+    assert c["matrix"] == [[0, 1, 0], [0, 1, 1], [0, 0, 0]]
+    assert c["missed"] == {"Sleep": 1} and c["false_boxes"] == {"Sleep": 1}
+
+
 @pytest.mark.e2e
 def test_counts_from_a_real_label_studio(stack, tmp_path):
     """A prediction, an annotation started from it (parent_prediction) and one without, on a real

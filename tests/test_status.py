@@ -33,6 +33,8 @@ def png_bytes() -> bytes:
 def candidate(**kw) -> dict:
     base = {"mAP50": 0.712, "face_mAP50": 0.93, "acceptance_rate": 0.64, "class_accuracy": 0.8, "accepted": 32,
             "class_fixed": 8, "box_fixed": 3, "missed": 7, "false_boxes": 4, "boxes_per_face": 0.94}
+    base["confusion"] = {"labels": ["awake", "sleep", "(no class)"], "matrix": [[17, 3, 1], [2, 15, 0], [0, 0, 0]],
+                         "missed": {"awake": 4}, "false_boxes": {"sleep": 2}}
     base.update(kw)
     return base
 
@@ -119,6 +121,7 @@ def test_project_page_shows_job_versions_acceptance_queue_and_errors(client, pop
     assert html.index("task 105") < html.index("task 101") < html.index("task 103")  # queue by rank
     assert f'src="{PID}/tasks/105/thumb.jpg"' in html
     assert "image is truncated (0 of 5120 bytes)" in html
+    assert '<td class="num diag">17</td>' in html and '<td class="num diag">15</td>' in html  # confusion matrix
     assert "Sleepy &lt;b&gt;faces&lt;/b&gt;" in html and "<b>faces</b>" not in html  # escaped
     assert r.headers["x-content-type-options"] == "nosniff"
 
@@ -126,10 +129,12 @@ def test_project_page_shows_job_versions_acceptance_queue_and_errors(client, pop
 def test_plots_are_served_only_from_the_model_store(client, populated):
     v2 = populated["v2"]
     html = client.get(f"/status/{PID}").text
-    # plots sorted by name: csv, png, escaped, linked, page (html: not listed), traversal
+    # plots sorted by name; only those inside the model store are listed
     names = sorted(["detector results.png", "detector results.csv", "escaped", "linked", "page", "traversal"])
     k = {n: i for i, n in enumerate(names)}
     assert f'src="{PID}/versions/{v2}/plots/{k["detector results.png"]}"' in html
+    for name in ("escaped", "linked", "traversal", "page"):
+        assert f'{PID}/versions/{v2}/plots/{k[name]}"' not in html, name
     r = client.get(f"/status/{PID}/versions/{v2}/plots/{k['detector results.png']}")
     assert r.status_code == 200 and r.headers["content-type"] == "image/png" and r.content == png_bytes()
     r = client.get(f"/status/{PID}/versions/{v2}/plots/{k['detector results.csv']}")
