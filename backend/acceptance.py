@@ -8,7 +8,8 @@ only rewriting a ``#<annotation>`` suffix (``"abc#12"`` -> ``"abc#34"``; ids wit
 they are), so a predicted box is found in the saved annotation by its region id (``id`` up to
 the ``#``). Boxes whose ids match nothing (an annotation made through the API with other ids)
 are paired by IoU as in :mod:`ml_worker.evaluation` (greedy, highest IoU first, at least
-``TOUCH_IOU`` = 0.1).
+``TOUCH_IOU`` = 0.1), except regions the editor marks ``"origin": "manual"`` (drawn in the editor;
+it also writes ``"prediction"`` and ``"prediction-changed"``, same file), which are always drawn.
 
 For each box of the parent prediction (regions with ``x, y, width, height``; their labels are
 the ``rectanglelabels``/``labels``/``choices`` values of the result items sharing the region id):
@@ -137,7 +138,7 @@ def regions(result: Iterable[Any] | None) -> dict[str, dict]:
                 labels.setdefault(rid, set()).update(str(v) for v in value[key])
         if all(isinstance(value.get(c), (int, float)) for c in _BOX_KEYS):
             boxes[rid] = {"box": tuple(float(value[c]) for c in _BOX_KEYS),
-                          "rotation": float(value.get("rotation") or 0.0)}
+                          "rotation": float(value.get("rotation") or 0.0), "origin": item.get("origin")}
     for rid, r in boxes.items():
         r["labels"] = frozenset(labels.get(rid, ()))
     return boxes
@@ -167,7 +168,8 @@ def compare(prediction_result: list | None, annotation_result: list | None) -> C
     c = Counts(annotations=1, predicted=len(pred))
     pairs = [(pid, pid) for pid in pred if pid in ann]
     free_p = [p for p in pred if p not in ann]
-    free_a = [a for a in ann if a not in pred]
+    drawn = [a for a in ann if a not in pred and ann[a]["origin"] == "manual"]  # the editor says so
+    free_a = [a for a in ann if a not in pred and ann[a]["origin"] != "manual"]
     if free_p and free_a:  # ids do not match (annotation made outside the editor): pair by IoU
         ious = iou_matrix([_corners(pred[p]) for p in free_p], [_corners(ann[a]) for a in free_a])
         order = sorted(((ious[i, j], i, j) for i in range(len(free_p)) for j in range(len(free_a))), reverse=True)
@@ -194,7 +196,7 @@ def compare(prediction_result: list | None, annotation_result: list | None) -> C
             if not same_labels:
                 c.moved_relabelled += 1
     c.deleted = len(free_p)
-    c.drawn = len(free_a)
+    c.drawn = len(free_a) + len(drawn)
     return c
 
 

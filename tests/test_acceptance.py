@@ -92,6 +92,13 @@ def test_annotation_with_other_region_ids_is_paired_by_iou():
     assert (c.accepted, c.moved, c.deleted, c.drawn) == (1, 1, 2, 1)
 
 
+def test_box_drawn_in_the_editor_is_never_paired_with_a_deleted_prediction():
+    """The editor marks regions a person draws "origin": "manual": drawn, even over a deleted pre-label."""
+    ann = [region("Zq9wE1rT0y", 11, 11, 20, 25, ["awake"], origin="manual")]
+    c = compare(PRED[:1], ann)
+    assert (c.deleted, c.drawn, c.moved) == (1, 1, 0)
+
+
 def test_per_region_choices_count_as_the_region_labels():
     """A per-region Choices item shares the region id; changing it is a relabel."""
     choice = {"id": PRED[0]["id"], "from_name": "eyes", "to_name": "image", "type": "choices",
