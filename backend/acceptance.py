@@ -242,6 +242,7 @@ def project_counts(tasks: Iterable[Any]) -> tuple[dict[str, Counts], int]:
 _tables_ready: set[str] = set()
 _without: dict[int, int] = {}
 _refreshing: set[int] = set()
+_dirty: set[int] = set()
 _lock = threading.Lock()
 
 
@@ -300,7 +301,10 @@ def refresh(settings, project_id: int, client=None) -> dict[str, Counts]:
 
 
 def is_stale(settings, project_id: int, max_age_s: float = REFRESH_INTERVAL_S) -> bool:
-    """True when the project's counts are older than ``max_age_s`` or were never computed."""
+    """True when the project's counts are older than ``max_age_s``, were never computed, or an
+    annotation changed since (:func:`request_recount`)."""
+    if project_id in _dirty:
+        return True
     rows = stored(settings, project_id)
     if not rows:
         return project_id not in _without
@@ -310,17 +314,20 @@ def is_stale(settings, project_id: int, max_age_s: float = REFRESH_INTERVAL_S) -
     return (datetime.now(timezone.utc) - t).total_seconds() > max_age_s
 
 
-def refresh_in_background(settings, project_id: int, max_age_s: float = REFRESH_INTERVAL_S) -> bool:
-    """Start :func:`refresh` in a daemon thread when the counts are stale and none is running.
+def refresh_in_background(settings, project_id: int, max_age_s: float = REFRESH_INTERVAL_S
+                          ) -> threading.Thread | None:
+    """Start :func:`refresh` in a daemon thread when the counts are stale (:func:`is_stale`).
 
-    For the status page and the annotation webhooks (never blocks). Errors are logged.
-    Returns: True when a refresh was started.
+    Never blocks; one recount per project at a time: a request while one runs (see
+    :func:`request_recount`) makes it count once more when it ends. Errors are logged.
+    Returns: the thread started (join it to wait), or None when none was needed or possible
+    (no LABEL_STUDIO_API_KEY, counts fresh, one already running).
     """
     if not settings.label_studio_api_key:
-        return False
+        return None
     with _lock:
         if project_id in _refreshing:
-            return False
+            return None
         _refreshing.add(project_id)
     try:
         stale = is_stale(settings, project_id, max_age_s)
@@ -331,21 +338,37 @@ def refresh_in_background(settings, project_id: int, max_age_s: float = REFRESH_
     if not stale:
         with _lock:
             _refreshing.discard(project_id)
-        return False
+        return None
 
     def run():
-        t0 = time.monotonic()
         try:
-            refresh(settings, project_id)
-            log.info("pre-label acceptance of project %s recounted in %.1f s", project_id, time.monotonic() - t0)
-        except Exception as e:
-            log.warning("pre-label acceptance of project %s not recounted: %s", project_id, e)
+            for _ in range(5):  # bounded: annotations saved during a recount get one more
+                _dirty.discard(project_id)
+                t0 = time.monotonic()
+                try:
+                    refresh(settings, project_id)
+                    log.info("pre-label acceptance of project %s recounted in %.1f s", project_id,
+                             time.monotonic() - t0)
+                except Exception as e:
+                    log.warning("pre-label acceptance of project %s not recounted: %s", project_id, e)
+                    break
+                if project_id not in _dirty:
+                    break
         finally:
             with _lock:
                 _refreshing.discard(project_id)
 
-    threading.Thread(target=run, daemon=True, name=f"acceptance-{project_id}").start()
-    return True
+    t = threading.Thread(target=run, daemon=True, name=f"acceptance-{project_id}")
+    t.start()
+    return t
+
+
+def request_recount(settings, project_id: int) -> threading.Thread | None:
+    """An annotation of the project was created, updated or deleted: recount now, in the background
+    (for the ``ANNOTATION_CREATED``/``ANNOTATION_UPDATED``/``ANNOTATIONS_CREATED``/``ANNOTATIONS_DELETED``
+    webhooks; returns at once). Returns: the thread started, or None (see :func:`refresh_in_background`)."""
+    _dirty.add(project_id)
+    return refresh_in_background(settings, project_id, 0.0)
 
 
 def without_prelabel(project_id: int) -> int | None:
@@ -379,6 +402,18 @@ def acceptance_rows(settings, project_id: int, refresh_now: bool = True) -> list
                     "drawn": r.drawn,
                     "accepted %": f"{100 * r.accepted / r.predicted:.1f}" if r.predicted else ""})
     return out
+
+
+def acceptance_table(rows: list[dict], title: str = "pre-label acceptance"):
+    """A ``rich.table.Table`` of :func:`acceptance_rows` (for ``faceloop versions``)."""
+    from rich.table import Table
+
+    t = Table(title=title)
+    for c in COLUMNS:
+        t.add_column(c, justify="left" if c == "version" else "right")
+    for r in rows:
+        t.add_row(*(str(r[c]) for c in COLUMNS))
+    return t
 
 
 # --- /metrics ------------------------------------------------------------------------------------

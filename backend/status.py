@@ -44,6 +44,8 @@ TEMPLATES = Path(__file__).resolve().parent / "templates"
 THUMB_SIDE = 160
 #: Thumbnails kept in memory (LRU), about 5-10 kB each.
 THUMB_CACHE = 256
+#: Seconds the page waits for a pre-label acceptance recount before it shows the stored counts.
+ACCEPTANCE_WAIT_S = 2.0
 #: Review-queue entries shown.
 QUEUE_HEAD = 12
 #: Finished jobs shown.
@@ -338,7 +340,9 @@ def make_router(settings: Settings, require_auth) -> APIRouter:
     @router.get("/status/{project_id}", response_class=HTMLResponse)
     def status_project(project_id: int):
         try:
-            acceptance.refresh_in_background(settings, project_id)
+            t = acceptance.refresh_in_background(settings, project_id)
+            if t is not None:  # a small project is recounted before the page is drawn
+                t.join(ACCEPTANCE_WAIT_S)
         except Exception as e:  # the page still shows the stored counts
             log.warning("acceptance refresh of project %s not started: %s", project_id, e)
         ctx = project_context(settings, project_id)

@@ -157,6 +157,13 @@ def test_stored_counts_reach_rows_and_metrics(tmp_path):
     assert [r["version"] for r in acceptance_rows(settings, 5, refresh_now=False)] == ["v2"]
     # without an API key the recount fails with a clear log and the stored rows are shown
     assert acceptance_rows(settings, 6, refresh_now=True)[0]["accepted"] == 1
+    assert acceptance.request_recount(settings, 6) is None  # no key: nothing started
+    from rich.console import Console
+
+    console = Console(record=True, width=120)
+    console.print(acceptance.acceptance_table(acceptance_rows(settings, 5, refresh_now=False)))
+    text = console.export_text()
+    assert "accepted %" in text and "100.0" in text
 
     text = TestClient(create_app(settings), client=LOOPBACK).get("/metrics").text
     assert 'faceloop_prelabel_boxes{model_version="v2",outcome="accepted",project="5"} 2.0' in text
@@ -199,3 +206,9 @@ def test_counts_from_a_real_label_studio(stack, tmp_path):
     assert counts == {"vtest": Counts(annotations=1, predicted=2, accepted=1, deleted=1, drawn=1)}
     assert acceptance.without_prelabel(p.id) == 1
     assert acceptance_rows(settings, p.id, refresh_now=False)[0]["accepted %"] == "50.0"
+    # counts just made are fresh: no recount; an annotation webhook asks for one
+    assert acceptance.refresh_in_background(settings, p.id) is None
+    pr2 = client.predictions.create(task=t2.id, model_version="vtest", score=0.5, result=pred[:1])
+    client.annotations.create(id=t2.id, result=pred[:1], parent_prediction=pr2.id)
+    acceptance.request_recount(settings, p.id).join(60)
+    assert acceptance_rows(settings, p.id, refresh_now=False)[0]["accepted"] == 2
