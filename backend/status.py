@@ -26,7 +26,10 @@ from collections import OrderedDict
 from datetime import datetime, timezone
 from pathlib import Path
 
+from typing import Annotated
+
 from fastapi import APIRouter, Depends, HTTPException
+from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
@@ -38,6 +41,11 @@ from backend.db import session_scope
 from backend.models import ModelVersion, Project, TaskScore, TrainingJob
 
 log = logging.getLogger("faceloop.status")
+
+#: A Label Studio / database id in a URL: 1..2^63-1 (else 422, never a database overflow).
+Id = Annotated[int, PathParam(ge=1, le=2**63 - 1)]
+#: A plot index in a URL.
+Index = Annotated[int, PathParam(ge=0, le=10_000)]
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 #: Longest side of a review-queue thumbnail, pixels.
@@ -338,7 +346,7 @@ def make_router(settings: Settings, require_auth) -> APIRouter:
                             headers=headers)
 
     @router.get("/status/{project_id}", response_class=HTMLResponse)
-    def status_project(project_id: int):
+    def status_project(project_id: Id):
         try:
             t = acceptance.refresh_in_background(settings, project_id)
             if t is not None:  # a small project is recounted before the page is drawn
@@ -349,7 +357,7 @@ def make_router(settings: Settings, require_auth) -> APIRouter:
         return HTMLResponse(_env.get_template("status_project.html").render(**ctx), headers=headers)
 
     @router.get("/status/{project_id}/versions/{version_id}/plots/{k}")
-    def status_plot(project_id: int, version_id: int, k: int):
+    def status_plot(project_id: Id, version_id: Id, k: Index):
         with session_scope(settings.database_url) as s:
             v = s.get(ModelVersion, version_id)
             if v is None or v.project_id != project_id:
@@ -362,7 +370,7 @@ def make_router(settings: Settings, require_auth) -> APIRouter:
         return FileResponse(path, media_type=media, headers=extra)
 
     @router.get("/status/{project_id}/tasks/{task_id}/thumb.jpg")
-    async def status_thumb(project_id: int, task_id: int):
+    async def status_thumb(project_id: Id, task_id: Id):
         key = (project_id, task_id)
         data = thumbs.get(key)
         if data is None:

@@ -153,6 +153,9 @@ def test_index_lists_projects_and_unknown_project_is_404(client, populated):
     assert "running train 3/10" in html
     r = client.get("/status/999")
     assert r.status_code == 404 and "not set up" in r.json()["detail"]
+    for bad in ("/status/0", "/status/-1", "/status/abc", f"/status/{2**63}", f"/status/{PID}/versions/{2**64}/plots/0",
+                f"/status/{PID}/versions/1/plots/-1", f"/status/{PID}/tasks/{2**70}/thumb.jpg"):
+        assert client.get(bad).status_code == 422, bad
 
 
 def test_idle_project_reloads_slowly_and_says_how_to_train(client, settings):
