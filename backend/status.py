@@ -38,7 +38,8 @@ from sqlmodel import select
 from backend import acceptance
 from backend.config import Settings
 from backend.db import session_scope
-from backend.models import ModelVersion, Project, TaskScore, TrainingJob
+from backend.models import ModelVersion, Project, TaskScore, TrainingJob, WebhookEvent
+from backend.registry import ANNOTATION_ACTIONS
 
 log = logging.getLogger("faceloop.status")
 
@@ -221,11 +222,16 @@ def project_context(settings: Settings, pid: int) -> dict:
             else latest
         queue = []
         if queue_version:
+            # tasks annotated since they were scored leave the queue (as in Label Studio's Review queue view)
+            labelled = select(WebhookEvent.task_id).where(WebhookEvent.project_id == pid,
+                                                          WebhookEvent.action.in_(ANNOTATION_ACTIONS),
+                                                          WebhookEvent.task_id.is_not(None))
             queue = [{"task": t.task_id, "rank": t.rank, "uncertainty": f"{t.uncertainty:.3f}", "boxes": t.n_boxes,
                       "batch": t.in_query_batch}
                      for t in s.exec(select(TaskScore).where(TaskScore.project_id == pid,
                                                              TaskScore.model_version == queue_version,
-                                                             TaskScore.error == "")
+                                                             TaskScore.error == "",
+                                                             TaskScore.task_id.not_in(labelled))
                                      .order_by(TaskScore.rank, TaskScore.task_id).limit(QUEUE_HEAD)).all()]
         errors = [{"task": t.task_id, "version": t.model_version, "error": t.error,
                    "when": t.scored_at.strftime("%Y-%m-%d %H:%M") if t.scored_at else ""}

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from backend.acceptance import Counts, store
 from backend.app import create_app
 from backend.db import session_scope
-from backend.models import ModelVersion, Project, TaskScore, TrainingJob
+from backend.models import ModelVersion, Project, TaskScore, TrainingJob, WebhookEvent
 from tests.helpers_unit import make_settings, write_jpeg
 
 LOOPBACK = ("127.0.0.1", 50000)
@@ -91,6 +91,9 @@ def populated(settings, tmp_path):
             s.add(TaskScore(project_id=PID, task_id=tid, model_version="v2", uncertainty=0.9 - rank / 10,
                             least_confidence=0.5, margin=0.5, entropy=0.5, n_boxes=2, rank=rank,
                             in_query_batch=rank < 2))
+        s.add(TaskScore(project_id=PID, task_id=106, model_version="v2", uncertainty=0.95, least_confidence=0.5,
+                        margin=0.5, entropy=0.5, n_boxes=1, rank=0))  # annotated since: not in the queue
+        s.add(WebhookEvent(project_id=PID, action="ANNOTATION_CREATED", task_id=106, annotation_id=1))
         s.add(TaskScore(project_id=PID, task_id=104, model_version="v2", uncertainty=1, least_confidence=1,
                         margin=1, entropy=1, error="image is truncated (0 of 5120 bytes)"))
         ids = {"v2": v2.id, "v3": v3.id}
@@ -119,7 +122,7 @@ def test_project_page_shows_job_versions_acceptance_queue_and_errors(client, pop
     assert "0.712" in html and "0.650" in html and "64.0%" in html  # candidate and current figures
     assert 'id="acceptance-v2"' in html and "75.0%" in html  # 9 of 12 boxes accepted
     assert html.index("task 105") < html.index("task 101") < html.index("task 103")  # queue by rank
-    assert f'src="{PID}/tasks/105/thumb.jpg"' in html
+    assert f'src="{PID}/tasks/105/thumb.jpg"' in html and "task 106" not in html
     assert "image is truncated (0 of 5120 bytes)" in html
     assert '<td class="num diag">17</td>' in html and '<td class="num diag">15</td>' in html  # confusion matrix
     assert "Sleepy &lt;b&gt;faces&lt;/b&gt;" in html and "<b>faces</b>" not in html  # escaped
