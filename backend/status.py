@@ -109,15 +109,32 @@ def _duration(seconds: float | None) -> str:
     return f"{s // 3600} h {(s % 3600) // 60:02d} min"
 
 
+#: First (epoch, time) this process saw of each running job, for :func:`eta_seconds` (bounded).
+_first_seen: "OrderedDict[int, tuple[int, datetime]]" = OrderedDict()
+_seen_lock = threading.Lock()
+
+
 def eta_seconds(job: TrainingJob, now: datetime | None = None) -> float | None:
-    """Estimated seconds left of a running job's epochs: mean time per finished epoch since the
-    job started (includes reading annotations and building the dataset, so it errs long) times
-    the epochs left. None before the first epoch ends or when the job is not training."""
+    """Estimated seconds left of a running job's epochs: seconds per epoch times the epochs left.
+
+    Seconds per epoch are measured from the epochs finished while the page was watched (first
+    (epoch, time) seen by this process, now), else the mean since the job started (which includes
+    reading annotations and building the dataset, so it errs long). Detector and classifier epochs
+    are counted alike. None before the first epoch ends or when the job is not training.
+    """
     now = now or datetime.now(timezone.utc)
     start = _aware(job.started_at)
     if job.state != "running" or start is None or not job.epochs or job.epoch <= 0:
         return None
-    per = (now - start).total_seconds() / job.epoch
+    with _seen_lock:
+        first = _first_seen.setdefault(job.id, (job.epoch, now))
+        while len(_first_seen) > 100:
+            _first_seen.popitem(last=False)
+    e0, t0 = first
+    if job.epoch > e0 and now > t0:
+        per = (now - t0).total_seconds() / (job.epoch - e0)
+    else:
+        per = (now - start).total_seconds() / job.epoch
     return per * max(0, job.epochs - job.epoch)
 
 
@@ -128,7 +145,7 @@ def _job_view(j: TrainingJob, now: datetime) -> dict:
             "pct": int(100 * j.epoch / j.epochs) if j.epochs else 0, "trigger": j.trigger,
             "message": j.message, "error": j.error, "n_train": j.n_train, "n_val": j.n_val,
             "created": j.created_at.strftime("%Y-%m-%d %H:%M:%S") if j.created_at else "",
-            "ran": _duration(ran), "eta": _duration(eta_seconds(j, now)) if eta_seconds(j, now) is not None else None,
+            "ran": _duration(ran), "eta": _duration(eta) if (eta := eta_seconds(j, now)) is not None else None,
             "version_id": j.version_id}
 
 

@@ -150,6 +150,19 @@ def test_plots_are_served_only_from_the_model_store(client, populated):
     assert client.get(f"/status/{PID}/versions/{populated['v3']}/plots/0").status_code == 404  # no plots
 
 
+def test_time_left_is_measured_from_the_epochs_seen():
+    from backend.status import eta_seconds
+
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    job = TrainingJob(id=424242, project_id=1, state="running", epoch=2, epochs=12, started_at=t0)
+    # first look: 2 epochs in 100 s since the start (dataset included) -> 50 s an epoch, 10 left
+    assert eta_seconds(job, t0 + timedelta(seconds=100)) == pytest.approx(500)
+    job.epoch = 4  # two more epochs in 20 s watched: 10 s an epoch, 8 left
+    assert eta_seconds(job, t0 + timedelta(seconds=120)) == pytest.approx(80)
+    job.state = "succeeded"
+    assert eta_seconds(job, t0 + timedelta(seconds=130)) is None
+
+
 def test_index_lists_projects_and_unknown_project_is_404(client, populated):
     html = client.get("/status").text
     assert f'href="status/{PID}"' in html and "Sleepy &lt;b&gt;faces&lt;/b&gt;" in html
