@@ -28,7 +28,7 @@ from pathlib import Path
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse, Response
@@ -355,21 +355,63 @@ def thumbnail(settings: Settings, pid: int, task_id: int) -> bytes:
     return buf.getvalue()
 
 
+#: Cookie that carries a project's status token to the page's images (path-scoped to the project's page).
+TOKEN_COOKIE = "faceloop_status"
+
+
+def token_key(settings: Settings) -> str:
+    """The secret status tokens derive from: ``WEBHOOK_SECRET``, else ``BASIC_AUTH_PASS``; "" (no
+    tokens) when neither is set (then the backend's own rule applies: loopback clients only)."""
+    return settings.webhook_secret or settings.basic_auth_pass or ""
+
+
+def status_token(key: str, project_id: int) -> str:
+    """Read-only token of one project's status page: HMAC-SHA256(key, "faceloop-status-v1:<id>"),
+    first 32 hex digits (128 bits). Raises: ValueError for an empty key."""
+    import hashlib
+    import hmac
+
+    if not key:
+        raise ValueError("no key: set WEBHOOK_SECRET or BASIC_AUTH_PASS to link the status page with a token")
+    return hmac.new(key.encode(), f"faceloop-status-v1:{int(project_id)}".encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def status_link(backend_url: str, project_id: int, key: str = "") -> str:
+    """The URL of a project's status page for a person's browser: ``<backend_url>/status/<id>``,
+    with ``?token=`` (:func:`status_token`) when ``key`` is given, so that one click opens it
+    without a password prompt. ``key`` must be the backend's :func:`token_key`."""
+    url = f"{backend_url.rstrip('/')}/status/{int(project_id)}"
+    return f"{url}?token={status_token(key, project_id)}" if key else url
+
+
 def make_router(settings: Settings, require_auth) -> APIRouter:
-    """The status routes, each behind ``require_auth`` (the app's auth dependency)."""
-    router = APIRouter(dependencies=[Depends(require_auth)])
+    """The status routes. ``/status`` is behind ``require_auth`` (the app's auth dependency); a
+    project's page, plots and thumbnails also open with that project's token (:func:`status_token`)
+    in ``?token=`` or in the cookie the page sets (read-only, one project)."""
+    import secrets
+
+    router = APIRouter()
     thumbs = _Thumbs(THUMB_CACHE)
+    key = token_key(settings)
+
+    async def project_auth(request: Request, project_id: Id):
+        given = request.query_params.get("token") or request.cookies.get(TOKEN_COOKIE) or ""
+        if key and given and secrets.compare_digest(given.encode("utf-8", "surrogateescape"),
+                                                    status_token(key, project_id).encode()):
+            request.state.status_token = given
+            return
+        await require_auth(request)
     headers = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
                "Content-Security-Policy": "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; "
                                           "frame-ancestors 'none'"}
 
-    @router.get("/status", response_class=HTMLResponse)
+    @router.get("/status", response_class=HTMLResponse, dependencies=[Depends(require_auth)])
     def status_index():
         return HTMLResponse(_env.get_template("status_index.html").render(**index_context(settings)),
                             headers=headers)
 
-    @router.get("/status/{project_id}", response_class=HTMLResponse)
-    def status_project(project_id: Id):
+    @router.get("/status/{project_id}", response_class=HTMLResponse, dependencies=[Depends(project_auth)])
+    def status_project(project_id: Id, request: Request):
         try:
             t = acceptance.refresh_in_background(settings, project_id)
             if t is not None:  # a small project is recounted before the page is drawn
@@ -377,9 +419,14 @@ def make_router(settings: Settings, require_auth) -> APIRouter:
         except Exception as e:  # the page still shows the stored counts
             log.warning("acceptance refresh of project %s not started: %s", project_id, e)
         ctx = project_context(settings, project_id)
-        return HTMLResponse(_env.get_template("status_project.html").render(**ctx), headers=headers)
+        resp = HTMLResponse(_env.get_template("status_project.html").render(**ctx), headers=headers)
+        token = getattr(request.state, "status_token", None)
+        if token and request.query_params.get("token"):  # the page's images and reloads carry it
+            resp.set_cookie(TOKEN_COOKIE, token, path=request.url.path, httponly=True, samesite="lax",
+                            secure=request.url.scheme == "https", max_age=7 * 24 * 3600)
+        return resp
 
-    @router.get("/status/{project_id}/versions/{version_id}/plots/{k}")
+    @router.get("/status/{project_id}/versions/{version_id}/plots/{k}", dependencies=[Depends(project_auth)])
     def status_plot(project_id: Id, version_id: Id, k: Index):
         with session_scope(settings.database_url) as s:
             v = s.get(ModelVersion, version_id)
@@ -392,7 +439,7 @@ def make_router(settings: Settings, require_auth) -> APIRouter:
             return FileResponse(path, media_type=media, filename=f"{v.version}_{path.name}", headers=extra)
         return FileResponse(path, media_type=media, headers=extra)
 
-    @router.get("/status/{project_id}/tasks/{task_id}/thumb.jpg")
+    @router.get("/status/{project_id}/tasks/{task_id}/thumb.jpg", dependencies=[Depends(project_auth)])
     async def status_thumb(project_id: Id, task_id: Id):
         key = (project_id, task_id)
         data = thumbs.get(key)

@@ -204,6 +204,43 @@ def test_status_pages_need_the_backends_auth(tmp_path, populated, settings):
     assert remote.get(f"/status/{PID}").status_code == 403
 
 
+def test_a_projects_token_link_opens_its_page_and_images_only(tmp_path, populated, settings):
+    """status_link(..., key) gives a one-click link: the token opens that project's page, and the
+    cookie it sets opens the page's plots and thumbnails; nothing else."""
+    from backend.status import TOKEN_COOKIE, status_link, status_token, token_key
+
+    auth = make_settings(tmp_path / "var", model_dir=settings.model_dir, basic_auth_user="ann", basic_auth_pass="pw",
+                         webhook_secret="hook-secret")
+    key = token_key(auth)
+    assert key == "hook-secret"
+    link = status_link("http://127.0.0.1:9090/", PID, key)
+    assert link.startswith(f"http://127.0.0.1:9090/status/{PID}?token=") and len(link.split("=")[1]) == 32
+    path = link.removeprefix("http://127.0.0.1:9090")
+    c = TestClient(create_app(auth), client=("192.0.2.10", 5000))  # a remote browser
+    r = c.get(path)
+    assert r.status_code == 200 and "Sleepy" in r.text
+    cookie = r.cookies.get(TOKEN_COOKIE)
+    set_cookie = r.headers["set-cookie"].lower()
+    assert cookie and "httponly" in set_cookie and f"path=/status/{PID};" in set_cookie
+    v2 = populated["v2"]
+    plot = c.get(f"/status/{PID}/versions/{v2}/plots/1")  # the cookie rides along
+    assert plot.status_code == 200 and plot.headers["content-type"] == "image/png"
+    assert c.get(f"/status/{PID}/tasks/105/thumb.jpg").status_code == 502  # past auth: no LS key here
+    fresh = TestClient(create_app(auth), client=("192.0.2.10", 5000))
+    token = link.split("=")[1]
+    assert fresh.get(f"/status/{PID}?token={token[:-1]}0").status_code == 401  # wrong token
+    assert fresh.get(f"/status/3?token={token}").status_code == 401  # another project's page
+    assert fresh.get(f"/status?token={token}").status_code == 401  # the index needs the password
+    assert fresh.get(f"/status/{PID}/versions/{v2}/plots/1").status_code == 401  # no cookie, no token
+    # no secret configured: no tokens (loopback-only rule)
+    assert status_link("http://h:1", PID) == f"http://h:1/status/{PID}"
+    assert status_link("http://h:1", PID, token_key(settings)) == f"http://h:1/status/{PID}"
+    with pytest.raises(ValueError):
+        status_token("", PID)
+    remote = TestClient(create_app(settings), client=("192.0.2.10", 5000))
+    assert remote.get(f"/status/{PID}?token={token}").status_code == 403
+
+
 @pytest.mark.e2e
 def test_thumbnail_of_a_task_in_a_real_label_studio(stack, tmp_path):
     """The thumbnail endpoint reads the task from Label Studio and its image through
