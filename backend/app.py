@@ -1,4 +1,5 @@
-"""The Label Studio ML backend (FastAPI): /health, /setup, /predict, /webhook, /versions, /metrics.
+"""The Label Studio ML backend (FastAPI): /health, /setup, /predict, /webhook, /versions, /metrics,
+and the status pages under /status (:mod:`backend.status`).
 
 Protocol details (timeouts, payloads, auth) follow ``shared/docs/label-studio-protocol.md``:
 ``/health`` answers JSON without touching the model (1 s budget), ``/setup`` returns the
@@ -383,6 +384,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         from fastapi.concurrency import run_in_threadpool
 
         return {"versions": await run_in_threadpool(names)}
+
+    from backend.acceptance import AcceptanceCollector
+    from backend.status import make_router
+
+    metrics.register(AcceptanceCollector(settings))  # pre-label acceptance per project and model version
+    app.include_router(make_router(settings, require_auth))  # /status pages (issue 11)
 
     @app.get("/metrics")
     async def prom(_=Depends(require_auth)):

@@ -8,6 +8,7 @@ is ignored by the open-source edition, so tasks are split here).
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 
 log = logging.getLogger("faceloop.lsapi")
@@ -278,3 +279,36 @@ def api_error_text(e: Exception) -> str:
         return f"{e.__class__.__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
     detail = body.get("detail") or body.get("validation_errors") or body if isinstance(body, dict) else body
     return f"HTTP {status}: {str(detail)[:300]}"
+
+
+#: Text of the status link faceloop writes into a project's instructions and description; an
+#: earlier link is found by it and replaced (Label Studio strips HTML comments and ``target`` from
+#: instructions, so no markers survive).
+_STATUS_LINE = "faceloop status: "
+_STATUS_LINK = re.compile(r'<p><a href="[^"]*"[^>]*>faceloop status:[^<]*</a></p>\n?')
+
+
+def set_status_link(client, project_id: int, status_url: str) -> None:
+    """Link the project's faceloop status page from Label Studio (issue 11).
+
+    Writes the link at the top of the project's instructions (``expert_instruction``, HTML; shown by
+    the *Instructions* button of the labeling view, and before labeling when the project's "Show
+    before labeling" is on) and as a line ``faceloop status: <url>`` of its ``description`` (the
+    project card). The person's own instructions and description are kept; an earlier faceloop
+    link is replaced. ``show_instruction`` is left as it is.
+
+    Args:
+        status_url: absolute URL of ``/status/<project_id>`` as the person's browser reaches the backend.
+    Raises: ValueError for a URL that is not http(s); the SDK's ApiError when Label Studio refuses.
+    """
+    import html
+
+    if not re.match(r"^https?://[^\s\"'<>]+$", status_url or ""):
+        raise ValueError(f"status URL must be an http(s) URL without spaces or quotes, got {status_url!r}")
+    p = client.projects.get(id=project_id)
+    instr = _STATUS_LINK.sub("", _get(p, "expert_instruction") or "")
+    link = (f'<p><a href="{html.escape(status_url)}" rel="noopener">'
+            f"{_STATUS_LINE}training, model versions, pre-label acceptance</a></p>\n")
+    desc_lines = [ln for ln in (_get(p, "description") or "").splitlines() if not ln.startswith(_STATUS_LINE)]
+    desc = "\n".join([*desc_lines, _STATUS_LINE + status_url]).strip()
+    client.projects.update(id=project_id, expert_instruction=link + instr, description=desc)

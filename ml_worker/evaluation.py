@@ -270,8 +270,52 @@ def evaluate_model(model, samples: list[tuple[np.ndarray, list[GTFace]]], schema
 
     Args:
         samples: ``(image RGB uint8, ground-truth faces with class names)`` per image.
-    Returns: :meth:`Evaluation.as_dict` plus ``"images"``.
+    Returns: :meth:`Evaluation.as_dict` plus ``"images"`` and ``"confusion"`` (:func:`confusion`).
     """
     shown, cands = predict_faces(model, [im for im, _ in samples], schema, settings)
-    ev = evaluate_predictions([(p, g) for p, (_, g) in zip(shown, samples)], candidates=cands)
-    return {**ev.as_dict(), "images": len(samples)}
+    pairs = [(p, g) for p, (_, g) in zip(shown, samples)]
+    ev = evaluate_predictions(pairs, candidates=cands)
+    return {**ev.as_dict(), "images": len(samples), "confusion": confusion(pairs)}
+
+
+def confusion(images: list[tuple[list[PredFace], list[GTFace]]]) -> dict:
+    """Class confusion of pre-annotations against ground truth, over faces found at IoU >= 0.5.
+
+    Matching is :func:`acceptance`'s (one-to-one, greedy by predicted score, class-agnostic).
+    Returns: ``{"labels": [class names..., "(no class)"], "matrix": rows = true class, columns =
+    predicted class (counts), "missed": {true class: faces with no box at IoU >= 0.5},
+    "false_boxes": {predicted class: boxes on no face}}``; class names as written in the ground
+    truth (case-insensitive match), a box without a class is ``"(no class)"``.
+    """
+    none = "(no class)"
+    names: dict[str, str] = {}
+
+    def key(label: str | None) -> str:
+        if label is None:
+            return none
+        return names.setdefault(label.lower(), label)
+
+    pairs, missed, false = [], {}, {}
+    for preds, gts in images:
+        for g in gts:
+            key(g.label)
+        order = sorted(range(len(preds)), key=lambda i: -preds[i].score)
+        ious = iou_matrix([preds[i].box for i in order], [g.box for g in gts])
+        free = set(range(len(gts)))
+        for r, i in enumerate(order):
+            j = max(free, key=lambda j: ious[r, j]) if free else None
+            if j is None or ious[r, j] < MATCH_IOU:
+                k = key(preds[i].label)
+                false[k] = false.get(k, 0) + 1
+                continue
+            free.discard(j)
+            pairs.append((key(gts[j].label), key(preds[i].label)))
+        for j in free:
+            k = key(gts[j].label)
+            missed[k] = missed.get(k, 0) + 1
+    labels = sorted(set(names.values())) + [none]
+    idx = {n: k for k, n in enumerate(labels)}
+    matrix = [[0] * len(labels) for _ in labels]
+    for t, p in pairs:
+        matrix[idx[t]][idx[p]] += 1
+    return {"labels": labels, "matrix": matrix, "missed": missed, "false_boxes": false}

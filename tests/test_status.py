@@ -1,0 +1,293 @@
+"""The status page (backend.status): what a person sees of the loop, behind the backend's auth."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from backend.acceptance import Counts, store
+from backend.app import create_app
+from backend.db import session_scope
+from backend.models import ModelVersion, Project, TaskScore, TrainingJob, WebhookEvent
+from tests.helpers_unit import make_settings, write_jpeg
+
+LOOPBACK = ("127.0.0.1", 50000)
+PID = 7
+
+
+def png_bytes() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (10, 120, 200)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def candidate(**kw) -> dict:
+    base = {"mAP50": 0.712, "face_mAP50": 0.93, "acceptance_rate": 0.64, "class_accuracy": 0.8, "accepted": 32,
+            "class_fixed": 8, "box_fixed": 3, "missed": 7, "false_boxes": 4, "boxes_per_face": 0.94}
+    base["confusion"] = {"labels": ["awake", "sleep", "(no class)"], "matrix": [[17, 3, 1], [2, 15, 0], [0, 0, 0]],
+                         "missed": {"awake": 4}, "false_boxes": {"sleep": 2}}
+    base.update(kw)
+    return base
+
+
+@pytest.fixture()
+def settings(tmp_path):
+    return make_settings(tmp_path / "var", model_dir=tmp_path / "var" / "models")
+
+
+@pytest.fixture()
+def populated(settings, tmp_path):
+    """A project with a running job, finished jobs, three versions with plots, scores and acceptance."""
+    store_dir = Path(settings.model_dir) / f"project_{PID}" / "v2"
+    store_dir.mkdir(parents=True)
+    (store_dir / "detector_results.png").write_bytes(png_bytes())
+    (store_dir / "detector_results.csv").write_text("epoch,train/box_loss\n1,1.5\n")
+    (store_dir / "notes.html").write_text("<script>alert(1)</script>")
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(png_bytes())
+    (store_dir / "link.png").symlink_to(outside)
+    now = datetime.now(timezone.utc)
+    with session_scope(settings.database_url) as s:
+        s.add(Project(id=PID, title="Sleepy <b>faces</b>", label_config=""))
+        s.flush()
+        v1 = ModelVersion(project_id=PID, version="v1", path="/x/v1.pt", sha256="0", status="retired",
+                          gate_reason="base model", created_at=now - timedelta(hours=3))
+        v2 = ModelVersion(project_id=PID, version="v2", path=str(store_dir / "bundle.json"), sha256="0",
+                          status="promoted", gate_reason="mAP50 0.712 > 0.650 (+0.062)",
+                          created_at=now - timedelta(hours=2), training_job_id=1,
+                          metrics_json=json.dumps({"candidate": candidate(), "current": candidate(mAP50=0.65),
+                                                   "current_version": "v1", "n_train": 40, "n_val": 10,
+                                                   "plots": {"detector results.png": str(store_dir / "detector_results.png"),
+                                                             "detector results.csv": str(store_dir / "detector_results.csv"),
+                                                             "escaped": str(outside),
+                                                             "linked": str(store_dir / "link.png"),
+                                                             "page": str(store_dir / "notes.html"),
+                                                             "traversal": str(store_dir / ".." / ".." / ".." / "secret.png")}}))
+        v3 = ModelVersion(project_id=PID, version="v3", path="/x/v3", sha256="0", status="rejected",
+                          gate_reason="mAP50 0.600 < 0.712: kept v2", created_at=now - timedelta(hours=1),
+                          training_job_id=2, metrics_json=json.dumps({"candidate": candidate(mAP50=0.6)}))
+        s.add_all([v1, v2, v3])
+        s.flush()
+        s.get(Project, PID).promoted_version_id = v2.id
+        s.add_all([
+            TrainingJob(project_id=PID, state="succeeded", stage="registered", epoch=10, epochs=10, n_train=40,
+                        n_val=10, message="v2: promoted", started_at=now - timedelta(hours=2, minutes=10),
+                        finished_at=now - timedelta(hours=2)),
+            TrainingJob(project_id=PID, state="failed", stage="dataset", error="need at least 2 annotated tasks",
+                        started_at=now - timedelta(hours=1), finished_at=now - timedelta(minutes=59)),
+            TrainingJob(project_id=PID, state="running", stage="train", epoch=3, epochs=10, n_train=44, n_val=11,
+                        message="detector epoch 3/10", started_at=now - timedelta(seconds=90)),
+        ])
+        for rank, tid in enumerate([105, 101, 103]):
+            s.add(TaskScore(project_id=PID, task_id=tid, model_version="v2", uncertainty=0.9 - rank / 10,
+                            least_confidence=0.5, margin=0.5, entropy=0.5, n_boxes=2, rank=rank,
+                            in_query_batch=rank < 2))
+        s.add(TaskScore(project_id=PID, task_id=106, model_version="v2", uncertainty=0.95, least_confidence=0.5,
+                        margin=0.5, entropy=0.5, n_boxes=1, rank=0))  # annotated since: not in the queue
+        s.add(WebhookEvent(project_id=PID, action="ANNOTATION_CREATED", task_id=106, annotation_id=1))
+        s.add(TaskScore(project_id=PID, task_id=104, model_version="v2", uncertainty=1, least_confidence=1,
+                        margin=1, entropy=1, error="image is truncated (0 of 5120 bytes)"))
+        ids = {"v2": v2.id, "v3": v3.id}
+    store(settings, PID, {"v2": Counts(annotations=5, predicted=12, accepted=9, relabelled=1, moved=1, deleted=1,
+                                       drawn=3)})
+    return ids
+
+
+@pytest.fixture()
+def client(settings):
+    return TestClient(create_app(settings), client=LOOPBACK)  # no lifespan: no model warm-up
+
+
+def test_project_page_shows_job_versions_acceptance_queue_and_errors(client, populated):
+    r = client.get(f"/status/{PID}")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    html = r.text
+    assert '<meta http-equiv="refresh" content="5">' in html  # a job runs: reload fast
+    assert "epoch <b>3 of 10</b>" in html and "left" in html  # 90 s for 3 epochs -> about 3 min 30 s left
+    assert "3 min 30 s" in html or "3 min 29 s" in html or "3 min 31 s" in html
+    assert "detector epoch 3/10" in html
+    assert "need at least 2 annotated tasks" in html  # finished (failed) job with its error
+    for v in ("v1", "v2", "v3"):
+        assert f"<b>{v}</b>" in html
+    assert "mAP50 0.712 &gt; 0.650 (+0.062)" in html and "kept v2" in html
+    assert "0.712" in html and "0.650" in html and "64.0%" in html  # candidate and current figures
+    assert 'id="acceptance-v2"' in html and "75.0%" in html  # 9 of 12 boxes accepted
+    assert html.index("task 105") < html.index("task 101") < html.index("task 103")  # queue by rank
+    assert f'src="{PID}/tasks/105/thumb.jpg"' in html and "task 106" not in html
+    assert "image is truncated (0 of 5120 bytes)" in html
+    assert '<td class="num diag">17</td>' in html and '<td class="num diag">15</td>' in html  # confusion matrix
+    assert "Sleepy &lt;b&gt;faces&lt;/b&gt;" in html and "<b>faces</b>" not in html  # escaped
+    assert r.headers["x-content-type-options"] == "nosniff"
+
+
+def test_plots_are_served_only_from_the_model_store(client, populated):
+    v2 = populated["v2"]
+    html = client.get(f"/status/{PID}").text
+    # plots sorted by name; only those inside the model store are listed
+    names = sorted(["detector results.png", "detector results.csv", "escaped", "linked", "page", "traversal"])
+    k = {n: i for i, n in enumerate(names)}
+    assert f'src="{PID}/versions/{v2}/plots/{k["detector results.png"]}"' in html
+    for name in ("escaped", "linked", "traversal", "page"):
+        assert f'{PID}/versions/{v2}/plots/{k[name]}"' not in html, name
+    r = client.get(f"/status/{PID}/versions/{v2}/plots/{k['detector results.png']}")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png" and r.content == png_bytes()
+    r = client.get(f"/status/{PID}/versions/{v2}/plots/{k['detector results.csv']}")
+    assert r.status_code == 200 and "attachment" in r.headers["content-disposition"]
+    for name in ("escaped", "linked", "traversal", "page"):
+        r = client.get(f"/status/{PID}/versions/{v2}/plots/{k[name]}")
+        assert r.status_code == 404, name
+    assert client.get(f"/status/{PID}/versions/{v2}/plots/99").status_code == 404
+    assert client.get(f"/status/{PID + 1}/versions/{v2}/plots/0").status_code == 404  # other project
+    assert client.get(f"/status/{PID}/versions/{populated['v3']}/plots/0").status_code == 404  # no plots
+
+
+def test_time_left_is_measured_from_the_epochs_seen():
+    from backend.status import eta_seconds
+
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    job = TrainingJob(id=424242, project_id=1, state="running", epoch=2, epochs=12, started_at=t0)
+    # first look: 2 epochs in 100 s since the start (dataset included) -> 50 s an epoch, 10 left
+    assert eta_seconds(job, t0 + timedelta(seconds=100)) == pytest.approx(500)
+    job.epoch = 4  # two more epochs in 20 s watched: 10 s an epoch, 8 left
+    assert eta_seconds(job, t0 + timedelta(seconds=120)) == pytest.approx(80)
+    job.state = "succeeded"
+    assert eta_seconds(job, t0 + timedelta(seconds=130)) is None
+
+
+def test_index_lists_projects_and_unknown_project_is_404(client, populated):
+    html = client.get("/status").text
+    assert f'href="status/{PID}"' in html and "Sleepy &lt;b&gt;faces&lt;/b&gt;" in html
+    assert "running train 3/10" in html
+    r = client.get("/status/999")
+    assert r.status_code == 404 and "not set up" in r.json()["detail"]
+    for bad in ("/status/0", "/status/-1", "/status/abc", f"/status/{2**63}", f"/status/{PID}/versions/{2**64}/plots/0",
+                f"/status/{PID}/versions/1/plots/-1", f"/status/{PID}/tasks/{2**70}/thumb.jpg"):
+        assert client.get(bad).status_code == 422, bad
+
+
+def test_idle_project_reloads_slowly_and_says_how_to_train(client, settings):
+    with session_scope(settings.database_url) as s:
+        s.add(Project(id=3, title="new"))
+    html = client.get("/status/3").text
+    assert '<meta http-equiv="refresh" content="30">' in html
+    assert "Start Training" in html and "No model version yet" in html and "No task scored yet" in html
+    assert "LABEL_STUDIO_API_KEY is not set" in html
+
+
+def test_thumbnail_without_label_studio_key_is_a_clear_502(client, populated):
+    r = client.get(f"/status/{PID}/tasks/105/thumb.jpg")
+    assert r.status_code == 502 and "LABEL_STUDIO_API_KEY" in r.json()["detail"]
+
+
+def test_status_pages_need_the_backends_auth(tmp_path, populated, settings):
+    auth = make_settings(tmp_path / "var", model_dir=settings.model_dir, basic_auth_user="ann", basic_auth_pass="pw")
+    c = TestClient(create_app(auth), client=LOOPBACK)
+    v2 = populated["v2"]
+    for path in ("/status", f"/status/{PID}", f"/status/{PID}/versions/{v2}/plots/1", f"/status/{PID}/tasks/1/thumb.jpg"):
+        r = c.get(path)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Basic", path  # browser prompts
+    good = {"Authorization": "Basic " + base64.b64encode(b"ann:pw").decode()}
+    bad = {"Authorization": "Basic " + base64.b64encode(b"ann:nope").decode()}
+    assert c.get(f"/status/{PID}", headers=bad).status_code == 401
+    assert c.get(f"/status/{PID}", headers=good).status_code == 200
+    # without basic auth configured: loopback clients only
+    remote = TestClient(create_app(settings), client=("192.0.2.10", 5000))
+    assert remote.get(f"/status/{PID}").status_code == 403
+
+
+def test_a_projects_token_link_opens_its_page_and_images_only(tmp_path, populated, settings):
+    """status_link(..., key) gives a one-click link: the token opens that project's page, and the
+    cookie it sets opens the page's plots and thumbnails; nothing else."""
+    from backend.status import TOKEN_COOKIE, status_link, status_token, token_key
+
+    auth = make_settings(tmp_path / "var", model_dir=settings.model_dir, basic_auth_user="ann", basic_auth_pass="pw",
+                         webhook_secret="hook-secret")
+    key = token_key(auth)
+    assert key == "hook-secret"
+    link = status_link("http://127.0.0.1:9090/", PID, key)
+    assert link.startswith(f"http://127.0.0.1:9090/status/{PID}?token=") and len(link.split("=")[1]) == 32
+    path = link.removeprefix("http://127.0.0.1:9090")
+    c = TestClient(create_app(auth), client=("192.0.2.10", 5000))  # a remote browser
+    r = c.get(path)
+    assert r.status_code == 200 and "Sleepy" in r.text
+    cookie = r.cookies.get(TOKEN_COOKIE)
+    set_cookie = r.headers["set-cookie"].lower()
+    assert cookie and "httponly" in set_cookie and f"path=/status/{PID};" in set_cookie
+    v2 = populated["v2"]
+    plot = c.get(f"/status/{PID}/versions/{v2}/plots/1")  # the cookie rides along
+    assert plot.status_code == 200 and plot.headers["content-type"] == "image/png"
+    assert c.get(f"/status/{PID}/tasks/105/thumb.jpg").status_code == 502  # past auth: no LS key here
+    fresh = TestClient(create_app(auth), client=("192.0.2.10", 5000))
+    token = link.split("=")[1]
+    assert fresh.get(f"/status/{PID}?token={token[:-1]}0").status_code == 401  # wrong token
+    assert fresh.get(f"/status/3?token={token}").status_code == 401  # another project's page
+    assert fresh.get(f"/status?token={token}").status_code == 401  # the index needs the password
+    assert fresh.get(f"/status/{PID}/versions/{v2}/plots/1").status_code == 401  # no cookie, no token
+    # no secret configured: no tokens (loopback-only rule)
+    assert status_link("http://h:1", PID) == f"http://h:1/status/{PID}"
+    assert status_link("http://h:1", PID, token_key(settings)) == f"http://h:1/status/{PID}"
+    with pytest.raises(ValueError):
+        status_token("", PID)
+    remote = TestClient(create_app(settings), client=("192.0.2.10", 5000))
+    assert remote.get(f"/status/{PID}?token={token}").status_code == 403
+
+
+@pytest.mark.e2e
+def test_thumbnail_of_a_task_in_a_real_label_studio(stack, tmp_path):
+    """The thumbnail endpoint reads the task from Label Studio and its image through
+    backend.images (an uploaded file: /data/upload/..., fetched with the API key)."""
+    from label_studio_sdk import LabelStudio
+    from PIL import Image
+
+    from backend.lsapi import upload_images
+    from tests.helpers_unit import EXAMPLE_CONFIG
+
+    client = LabelStudio(base_url=stack.ls_url, api_key=stack.api_key)
+    p = client.projects.create(title="thumbs", label_config=EXAMPLE_CONFIG)
+    other = client.projects.create(title="other", label_config=EXAMPLE_CONFIG)
+    write_jpeg(tmp_path / "face.jpg", width=640, height=480)
+    (tid,) = upload_images(client, stack.ls_url, p.id, [tmp_path / "face.jpg"])
+    s = make_settings(tmp_path / "var", label_studio_url=stack.ls_url, label_studio_api_key=stack.api_key)
+    with session_scope(s.database_url) as db:
+        db.add(Project(id=p.id, label_config=EXAMPLE_CONFIG))
+        db.add(Project(id=other.id, label_config=EXAMPLE_CONFIG))
+    c = TestClient(create_app(s), client=LOOPBACK)
+    r = c.get(f"/status/{p.id}/tasks/{tid}/thumb.jpg")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+    import io
+
+    assert Image.open(io.BytesIO(r.content)).size == (160, 120)
+    assert c.get(f"/status/{other.id}/tasks/{tid}/thumb.jpg").status_code == 404  # not that project's task
+    assert c.get(f"/status/{p.id}/tasks/999999/thumb.jpg").status_code == 404
+
+
+@pytest.mark.e2e
+def test_status_link_in_the_label_studio_project(stack):
+    """set_status_link puts the link in the instructions (HTML, shown by the labeling view's
+    Instructions button) and the description, keeps the person's text, and replaces itself."""
+    from label_studio_sdk import LabelStudio
+
+    from backend.lsapi import set_status_link
+    from tests.helpers_unit import EXAMPLE_CONFIG
+
+    client = LabelStudio(base_url=stack.ls_url, api_key=stack.api_key)
+    p = client.projects.create(title="linked", label_config=EXAMPLE_CONFIG, description="My faces",
+                               expert_instruction="<p>Draw every face.</p>")
+    set_status_link(client, p.id, f"http://127.0.0.1:9/status/{p.id}")
+    set_status_link(client, p.id, f"http://127.0.0.1:9090/status/{p.id}")
+    q = client.projects.get(id=p.id)
+    assert q.description == f"My faces\nfaceloop status: http://127.0.0.1:9090/status/{p.id}"
+    assert q.expert_instruction.count("faceloop status") == 1
+    assert f'href="http://127.0.0.1:9090/status/{p.id}"' in q.expert_instruction
+    assert q.expert_instruction.endswith("<p>Draw every face.</p>")
+    with pytest.raises(ValueError):
+        set_status_link(client, p.id, 'javascript:alert(1)')
