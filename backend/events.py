@@ -132,6 +132,10 @@ def handle_event(settings: Settings, action: str, payload: dict) -> dict:
             )
     if not isinstance(pid, int):
         return {"status": "ignored", "reason": "no project id in payload"}
+    if action in registry.ANNOTATION_ACTIONS or action == "ANNOTATIONS_DELETED":
+        from backend.acceptance import request_recount
+
+        request_recount(settings, pid)  # pre-label acceptance counts; never blocks the webhook
     if action == "START_TRAINING":
         if retrain_threshold(settings, project.get("min_annotations_to_start_training") or 0) is not None:
             import threading

@@ -442,7 +442,8 @@ def run_training(settings: Settings, job_id: int, progress: ProgressFn | None = 
 
     sha = file_sha256(bundle)
     plots = {}
-    for src in [job_dir / "detector" / "train" / "results.png", job_dir / "detector" / "train" / "results.csv"]:
+    for src in [job_dir / "detector" / "train" / n for n in ("results.png", "results.csv",
+                                                               "confusion_matrix_normalized.png")]:
         if src.exists():
             dst = folder / f"detector_{src.name}"
             shutil.copyfile(src, dst)
