@@ -41,10 +41,20 @@ FACEAPI_CLASSES = ["neutral", "happy", "sad", "angry", "fearful", "disgusted", "
 #: face-api's expression names -> the names used by faceloop's label configs / datasets.
 FACEAPI_TO_DATASET = {"neutral": "neutral", "happy": "happy", "sad": "sad", "angry": "angry",
                       "fearful": "fear", "disgusted": "disgust", "surprised": "surprise"}
+#: Synonyms matched when classes are mapped by name (lower-case; value = canonical name).
+CLASS_ALIASES = {"fearful": "fear", "scared": "fear", "disgusted": "disgust", "surprised": "surprise",
+                 "anger": "angry", "happiness": "happy", "sadness": "sad"}
 #: Crop margin (fraction of the box side added on each side) used by a freshly converted model.
 DEFAULT_MARGIN = 0.0
 #: Boxes per forward pass in inference.
 INFER_BATCH = 64
+
+
+def canonical_class(name: str) -> str:
+    """Name used to match classes between models and label configs: lower-case, synonyms folded
+    (``CLASS_ALIASES``: e.g. face-api's ``fearful`` matches a project's ``Fear``)."""
+    n = str(name).strip().lower()
+    return CLASS_ALIASES.get(n, n)
 
 
 def default_classifier_path() -> Path:
@@ -74,6 +84,12 @@ class FaceClassifier:
         self.meta = dict(meta or {})
         self.device = torch.device(device)
         self.net = net.to(self.device).eval()
+
+    def class_columns(self, names: Sequence[str]) -> list[int | None]:
+        """For each name (e.g. a project's labels), the column of ``predict_proba`` with the same
+        class (matched by :func:`canonical_class`), or None when this model does not know it."""
+        cols = {canonical_class(c): i for i, c in enumerate(self.classes)}
+        return [cols.get(canonical_class(n)) for n in names]
 
     # ---------------------------------------------------------------- files
     @classmethod
@@ -309,13 +325,13 @@ def fine_tune(init: FaceClassifier, samples: list[tuple[np.ndarray, np.ndarray, 
     labels = torch.tensor([p.label for p in patches])
 
     net = copy.deepcopy(init.net).cpu()
-    old = {c: i for i, c in enumerate(init.classes)}
-    kept = [c for c in classes if c in old]
+    old_cols = init.class_columns(classes)  # row of init's head for each class, matched by name
+    kept = [c for c, j in zip(classes, old_cols) if j is not None]
     fc = torch.nn.Linear(FEATURE_DIM, len(classes))
     with torch.no_grad():
         fc.weight.zero_()
         fc.bias.zero_()
-        new_idx = [i for i, c in enumerate(classes) if c not in old]
+        new_idx = [i for i, j in enumerate(old_cols) if j is None]
         if new_idx and cfg["head_init"] == "mean":
             net.eval()
             feats = net.features(torch.from_numpy(_plain_batch(patches, margin)))
@@ -330,10 +346,10 @@ def fine_tune(init: FaceClassifier, samples: list[tuple[np.ndarray, np.ndarray, 
             for i in new_idx:
                 fc.weight[i] = scale * mus[i]
                 fc.bias[i] = -scale * mus[i].pow(2).sum() / 2
-        for i, c in enumerate(classes):
-            if c in old:
-                fc.weight[i] = net.fc.weight[old[c]]
-                fc.bias[i] = net.fc.bias[old[c]]
+        for i, j in enumerate(old_cols):
+            if j is not None:
+                fc.weight[i] = net.fc.weight[j]
+                fc.bias[i] = net.fc.bias[j]
     net.fc = fc
 
     blocks = [net.features.dense0, net.features.dense1, net.features.dense2, net.features.dense3]
@@ -365,7 +381,7 @@ def fine_tune(init: FaceClassifier, samples: list[tuple[np.ndarray, np.ndarray, 
             loss.backward()
             opt.step()
             sched.step()
-            tot += float(loss) * len(idx)
+            tot += float(loss.detach()) * len(idx)
             n += len(idx)
         losses.append(tot / n)
         if on_epoch:
