@@ -56,13 +56,13 @@ class ValSet:
         self.faces = faces("awake_sleep", "val")
         self.y = np.array([CLASSES.index(f.label) for f in self.faces])
         self.unseen = np.array([f.image.name.startswith(UNSEEN_PREFIXES) for f in self.faces])
-        self._x: dict[float, torch.Tensor] = {}
+        self._x: dict[tuple, torch.Tensor] = {}
 
-    def inputs(self, margin: float) -> torch.Tensor:
-        if margin not in self._x:
-            self._x[margin] = torch.from_numpy(np.concatenate(
-                [face_batch(load_rgb(f.image), np.array([f.box]), margin) for f in self.faces]))
-        return self._x[margin]
+    def inputs(self, margin: float, size: int = 112) -> torch.Tensor:
+        if (margin, size) not in self._x:
+            self._x[margin, size] = torch.from_numpy(np.concatenate(
+                [face_batch(load_rgb(f.image), np.array([f.box]), margin, size) for f in self.faces]))
+        return self._x[margin, size]
 
     def score(self, pred: np.ndarray) -> dict:
         ok = pred == self.y
@@ -70,10 +70,14 @@ class ValSet:
 
     @torch.no_grad()
     def evaluate(self, model: FaceClassifier) -> dict:
+        """Accuracies of the model's argmax, and with horizontal-flip test-time augmentation (``*_tta``)."""
         model.net.eval()
-        x = self.inputs(model.crop_margin)
-        pred = torch.cat([model.net(x[i:i + 64]).argmax(1) for i in range(0, len(x), 64)]).numpy()
-        return self.score(pred)
+        x = self.inputs(model.crop_margin, model.input_size)
+        p = torch.cat([model.net(x[i:i + 64]).softmax(1) for i in range(0, len(x), 64)])
+        pf = torch.cat([model.net(x[i:i + 64].flip(3)).softmax(1) for i in range(0, len(x), 64)])
+        r = self.score(p.argmax(1).numpy())
+        r.update({k + "_tta": v for k, v in self.score((p + pf).argmax(1).numpy()).items()})
+        return r
 
 
 def pick_train(n: int, seed: int):
@@ -132,15 +136,17 @@ def main() -> None:
             r["s"] = met["train_seconds"]
             rows.setdefault(cfg, []).append(r)
             print(f"seed {seed} n={len(tr)} (awake {counts[0]}, sleep {counts[1]}) [{cfg}]: all {r['all']:.3f} "
-                  f"unseen {r['unseen']:.3f} seen {r['seen']:.3f} train {r['s']:.1f} s; loss {met['loss'][0]:.3f}->{met['loss'][-1]:.3f}",
+                  f"unseen {r['unseen']:.3f} seen {r['seen']:.3f} (flip TTA: {r['all_tta']:.3f} / {r['unseen_tta']:.3f} / "
+                  f"{r['seen_tta']:.3f}) train {r['s']:.1f} s; loss {met['loss'][0]:.3f}->{met['loss'][-1]:.3f}",
                   flush=True)
-    print("\n| configuration | val acc (all 238) | unseen people (75) | seen person (163) | train s (1 thread) |")
-    print("|---|---|---|---|---|")
+    print("\n| configuration | val acc (all 238) | unseen people (75) | seen person (163) | all, flip TTA | train s (1 thread) |")
+    print("|---|---|---|---|---|---|")
     for name, rs in rows.items():
         def ms(k):
             v = np.array([r[k] for r in rs])
             return f"{v.mean():.3f} ± {v.std():.3f}"
-        print(f"| {name} | {ms('all')} | {ms('unseen')} | {ms('seen')} | {np.mean([r['s'] for r in rs]):.1f} |")
+        tta = ms("all_tta") if "all_tta" in rs[0] else "-"
+        print(f"| {name} | {ms('all')} | {ms('unseen')} | {ms('seen')} | {tta} | {np.mean([r['s'] for r in rs]):.1f} |")
 
 
 if __name__ == "__main__":

@@ -71,14 +71,17 @@ class FaceClassifier:
     """
 
     def __init__(self, net: FaceExpressionNet, classes: Sequence[str], *, crop_margin: float = DEFAULT_MARGIN,
-                 meta: dict | None = None, device: str | torch.device = "cpu"):
+                 input_size: int = INPUT_SIZE, meta: dict | None = None, device: str | torch.device = "cpu"):
         classes = [str(c) for c in classes]
         if len(classes) != net.fc.out_features:
             raise ValueError(f"{len(classes)} class names for a head with {net.fc.out_features} outputs")
         if len(set(classes)) != len(classes) or not classes:
             raise ValueError(f"class names must be non-empty and unique: {classes}")
-        if not (0.0 <= crop_margin <= 1.0):
-            raise ValueError(f"crop_margin must be in [0, 1], got {crop_margin}")
+        if not (-0.4 <= crop_margin <= 1.0):
+            raise ValueError(f"crop_margin must be in [-0.4, 1], got {crop_margin}")
+        if not (32 <= int(input_size) <= 512) or int(input_size) % 16:
+            raise ValueError(f"input_size must be a multiple of 16 in 32..512 pixels, got {input_size}")
+        self.input_size = int(input_size)
         self.classes = classes
         self.crop_margin = float(crop_margin)
         self.meta = dict(meta or {})
@@ -112,14 +115,14 @@ class FaceClassifier:
         net = FaceExpressionNet(len(ckpt["classes"]))
         net.load_state_dict(ckpt["state_dict"])
         return cls(net, ckpt["classes"], crop_margin=ckpt.get("crop_margin", DEFAULT_MARGIN),
-                   meta=json.loads(ckpt.get("meta_json", "{}")), device=device)
+                   input_size=ckpt.get("input_size", INPUT_SIZE), meta=json.loads(ckpt.get("meta_json", "{}")), device=device)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the model atomically (temporary file in the same folder, then ``os.replace``)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         ckpt = {"format": FORMAT, "format_version": FORMAT_VERSION, "arch": "faceapi_expression_net",
-                "input_size": INPUT_SIZE, "classes": list(self.classes), "crop_margin": self.crop_margin,
+                "input_size": self.input_size, "classes": list(self.classes), "crop_margin": self.crop_margin,
                 "state_dict": {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()},
                 "meta_json": json.dumps(self.meta, sort_keys=True)}
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -136,8 +139,8 @@ class FaceClassifier:
 
     # ---------------------------------------------------------------- inference
     def inputs(self, image: np.ndarray, boxes) -> np.ndarray:
-        """(n, 3, 112, 112) float32 network input for the boxes of one image (see preprocess)."""
-        return face_batch(image, boxes, self.crop_margin)
+        """(n, 3, S, S) float32 network input (S = ``input_size``, 112 for face-api) for the boxes of one image."""
+        return face_batch(image, boxes, self.crop_margin, self.input_size)
 
     @torch.no_grad()
     def _run(self, x: np.ndarray, what: str) -> np.ndarray:
@@ -179,7 +182,7 @@ class FaceClassifier:
     def _many(self, items, what):
         xs = [self.inputs(im, bx) for im, bx in items]
         sizes = [len(x) for x in xs]
-        allx = np.concatenate(xs) if xs else np.zeros((0, 3, INPUT_SIZE, INPUT_SIZE), np.float32)
+        allx = np.concatenate(xs) if xs else np.zeros((0, 3, self.input_size, self.input_size), np.float32)
         out = self._run(allx, what)
         return list(np.split(out, np.cumsum(sizes)[:-1])) if xs else []
 
@@ -189,7 +192,7 @@ class FaceClassifier:
 #: The recipe: ``fine_tune``'s defaults (measured in docs/classifier.md, benchmarks/classifier_awake_sleep.py).
 RECIPE = dict(epochs=40, lr=3e-3, backbone_lr_scale=0.1, train_blocks=2, weight_decay=1e-4, batch_size=16,
               crop_margin=0.2, head_init="mean", flip=True, scale_jitter=0.15, shift_jitter=0.08,
-              brightness=0.3, contrast=0.3, label_smoothing=0.1)
+              brightness=0.3, contrast=0.3, label_smoothing=0.1, input_size=112)
 
 
 class _Patch:
@@ -197,14 +200,14 @@ class _Patch:
 
     __slots__ = ("img", "box", "label")
 
-    def __init__(self, image: np.ndarray, box: np.ndarray, label: int, context: float):
+    def __init__(self, image: np.ndarray, box: np.ndarray, label: int, context: float, size: int):
         H, W = image.shape[:2]
         x1, y1, x2, y2 = crop_region(box, (H, W), context)
         img = image[y1:y2, x1:x2]
         b = np.array(box, dtype=np.float64) - [x1, y1, x1, y1]
         # keep at most ~3x the net input on the long side: enough for the 112 px resize
         side = max(img.shape[:2])
-        limit = 3 * INPUT_SIZE * (1 + 2 * context)
+        limit = 3 * size * (1 + 2 * context)
         if side > limit:
             s = limit / side
             h, w = max(1, round(img.shape[0] * s)), max(1, round(img.shape[1] * s))
@@ -213,19 +216,20 @@ class _Patch:
         self.img, self.box, self.label = np.ascontiguousarray(img), b, int(label)
 
 
-def _pixels(img: np.ndarray, box, margin: float) -> np.ndarray:
-    """(112, 112, 3) float32 pixels 0-255 of one crop, before normalisation."""
+def _pixels(img: np.ndarray, box, margin: float, size: int) -> np.ndarray:
+    """(size, size, 3) float32 pixels 0-255 of one crop, before normalisation."""
     x1, y1, x2, y2 = crop_region(box, img.shape[:2], margin)
     crop = img[y1:y2, x1:x2]
     t, b, l, r = square_padding(*crop.shape[:2])
     crop = np.pad(crop.astype(np.float32), ((t, b), (l, r), (0, 0)))
-    if crop.shape[0] != INPUT_SIZE:
-        crop = resize_bilinear_tf_legacy(crop, INPUT_SIZE)
+    if crop.shape[0] != size:
+        crop = resize_bilinear_tf_legacy(crop, size)
     return crop
 
 
 def _augmented_batch(patches: list[_Patch], rng: np.random.Generator, margin: float, cfg: dict) -> np.ndarray:
-    out = np.empty((len(patches), 3, INPUT_SIZE, INPUT_SIZE), dtype=np.float32)
+    size = int(cfg["input_size"])
+    out = np.empty((len(patches), 3, size, size), dtype=np.float32)
     for i, p in enumerate(patches):
         x1, y1, x2, y2 = p.box
         w, h = x2 - x1, y2 - y1
@@ -234,9 +238,9 @@ def _augmented_batch(patches: list[_Patch], rng: np.random.Generator, margin: fl
         cy = (y1 + y2) / 2 + rng.uniform(-cfg["shift_jitter"], cfg["shift_jitter"]) * h
         box = [cx - s * w / 2, cy - s * h / 2, cx + s * w / 2, cy + s * h / 2]
         try:
-            px = _pixels(p.img, box, margin)
+            px = _pixels(p.img, box, margin, size)
         except ValueError:  # jitter pushed the box out of the patch: use the plain box
-            px = _pixels(p.img, p.box, margin)
+            px = _pixels(p.img, p.box, margin, size)
         if cfg["flip"] and rng.random() < 0.5:
             px = px[:, ::-1]
         if cfg["brightness"] or cfg["contrast"]:
@@ -248,8 +252,8 @@ def _augmented_batch(patches: list[_Patch], rng: np.random.Generator, margin: fl
     return out
 
 
-def _plain_batch(patches: list[_Patch], margin: float) -> np.ndarray:
-    return np.stack([((_pixels(p.img, p.box, margin) - MEAN_RGB) / np.float32(255.0)).transpose(2, 0, 1)
+def _plain_batch(patches: list[_Patch], margin: float, size: int) -> np.ndarray:
+    return np.stack([((_pixels(p.img, p.box, margin, size) - MEAN_RGB) / np.float32(255.0)).transpose(2, 0, 1)
                      for p in patches]).astype(np.float32)
 
 
@@ -320,8 +324,9 @@ def fine_tune(init: FaceClassifier, samples: list[tuple[np.ndarray, np.ndarray, 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     margin = float(cfg["crop_margin"])
-    context = margin + cfg["scale_jitter"] + cfg["shift_jitter"] + 0.05
-    patches = [_Patch(im, check_boxes(b)[0], y, context) for im, b, y in samples]
+    size = int(cfg["input_size"])
+    context = max(0.0, margin + cfg["scale_jitter"] + cfg["shift_jitter"] + 0.05)
+    patches = [_Patch(im, check_boxes(b)[0], y, context, size) for im, b, y in samples]
     labels = torch.tensor([p.label for p in patches])
 
     net = copy.deepcopy(init.net).cpu()
@@ -334,7 +339,7 @@ def fine_tune(init: FaceClassifier, samples: list[tuple[np.ndarray, np.ndarray, 
         new_idx = [i for i, j in enumerate(old_cols) if j is None]
         if new_idx and cfg["head_init"] == "mean":
             net.eval()
-            feats = net.features(torch.from_numpy(_plain_batch(patches, margin)))
+            feats = net.features(torch.from_numpy(_plain_batch(patches, margin, size)))
             # nearest class mean on the pooled features, scaled so that logits spread ~ a few units
             mus = {}
             for i in new_idx:
@@ -394,7 +399,7 @@ def fine_tune(init: FaceClassifier, samples: list[tuple[np.ndarray, np.ndarray, 
     meta["fine_tune"] = {"n_train": len(patches), "seed": seed, "recipe": cfg, "classes": classes,
                          "kept_classes": kept, "train_seconds": round(train_s, 2),
                          "parent": init.meta.get("sha256") or init.meta.get("source", {}).get("package")}
-    model = FaceClassifier(net, classes, crop_margin=margin, meta=meta, device=init.device)
+    model = FaceClassifier(net, classes, crop_margin=margin, input_size=size, meta=meta, device=init.device)
     metrics = {"loss": losses, "train_seconds": train_s, "n_train": len(patches), "recipe": cfg,
                "classes": classes, "kept_classes": kept}
     if val:
