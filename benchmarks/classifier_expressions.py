@@ -47,6 +47,9 @@ def day0(clf: FaceClassifier, val, margins) -> None:
         per = {ds_names[c]: round(float((pred[y == c] == c).mean()), 3) for c in np.unique(y)}
         print(f"day0 margin={m:.2f} acc={acc:.3f} n={len(y)} ({dt:.1f} s, {1000 * dt / len(y):.1f} ms/face incl. decode)")
         print(f"   per class: {per}")
+        src = np.array([f.source for f in val])
+        print("   per source (file-name prefix):", {s_: f"{(pred[src == s_] == y[src == s_]).mean():.3f} (n={int((src == s_).sum())})"
+                                                  for s_ in sorted(set(src))})
         cm = np.zeros((7, 7), int)
         np.add.at(cm, (y, pred), 1)
         print("   confusion (rows true, cols pred):", ds_names)

@@ -190,8 +190,8 @@ class FaceClassifier:
 # ---------------------------------------------------------------------------- fine-tuning
 
 #: The recipe: ``fine_tune``'s defaults (measured in docs/classifier.md, benchmarks/classifier_awake_sleep.py).
-RECIPE = dict(epochs=40, lr=3e-3, backbone_lr_scale=0.1, train_blocks=2, weight_decay=1e-4, batch_size=16,
-              crop_margin=0.2, head_init="mean", flip=True, scale_jitter=0.15, shift_jitter=0.08,
+RECIPE = dict(epochs=40, lr=1e-3, backbone_lr_scale=1.0, train_blocks=4, weight_decay=1e-4, batch_size=16,
+              crop_margin=-0.1, head_init="mean", flip=True, scale_jitter=0.15, shift_jitter=0.08,
               brightness=0.3, contrast=0.3, label_smoothing=0.1, input_size=112)
 
 

@@ -82,7 +82,7 @@ def test_parity_with_tfjs_reference():
     if not (SHARED_DATA / ref["crops"][0]["image"]).exists():
         pytest.skip(f"shared images for the parity fixture not found under {SHARED_DATA}")
     clf = FaceClassifier.load(default_classifier_path())
-    assert clf.crop_margin == 0.0  # face-api crops the box itself
+    clf.crop_margin = 0.0  # face-api crops the box itself (the shipped model serves with a margin)
     diffs = []
     for c in ref["crops"]:
         im = np.asarray(Image.open(SHARED_DATA / c["image"]).convert("RGB"))
