@@ -289,7 +289,8 @@ def fine_tune(init: FaceClassifier, samples: list[tuple[np.ndarray, np.ndarray, 
     The head is rebuilt for ``classes``: a class that ``init`` already has (same name) keeps its
     row of the fully connected layer; a new class's row is initialised from the mean pooled
     feature of its training crops (``head_init="mean"``: a nearest-class-mean classifier, logits
-    ``f·μ_c − |μ_c|²/2`` scaled) or zeros (``head_init="zero"``). Then the last ``train_blocks``
+    ``f·μ_c − |μ_c|²/2`` scaled) or zeros (``head_init="zero"``); a new class without any crop gets
+    a zero row and bias −10. Then the last ``train_blocks``
     dense blocks (0-4) and the head are trained with AdamW (backbone lr × ``backbone_lr_scale``),
     a cosine schedule, label smoothing, and augmentation (horizontal flip, box scale/shift
     jitter, brightness/contrast). ``init`` is not modified. Keyword ``overrides`` change any
@@ -340,17 +341,21 @@ def fine_tune(init: FaceClassifier, samples: list[tuple[np.ndarray, np.ndarray, 
         if new_idx and cfg["head_init"] == "mean":
             net.eval()
             feats = net.features(torch.from_numpy(_plain_batch(patches, margin, size)))
-            # nearest class mean on the pooled features, scaled so that logits spread ~ a few units
-            mus = {}
-            for i in new_idx:
-                sel = labels == i
-                mus[i] = feats[sel].mean(0) if sel.any() else feats.mean(0)
-            spread = torch.stack([feats[labels == i].sub(mus[i]).pow(2).sum(1).mean()
-                                  for i in new_idx if (labels == i).any()]).mean() if len(labels) > 1 else torch.tensor(1.0)
-            scale = 2.0 / max(float(spread), 1e-6)
-            for i in new_idx:
+            # nearest class mean on the pooled features, scaled so that logits spread ~ a few units:
+            # scale = 2 / (mean over classes of the mean squared distance of a crop to its class mean),
+            # else to the overall mean
+            present = [i for i in new_idx if bool((labels == i).any())]
+            mus = {i: feats[labels == i].mean(0) for i in present}
+            within = [float(feats[labels == i].sub(mus[i]).pow(2).sum(1).mean()) for i in present]
+            spread = float(np.mean(within)) if within and len(labels) > 1 else 0.0
+            if spread < 1e-6:
+                spread = float(feats.sub(feats.mean(0)).pow(2).sum(1).mean())
+            scale = 2.0 / spread if spread > 1e-6 else 1.0
+            for i in present:
                 fc.weight[i] = scale * mus[i]
                 fc.bias[i] = -scale * mus[i].pow(2).sum() / 2
+            for i in set(new_idx) - set(present):  # a class without crops: never predicted until it has some
+                fc.bias[i] = -10.0
         for i, j in enumerate(old_cols):
             if j is not None:
                 fc.weight[i] = net.fc.weight[j]

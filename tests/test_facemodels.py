@@ -155,3 +155,11 @@ def test_bad_boxes_raise_and_partly_outside_boxes_are_clipped(clf, image):
 def test_classes_are_mapped_by_name(clf):
     assert canonical_class("Fearful") == canonical_class("fear") == "fear"
     assert clf.class_columns(["fear", "Happy", "surprise", "disgust", "sleep"]) == [4, 1, 6, 5, None]
+
+
+def test_fine_tune_with_a_class_without_crops_and_one_crop_per_class(clf):
+    one = _synthetic_samples(2)  # one crop of class 0, one of class 1
+    m, met = fine_tune(clf, one, ["awake", "sleep", "yawn"], epochs=1)
+    assert np.isfinite(met["loss"]).all()
+    p = m.predict_proba(*one[0][:2])
+    assert p.shape == (1, 3) and p[0, 2] < 0.01  # 'yawn' has no crop: not predicted
