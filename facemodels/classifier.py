@@ -192,7 +192,7 @@ class FaceClassifier:
 #: The recipe: ``fine_tune``'s defaults (measured in docs/classifier.md, benchmarks/classifier_awake_sleep.py).
 RECIPE = dict(epochs=40, lr=1e-3, backbone_lr_scale=1.0, train_blocks=4, weight_decay=1e-4, batch_size=16,
               crop_margin=-0.1, head_init="mean", flip=True, scale_jitter=0.15, shift_jitter=0.08,
-              brightness=0.3, contrast=0.3, label_smoothing=0.1, input_size=112)
+              brightness=0.3, contrast=0.3, label_smoothing=0.1, input_size=112, mixup=0.0)
 
 
 class _Patch:
@@ -386,7 +386,15 @@ def fine_tune(init: FaceClassifier, samples: list[tuple[np.ndarray, np.ndarray, 
         for k in range(0, len(order), bs):
             idx = order[k:k + bs]
             x = torch.from_numpy(_augmented_batch([patches[i] for i in idx], rng, margin, cfg))
-            loss = F.cross_entropy(net(x), labels[idx], label_smoothing=cfg["label_smoothing"])
+            y = labels[idx]
+            if cfg["mixup"] > 0 and len(idx) > 1:  # mixup (Zhang et al. 2018): convex pairs of crops and targets
+                lam = float(rng.beta(cfg["mixup"], cfg["mixup"]))
+                perm = torch.from_numpy(rng.permutation(len(idx)))
+                logits = net(lam * x + (1 - lam) * x[perm])
+                loss = (lam * F.cross_entropy(logits, y, label_smoothing=cfg["label_smoothing"])
+                        + (1 - lam) * F.cross_entropy(logits, y[perm], label_smoothing=cfg["label_smoothing"]))
+            else:
+                loss = F.cross_entropy(net(x), y, label_smoothing=cfg["label_smoothing"])
             opt.zero_grad()
             loss.backward()
             opt.step()
