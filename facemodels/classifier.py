@@ -293,7 +293,7 @@ def fine_tune(init: FaceClassifier, samples: list[tuple[np.ndarray, np.ndarray, 
     a zero row and bias −10. Then the last ``train_blocks``
     dense blocks (0-4) and the head are trained with AdamW (backbone lr × ``backbone_lr_scale``),
     a cosine schedule, label smoothing, and augmentation (horizontal flip, box scale/shift
-    jitter, brightness/contrast). ``init`` is not modified. Keyword ``overrides`` change any
+    jitter, brightness/contrast; mixup optional, off by default). ``init`` is not modified. Keyword ``overrides`` change any
     :data:`RECIPE` entry. ``val``: optional samples in the same form, scored after training.
     ``on_epoch(epoch, epochs, mean_loss)`` is called after every epoch (1-based).
 
@@ -328,19 +328,20 @@ def fine_tune(init: FaceClassifier, samples: list[tuple[np.ndarray, np.ndarray, 
     size = int(cfg["input_size"])
     context = max(0.0, margin + cfg["scale_jitter"] + cfg["shift_jitter"] + 0.05)
     patches = [_Patch(im, check_boxes(b)[0], y, context, size) for im, b, y in samples]
-    labels = torch.tensor([p.label for p in patches])
+    dev = init.device  # train where the init model lives (CPU here)
+    labels = torch.tensor([p.label for p in patches], device=dev)
 
-    net = copy.deepcopy(init.net).cpu()
+    net = copy.deepcopy(init.net).to(dev)
     old_cols = init.class_columns(classes)  # row of init's head for each class, matched by name
     kept = [c for c, j in zip(classes, old_cols) if j is not None]
-    fc = torch.nn.Linear(FEATURE_DIM, len(classes))
+    fc = torch.nn.Linear(FEATURE_DIM, len(classes)).to(dev)
     with torch.no_grad():
         fc.weight.zero_()
         fc.bias.zero_()
         new_idx = [i for i, j in enumerate(old_cols) if j is None]
         if new_idx and cfg["head_init"] == "mean":
             net.eval()
-            feats = net.features(torch.from_numpy(_plain_batch(patches, margin, size)))
+            feats = net.features(torch.from_numpy(_plain_batch(patches, margin, size)).to(dev))
             # nearest class mean on the pooled features, scaled so that logits spread ~ a few units:
             # scale = 2 / (mean over classes of the mean squared distance of a crop to its class mean),
             # else to the overall mean
@@ -385,11 +386,11 @@ def fine_tune(init: FaceClassifier, samples: list[tuple[np.ndarray, np.ndarray, 
         tot, n = 0.0, 0
         for k in range(0, len(order), bs):
             idx = order[k:k + bs]
-            x = torch.from_numpy(_augmented_batch([patches[i] for i in idx], rng, margin, cfg))
+            x = torch.from_numpy(_augmented_batch([patches[i] for i in idx], rng, margin, cfg)).to(dev)
             y = labels[idx]
             if cfg["mixup"] > 0 and len(idx) > 1:  # mixup (Zhang et al. 2018): convex pairs of crops and targets
                 lam = float(rng.beta(cfg["mixup"], cfg["mixup"]))
-                perm = torch.from_numpy(rng.permutation(len(idx)))
+                perm = torch.from_numpy(rng.permutation(len(idx))).to(dev)
                 logits = net(lam * x + (1 - lam) * x[perm])
                 loss = (lam * F.cross_entropy(logits, y, label_smoothing=cfg["label_smoothing"])
                         + (1 - lam) * F.cross_entropy(logits, y[perm], label_smoothing=cfg["label_smoothing"]))
