@@ -41,10 +41,20 @@ FACEAPI_CLASSES = ["neutral", "happy", "sad", "angry", "fearful", "disgusted", "
 #: face-api's expression names -> the names used by faceloop's label configs / datasets.
 FACEAPI_TO_DATASET = {"neutral": "neutral", "happy": "happy", "sad": "sad", "angry": "angry",
                       "fearful": "fear", "disgusted": "disgust", "surprised": "surprise"}
+#: Synonyms matched when classes are mapped by name (lower-case; value = canonical name).
+CLASS_ALIASES = {"fearful": "fear", "scared": "fear", "disgusted": "disgust", "surprised": "surprise",
+                 "anger": "angry", "happiness": "happy", "sadness": "sad"}
 #: Crop margin (fraction of the box side added on each side) used by a freshly converted model.
 DEFAULT_MARGIN = 0.0
 #: Boxes per forward pass in inference.
 INFER_BATCH = 64
+
+
+def canonical_class(name: str) -> str:
+    """Name used to match classes between models and label configs: lower-case, synonyms folded
+    (``CLASS_ALIASES``: e.g. face-api's ``fearful`` matches a project's ``Fear``)."""
+    n = str(name).strip().lower()
+    return CLASS_ALIASES.get(n, n)
 
 
 def default_classifier_path() -> Path:
@@ -61,19 +71,28 @@ class FaceClassifier:
     """
 
     def __init__(self, net: FaceExpressionNet, classes: Sequence[str], *, crop_margin: float = DEFAULT_MARGIN,
-                 meta: dict | None = None, device: str | torch.device = "cpu"):
+                 input_size: int = INPUT_SIZE, meta: dict | None = None, device: str | torch.device = "cpu"):
         classes = [str(c) for c in classes]
         if len(classes) != net.fc.out_features:
             raise ValueError(f"{len(classes)} class names for a head with {net.fc.out_features} outputs")
         if len(set(classes)) != len(classes) or not classes:
             raise ValueError(f"class names must be non-empty and unique: {classes}")
-        if not (0.0 <= crop_margin <= 1.0):
-            raise ValueError(f"crop_margin must be in [0, 1], got {crop_margin}")
+        if not (-0.4 <= crop_margin <= 1.0):
+            raise ValueError(f"crop_margin must be in [-0.4, 1], got {crop_margin}")
+        if not (32 <= int(input_size) <= 512) or int(input_size) % 16:
+            raise ValueError(f"input_size must be a multiple of 16 in 32..512 pixels, got {input_size}")
+        self.input_size = int(input_size)
         self.classes = classes
         self.crop_margin = float(crop_margin)
         self.meta = dict(meta or {})
         self.device = torch.device(device)
         self.net = net.to(self.device).eval()
+
+    def class_columns(self, names: Sequence[str]) -> list[int | None]:
+        """For each name (e.g. a project's labels), the column of ``predict_proba`` with the same
+        class (matched by :func:`canonical_class`), or None when this model does not know it."""
+        cols = {canonical_class(c): i for i, c in enumerate(self.classes)}
+        return [cols.get(canonical_class(n)) for n in names]
 
     # ---------------------------------------------------------------- files
     @classmethod
@@ -96,14 +115,14 @@ class FaceClassifier:
         net = FaceExpressionNet(len(ckpt["classes"]))
         net.load_state_dict(ckpt["state_dict"])
         return cls(net, ckpt["classes"], crop_margin=ckpt.get("crop_margin", DEFAULT_MARGIN),
-                   meta=json.loads(ckpt.get("meta_json", "{}")), device=device)
+                   input_size=ckpt.get("input_size", INPUT_SIZE), meta=json.loads(ckpt.get("meta_json", "{}")), device=device)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the model atomically (temporary file in the same folder, then ``os.replace``)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         ckpt = {"format": FORMAT, "format_version": FORMAT_VERSION, "arch": "faceapi_expression_net",
-                "input_size": INPUT_SIZE, "classes": list(self.classes), "crop_margin": self.crop_margin,
+                "input_size": self.input_size, "classes": list(self.classes), "crop_margin": self.crop_margin,
                 "state_dict": {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()},
                 "meta_json": json.dumps(self.meta, sort_keys=True)}
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -120,8 +139,8 @@ class FaceClassifier:
 
     # ---------------------------------------------------------------- inference
     def inputs(self, image: np.ndarray, boxes) -> np.ndarray:
-        """(n, 3, 112, 112) float32 network input for the boxes of one image (see preprocess)."""
-        return face_batch(image, boxes, self.crop_margin)
+        """(n, 3, S, S) float32 network input (S = ``input_size``, 112 for face-api) for the boxes of one image."""
+        return face_batch(image, boxes, self.crop_margin, self.input_size)
 
     @torch.no_grad()
     def _run(self, x: np.ndarray, what: str) -> np.ndarray:
@@ -163,7 +182,7 @@ class FaceClassifier:
     def _many(self, items, what):
         xs = [self.inputs(im, bx) for im, bx in items]
         sizes = [len(x) for x in xs]
-        allx = np.concatenate(xs) if xs else np.zeros((0, 3, INPUT_SIZE, INPUT_SIZE), np.float32)
+        allx = np.concatenate(xs) if xs else np.zeros((0, 3, self.input_size, self.input_size), np.float32)
         out = self._run(allx, what)
         return list(np.split(out, np.cumsum(sizes)[:-1])) if xs else []
 
@@ -171,9 +190,9 @@ class FaceClassifier:
 # ---------------------------------------------------------------------------- fine-tuning
 
 #: The recipe: ``fine_tune``'s defaults (measured in docs/classifier.md, benchmarks/classifier_awake_sleep.py).
-RECIPE = dict(epochs=40, lr=3e-3, backbone_lr_scale=0.1, train_blocks=2, weight_decay=1e-4, batch_size=16,
-              crop_margin=0.2, head_init="mean", flip=True, scale_jitter=0.15, shift_jitter=0.08,
-              brightness=0.3, contrast=0.3, label_smoothing=0.1)
+RECIPE = dict(epochs=40, lr=1e-3, backbone_lr_scale=1.0, train_blocks=4, weight_decay=1e-4, batch_size=16,
+              crop_margin=-0.1, head_init="mean", flip=True, scale_jitter=0.15, shift_jitter=0.08,
+              brightness=0.3, contrast=0.3, label_smoothing=0.1, input_size=112, mixup=0.0)
 
 
 class _Patch:
@@ -181,14 +200,14 @@ class _Patch:
 
     __slots__ = ("img", "box", "label")
 
-    def __init__(self, image: np.ndarray, box: np.ndarray, label: int, context: float):
+    def __init__(self, image: np.ndarray, box: np.ndarray, label: int, context: float, size: int):
         H, W = image.shape[:2]
         x1, y1, x2, y2 = crop_region(box, (H, W), context)
         img = image[y1:y2, x1:x2]
         b = np.array(box, dtype=np.float64) - [x1, y1, x1, y1]
         # keep at most ~3x the net input on the long side: enough for the 112 px resize
         side = max(img.shape[:2])
-        limit = 3 * INPUT_SIZE * (1 + 2 * context)
+        limit = 3 * size * (1 + 2 * context)
         if side > limit:
             s = limit / side
             h, w = max(1, round(img.shape[0] * s)), max(1, round(img.shape[1] * s))
@@ -197,19 +216,20 @@ class _Patch:
         self.img, self.box, self.label = np.ascontiguousarray(img), b, int(label)
 
 
-def _pixels(img: np.ndarray, box, margin: float) -> np.ndarray:
-    """(112, 112, 3) float32 pixels 0-255 of one crop, before normalisation."""
+def _pixels(img: np.ndarray, box, margin: float, size: int) -> np.ndarray:
+    """(size, size, 3) float32 pixels 0-255 of one crop, before normalisation."""
     x1, y1, x2, y2 = crop_region(box, img.shape[:2], margin)
     crop = img[y1:y2, x1:x2]
     t, b, l, r = square_padding(*crop.shape[:2])
     crop = np.pad(crop.astype(np.float32), ((t, b), (l, r), (0, 0)))
-    if crop.shape[0] != INPUT_SIZE:
-        crop = resize_bilinear_tf_legacy(crop, INPUT_SIZE)
+    if crop.shape[0] != size:
+        crop = resize_bilinear_tf_legacy(crop, size)
     return crop
 
 
 def _augmented_batch(patches: list[_Patch], rng: np.random.Generator, margin: float, cfg: dict) -> np.ndarray:
-    out = np.empty((len(patches), 3, INPUT_SIZE, INPUT_SIZE), dtype=np.float32)
+    size = int(cfg["input_size"])
+    out = np.empty((len(patches), 3, size, size), dtype=np.float32)
     for i, p in enumerate(patches):
         x1, y1, x2, y2 = p.box
         w, h = x2 - x1, y2 - y1
@@ -218,9 +238,9 @@ def _augmented_batch(patches: list[_Patch], rng: np.random.Generator, margin: fl
         cy = (y1 + y2) / 2 + rng.uniform(-cfg["shift_jitter"], cfg["shift_jitter"]) * h
         box = [cx - s * w / 2, cy - s * h / 2, cx + s * w / 2, cy + s * h / 2]
         try:
-            px = _pixels(p.img, box, margin)
+            px = _pixels(p.img, box, margin, size)
         except ValueError:  # jitter pushed the box out of the patch: use the plain box
-            px = _pixels(p.img, p.box, margin)
+            px = _pixels(p.img, p.box, margin, size)
         if cfg["flip"] and rng.random() < 0.5:
             px = px[:, ::-1]
         if cfg["brightness"] or cfg["contrast"]:
@@ -232,8 +252,8 @@ def _augmented_batch(patches: list[_Patch], rng: np.random.Generator, margin: fl
     return out
 
 
-def _plain_batch(patches: list[_Patch], margin: float) -> np.ndarray:
-    return np.stack([((_pixels(p.img, p.box, margin) - MEAN_RGB) / np.float32(255.0)).transpose(2, 0, 1)
+def _plain_batch(patches: list[_Patch], margin: float, size: int) -> np.ndarray:
+    return np.stack([((_pixels(p.img, p.box, margin, size) - MEAN_RGB) / np.float32(255.0)).transpose(2, 0, 1)
                      for p in patches]).astype(np.float32)
 
 
@@ -269,10 +289,11 @@ def fine_tune(init: FaceClassifier, samples: list[tuple[np.ndarray, np.ndarray, 
     The head is rebuilt for ``classes``: a class that ``init`` already has (same name) keeps its
     row of the fully connected layer; a new class's row is initialised from the mean pooled
     feature of its training crops (``head_init="mean"``: a nearest-class-mean classifier, logits
-    ``f·μ_c − |μ_c|²/2`` scaled) or zeros (``head_init="zero"``). Then the last ``train_blocks``
+    ``f·μ_c − |μ_c|²/2`` scaled) or zeros (``head_init="zero"``); a new class without any crop gets
+    a zero row and bias −10. Then the last ``train_blocks``
     dense blocks (0-4) and the head are trained with AdamW (backbone lr × ``backbone_lr_scale``),
     a cosine schedule, label smoothing, and augmentation (horizontal flip, box scale/shift
-    jitter, brightness/contrast). ``init`` is not modified. Keyword ``overrides`` change any
+    jitter, brightness/contrast; mixup optional, off by default). ``init`` is not modified. Keyword ``overrides`` change any
     :data:`RECIPE` entry. ``val``: optional samples in the same form, scored after training.
     ``on_epoch(epoch, epochs, mean_loss)`` is called after every epoch (1-based).
 
@@ -304,36 +325,42 @@ def fine_tune(init: FaceClassifier, samples: list[tuple[np.ndarray, np.ndarray, 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     margin = float(cfg["crop_margin"])
-    context = margin + cfg["scale_jitter"] + cfg["shift_jitter"] + 0.05
-    patches = [_Patch(im, check_boxes(b)[0], y, context) for im, b, y in samples]
-    labels = torch.tensor([p.label for p in patches])
+    size = int(cfg["input_size"])
+    context = max(0.0, margin + cfg["scale_jitter"] + cfg["shift_jitter"] + 0.05)
+    patches = [_Patch(im, check_boxes(b)[0], y, context, size) for im, b, y in samples]
+    dev = init.device  # train where the init model lives (CPU here)
+    labels = torch.tensor([p.label for p in patches], device=dev)
 
-    net = copy.deepcopy(init.net).cpu()
-    old = {c: i for i, c in enumerate(init.classes)}
-    kept = [c for c in classes if c in old]
-    fc = torch.nn.Linear(FEATURE_DIM, len(classes))
+    net = copy.deepcopy(init.net).to(dev)
+    old_cols = init.class_columns(classes)  # row of init's head for each class, matched by name
+    kept = [c for c, j in zip(classes, old_cols) if j is not None]
+    fc = torch.nn.Linear(FEATURE_DIM, len(classes)).to(dev)
     with torch.no_grad():
         fc.weight.zero_()
         fc.bias.zero_()
-        new_idx = [i for i, c in enumerate(classes) if c not in old]
+        new_idx = [i for i, j in enumerate(old_cols) if j is None]
         if new_idx and cfg["head_init"] == "mean":
             net.eval()
-            feats = net.features(torch.from_numpy(_plain_batch(patches, margin)))
-            # nearest class mean on the pooled features, scaled so that logits spread ~ a few units
-            mus = {}
-            for i in new_idx:
-                sel = labels == i
-                mus[i] = feats[sel].mean(0) if sel.any() else feats.mean(0)
-            spread = torch.stack([feats[labels == i].sub(mus[i]).pow(2).sum(1).mean()
-                                  for i in new_idx if (labels == i).any()]).mean() if len(labels) > 1 else torch.tensor(1.0)
-            scale = 2.0 / max(float(spread), 1e-6)
-            for i in new_idx:
+            feats = net.features(torch.from_numpy(_plain_batch(patches, margin, size)).to(dev))
+            # nearest class mean on the pooled features, scaled so that logits spread ~ a few units:
+            # scale = 2 / (mean over classes of the mean squared distance of a crop to its class mean),
+            # else to the overall mean
+            present = [i for i in new_idx if bool((labels == i).any())]
+            mus = {i: feats[labels == i].mean(0) for i in present}
+            within = [float(feats[labels == i].sub(mus[i]).pow(2).sum(1).mean()) for i in present]
+            spread = float(np.mean(within)) if within and len(labels) > 1 else 0.0
+            if spread < 1e-6:
+                spread = float(feats.sub(feats.mean(0)).pow(2).sum(1).mean())
+            scale = 2.0 / spread if spread > 1e-6 else 1.0
+            for i in present:
                 fc.weight[i] = scale * mus[i]
                 fc.bias[i] = -scale * mus[i].pow(2).sum() / 2
-        for i, c in enumerate(classes):
-            if c in old:
-                fc.weight[i] = net.fc.weight[old[c]]
-                fc.bias[i] = net.fc.bias[old[c]]
+            for i in set(new_idx) - set(present):  # a class without crops: never predicted until it has some
+                fc.bias[i] = -10.0
+        for i, j in enumerate(old_cols):
+            if j is not None:
+                fc.weight[i] = net.fc.weight[j]
+                fc.bias[i] = net.fc.bias[j]
     net.fc = fc
 
     blocks = [net.features.dense0, net.features.dense1, net.features.dense2, net.features.dense3]
@@ -359,13 +386,21 @@ def fine_tune(init: FaceClassifier, samples: list[tuple[np.ndarray, np.ndarray, 
         tot, n = 0.0, 0
         for k in range(0, len(order), bs):
             idx = order[k:k + bs]
-            x = torch.from_numpy(_augmented_batch([patches[i] for i in idx], rng, margin, cfg))
-            loss = F.cross_entropy(net(x), labels[idx], label_smoothing=cfg["label_smoothing"])
+            x = torch.from_numpy(_augmented_batch([patches[i] for i in idx], rng, margin, cfg)).to(dev)
+            y = labels[idx]
+            if cfg["mixup"] > 0 and len(idx) > 1:  # mixup (Zhang et al. 2018): convex pairs of crops and targets
+                lam = float(rng.beta(cfg["mixup"], cfg["mixup"]))
+                perm = torch.from_numpy(rng.permutation(len(idx))).to(dev)
+                logits = net(lam * x + (1 - lam) * x[perm])
+                loss = (lam * F.cross_entropy(logits, y, label_smoothing=cfg["label_smoothing"])
+                        + (1 - lam) * F.cross_entropy(logits, y[perm], label_smoothing=cfg["label_smoothing"]))
+            else:
+                loss = F.cross_entropy(net(x), y, label_smoothing=cfg["label_smoothing"])
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
-            tot += float(loss) * len(idx)
+            tot += float(loss.detach()) * len(idx)
             n += len(idx)
         losses.append(tot / n)
         if on_epoch:
@@ -378,7 +413,7 @@ def fine_tune(init: FaceClassifier, samples: list[tuple[np.ndarray, np.ndarray, 
     meta["fine_tune"] = {"n_train": len(patches), "seed": seed, "recipe": cfg, "classes": classes,
                          "kept_classes": kept, "train_seconds": round(train_s, 2),
                          "parent": init.meta.get("sha256") or init.meta.get("source", {}).get("package")}
-    model = FaceClassifier(net, classes, crop_margin=margin, meta=meta, device=init.device)
+    model = FaceClassifier(net, classes, crop_margin=margin, input_size=size, meta=meta, device=init.device)
     metrics = {"loss": losses, "train_seconds": train_s, "n_train": len(patches), "recipe": cfg,
                "classes": classes, "kept_classes": kept}
     if val:

@@ -19,7 +19,7 @@ FaceFeatureExtractor.ts``, ``denseBlock.ts``, ``src/common/depthwiseSeparableCon
 
 * TF ``'same'`` padding: for a stride-2 3x3 conv on an even size, TF pads 0 before and 1 after
   (PyTorch's symmetric ``padding=1`` would shift the sampling grid), so padding is explicit here;
-* 7x7 average pool (stride 2, ``'valid'``) -> (N, 256) features, then a fully connected layer
+* 7x7 average pool (stride 2, ``'valid'``; = global mean at 112 px) -> (N, 256) features, then a fully connected layer
   256 -> K and softmax (K = 7 for the pretrained expression net).
 
 323,687 parameters for K = 7 (the pretrained net).
@@ -104,8 +104,9 @@ class FaceFeatureExtractor(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         x = self.dense3(self.dense2(self.dense1(self.dense0(x))))
-        # tf.avgPool(out, [7, 7], [2, 2], 'valid') on the 7x7 map = global mean
-        return F.avg_pool2d(x, 7, 2).flatten(1)
+        # tf.avgPool(out, [7, 7], [2, 2], 'valid') on the 7x7 map of a 112 input = the global mean;
+        # the global mean also lets a fine-tuned model take larger inputs (input_size > 112)
+        return x.mean(dim=(2, 3))
 
 
 class FaceExpressionNet(nn.Module):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import subprocess
 import sys
@@ -82,7 +81,13 @@ def npm_pack(dest: Path) -> Path:
     return dest / res.stdout.strip().splitlines()[-1]
 
 
-def convert(tarball: Path, out: Path) -> dict:
+#: Crop margin stored in the converted model (fraction of the box side added on each side): on
+#: ../shared expressions val with ground-truth boxes, 7-class accuracy 0.417 at 0.0 (face-api's own
+#: crop), 0.477 at 0.2, 0.481 at 0.3 (benchmarks/classifier_expressions.py; docs/classifier.md).
+DEFAULT_SERVE_MARGIN = 0.2
+
+
+def convert(tarball: Path, out: Path, margin: float = DEFAULT_SERVE_MARGIN) -> dict:
     from facemodels.classifier import FACEAPI_CLASSES, FaceClassifier
     from facemodels.faceapi_net import FaceExpressionNet, state_dict_from_tfjs
 
@@ -102,9 +107,9 @@ def convert(tarball: Path, out: Path) -> dict:
             "preprocessing": "pad to square (centred, JS Math.round), TF legacy bilinear resize to 112, "
                              "(RGB - [122.782, 117.001, 104.298]) / 255",
             "n_parameters": int(sum(p.numel() for p in net.parameters()))}
-    clf = FaceClassifier(net, FACEAPI_CLASSES, crop_margin=0.0, meta=meta)
+    clf = FaceClassifier(net, FACEAPI_CLASSES, crop_margin=margin, meta=meta)
     clf.save(out)
-    info = dict(meta, file=out.name, sha256=sha256(out), classes=FACEAPI_CLASSES, crop_margin=0.0)
+    info = dict(meta, file=out.name, sha256=sha256(out), classes=FACEAPI_CLASSES, crop_margin=margin)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(info, indent=2) + "\n")
     tmp.replace(out.with_suffix(".json"))
@@ -117,14 +122,16 @@ def main(argv=None) -> int:
     src.add_argument("--tarball", type=Path, help="the npm tarball vladmandic-face-api-1.7.15.tgz")
     src.add_argument("--npm", action="store_true", help=f"download it with `npm pack {PACKAGE}@{VERSION}`")
     ap.add_argument("--out", type=Path, default=REPO / "models" / "face_expression.pt")
+    ap.add_argument("--margin", type=float, default=DEFAULT_SERVE_MARGIN,
+                    help="crop margin stored in the model (0 = face-api's own crop of the box)")
     args = ap.parse_args(argv)
     if args.npm:
         with tempfile.TemporaryDirectory() as d:
-            info = convert(npm_pack(Path(d)), args.out)
+            info = convert(npm_pack(Path(d)), args.out, args.margin)
     else:
         if not args.tarball.is_file():
             raise SystemExit(f"no tarball at {args.tarball}")
-        info = convert(args.tarball, args.out)
+        info = convert(args.tarball, args.out, args.margin)
     print(json.dumps({k: info[k] for k in ("file", "sha256", "n_parameters")} | {"source": info["source"]}, indent=2))
     return 0
 
