@@ -13,6 +13,8 @@ Figures per (split, confidence threshold, NMS IoU):
 - ``false_per_image``: predicted boxes not matched to any face at IoU >= 0.3 (boxes off faces
   and duplicates of a matched face), per image;
 - ``boxes_per_face``: predicted boxes / ground-truth faces;
+- scores: the face-ness ``1 - prod(1 - s_k)`` of a box's class scores, as the product scores a
+  face whose class no project label maps to (a one-class detector: its confidence);
 - ``mAP50``: class-agnostic average precision at IoU 0.5 over all boxes with confidence >= 0.001
   (ultralytics' ``compute_ap``, 101-point COCO interpolation), independent of the threshold.
 
@@ -116,7 +118,11 @@ def match(pred: np.ndarray, scores: np.ndarray, gt: np.ndarray, thr: float) -> n
 
 
 def detect_all(weights: Path, images: list[np.ndarray], imgsz: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], float]:
-    """Run ``FaceModel.detect`` at confidence 0.001; returns per image ``(boxes (n,4), conf (n,))`` and ms/image."""
+    """Run ``FaceModel.detect`` at confidence 0.001; returns per image ``(boxes (n,4), face-ness (n,))`` and ms/image.
+
+    The score is the noisy-OR ``1 - prod(1 - s_k)`` of the box's class scores, as ``backend/predict.py``
+    scores an unlabelled face (for a one-class detector it is the box confidence).
+    """
     from backend.yolo import FaceModel
 
     model = FaceModel(weights)
@@ -127,7 +133,9 @@ def detect_all(weights: Path, images: list[np.ndarray], imgsz: int) -> tuple[lis
     out = []
     for r in res:
         b = np.array([d.box for d in r.detections], dtype=float).reshape(-1, 4)
-        s = np.array([d.conf for d in r.detections], dtype=float)
+        # face-ness as backend/predict.py scores a box no project class maps to: the noisy-OR of
+        # the independent class sigmoids (equal to the box confidence for a one-class detector)
+        s = np.array([1.0 - np.prod(1.0 - np.clip(d.class_scores, 0.0, 1.0)) for d in r.detections], dtype=float)
         out.append((b, s))
     return out, ms
 
@@ -237,6 +245,14 @@ def main(argv: list[str] | None = None) -> dict:
                     f = figures(dets[spec], splits[spec][1], chosen["conf"], chosen["nms_iou"])
                     f["mAP50"] = map50(dets[spec], splits[spec][1])
                     f["ms_per_image"] = ms[spec]
+                    names = splits[spec][2]
+                    groups = sorted({n.split("_")[0] for n in names})
+                    if 1 < len(groups) <= 8:  # per source (file-name prefix), e.g. seen vs unseen people
+                        f["by_source"] = {}
+                        for g in groups:
+                            idx = [i for i, n in enumerate(names) if n.split("_")[0] == g]
+                            f["by_source"][g] = figures([dets[spec][i] for i in idx], [splits[spec][1][i] for i in idx],
+                                                        chosen["conf"], chosen["nms_iou"])
                     rec["splits"][spec] = f
                 results.append(rec)
                 print(json.dumps({k: v for k, v in rec.items() if k != "splits"}), flush=True)
@@ -248,6 +264,13 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"| {Path(r['weights']).name} | {r['imgsz']} | {r['conf']:.2f} | {r['nms_iou']:.1f} | {'tuned' if r['tuned_on'] not in (None, 'fixed') else 'fixed'} | {name} | "
                   f"{f['recall@0.3']:.3f} | {f['recall@0.5']:.3f} | {f['false_per_image']:.3f} | {f['boxes_per_face']:.3f} | "
                   f"{f['mAP50']:.3f} | {f['images_without_box']} | {f['ms_per_image']:.1f} |")
+    print("\nper source (file-name prefix):")
+    for r in results:
+        for spec, f in r["splits"].items():
+            for g, h in f.get("by_source", {}).items():
+                print(f"  {Path(r['weights']).name} {r['imgsz']} conf {r['conf']:.2f} {Path(spec.rsplit(':', 1)[0]).name} "
+                      f"{g}: {h['faces']} faces, recall@0.3 {h['recall@0.3']:.3f}, recall@0.5 {h['recall@0.5']:.3f}, "
+                      f"false/img {h['false_per_image']:.3f}, boxes/face {h['boxes_per_face']:.3f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     return {"results": results}

@@ -349,9 +349,12 @@ def train_face(
     return target
 
 
-def install_face(weights: Path, target: Path | None = None) -> Path:
+def install_face(weights: Path, target: Path | None = None, **meta_extra) -> Path:
     """Copy trained face-detector weights to ``models/faceloop-face.pt`` with a ``.json`` sidecar.
 
+    The sidecar gets ``names`` (``["face"]``), ``sha256`` of the weights, and ``meta_extra``
+    (e.g. ``conf``, ``nms_iou``, ``imgsz``: the operating point chosen by
+    ``benchmarks/detector_day0.py`` on awake_sleep train).
     Raises: ValueError when the weights do not have exactly one class named ``face``.
     """
     from backend.config import REPO_ROOT as root
@@ -367,6 +370,8 @@ def install_face(weights: Path, target: Path | None = None) -> Path:
     side = target.with_suffix(".json")
     meta = json.loads(side.read_text()) if side.exists() else {}
     meta["names"] = names
+    meta["sha256"] = file_sha256(target)
+    meta.update(meta_extra)
     side.write_text(json.dumps(meta, indent=2))
     return target
 
