@@ -23,7 +23,7 @@ The confidence threshold and an extra greedy NMS pass (IoU in ``--nms-grid``, on
 among the settings with at most ``--max-false`` false boxes per image the one with the highest
 recall@0.3 (ties: higher recall@0.5, then higher threshold); if none qualifies, the one with the
 highest F1 of face finding at IoU 0.3 (precision = matched boxes / boxes). Figures at the
-product's ``score_threshold`` 0.25 (``--report-conf``, NMS IoU 0.7) are reported beside them. The chosen setting is then applied to every eval split.
+product's ``score_threshold`` 0.25 (``--report-conf``, ``--report-nms`` 0.7) are reported beside them. The chosen setting is then applied to every eval split.
 
 Run (from the repository root)::
 
@@ -213,7 +213,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-false", type=float, default=0.2, help="false boxes per image allowed when tuning")
     ap.add_argument("--fixed-conf", type=float, default=None, help="skip tuning: use this threshold (NMS IoU 0.7)")
     ap.add_argument("--report-conf", type=float, nargs="*", default=[0.25],
-                    help="also report at these thresholds (NMS IoU 0.7), untuned")
+                    help="also report at these thresholds (NMS IoU --report-nms), untuned")
+    ap.add_argument("--report-nms", type=float, default=0.7, help="NMS IoU of the --report-conf rows")
     ap.add_argument("--limit", type=int, default=None, help="first N images per split (smoke runs)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "detector_day0.json")
     args = ap.parse_args(argv)
@@ -237,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
                 settings = [({"conf": args.fixed_conf, "nms_iou": 0.7}, None)]
             else:
                 settings = [(tune(dets[args.tune], splits[args.tune][1], args.max_false), args.tune)]
-            settings += [({"conf": c, "nms_iou": 0.7}, "fixed") for c in args.report_conf]
+            settings += [({"conf": c, "nms_iou": args.report_nms}, "fixed") for c in args.report_conf]
             for chosen, how in settings:
                 rec = {"weights": str(w), "imgsz": sz, "conf": chosen["conf"], "nms_iou": chosen["nms_iou"],
                        "tuned_on": how, "splits": {}}

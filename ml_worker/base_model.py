@@ -338,6 +338,7 @@ def train_face(
     last = out_dir / "run" / "weights" / "last.pt"
     target = out_dir / "faceloop-face.pt"
     shutil.copyfile(last, target)
+    set_face_names(target)
     import torch
 
     rec = json.loads((out_dir / "train_args.json").read_text()) if (out_dir / "train_args.json").exists() else {}
@@ -347,6 +348,24 @@ def train_face(
                 "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None})
     (out_dir / "train_args.json").write_text(json.dumps(rec, indent=2))
     return target
+
+
+def set_face_names(weights: Path) -> None:
+    """Name the one class of ``weights`` ``face`` in place.
+
+    ultralytics' ``single_cls=True`` stores its class as ``{0: 'item'}`` whatever ``data.yaml``
+    says (``ultralytics/engine/trainer.py``); the product maps classes by name, so the shipped
+    detector must say ``face``.
+    """
+    import torch
+
+    ckpt = torch.load(weights, map_location="cpu", weights_only=False)
+    for key in ("model", "ema"):
+        if ckpt.get(key) is not None:
+            ckpt[key].names = dict(FACE_NAMES)
+    tmp = Path(weights).with_suffix(".tmp")
+    torch.save(ckpt, tmp)
+    tmp.replace(weights)
 
 
 def install_face(weights: Path, target: Path | None = None, **meta_extra) -> Path:
