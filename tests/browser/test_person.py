@@ -42,7 +42,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
 #: Small training so the test stays within minutes on 2 shared cores.
 TRAIN_ENV = {"TRAIN_EPOCHS": "60", "IMGSZ": "256", "TRAIN_BATCH": "2", "QUERY_BATCH_SIZE": "3",
-             "RETRAIN_MIN_ANNOTATIONS": "1000", "OMP_NUM_THREADS": "1"}
+             "RETRAIN_MIN_ANNOTATIONS": "2", "OMP_NUM_THREADS": "1"}
 N_IMAGES = 12
 N_LABEL = 8  # tasks labelled in the browser before Start Training (>= 2 for a train/val split)
 
@@ -98,7 +98,7 @@ class Up:
 
 
 def _cli(var_dir: Path, *args) -> subprocess.CompletedProcess:
-    env = dict(os.environ, VAR_DIR=str(var_dir), PYTHONPATH=str(REPO))
+    env = dict(os.environ, VAR_DIR=str(var_dir), PYTHONPATH=str(REPO), COLUMNS="250")  # no truncated tables
     for k in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "CELERY_BROKER_URL", "DATABASE_URL"):
         env.pop(k, None)
     return subprocess.run([sys.executable, "-m", "backend.cli", *args], cwd=REPO, env=env, capture_output=True,
@@ -170,6 +170,30 @@ def _iou(a, b) -> float:
     return inter / (a[2] * a[3] + b[2] * b[3] - inter) if inter else 0.0
 
 
+def _accept_box(page, ls_url: str, pid: int, tid: int, index: int, cls: str, hotkey: str, shot=None):
+    """As a person: open the task, click the face's box in the regions list, press the class's
+    hotkey, remove the other boxes (click, Backspace), Submit; waits until Label Studio has it."""
+    _open_task(page, ls_url, pid, tid)
+    page.locator(".lsf-outliner-item").nth(index).click()
+    page.keyboard.press(hotkey)
+    page.wait_for_timeout(300)
+    if shot:
+        shot(page, "prelabel_accepted_with_class")
+    for _ in range(20):  # the other boxes are not this face: remove them
+        others = page.locator(".lsf-outliner-item").filter(has_not_text=cls)
+        if not others.count():
+            break
+        others.first.click()
+        page.keyboard.press("Backspace")
+        page.wait_for_timeout(200)
+    page.get_by_role("button", name="Submit").click()
+    page.wait_for_function(f"""async () => {{
+        const r = await fetch('/api/tasks/{tid}'); const t = await r.json();
+        return (t.annotations || []).length > 0; }}""", timeout=30_000)
+    if shot:
+        shot(page, "submitted")
+
+
 def _main_image(page) -> dict:
     """The image the person sees in the labelling area (the largest one on screen)."""
     return page.evaluate("""() => {
@@ -194,6 +218,7 @@ def test_person_up_label_train_restart(image_folder, out_dir, browser, tmp_path)
 
     from backend.db import session_scope
     from backend.demo import wait_for_job
+    from backend.events import AUTO_START_WINDOW_S as events_window_s
     from backend.models import ModelVersion
 
     folder, truth = image_folder
@@ -271,25 +296,7 @@ def test_person_up_label_train_restart(image_folder, out_dir, browser, tmp_path)
         labelled = sorted(best)[:N_LABEL]
         for i, tid in enumerate(labelled):
             cls = truth[names[tid]][0]
-            _open_task(page, ls_url, pid, tid)
-            page.locator(".lsf-outliner-item").nth(best[tid]).click()
-            page.keyboard.press(hotkey[cls])
-            page.wait_for_timeout(300)
-            if i == 0:
-                shot(page, "prelabel_accepted_with_class")
-            for _ in range(20):  # the other boxes are not this face: remove them
-                others = page.locator(".lsf-outliner-item").filter(has_not_text=cls)
-                if not others.count():
-                    break
-                others.first.click()
-                page.keyboard.press("Backspace")
-                page.wait_for_timeout(200)
-            page.get_by_role("button", name="Submit").click()
-            page.wait_for_function(f"""async () => {{
-                const r = await fetch('/api/tasks/{tid}'); const t = await r.json();
-                return (t.annotations || []).length > 0; }}""", timeout=30_000)
-            if i == 0:
-                shot(page, "submitted")
+            _accept_box(page, ls_url, pid, tid, best[tid], cls, hotkey[cls], shot if i == 0 else None)
         for tid in labelled:
             anns = client.tasks.get(id=tid).annotations
             assert len(anns) == 1 and not anns[0]["was_cancelled"]
@@ -357,21 +364,56 @@ def test_person_up_label_train_restart(image_folder, out_dir, browser, tmp_path)
 
         # --- 4. stop and start again: same project, backend connected -----------------------------
         stop_s = up.stop()
+        up.ports["backend"] = _free_port()  # e.g. the old port was taken meanwhile: the backend moves
         second = up.start()
         assert second["project"] == pid and second["ls_url"] == ls_url, second["out"][-2000:]
         assert "shown once" not in second["out"] and secrets["ls_password"] not in second["out"]
         assert len(list(client.tasks.list(project=pid))) == N_IMAGES, "no duplicate tasks after a restart"
+        new_backend = f"http://127.0.0.1:{up.ports['backend']}"
         ml = client.ml.list(project=pid)
-        assert len(ml) == 1 and ml[0].state == "CO", [(m.url, m.state) for m in ml]
+        assert len(ml) == 1 and ml[0].state == "CO" and ml[0].url == new_backend, [(m.url, m.state) for m in ml]
+        hooks = [w for w in client.webhooks.list(project=str(pid)) if w.project == pid]
+        assert [w.url for w in hooks] == [new_backend + "/webhook"] and "X-Faceloop-Secret" in hooks[0].headers
+        assert sum(len(client.tasks.get(id=t).annotations) for t in labelled) == N_LABEL  # the labels stay
+        r = _cli(var_dir, "versions", str(pid))
+        assert r.returncode == 0 and version in r.stdout and "promoted" in r.stdout, r.stdout
         page.goto(f"{ls_url}/user/login/")  # the session cookie survived; log in again if needed
         if page.locator("input[name=email]").count():
             _login(page, ls_url, secrets["ls_user"], secrets["ls_password"])
         page.goto(f"{ls_url}/projects/{pid}/settings/ml")
         page.get_by_text("Connected").first.wait_for(timeout=30_000)
+        page.get_by_text(new_backend).first.wait_for(timeout=10_000)
         shot(page, "after_restart_backend_connected")
         _open_task(page, ls_url, pid, labelled[0])
         assert _main_image(page)["w"] > 0
         shot(page, "after_restart_task")
+
+        # --- 5. the switch "Start model training on annotation submission": annotations retrain --
+        page.goto(f"{ls_url}/projects/{pid}/settings/ml")
+        page.get_by_text("Start model training on annotation submission").click()
+        page.get_by_role("button", name="Save").click()
+        deadline = time.time() + 20
+        while time.time() < deadline and not client.projects.get(id=pid).min_annotations_to_start_training:
+            time.sleep(0.5)
+        assert client.projects.get(id=pid).min_annotations_to_start_training == 1  # what the switch stores
+        more = [t for t in with_boxes if t != unlabelled][:2]  # RETRAIN_MIN_ANNOTATIONS = 2 new tasks
+        assert len(more) == 2, with_boxes
+        for tid in more:  # Label Studio also sends START_TRAINING on each save: those must not train
+            cls = truth[names[tid]][0]
+            _accept_box(page, ls_url, pid, tid, 0, cls, hotkey[cls])
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            with session_scope(db) as s:
+                triggers = [j.trigger for j in s.exec(select(TrainingJob).where(TrainingJob.project_id == pid)
+                                                      .order_by(TrainingJob.id)).all()]
+            if len(triggers) > 1:
+                break
+            time.sleep(1)
+        time.sleep(events_window_s + 1)  # Label Studio's own START_TRAINING calls are decided by now
+        with session_scope(db) as s:
+            triggers = [j.trigger for j in s.exec(select(TrainingJob).where(TrainingJob.project_id == pid)
+                                                  .order_by(TrainingJob.id)).all()]
+        assert triggers == ["start_training", "annotations"], triggers
         print(f"\nfirst `faceloop up` {first['seconds']:.0f} s; Start Training -> {version} promoted in {train_s:.0f} s; "
               f"Ctrl-C {stop_s:.0f} s; restart {second['seconds']:.0f} s; whole test {time.time() - t_test:.0f} s")
         print("screenshots:\n  " + "\n  ".join(map(str, shots)))
