@@ -82,12 +82,12 @@ class Up:
         self.stop()
         raise AssertionError(f"faceloop up not ready within {timeout} s:\n{self.log.read_text()[-3000:]}")
 
-    def stop(self, timeout: float = 60) -> float:
-        """Ctrl-C, as a person stops it; returns the seconds it took to exit."""
+    def stop(self, timeout: float = 60, sig=signal.SIGINT) -> float:
+        """Ctrl-C (SIGINT), as a person stops it; returns the seconds it took to exit."""
         if self.proc is None or self.proc.poll() is not None:
             return 0.0
         t0 = time.time()
-        self.proc.send_signal(signal.SIGINT)
+        self.proc.send_signal(sig)
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -414,6 +414,15 @@ def test_person_up_label_train_restart(image_folder, out_dir, browser, tmp_path)
             triggers = [j.trigger for j in s.exec(select(TrainingJob).where(TrainingJob.project_id == pid)
                                                   .order_by(TrainingJob.id)).all()]
         assert triggers == ["start_training", "annotations"], triggers
+
+        # SIGTERM (a service manager, `kill`) stops every service too, none is left behind
+        pids = json.loads((root / "stack.json").read_text())["pids"]
+        assert set(pids) == {"redis", "label-studio", "backend", "worker"}
+        up.stop(sig=signal.SIGTERM)
+        from backend.stack import pid_alive
+
+        time.sleep(1)
+        assert not [n for n, p in pids.items() if pid_alive(p)], pids
         print(f"\nfirst `faceloop up` {first['seconds']:.0f} s; Start Training -> {version} promoted in {train_s:.0f} s; "
               f"Ctrl-C {stop_s:.0f} s; restart {second['seconds']:.0f} s; whole test {time.time() - t_test:.0f} s")
         print("screenshots:\n  " + "\n  ".join(map(str, shots)))
