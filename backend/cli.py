@@ -218,6 +218,7 @@ def up(
             pid = create_project(client, title or f"faces: {folder.name}"[:50], xml)
             entry = {"id": pid, **key, "config": str(xml_path), "storage_id": None}
             projects.append(entry)
+            st.save_state(running=True, projects=projects)  # reopened next time even if a later step fails
         try:
             sid, n_new = sync_local_storage(client, pid, folder, entry.get("storage_id"))
         except Exception as e:  # noqa: BLE001
