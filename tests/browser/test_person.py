@@ -365,10 +365,15 @@ def test_person_up_label_train_restart(image_folder, out_dir, browser, tmp_path)
         # --- 4. stop and start again: same project, backend connected -----------------------------
         stop_s = up.stop()
         up.ports["backend"] = _free_port()  # e.g. the old port was taken meanwhile: the backend moves
+        used = {p.name for p in folder.rglob("*.jpg")}
+        extra = next(p for p in sorted((require_data() / "images" / "val").glob("*.jpg")) if p.name not in used)
+        shutil.copyfile(extra, folder / "day 2" / "added later ü.jpg")  # a new image while it was stopped
         second = up.start()
         assert second["project"] == pid and second["ls_url"] == ls_url, second["out"][-2000:]
         assert "shown once" not in second["out"] and secrets["ls_password"] not in second["out"]
-        assert len(list(client.tasks.list(project=pid))) == N_IMAGES, "no duplicate tasks after a restart"
+        urls = [t.data["image"] for t in client.tasks.list(project=pid)]
+        assert len(urls) == len(set(urls)) == N_IMAGES + 1, "the added image is a task, no duplicates"
+        assert "(1 new)" in second["out"]
         new_backend = f"http://127.0.0.1:{up.ports['backend']}"
         ml = client.ml.list(project=pid)
         assert len(ml) == 1 and ml[0].state == "CO" and ml[0].url == new_backend, [(m.url, m.state) for m in ml]
