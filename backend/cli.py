@@ -193,16 +193,11 @@ def up(
     asked = {k: v for k, v in (("label-studio", ls_port), ("backend", backend_port), ("redis", redis_port)) if v}
     console.print(f"[bold]starting[/] redis-server, Label Studio, backend, worker under {root} ...")
     t0 = time.time()
+    _stop_on_signals()
     try:
         st = Stack.start(root, document_root=doc_root, var_dir=settings.var_dir, ports=asked, stable_ports=True)
     except StackError as e:
         _fail(str(e))
-    stop = {"now": False}
-
-    def _stop(*_):
-        stop["now"] = True
-
-    signal.signal(signal.SIGTERM, _stop)
     try:
         console.print(f"services up in {time.time() - t0:.0f} s")
         client = LabelStudio(base_url=st.ls_url, api_key=st.api_key)
@@ -223,6 +218,7 @@ def up(
             pid = create_project(client, title or f"faces: {folder.name}"[:50], xml)
             entry = {"id": pid, **key, "config": str(xml_path), "storage_id": None}
             projects.append(entry)
+            st.save_state(running=True, projects=projects)  # reopened next time even if a later step fails
         try:
             sid, n_new = sync_local_storage(client, pid, folder, entry.get("storage_id"))
         except Exception as e:  # noqa: BLE001
@@ -251,7 +247,7 @@ def up(
             return
         console.print("\nCtrl-C stops everything.")
         try:
-            while not stop["now"]:
+            while True:
                 time.sleep(1)
                 dead = [n for n, p in st.procs.items() if p.poll() is not None]
                 if dead:
@@ -265,6 +261,15 @@ def up(
         _fail(f"Label Studio answered {api_error_text(e)}; see {root / 'logs'}")  # no headers, no cookies
     finally:
         st.stop()
+
+
+def _stop_on_signals() -> None:
+    """SIGTERM and SIGHUP stop like Ctrl-C: the services are stopped, not left behind."""
+    def _interrupt(*_):
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
 
 
 def _reconnect_projects(client, st, exclude: set) -> list[int]:
@@ -312,6 +317,7 @@ def demo(
     xml = _config_path(config).read_text()
     var_dir = root / "var"
     t0 = time.time()
+    _stop_on_signals()
     st = Stack.start(root, var_dir=var_dir, extra_env={"TRAIN_EPOCHS": epochs})
     try:
         console.print(f"services up in {time.time() - t0:.0f} s: Label Studio {st.ls_url} "

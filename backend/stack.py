@@ -362,6 +362,11 @@ class Stack:
         if self.document_root:
             env.update({"LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
                         "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(self.document_root)})
+        if self.first_start and (data / "label_studio.sqlite3").exists():
+            # data of a faceloop from before per-install secrets: give its admin the new password
+            subprocess.run([str(ls_bin()), "reset_password", "--username", self.ls_user, "--password",
+                            self.ls_password, "--data-dir", str(data)], env=env, cwd=data, timeout=300,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, check=False)
         p = self._spawn("label-studio", [str(ls_bin()), "start", "--no-browser", "--port", str(port),
                                          "--internal-host", "127.0.0.1", "--data-dir", str(data)], env, cwd=data)
         wait_http(self.ls_url + "/health", timeout, p, self.log("label-studio"))

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything faceloop needs on a fresh Debian machine (idempotent):
-#   - Debian packages: redis-server, docker-compose (for `config -q` validation only)
+#   - Debian packages: redis-server, docker-compose (for `config -q` validation only), chromium
+#     (the browser test drives it with pip's playwright; never `playwright install`)
 #   - .venv     : faceloop itself (torch, ultralytics, FastAPI, Celery, SDK, ...)
 #   - .venv-ls  : Label Studio in its own venv (it pins its own Django/SDK versions)
 # Usage: scripts/bootstrap.sh            (env FACELOOP_SKIP_APT=1 skips apt-get)
@@ -13,6 +14,7 @@ if [ "${FACELOOP_SKIP_APT:-0}" != 1 ]; then
   need=()
   command -v redis-server >/dev/null || need+=(redis-server)
   command -v docker-compose >/dev/null || need+=(docker-compose)
+  [ -x /usr/bin/chromium ] || need+=(chromium)
   if [ ${#need[@]} -gt 0 ]; then
     echo ">> apt-get install ${need[*]}"
     if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi

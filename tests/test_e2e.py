@@ -48,7 +48,9 @@ def test_whole_loop(stack):
     ids = upload_images(client, stack.ls_url, pid, files)
     assert len(ids) == N_IMAGES
     task_image = dict(zip(ids, files))
-    connect_backend(client, pid, stack.backend_url)
+    connect_backend(client, pid, stack.backend_url, basic_auth=stack.basic_auth, webhook_secret=stack.webhook_secret)
+    ml = client.ml.list(project=pid)
+    assert ml[0].auth_method == "BASIC_AUTH"  # auth on, as `faceloop up` runs it
 
     # Retrieve Predictions: LS calls /setup and /predict itself
     retrieve_predictions(client, pid)

@@ -41,10 +41,10 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
 #: Small training so the test stays within minutes on 2 shared cores.
-TRAIN_ENV = {"TRAIN_EPOCHS": "8", "IMGSZ": "256", "TRAIN_BATCH": "4", "QUERY_BATCH_SIZE": "3",
-             "RETRAIN_MIN_ANNOTATIONS": "1000", "OMP_NUM_THREADS": "1"}
+TRAIN_ENV = {"TRAIN_EPOCHS": "60", "IMGSZ": "256", "TRAIN_BATCH": "2", "QUERY_BATCH_SIZE": "3",
+             "RETRAIN_MIN_ANNOTATIONS": "2", "OMP_NUM_THREADS": "1"}
 N_IMAGES = 12
-N_LABEL = 4  # tasks labelled in the browser before Start Training (>= 2 for a train/val split)
+N_LABEL = 8  # tasks labelled in the browser before Start Training (>= 2 for a train/val split)
 
 
 def _free_port() -> int:
@@ -82,12 +82,12 @@ class Up:
         self.stop()
         raise AssertionError(f"faceloop up not ready within {timeout} s:\n{self.log.read_text()[-3000:]}")
 
-    def stop(self, timeout: float = 60) -> float:
-        """Ctrl-C, as a person stops it; returns the seconds it took to exit."""
+    def stop(self, timeout: float = 60, sig=signal.SIGINT) -> float:
+        """Ctrl-C (SIGINT), as a person stops it; returns the seconds it took to exit."""
         if self.proc is None or self.proc.poll() is not None:
             return 0.0
         t0 = time.time()
-        self.proc.send_signal(signal.SIGINT)
+        self.proc.send_signal(sig)
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -98,7 +98,7 @@ class Up:
 
 
 def _cli(var_dir: Path, *args) -> subprocess.CompletedProcess:
-    env = dict(os.environ, VAR_DIR=str(var_dir), PYTHONPATH=str(REPO))
+    env = dict(os.environ, VAR_DIR=str(var_dir), PYTHONPATH=str(REPO), COLUMNS="250")  # no truncated tables
     for k in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "CELERY_BROKER_URL", "DATABASE_URL"):
         env.pop(k, None)
     return subprocess.run([sys.executable, "-m", "backend.cli", *args], cwd=REPO, env=env, capture_output=True,
@@ -127,7 +127,10 @@ def image_folder(tmp_path_factory):
         name = {0: "café – Zoë 1.jpg"}.get(i, p.name)
         dest = folder / "day 2" / name if i % 3 == 0 else folder / name
         shutil.copyfile(p, dest)
-        truth[dest.name] = names[int((data / "labels" / "val" / f"{p.stem}.txt").read_text().split()[0])]
+        rows = [line.split() for line in (data / "labels" / "val" / f"{p.stem}.txt").read_text().splitlines() if line]
+        boxes = [((float(cx) - float(w) / 2) * 100, (float(cy) - float(h) / 2) * 100, float(w) * 100, float(h) * 100)
+                 for _, cx, cy, w, h in rows]
+        truth[dest.name] = (names[int(rows[0][0])], boxes)
     return folder, truth
 
 
@@ -159,6 +162,38 @@ def _login(page, ls_url: str, user: str, password: str):
     page.wait_for_load_state("networkidle")
 
 
+def _iou(a, b) -> float:
+    """IoU of two (x, y, w, h) boxes (same units)."""
+    ix = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    return inter / (a[2] * a[3] + b[2] * b[3] - inter) if inter else 0.0
+
+
+def _accept_box(page, ls_url: str, pid: int, tid: int, index: int, cls: str, hotkey: str, shot=None):
+    """As a person: open the task, click the face's box in the regions list, press the class's
+    hotkey, remove the other boxes (click, Backspace), Submit; waits until Label Studio has it."""
+    _open_task(page, ls_url, pid, tid)
+    page.locator(".lsf-outliner-item").nth(index).click()
+    page.keyboard.press(hotkey)
+    page.wait_for_timeout(300)
+    if shot:
+        shot(page, "prelabel_accepted_with_class")
+    for _ in range(20):  # the other boxes are not this face: remove them
+        others = page.locator(".lsf-outliner-item").filter(has_not_text=cls)
+        if not others.count():
+            break
+        others.first.click()
+        page.keyboard.press("Backspace")
+        page.wait_for_timeout(200)
+    page.get_by_role("button", name="Submit").click()
+    page.wait_for_function(f"""async () => {{
+        const r = await fetch('/api/tasks/{tid}'); const t = await r.json();
+        return (t.annotations || []).length > 0; }}""", timeout=30_000)
+    if shot:
+        shot(page, "submitted")
+
+
 def _main_image(page) -> dict:
     """The image the person sees in the labelling area (the largest one on screen)."""
     return page.evaluate("""() => {
@@ -183,6 +218,7 @@ def test_person_up_label_train_restart(image_folder, out_dir, browser, tmp_path)
 
     from backend.db import session_scope
     from backend.demo import wait_for_job
+    from backend.events import AUTO_START_WINDOW_S as events_window_s
     from backend.models import ModelVersion
 
     folder, truth = image_folder
@@ -246,59 +282,71 @@ def test_person_up_label_train_restart(image_folder, out_dir, browser, tmp_path)
             if all(preds.values()):
                 break
             time.sleep(2)
-        with_faces = [t for t in sorted(preds) if any(p.result for p in preds[t])]
-        assert len(with_faces) >= N_LABEL + 1, {t: [len(p.result) for p in ps] for t, ps in preds.items()}
-        labelled = with_faces[:N_LABEL]
+        # the person accepts the box that is the face (best overlap with the dataset's box), and
+        # labels tasks where the default model found it
+        best = {}
+        for t in sorted(preds):
+            regions = [r["value"] for p in preds[t] for r in p.result]
+            gt = truth[names[t]][1]
+            if regions and gt:
+                ious = [max(_iou((v["x"], v["y"], v["width"], v["height"]), g) for g in gt) for v in regions]
+                if max(ious) >= 0.3:
+                    best[t] = ious.index(max(ious))
+        assert len(best) >= N_LABEL + 1, f"the default model found the face in {len(best)} of {len(preds)} images"
+        labelled = sorted(best)[:N_LABEL]
         for i, tid in enumerate(labelled):
-            _open_task(page, ls_url, pid, tid)
-            items = page.locator(".lsf-outliner-item")
-            items.first.click()
-            page.keyboard.press(hotkey[truth[names[tid]]])
-            page.wait_for_timeout(300)
-            if i == 0:
-                shot(page, "prelabel_accepted_with_class")
-            while page.locator(".lsf-outliner-item").count() > 1:  # the other boxes: not faces to keep
-                page.locator(".lsf-outliner-item").nth(1).click()
-                page.keyboard.press("Backspace")
-                page.wait_for_timeout(200)
-            page.get_by_role("button", name="Submit").click()
-            page.wait_for_function(f"""async () => {{
-                const r = await fetch('/api/tasks/{tid}'); const t = await r.json();
-                return (t.annotations || []).length > 0; }}""", timeout=30_000)
-            if i == 0:
-                shot(page, "submitted")
+            cls = truth[names[tid]][0]
+            _accept_box(page, ls_url, pid, tid, best[tid], cls, hotkey[cls], shot if i == 0 else None)
         for tid in labelled:
             anns = client.tasks.get(id=tid).annotations
             assert len(anns) == 1 and not anns[0]["was_cancelled"]
-            assert [r["value"]["rectanglelabels"] for r in anns[0]["result"]] == [[truth[names[tid]]]]
+            assert [r["value"]["rectanglelabels"] for r in anns[0]["result"]] == [[truth[names[tid]][0]]]
 
         # --- 3. Start Training in Settings -> Model ------------------------------------------------
         page.goto(f"{ls_url}/projects/{pid}/settings/ml")
         page.get_by_text("Connected").first.wait_for(timeout=30_000)
         page.get_by_role("button", name="Machine learning model options").click()
-        page.get_by_text("Start Training").first.wait_for(timeout=10_000)
-        shot(page, "start_training_menu")
+        page.locator(".lsf-main-menu__item", has_text="Start Training").click()
+        confirm = page.get_by_role("button", name="Start Training")  # Label Studio asks to confirm
+        confirm.wait_for(timeout=10_000)
+        page.wait_for_timeout(500)
+        shot(page, "start_training_confirm")
         t_train = time.time()
-        page.get_by_text("Start Training").first.click()
+        confirm.click()
         db = f"sqlite:///{var_dir / 'faceloop.db'}"
+        from sqlmodel import select
+
+        from backend.models import TrainingJob
+
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            with session_scope(db) as s:
+                if s.exec(select(TrainingJob).where(TrainingJob.project_id == pid)).first() is not None:
+                    break
+            time.sleep(1)
+        else:
+            raise AssertionError("Start Training did not reach the backend (no training job within 30 s)")
         job = wait_for_job(db, pid, timeout=900)
         train_s = time.time() - t_train
         assert job.state == "succeeded", (job.state, job.error)
         assert job.trigger == "start_training"
         with session_scope(db) as s:
-            from sqlmodel import select
-
             v = s.exec(select(ModelVersion).where(ModelVersion.project_id == pid, ModelVersion.status == "promoted")).one()
             version = v.version
         assert version == f"p{pid}-v1"
         jobs_out = _cli(var_dir, "jobs", str(pid))  # a second terminal finds the running stack
         assert jobs_out.returncode == 0 and "succeeded" in jobs_out.stdout, jobs_out.stdout + jobs_out.stderr
-        # an unlabelled task now shows the new version's prediction
-        unlabelled = next(t for t in with_faces if t not in labelled)
+        # the unlabelled tasks now hold the new version's predictions; open one with a face found
         deadline = time.time() + 120
-        while time.time() < deadline and not any(p.model_version == version for p in
-                                                 client.tasks.get(id=unlabelled).predictions or []):
+        while time.time() < deadline:
+            new_preds = {t.id: [p for p in t.predictions or [] if p.model_version == version]
+                         for t in client.tasks.list(project=pid, fields="all") if t.id not in labelled}
+            if all(new_preds.values()):
+                break
             time.sleep(2)
+        with_boxes = [t for t, ps in sorted(new_preds.items()) if ps and ps[0].result]
+        assert with_boxes, f"{version} found no face in the {len(new_preds)} unlabelled tasks"
+        unlabelled = with_boxes[0]
         _open_task(page, ls_url, pid, unlabelled)
         page.get_by_text(version).first.wait_for(timeout=30_000)
         labels = page.locator(".lsf-outliner-item").all_inner_texts()
@@ -311,28 +359,75 @@ def test_person_up_label_train_restart(image_folder, out_dir, browser, tmp_path)
             assert r.returncode == 1 and "no project 999" in r.stdout, (cmd, r.stdout, r.stderr)
             assert "headers" not in r.stdout + r.stderr and "sessionid" not in r.stdout + r.stderr
         with session_scope(db) as s:
-            from backend.models import TrainingJob
-
             assert s.exec(select(TrainingJob).where(TrainingJob.project_id == 999)).first() is None
             assert s.exec(select(ModelVersion).where(ModelVersion.project_id == 999)).first() is None
 
         # --- 4. stop and start again: same project, backend connected -----------------------------
         stop_s = up.stop()
+        up.ports["backend"] = _free_port()  # e.g. the old port was taken meanwhile: the backend moves
+        used = {p.name for p in folder.rglob("*.jpg")}
+        extra = next(p for p in sorted((require_data() / "images" / "val").glob("*.jpg")) if p.name not in used)
+        shutil.copyfile(extra, folder / "day 2" / "added later ü.jpg")  # a new image while it was stopped
         second = up.start()
         assert second["project"] == pid and second["ls_url"] == ls_url, second["out"][-2000:]
         assert "shown once" not in second["out"] and secrets["ls_password"] not in second["out"]
-        assert len(list(client.tasks.list(project=pid))) == N_IMAGES, "no duplicate tasks after a restart"
+        urls = [t.data["image"] for t in client.tasks.list(project=pid)]
+        assert len(urls) == len(set(urls)) == N_IMAGES + 1, "the added image is a task, no duplicates"
+        assert "(1 new)" in second["out"]
+        new_backend = f"http://127.0.0.1:{up.ports['backend']}"
         ml = client.ml.list(project=pid)
-        assert len(ml) == 1 and ml[0].state == "CO", [(m.url, m.state) for m in ml]
+        assert len(ml) == 1 and ml[0].state == "CO" and ml[0].url == new_backend, [(m.url, m.state) for m in ml]
+        hooks = [w for w in client.webhooks.list(project=str(pid)) if w.project == pid]
+        assert [w.url for w in hooks] == [new_backend + "/webhook"] and "X-Faceloop-Secret" in hooks[0].headers
+        assert sum(len(client.tasks.get(id=t).annotations) for t in labelled) == N_LABEL  # the labels stay
+        r = _cli(var_dir, "versions", str(pid))
+        assert r.returncode == 0 and version in r.stdout and "promoted" in r.stdout, r.stdout
         page.goto(f"{ls_url}/user/login/")  # the session cookie survived; log in again if needed
         if page.locator("input[name=email]").count():
             _login(page, ls_url, secrets["ls_user"], secrets["ls_password"])
         page.goto(f"{ls_url}/projects/{pid}/settings/ml")
         page.get_by_text("Connected").first.wait_for(timeout=30_000)
+        page.get_by_text(new_backend).first.wait_for(timeout=10_000)
         shot(page, "after_restart_backend_connected")
         _open_task(page, ls_url, pid, labelled[0])
         assert _main_image(page)["w"] > 0
         shot(page, "after_restart_task")
+
+        # --- 5. the switch "Start model training on annotation submission": annotations retrain --
+        page.goto(f"{ls_url}/projects/{pid}/settings/ml")
+        page.get_by_text("Start model training on annotation submission").click()
+        page.get_by_role("button", name="Save").click()
+        deadline = time.time() + 20
+        while time.time() < deadline and not client.projects.get(id=pid).min_annotations_to_start_training:
+            time.sleep(0.5)
+        assert client.projects.get(id=pid).min_annotations_to_start_training == 1  # what the switch stores
+        more = [t for t in with_boxes if t != unlabelled][:2]  # RETRAIN_MIN_ANNOTATIONS = 2 new tasks
+        assert len(more) == 2, with_boxes
+        for tid in more:  # Label Studio also sends START_TRAINING on each save: those must not train
+            cls = truth[names[tid]][0]
+            _accept_box(page, ls_url, pid, tid, 0, cls, hotkey[cls])
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            with session_scope(db) as s:
+                triggers = [j.trigger for j in s.exec(select(TrainingJob).where(TrainingJob.project_id == pid)
+                                                      .order_by(TrainingJob.id)).all()]
+            if len(triggers) > 1:
+                break
+            time.sleep(1)
+        time.sleep(events_window_s + 1)  # Label Studio's own START_TRAINING calls are decided by now
+        with session_scope(db) as s:
+            triggers = [j.trigger for j in s.exec(select(TrainingJob).where(TrainingJob.project_id == pid)
+                                                  .order_by(TrainingJob.id)).all()]
+        assert triggers == ["start_training", "annotations"], triggers
+
+        # SIGTERM (a service manager, `kill`) stops every service too, none is left behind
+        pids = json.loads((root / "stack.json").read_text())["pids"]
+        assert set(pids) == {"redis", "label-studio", "backend", "worker"}
+        up.stop(sig=signal.SIGTERM)
+        from backend.stack import pid_alive
+
+        time.sleep(1)
+        assert not [n for n, p in pids.items() if pid_alive(p)], pids
         print(f"\nfirst `faceloop up` {first['seconds']:.0f} s; Start Training -> {version} promoted in {train_s:.0f} s; "
               f"Ctrl-C {stop_s:.0f} s; restart {second['seconds']:.0f} s; whole test {time.time() - t_test:.0f} s")
         print("screenshots:\n  " + "\n  ".join(map(str, shots)))

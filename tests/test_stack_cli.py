@@ -1,0 +1,164 @@
+"""`faceloop up`'s stack without starting it, and the CLI's answers when it cannot do its job:
+per-install secrets, ports, the state file other commands read, unknown projects, Redis down.
+No Label Studio or Redis runs here (tests/browser/ runs the real stack)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+
+import pytest
+from sqlmodel import select
+from typer.testing import CliRunner
+
+from backend import stack
+from backend.config import get_settings
+from backend.db import session_scope
+from backend.lsapi import api_error_text
+from backend.models import ModelVersion, TrainingJob
+from backend.registry import upsert_project
+from tests.helpers_unit import DEAD_BROKER
+
+runner = CliRunner()
+
+
+def _flat(out: str) -> str:
+    """CLI output as one line, without rich's box drawing (long messages wrap inside a box)."""
+    return " ".join(out.replace("│", " ").split())
+
+
+def _mode(p) -> int:
+    return stat.S_IMODE(os.stat(p).st_mode)
+
+
+def test_secrets_are_random_private_and_kept(tmp_path):
+    a, created = stack.load_secrets(tmp_path)
+    assert created and _mode(tmp_path / "secrets.json") == 0o600
+    assert set(a) == {"ls_user", "ls_password", "basic_auth_user", "basic_auth_pass", "webhook_secret"}
+    assert len(a["ls_password"]) >= 20 and len(a["webhook_secret"]) >= 32
+    b, created = stack.load_secrets(tmp_path)
+    assert b == a and not created  # the next start keeps them
+    c, _ = stack.load_secrets(tmp_path / "other")
+    assert c["ls_password"] != a["ls_password"] and c["webhook_secret"] != a["webhook_secret"]
+
+
+def test_write_private_replaces_with_0600(tmp_path):
+    p = tmp_path / "f.json"
+    p.write_text("old")
+    os.chmod(p, 0o644)
+    stack.write_private(p, "new")
+    assert p.read_text() == "new" and _mode(p) == 0o600
+
+
+def test_ports_usual_else_last_else_free(tmp_path):
+    st = stack.Stack(root=tmp_path)
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    taken = busy.getsockname()[1]
+    try:
+        (tmp_path / "stack.json").write_text(json.dumps({"ports": {"label-studio": taken}}))
+        st._choose_ports({}, stable=True)
+        assert st.ports["label-studio"] != taken  # the last run's port is busy: another one
+        assert len(set(st.ports.values())) == 3
+        with pytest.raises(stack.StackError, match=f"port {taken} asked for backend is in use"):
+            stack.Stack(root=tmp_path)._choose_ports({"backend": taken}, stable=True)
+        free = stack.free_port()
+        (tmp_path / "stack.json").write_text(json.dumps({"ports": {"redis": free}}))
+        st2 = stack.Stack(root=tmp_path)
+        st2._choose_ports({}, stable=True)
+        assert st2.ports["redis"] == free  # stable across restarts
+    finally:
+        busy.close()
+
+
+def test_running_stack_needs_live_processes(tmp_path):
+    state = {"running": True, "pids": {"redis": os.getpid(), "label-studio": os.getpid()}}
+    (tmp_path / "stack.json").write_text(json.dumps(state))
+    assert stack.running_stack(tmp_path)["running"]
+    state["pids"]["label-studio"] = 2 ** 22 + 12345  # no such process
+    (tmp_path / "stack.json").write_text(json.dumps(state))
+    assert stack.running_stack(tmp_path) is None
+    assert stack.running_stack(tmp_path / "none") is None
+
+
+@pytest.fixture()
+def cli_env(tmp_path, monkeypatch):
+    """A VAR_DIR of our own, Label Studio unreachable, Redis down."""
+    for k in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "CELERY_BROKER_URL", "DATABASE_URL"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("VAR_DIR", str(tmp_path))
+    monkeypatch.setenv("CELERY_BROKER_URL", DEAD_BROKER)
+    monkeypatch.setenv("LABEL_STUDIO_URL", "http://127.0.0.1:1")
+    get_settings.cache_clear()
+    from backend.cli import app
+
+    yield app, f"sqlite:///{tmp_path / 'faceloop.db'}"
+    get_settings.cache_clear()
+
+
+def _recorded(db, pid):
+    with session_scope(db) as s:
+        return (s.exec(select(TrainingJob).where(TrainingJob.project_id == pid)).all(),
+                s.exec(select(ModelVersion).where(ModelVersion.project_id == pid)).all())
+
+
+@pytest.mark.parametrize("cmd", ["versions", "jobs", "train", "queue", "score"])
+def test_unknown_project_exits_1_and_records_nothing(cli_env, cmd, monkeypatch):
+    app, db = cli_env
+    r = runner.invoke(app, [cmd, "999"])
+    assert r.exit_code == 1, r.output
+    assert "project 999 is unknown to faceloop" in _flat(r.output) and "Traceback" not in r.output
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "not-a-real-key")
+    get_settings.cache_clear()
+    r = runner.invoke(app, [cmd, "999"])
+    assert r.exit_code == 1 and "could not be asked" in _flat(r.output), r.output
+    assert "headers" not in r.output.lower() and "cookie" not in r.output.lower()
+    assert _recorded(db, 999) == ([], [])
+
+
+def test_train_with_redis_down_exits_1_without_a_job(cli_env):
+    app, db = cli_env
+    with session_scope(db) as s:
+        upsert_project(s, 5)
+    r = runner.invoke(app, ["train", "5"])
+    assert r.exit_code == 1, r.output
+    assert "cannot be reached" in _flat(r.output) and "no job recorded" in _flat(r.output)
+    assert "'queued': True" not in r.output
+    assert _recorded(db, 5)[0] == []
+    r = runner.invoke(app, ["score", "5"])
+    assert r.exit_code == 1 and "cannot be reached" in _flat(r.output)
+
+
+def test_up_on_a_file_or_missing_folder(cli_env, tmp_path):
+    app, _ = cli_env
+    f = tmp_path / "face.jpg"
+    f.write_bytes(b"x")
+    r = runner.invoke(app, ["up", str(f)])
+    assert r.exit_code == 2 and "is a file, not a folder" in _flat(r.output)
+    r = runner.invoke(app, ["up", str(tmp_path / "nope")])
+    assert r.exit_code == 2 and "does not exist" in _flat(r.output)
+    (tmp_path / "empty").mkdir()
+    r = runner.invoke(app, ["up", str(tmp_path / "empty")])
+    assert r.exit_code == 2 and "no images" in _flat(r.output)
+
+
+def test_up_refuses_a_folder_outside_the_document_root(cli_env, tmp_path):
+    app, _ = cli_env
+    (tmp_path / "stack").mkdir()
+    (tmp_path / "stack" / "stack.json").write_text(json.dumps({"document_root": str(tmp_path / "a")}))
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "x.jpg").write_bytes(b"x")
+    r = runner.invoke(app, ["up", str(tmp_path / "b")])
+    assert r.exit_code == 2 and "is not inside" in _flat(r.output), r.output
+
+
+def test_api_error_text_drops_headers_and_cookies():
+    from label_studio_sdk.core.api_error import ApiError
+
+    e = ApiError(status_code=404, headers={"set-cookie": "sessionid=secret123", "server": "x"},
+                 body={"detail": "Not found."})
+    assert "sessionid" in str(e)  # what used to be printed
+    assert api_error_text(e) == "HTTP 404: Not found."
