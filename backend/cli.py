@@ -225,6 +225,11 @@ def up(
             _fail(f"Label Studio did not accept the folder as a Local Files storage: {api_error_text(e)}")
         entry["storage_id"] = sid
         ml_id = connect_backend(client, pid, st.backend_url, basic_auth=st.basic_auth, webhook_secret=st.webhook_secret)
+        from backend.lsapi import set_status_link
+        from backend.status import status_link
+
+        status_url = status_link(st.backend_url, pid, st.webhook_secret)
+        set_status_link(client, pid, status_url)  # in the project's instructions and description
         others = _reconnect_projects(client, st, exclude={pid})
         st.save_state(running=True, projects=projects)
         n_tasks = int(client.projects.get(id=pid).task_number or 0)
@@ -238,6 +243,7 @@ def up(
         login = (f"{st.ls_user} / {st.ls_password}   (shown once; stored in {root / 'secrets.json'})"
                  if st.first_start else f"{st.ls_user} / password in {root / 'secrets.json'}")
         console.print(f"\n  Label Studio  {st.ls_url}/projects/{pid}/data\n  login         {login}\n"
+                      f"  status page   {status_url}\n"
                       f"  backend       {st.backend_url}\n  logs          {root / 'logs'}\n"
                       f"  state         {settings.var_dir}\n", soft_wrap=True)
         console.print(f"Label some faces, then Settings -> Model -> Start Training (or `faceloop train {pid}`)."
@@ -404,19 +410,29 @@ def versions(project: int = typer.Argument(..., help="Label Studio project id"))
     _require_project(project)
     with _db() as s:
         rows = s.exec(select(ModelVersion).where(ModelVersion.project_id == project).order_by(ModelVersion.id)).all()
-    t = Table(title=f"project {project} model versions")
-    for c in ("version", "status", "classes", "mAP50", "mAP50-95", "P", "R", "train/val", "why"):
+    t = Table(title=f"project {project} model versions (validation split)")
+    for c in ("version", "status", "classes", "mAP50", "face mAP50", "class acc.", "accepted", "boxes/face",
+              "train/val", "why"):
         t.add_column(c)
+
+    def fig(m, k):
+        v = m.get(k)
+        return f"{v:.3f}" if isinstance(v, (int, float)) else "-"
+
     for v in rows:
         m = v.metrics.get("candidate") or {}
-        t.add_row(v.version, v.status, ",".join(v.classes), f"{m['mAP50']:.3f}" if m else "-",
-                  f"{m['mAP50-95']:.3f}" if m else "-", f"{m['precision']:.3f}" if m else "-",
-                  f"{m['recall']:.3f}" if m else "-",
+        t.add_row(v.version, v.status, ",".join(v.classes), fig(m, "mAP50"), fig(m, "face_mAP50"),
+                  fig(m, "class_accuracy"), fig(m, "acceptance_rate"), fig(m, "boxes_per_face"),
                   f"{v.metrics.get('n_train', '-')}/{v.metrics.get('n_val', '-')}", v.gate_reason)
     console.print(t)
     for v in rows:
         for name, p in (v.metrics.get("plots") or {}).items():
             console.print(f"  {v.version} {name}: {p}")
+    from backend.acceptance import acceptance_rows, acceptance_table
+
+    acc = acceptance_rows(get_settings(), project)  # recounted from Label Studio; stored counts if it is down
+    if acc:
+        console.print(acceptance_table(acc))
 
 
 @app.command()
