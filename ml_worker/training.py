@@ -235,13 +235,19 @@ def classifier_epochs(settings: Settings) -> int:
     return settings.classifier_epochs or int(RECIPE["epochs"])
 
 
+#: Highest face threshold :func:`tune_face_threshold` may choose, and its F1 tolerance.
+MAX_FACE_THRESHOLD = 0.5
+F1_TOLERANCE = 0.02
+
+
 def tune_face_threshold(detector, samples, imgsz: int, grid: np.ndarray | None = None) -> tuple[float, dict]:
     """The face confidence that best separates faces from non-faces on labelled images.
 
     Runs the detector once (candidates down to 0.01) and, for each threshold of ``grid``
-    (default 0.05 ... 0.90), matches the boxes above it one-to-one to the labelled faces at IoU
-    >= 0.5 (class-agnostic, :func:`ml_worker.evaluation.acceptance`); the threshold with the best
-    F1 of faces found vs. boxes shown wins (ties: the higher threshold, fewer boxes to delete).
+    (default 0.05 ... :data:`MAX_FACE_THRESHOLD`), matches the boxes above it one-to-one to the
+    labelled faces at IoU >= 0.5 (class-agnostic, :func:`ml_worker.evaluation.acceptance`) and takes
+    the lowest threshold whose F1 (faces found vs. boxes shown) is within :data:`F1_TOLERANCE` of
+    the best.
 
     Args:
         detector: :class:`backend.yolo.FaceModel`; samples: :class:`ml_worker.dataset.Sample` list.
@@ -249,10 +255,10 @@ def tune_face_threshold(detector, samples, imgsz: int, grid: np.ndarray | None =
     """
     from ml_worker.evaluation import GTFace, PredFace, acceptance
 
-    grid = np.round(np.arange(0.05, 0.91, 0.05), 2) if grid is None else grid
+    grid = np.round(np.arange(0.05, MAX_FACE_THRESHOLD + 0.001, 0.05), 2) if grid is None else grid
     dets = detector.detect([s.image for s in samples], conf=0.01, imgsz=imgsz)
     gts = [[GTFace(tuple(b[:4]), None) for b in s.boxes] for s in samples]
-    best = (float(grid[0]), {"f1": -1.0})
+    fits = []
     for t in grid:
         tp = n_pred = n_gt = 0
         for d, g in zip(dets, gts):
@@ -264,10 +270,14 @@ def tune_face_threshold(detector, samples, imgsz: int, grid: np.ndarray | None =
         p = tp / n_pred if n_pred else 0.0
         r = tp / n_gt if n_gt else 0.0
         f1 = 2 * p * r / (p + r) if p + r else 0.0
-        if f1 >= best[1]["f1"]:
-            best = (float(t), {"f1": round(f1, 4), "recall": round(r, 4), "precision": round(p, 4),
-                               "boxes_per_face": round(n_pred / n_gt, 3) if n_gt else 0.0})
-    return best
+        fits.append((float(t), {"f1": round(f1, 4), "recall": round(r, 4), "precision": round(p, 4),
+                                "boxes_per_face": round(n_pred / n_gt, 3) if n_gt else 0.0}))
+    # the detector has seen these images: its confidence on them is higher than on new ones, so the
+    # F1 peak sits too high (measured: 0.8-0.9 boxes per face on unseen people). A missed face
+    # costs a person a drawing, a false box one deletion: take the lowest threshold within
+    # F1_TOLERANCE of the best.
+    top = max(f["f1"] for _, f in fits)
+    return next((t, f) for t, f in fits if f["f1"] >= top - F1_TOLERANCE)
 
 
 def train_two_stage(ds, schema, init: str | Path, settings: Settings, work: Path,
