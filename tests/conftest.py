@@ -13,7 +13,7 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 AWAKE_SLEEP = SHARED_DATA / "awake_sleep"
 
 #: Training settings of the e2e stack: tiny, so the test stays within minutes on 2 cores.
-E2E_ENV = {"TRAIN_EPOCHS": os.environ.get("FACELOOP_E2E_EPOCHS", "50"), "TRAIN_BATCH": "4", "IMGSZ": "256",
+E2E_ENV = {"DETECTOR_EPOCHS": os.environ.get("FACELOOP_E2E_EPOCHS", "10"), "TRAIN_BATCH": "4", "IMGSZ": "256",
            "RETRAIN_MIN_ANNOTATIONS": "1000", "QUERY_BATCH_SIZE": "5"}
 
 

@@ -41,7 +41,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
 #: Small training so the test stays within minutes on 2 shared cores.
-TRAIN_ENV = {"TRAIN_EPOCHS": "60", "IMGSZ": "256", "TRAIN_BATCH": "2", "QUERY_BATCH_SIZE": "3",
+TRAIN_ENV = {"DETECTOR_EPOCHS": "10", "CLASSIFIER_EPOCHS": "30", "IMGSZ": "256", "TRAIN_BATCH": "2", "QUERY_BATCH_SIZE": "3",
              "RETRAIN_MIN_ANNOTATIONS": "2", "OMP_NUM_THREADS": "1"}
 N_IMAGES = 12
 N_LABEL = 8  # tasks labelled in the browser before Start Training (>= 2 for a train/val split)
