@@ -19,7 +19,6 @@ so the serve and score stations use either; its detections carry the detector's 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -29,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from backend.hashing import file_sha256
+
 FORMAT = "faceloop-two-stage"
 FORMAT_VERSION = 1
 
@@ -36,14 +37,6 @@ FORMAT_VERSION = 1
 def is_bundle(path: str | Path) -> bool:
     """True when ``path`` names a two-stage bundle (a ``.json`` file) rather than YOLO weights."""
     return str(path).endswith(".json")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_bundle(path: str | Path) -> dict:
@@ -87,8 +80,8 @@ def write_bundle(folder: Path, detector: Path, classifier: Path, classes: list[s
         shutil.copyfile(detector, tmp / "detector.pt")
         shutil.copyfile(classifier, tmp / "classifier.pt")
         bundle = {"format": FORMAT, "format_version": FORMAT_VERSION,
-                  "detector": "detector.pt", "detector_sha256": _sha256(tmp / "detector.pt"),
-                  "classifier": "classifier.pt", "classifier_sha256": _sha256(tmp / "classifier.pt"),
+                  "detector": "detector.pt", "detector_sha256": file_sha256(tmp / "detector.pt"),
+                  "classifier": "classifier.pt", "classifier_sha256": file_sha256(tmp / "classifier.pt"),
                   "classes": list(classes), **extra}
         (tmp / "bundle.json").write_text(json.dumps(bundle, indent=2))
         for f in tmp.iterdir():

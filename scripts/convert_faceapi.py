@@ -15,7 +15,6 @@ tarball sha256, licence, output sha256).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import subprocess
 import sys
@@ -28,19 +27,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from backend.hashing import file_sha256  # noqa: E402
+
 PACKAGE = "@vladmandic/face-api"
 VERSION = "1.7.15"
 MANIFEST = "package/model/face_expression_model-weights_manifest.json"
 
 _DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "float16": np.float16}
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_tfjs_weights(tar: tarfile.TarFile, manifest_name: str = MANIFEST) -> dict[str, np.ndarray]:
@@ -101,7 +94,7 @@ def convert(tarball: Path, out: Path, margin: float = DEFAULT_SERVE_MARGIN) -> d
     net.load_state_dict(state_dict_from_tfjs(weights))
     source = {"package": pkg["name"], "version": pkg["version"], "licence": pkg.get("license"),
               "licence_first_line": licence_text.strip().splitlines()[0] if licence_text.strip() else "",
-              "tarball": tarball.name, "tarball_sha256": sha256(tarball), "manifest": MANIFEST,
+              "tarball": tarball.name, "tarball_sha256": file_sha256(tarball), "manifest": MANIFEST,
               "homepage": pkg.get("homepage"), "upstream": "face-api.js by Vincent Muehler (MIT), FaceExpressionNet"}
     meta = {"source": source, "converted_by": "scripts/convert_faceapi.py",
             "preprocessing": "pad to square (centred, JS Math.round), TF legacy bilinear resize to 112, "
@@ -109,7 +102,7 @@ def convert(tarball: Path, out: Path, margin: float = DEFAULT_SERVE_MARGIN) -> d
             "n_parameters": int(sum(p.numel() for p in net.parameters()))}
     clf = FaceClassifier(net, FACEAPI_CLASSES, crop_margin=margin, meta=meta)
     clf.save(out)
-    info = dict(meta, file=out.name, sha256=sha256(out), classes=FACEAPI_CLASSES, crop_margin=margin)
+    info = dict(meta, file=out.name, sha256=file_sha256(out), classes=FACEAPI_CLASSES, crop_margin=margin)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(info, indent=2) + "\n")
     tmp.replace(out.with_suffix(".json"))
