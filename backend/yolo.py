@@ -112,6 +112,8 @@ class FaceModel:
         self.yolo = YOLO(self.path, task="detect")
         self.names: list[str] = [self.yolo.names[i] for i in sorted(self.yolo.names)]
         self._lock = threading.Lock()
+        #: NMS IoU (0-1) of :meth:`detect`; a two-stage bundle sets its detector's tuned value
+        self.nms_iou = 0.7
         self._pooled: list[np.ndarray] = []
         self._hooked = False
 
@@ -124,7 +126,8 @@ class FaceModel:
             self._hooked = True
 
     def detect(
-        self, images: list[np.ndarray], conf: float, imgsz: int = 320, batch: int = 16, embed: bool = False
+        self, images: list[np.ndarray], conf: float, imgsz: int = 320, batch: int = 16, embed: bool = False,
+        iou: float | None = None,
     ) -> list[ImageDetections]:
         """Detect faces in RGB images.
 
@@ -134,6 +137,8 @@ class FaceModel:
             imgsz: inference size in pixels (letterboxed square).
             batch: images per forward pass.
             embed: also compute the backbone embedding of each image.
+            iou: NMS IoU (0-1) above which the lower-scored of two boxes is dropped; default
+                :attr:`nms_iou` (ultralytics' 0.7 unless set).
         Returns: one :class:`ImageDetections` per image, in order.
         """
         out: list[ImageDetections] = []
@@ -151,6 +156,7 @@ class FaceModel:
                 results = self.yolo.predict(
                     bgr, conf=conf, imgsz=imgsz, device=self.device, verbose=False,
                     predictor=ScoringPredictor, batch=batch, agnostic_nms=True,
+                    iou=self.nms_iou if iou is None else iou,
                 )
                 pooled = np.concatenate(self._pooled, 0) if (embed and self._pooled) else None
                 for i, (im, r) in enumerate(zip(chunk, results)):

@@ -6,7 +6,10 @@ One model version of a project is one *bundle*: a small JSON file that names its
     {"format": "faceloop-two-stage", "format_version": 1,
      "detector": "detector.pt", "detector_sha256": "...",
      "classifier": "classifier.pt", "classifier_sha256": "...",
-     "classes": ["awake", "sleep"], "imgsz": 256}
+     "classes": ["awake", "sleep"], "imgsz": 256, "nms_iou": 0.3, "face_threshold": 0.3}
+
+``nms_iou`` (the detector's NMS IoU) and ``face_threshold`` (the face confidence at which a box is
+shown) are optional; trained versions get a threshold tuned on the project's labelled images.
 
 The shipped default is ``models/faceloop-default.json`` (``models/faceloop-face.pt`` +
 ``models/face_expression.pt``; provenance in ``models/MODEL_CARD.md``). A version written by the
@@ -113,6 +116,8 @@ class TwoStageModel:
         self.path = str(path)
         self.bundle = read_bundle(path)
         self.detector = FaceModel(self.bundle["detector_path"], device)
+        if self.bundle.get("nms_iou") is not None:  # tuned with the detector (docs/detector.md)
+            self.detector.nms_iou = float(self.bundle["nms_iou"])
         self.classifier = FaceClassifier.load(self.bundle["classifier_path"])
         self.names: list[str] = list(self.classifier.classes)
         #: face confidence (0-1) tuned on the labelled images when this version was trained, or None

@@ -344,10 +344,13 @@ def train_two_stage(ds, schema, init: str | Path, settings: Settings, work: Path
     cand_dir = work / "candidate"
     if cand_dir.exists():
         shutil.rmtree(cand_dir)
+    from facemodels.two_stage import is_bundle, read_bundle
+
+    nms_iou = read_bundle(init if is_bundle(init) and Path(init).exists() else settings.default_model_path).get("nms_iou")
     bundle = write_bundle(cand_dir, best_det, work / "classifier.pt", list(schema.labels), imgsz=settings.imgsz,
-                          face_threshold=face_thr, face_threshold_fit=thr_fit)
+                          face_threshold=face_thr, face_threshold_fit=thr_fit, nms_iou=nms_iou)
     return {"bundle": bundle, "detector_seconds": round(det_s, 1), "classifier_seconds": round(clf_s, 1),
-            "face_threshold": face_thr, "face_threshold_fit": thr_fit,
+            "face_threshold": face_thr, "face_threshold_fit": thr_fit, "nms_iou": nms_iou,
             "classifier": {k: v for k, v in cm.items() if k in ("loss", "train_seconds", "n_train", "recipe",
                                                                    "kept_classes")}}
 
@@ -447,7 +450,7 @@ def run_training(settings: Settings, job_id: int, progress: ProgressFn | None = 
     folder = Path(settings.model_dir) / f"project_{pid}" / name
     bundle = write_bundle(folder, b.parent / "detector.pt", b.parent / "classifier.pt", list(schema.labels),
                           imgsz=settings.imgsz, trained_by_job=job_id, face_threshold=trained["face_threshold"],
-                          face_threshold_fit=trained["face_threshold_fit"])
+                          face_threshold_fit=trained["face_threshold_fit"], nms_iou=trained["nms_iou"])
     from backend.hashing import file_sha256
 
     sha = file_sha256(bundle)
