@@ -69,7 +69,10 @@ def test_label_studio_down_during_write_back_loses_nothing(tmp_path, label_studi
             run = db.get(ScoringRun, run_id)
             version = run.model_version
             assert (run.state, run.write_state, run.written) == ("succeeded", "pending", 0)
-            assert len(db.exec(select(TaskScore).where(TaskScore.project_id == pid)).all()) == N_TASKS
+            scores = sorted(db.exec(select(TaskScore).where(TaskScore.project_id == pid)).all(), key=lambda r: r.rank)
+            assert len(scores) == N_TASKS and [r.rank for r in scores] == list(range(N_TASKS))
+            assert [(-r.uncertainty, r.task_id) for r in scores] == sorted((-r.uncertainty, r.task_id) for r in scores)
+            assert sum(r.in_query_batch for r in scores) == s.query_batch_size == 3
             pend = db.exec(select(OutboxWrite).where(OutboxWrite.scoring_run_id == run_id)).all()
             assert [w.kind for w in pend] == ["predictions", "model_version", "review_view"]
             assert "ConnectError" in pend[0].last_error or "refused" in pend[0].last_error.lower(), pend[0].last_error
@@ -110,6 +113,8 @@ def test_label_studio_down_during_write_back_loses_nothing(tmp_path, label_studi
         again = run_scoring(s, new_scoring_run(s, pid, "manual"))
         assert again["state"] == "succeeded" and again["written"] == 0 and again["pending_writes"] == 0, again
         assert all(v == [version] for v in _predictions(client, pid).values())
+        with session_scope(s.database_url) as db:  # the second scoring flagged the same number, not 3 more
+            assert sum(r.in_query_batch for r in db.exec(select(TaskScore).where(TaskScore.project_id == pid))) == 3
     finally:
         proxy.down()
 
