@@ -39,6 +39,8 @@ BACKOFF_BASE_S = 5.0
 BACKOFF_MAX_S = 60.0
 #: Seconds a deliverer holds a claimed row (a deliverer that died frees it after this).
 LEASE_S = 300.0
+#: Delivered (``done``/``superseded``) rows are deleted this long after they were finished (s).
+KEEP_DONE_S = 7 * 24 * 3600.0
 #: HTTP statuses that are retried; any other 4xx marks the write ``failed`` (refused for good).
 RETRY_STATUSES = {401, 403, 408, 409, 425, 429}
 
@@ -189,7 +191,22 @@ def deliver(settings, project_id: int | None = None) -> dict:
         pids = sorted(set(s.exec(q).all()))
     for pid in pids:
         _deliver_project(settings, pid, stats)
+    prune(settings)
     return stats
+
+
+def prune(settings, keep_s: float = KEEP_DONE_S) -> int:
+    """Delete ``done`` and ``superseded`` rows finished more than ``keep_s`` seconds ago (their
+    prediction payloads are large); ``pending`` and ``failed`` rows stay. Returns how many."""
+    from datetime import datetime, timedelta, timezone
+
+    from sqlalchemy import delete
+
+    cutoff = datetime.now(timezone.utc) - timedelta(seconds=keep_s)
+    with session_scope(settings.database_url) as s:
+        res = s.exec(delete(OutboxWrite).where(OutboxWrite.state.in_(("done", "superseded")),
+                                               OutboxWrite.done_at < cutoff))
+        return res.rowcount or 0
 
 
 def pending_writes(settings, project_id: int) -> list[OutboxWrite]:

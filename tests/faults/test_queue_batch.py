@@ -74,3 +74,19 @@ def test_batch_is_the_pool_when_smaller(tmp_path):
         assert rerank(db, 2, "v1", {2, 4, 9}, 20, picks=[4]) == [4, 2, 9]
     rows = _rows(s.database_url, 2)
     assert [(r.task_id, r.rank, r.in_query_batch) for r in rows] == [(2, 0, True), (9, 1, True), (4, 2, True)]
+
+
+def test_outbox_prunes_only_old_delivered_rows(tmp_path):
+    from datetime import timedelta
+
+    from backend.models import OutboxWrite, utcnow
+    from ml_worker.outbox import prune
+
+    s = make_settings(tmp_path)
+    old, new = utcnow() - timedelta(days=8), utcnow() - timedelta(days=1)
+    with session_scope(s.database_url) as db:
+        for state, done_at in (("done", old), ("superseded", old), ("done", new), ("failed", old), ("pending", None)):
+            db.add(OutboxWrite(project_id=1, kind="predictions", state=state, done_at=done_at))
+    assert prune(s) == 2
+    with session_scope(s.database_url) as db:
+        assert sorted(w.state for w in db.exec(select(OutboxWrite))) == ["done", "failed", "pending"]
