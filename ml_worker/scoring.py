@@ -104,8 +104,6 @@ def score_pool(settings: Settings, project_id: int, task_ids: list[int] | None =
     good = [p for p in preds if p.error is None]
     measure = settings.uncertainty_measure
     unc = {m: np.array([p.uncertainty.get(m) for p in good]) for m in ("least_confidence", "margin", "entropy")}
-    order = sorted(range(len(good)), key=lambda i: (-unc[measure][i], good[i].task_id))
-    rank = {good[i].task_id: r for r, i in enumerate(order)}
     batch: list[int] = []
     if good:
         dim = next((len(p.embedding) for p in good if p.embedding is not None), 1)
