@@ -28,6 +28,8 @@ from backend.models import ScoringRun, TrainingJob
 from tests.conftest import REPO, require_data
 from tests.helpers_unit import config_text, make_settings
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
 N_IMAGES = 8
 
 

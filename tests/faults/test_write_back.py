@@ -49,6 +49,7 @@ def _settings(tmp_path, ls_url, api_key, **kw):
                          review_view_title="Review queue", **kw)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("interval,outage", [(1.0, 3.0), (20.0, 60.0)], ids=["short", "defaults"])
 def test_label_studio_down_during_write_back_loses_nothing(tmp_path, label_studio, interval, outage):
     proxy = TcpProxy(label_studio.port)
@@ -125,6 +126,7 @@ def test_label_studio_down_during_write_back_loses_nothing(tmp_path, label_studi
         proxy.down()
 
 
+@pytest.mark.e2e
 def test_scoring_failure_never_fails_the_promoting_training(tmp_path, label_studio, redis_server, monkeypatch):
     """The training job ends ``succeeded`` with its version promoted; the scoring after it is a
     ScoringRun queued on the ``score`` queue, whose failure (Label Studio down) is its own."""
@@ -193,6 +195,7 @@ def test_outbox_error_kinds(kind):
     assert [outbox.backoff_s(n) for n in range(1, 7)] == [5, 10, 20, 40, 60, 60]
 
 
+@pytest.mark.e2e
 def test_scoring_a_fully_annotated_project_succeeds(tmp_path, label_studio):
     """Issue 9 §6: with every task annotated, setting the project's model_version to a version
     with no predictions got 400 from Label Studio and failed the job; now nothing to predict
