@@ -1,6 +1,6 @@
 """Issue 9 §6: SIGTERM to a worker during a real (short) training finishes warm shutdown: the
 training completes, its job ends ``succeeded``, the worker exits, and the scoring it queued
-waits in Redis for the next worker.
+waits in Redis for the next worker, which scores the pool and writes the predictions back.
 
 Real Label Studio (annotated tasks from ../shared/data/awake_sleep), real redis-server, a real
 Celery worker as ``faceloop up`` runs it (``-Q train,score --pool solo``) and as compose runs
@@ -25,6 +25,7 @@ from backend.events import queue_training
 from backend.labels import ProjectSchema
 from backend.lsapi import create_project, upload_images
 from backend.models import ScoringRun, TrainingJob
+from ml_worker.tasks import new_scoring_run, send_scoring
 from tests.conftest import REPO, require_data
 from tests.helpers_unit import config_text, make_settings
 
@@ -51,6 +52,7 @@ def test_sigterm_during_real_training_finishes_warm_shutdown(tmp_path, label_stu
     pid = create_project(client, f"warm shutdown {pool}", xml)
     ids = upload_images(client, label_studio.url, pid, files)
     annotate_from_ground_truth(client, pid, dict(zip(ids, files)), ProjectSchema.parse(xml), dataset_names(data))
+    unlabelled = upload_images(client, label_studio.url, pid, imgs[1:: len(imgs) // 4][:4])
     s = make_settings(tmp_path, celery_broker_url=redis_server.url, label_studio_url=label_studio.url,
                       label_studio_api_key=label_studio.api_key)
     env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HOME": str(tmp_path),
@@ -90,7 +92,27 @@ def test_sigterm_during_real_training_finishes_warm_shutdown(tmp_path, label_stu
               f"job {state}; scoring runs queued {[(r.state, bool(r.celery_id)) for r in runs]}")
         assert state == "succeeded", (state, stage, error, logf.read_text()[-3000:])
         assert w.returncode == 0, logf.read_text()[-3000:]
-        assert "Warm shutdown" in logf.read_text() or "warm shutdown" in logf.read_text().lower()
+        assert "warm shutdown" in logf.read_text().lower()
+        if pool == "solo":
+            # the scoring queued after a promotion (or, when the gate kept the old version, one
+            # queued now) runs on the next worker: the real faceloop.score, write-back to Label Studio
+            run_id = runs[0].id if runs else new_scoring_run(s, pid, "manual")
+            if not runs:
+                assert send_scoring(s, run_id)
+            w = _worker(env, tmp_path, "solo")
+            t1 = time.monotonic()
+            while time.monotonic() - t1 < 180:
+                with session_scope(s.database_url) as db:
+                    run = db.get(ScoringRun, run_id)
+                    if run.state in ("succeeded", "failed") and run.write_state != "pending":
+                        break
+                time.sleep(1)
+            print(f"next worker: scoring run ({run.trigger}) {run.state}, write-back {run.write_state!r}, "
+                  f"{run.written} predictions, {time.monotonic() - t1:.1f} s after it started")
+            assert (run.state, run.write_state, run.written) == ("succeeded", "done", len(unlabelled)), \
+                (run.error, logf.read_text()[-3000:])
+            for tid in unlabelled:
+                assert [p.model_version for p in client.tasks.get(id=tid).predictions or []] == [run.model_version]
     finally:
         if w.poll() is None:
             os.killpg(w.pid, signal.SIGKILL)
