@@ -67,14 +67,16 @@ def retrieve_predictions(client, project_id: int, task_ids: list[int] | None = N
 
 def wait_for_job(database_url: str, project_id: int, timeout: float, after_job: int = 0, poll: float = 2.0,
                  on_progress=None):
-    """Wait until a training job of the project with id > ``after_job`` has finished.
+    """Wait until a training job of the project with id > ``after_job`` has finished, with the
+    scoring runs it queued after a promotion (their scores stored and their Label Studio
+    write-back delivered, or failed).
 
     Returns: the finished ``TrainingJob``. Raises: TimeoutError (with the last progress message).
     """
     from sqlmodel import select
 
     from backend.db import session_scope
-    from backend.models import TrainingJob
+    from backend.models import ScoringRun, TrainingJob
 
     deadline = time.time() + timeout
     last = None
@@ -84,8 +86,16 @@ def wait_for_job(database_url: str, project_id: int, timeout: float, after_job: 
                                                     TrainingJob.id > after_job).order_by(TrainingJob.id)).all()
             done = [j for j in jobs if j.state in ("succeeded", "failed")]
             live = [j for j in jobs if j.state in ("queued", "running")]
-            if done and not live:
+            runs = s.exec(select(ScoringRun).where(ScoringRun.training_job_id.in_([j.id for j in done]))).all()
+            scoring = [r for r in runs if r.state in ("queued", "running") or r.write_state == "pending"]
+            if done and not live and not scoring:
                 return done[-1]
+            if not live and scoring and on_progress:
+                r = scoring[0]
+                msg = f"scoring run {r.id} {r.state}, write-back {r.write_state or 'not started'}"
+                if msg != last:
+                    on_progress(msg)
+                    last = msg
             if live and on_progress:
                 msg = f"job {live[0].id} {live[0].state} {live[0].stage}: {live[0].message}"
                 if msg != last:

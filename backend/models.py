@@ -130,3 +130,60 @@ class WebhookEvent(SQLModel, table=True):
     task_id: Optional[int] = None
     payload_json: str = Field(default="{}", sa_column=Column(Text))
     received_at: datetime = Field(default_factory=utcnow)
+
+
+class ScoringRun(SQLModel, table=True):
+    """One scoring of a project's unlabelled pool (its own step, apart from training; issue 9 §6).
+
+    ``state``: queued -> running -> succeeded | failed (scores in our DB). ``trigger``:
+    ``promotion`` (queued by training job ``training_job_id`` after it promoted a version),
+    ``manual`` (``faceloop score``) or ``new_tasks``. ``write_state`` follows the write-back of its
+    predictions, model version and review view to Label Studio through the outbox
+    (:class:`OutboxWrite`): ``pending`` -> ``done`` | ``failed``; ``written`` counts the
+    predictions Label Studio acknowledged.
+    """
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    project_id: int = Field(index=True)
+    trigger: str = "manual"
+    training_job_id: Optional[int] = None
+    model_version: str = ""
+    state: str = "queued"
+    stage: str = ""
+    scored: int = 0
+    failed: int = 0
+    written: int = 0
+    write_state: str = ""
+    error: str = Field(default="", sa_column=Column(Text))
+    celery_id: str = ""
+    created_at: datetime = Field(default_factory=utcnow)
+    started_at: Optional[datetime] = None
+    finished_at: Optional[datetime] = None
+
+
+class OutboxWrite(SQLModel, table=True):
+    """One write to Label Studio that must reach it (transactional outbox; issue 9 §6).
+
+    ``kind``: ``predictions`` (``payload_json`` = a list of at most 200
+    ``{"task", "model_version", "score", "result"}``), ``model_version`` (point the project at
+    ``model_version``) or ``review_view`` (``payload_json`` = ``{"title": ...}``). Delivered in
+    ``id`` order per project by :func:`ml_worker.outbox.deliver`; ``state``: ``pending`` ->
+    ``done`` | ``failed`` (Label Studio refused it for good: a 4xx other than 401/403/408/429) |
+    ``superseded`` (a newer version's write-back replaced it). Times are Unix seconds:
+    ``next_attempt_ts`` (backoff) and ``lease_until_ts`` (a deliverer holds the row until then).
+    """
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    project_id: int = Field(index=True)
+    scoring_run_id: Optional[int] = Field(default=None, index=True)
+    kind: str
+    model_version: str = ""
+    payload_json: str = Field(default="[]", sa_column=Column(Text))
+    state: str = Field(default="pending", index=True)
+    attempts: int = 0
+    next_attempt_ts: float = 0.0
+    lease_until_ts: float = 0.0
+    last_error: str = Field(default="", sa_column=Column(Text))
+    acknowledged: int = 0
+    created_at: datetime = Field(default_factory=utcnow)
+    done_at: Optional[datetime] = None

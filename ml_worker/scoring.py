@@ -4,11 +4,16 @@ After a promotion (and for new tasks), every unlabelled task is predicted with t
 version; each gets a :class:`backend.models.TaskScore` (all measures) and a Label Studio
 prediction with ``score = 1 - uncertainty``; the project's ``model_version`` is pointed at that
 version and the *Review queue* view (unlabelled, lowest score first) is refreshed.
+
+The writes to Label Studio go through the outbox (:mod:`ml_worker.outbox`): they are stored with
+the scores in one transaction and delivered until Label Studio acknowledges them, so a Label
+Studio outage during write-back delays the predictions but loses none.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -21,9 +26,10 @@ from backend.config import Settings
 from backend.db import session_scope
 from backend.images import ls_client
 from backend.labels import ProjectSchema
-from backend.lsapi import refresh_review_view, set_project_model_version, snapshot, write_predictions
-from backend.models import Project, TaskScore
+from backend.lsapi import snapshot
+from backend.models import Project, TaskScore, utcnow
 from backend.predict import predict_tasks, to_ls_prediction
+from ml_worker.outbox import deliver, enqueue_write_back, pending_writes
 from ml_worker.sampler import DEFAULT_QUERY_STRATEGY, USES_LABELLED, select as select_batch
 
 log = logging.getLogger("faceloop.scoring")
@@ -42,10 +48,12 @@ class ScoreOutcome:
     failed: int
     seconds: float
     query_batch: list[int]
+    pending_writes: int = 0
 
 
 def score_pool(settings: Settings, project_id: int, task_ids: list[int] | None = None,
-               progress: Callable[[int, int], None] | None = None, model_cache=None) -> ScoreOutcome:
+               progress: Callable[[int, int], None] | None = None, model_cache=None,
+               run_id: int | None = None) -> ScoreOutcome:
     """Score unlabelled tasks with the promoted version and queue them for review.
 
     The query batch is chosen by ``settings.query_strategy`` (default
@@ -56,8 +64,12 @@ def score_pool(settings: Settings, project_id: int, task_ids: list[int] | None =
         project_id: Label Studio project id.
         task_ids: only these tasks (new tasks); default every unlabelled task.
         progress: called with ``(done, total)`` after each chunk.
+        run_id: the :class:`backend.models.ScoringRun` this is; its outbox rows name it.
     Returns: :class:`ScoreOutcome`. Tasks whose image fails are counted in ``failed`` (their
-        TaskScore row keeps the error) and never stop the others.
+        TaskScore row keeps the error) and never stop the others. ``written`` counts the
+        predictions Label Studio acknowledged now; ``pending_writes`` the outbox rows not yet
+        delivered (Label Studio unreachable: the recovery pass retries them).
+    Raises: Label Studio errors while reading the project or its tasks (nothing is stored then).
     """
     from backend.yolo import ModelCache
 
@@ -92,8 +104,6 @@ def score_pool(settings: Settings, project_id: int, task_ids: list[int] | None =
     good = [p for p in preds if p.error is None]
     measure = settings.uncertainty_measure
     unc = {m: np.array([p.uncertainty.get(m) for p in good]) for m in ("least_confidence", "margin", "entropy")}
-    order = sorted(range(len(good)), key=lambda i: (-unc[measure][i], good[i].task_id))
-    rank = {good[i].task_id: r for r, i in enumerate(order)}
     batch: list[int] = []
     if good:
         dim = next((len(p.embedding) for p in good if p.embedding is not None), 1)
@@ -113,22 +123,83 @@ def score_pool(settings: Settings, project_id: int, task_ids: list[int] | None =
             if p.error is None:
                 u = p.uncertainty
                 row.uncertainty, row.least_confidence, row.margin, row.entropy = (
-                    u.get(measure), u.least_confidence, u.margin, u.entropy)
-                row.n_boxes, row.rank, row.error = u.n_boxes, rank[p.task_id], ""
-                row.in_query_batch = p.task_id in batch
+                    _unit(u.get(measure)), _unit(u.least_confidence), _unit(u.margin), _unit(u.entropy))
+                row.n_boxes, row.error = u.n_boxes, ""
             else:
                 row.error = p.error
-    existing = {t.id for t in tasks if vname in t.prediction_versions}
-    payload = []
-    for p in good:
-        if p.task_id in existing:
-            continue
-        d = to_ls_prediction(p, schema, vname, measure)
-        payload.append({"task": p.task_id, "model_version": vname, "score": d["score"], "result": d["result"]})
-    written = write_predictions(client, project_id, payload) if payload else 0
-    set_project_model_version(client, project_id, vname)
-    refresh_review_view(client, project_id, settings.review_view_title)
+            row.scored_at = utcnow()
+        s.flush()
+        pool = {t.id for t in everything if t.result is None}
+        batch = rerank(s, project_id, vname, pool, settings.query_batch_size,
+                       picks=batch if task_ids is None else None)
+        existing = {t.id for t in tasks if vname in t.prediction_versions}
+        payload = []
+        for p in good:
+            if p.task_id in existing:
+                continue
+            d = to_ls_prediction(p, schema, vname, measure)
+            payload.append({"task": p.task_id, "model_version": vname, "score": d["score"], "result": d["result"]})
+        # Label Studio refuses a project model_version no prediction has (400): set it only when one will
+        has_predictions = bool(payload) or any(vname in t.prediction_versions for t in everything)
+        enqueue_write_back(s, project_id, vname, payload, settings.review_view_title, run_id=run_id,
+                           set_version=has_predictions)
+    # the scores and the writes are committed together; now try to deliver (the recovery pass retries)
+    stats = deliver(settings, project_id)
+    pending = len(pending_writes(settings, project_id))
+    if pending:
+        log.warning("project %s: %d Label Studio writes pending (retried every RECOVERY_INTERVAL_S)", project_id,
+                    pending)
     for p in preds:
         if p.error:
             log.warning("project %s task %s not scored: %s", project_id, p.task_id, p.error)
-    return ScoreOutcome(vname, len(good), written, len(preds) - len(good), round(time.time() - t0, 2), batch)
+    return ScoreOutcome(vname, len(good), stats["acknowledged"], len(preds) - len(good), round(time.time() - t0, 2),
+                        batch, pending)
+
+
+def _unit(x) -> float:
+    """An uncertainty as a float in 0-1; NaN/None (unknown) counts as 1, as in the sampler."""
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return 1.0
+    return 1.0 if math.isnan(x) else min(max(x, 0.0), 1.0)
+
+
+def rerank(s, project_id: int, version: str, pool: set[int], batch_size: int,
+           picks: list[int] | None = None) -> list[int]:
+    """Rank every scored pool task of ``version`` and flag exactly one query batch (issue 9 §6).
+
+    Rows of tasks no longer in the pool (labelled or deleted since) are removed. Scored rows get
+    ``rank`` 0..n-1 by uncertainty, highest first, ties by task id (so ranks are monotone in
+    uncertainty across scorings of parts of the pool); rows whose image failed come after them.
+    ``in_query_batch`` is set on exactly ``min(batch_size, n)`` rows: ``picks`` (the sampler's
+    choice over the whole pool) when given, else the rows flagged before that are still in the
+    pool; either is cut to ``batch_size`` and topped up with the most uncertain unflagged rows.
+
+    Args:
+        pool: ids of the project's unlabelled tasks now.
+        picks: task ids, most informative first; None keeps the current batch (a partial scoring).
+    Returns: the batch's task ids, in pick order then rank order.
+    """
+    rows = s.exec(select(TaskScore).where(TaskScore.project_id == project_id, TaskScore.model_version == version)).all()
+    for r in rows:
+        if r.task_id not in pool:
+            s.delete(r)
+    rows = [r for r in rows if r.task_id in pool]
+    good = sorted((r for r in rows if not r.error), key=lambda r: (-_unit(r.uncertainty), r.task_id))
+    bad = sorted((r for r in rows if r.error), key=lambda r: r.task_id)
+    for i, r in enumerate(good + bad):
+        r.rank = i
+    ok = {r.task_id for r in good}
+    chosen = picks if picks is not None else [r.task_id for r in good if r.in_query_batch]
+    batch = list(dict.fromkeys(t for t in chosen if t in ok))[:batch_size]
+    for r in good:
+        if len(batch) >= batch_size:
+            break
+        if r.task_id not in batch:
+            batch.append(r.task_id)
+    flagged = set(batch)
+    for r in rows:
+        r.in_query_batch = r.task_id in flagged
+    s.flush()
+    return batch

@@ -4,16 +4,21 @@
   trainings of one project at once. The job moves ``queued -> running`` only once the lock is
   held, so requests that arrive while another run is in progress join the queued job (exactly
   one more run). Idempotent: a redelivered message for a job that is no longer queued is a no-op.
-  After a promotion the pool is scored (:func:`ml_worker.scoring.score_pool`).
-- ``faceloop.score(project_id)``: score the whole unlabelled pool.
-- ``faceloop.preannotate(project_id, task_ids)``: pre-annotate new tasks in bulk.
+  After a promotion the job ends ``succeeded`` and queues a :class:`backend.models.ScoringRun`
+  (trigger ``promotion``): scoring is its own step with its own status, so a scoring failure
+  (e.g. Label Studio down) is visible on the run and never fails the training whose version is
+  already promoted and served (issue 9 §6).
+- ``faceloop.score(project_id, run_id=None)``: score the whole unlabelled pool (scoring run
+  ``run_id``, or a new ``manual`` one) (:func:`run_scoring`).
+- ``faceloop.preannotate(project_id, task_ids)``: pre-annotate new tasks in bulk (a ``new_tasks`` run).
 
 Worker faults (issue 9 §6): the lock has a short TTL (``JOB_HEARTBEAT_TTL_S``, 45 s) and a
 :class:`Heartbeat` thread renews it, with a ``faceloop:job:<id>:alive`` key, every quarter of
 that while the worker lives. :func:`sweep` (run every ``RECOVERY_INTERVAL_S`` by the backend and
 by each worker) fails a ``running`` job whose heartbeat is gone on two checks in a row, with the
 reason, and queues one re-run (trigger ``recovery``); the dead worker's lock has expired by then.
-It also sends queued jobs that were never sent (recorded while Redis was down).
+It also sends queued jobs and scoring runs that were never sent (recorded while Redis was down)
+and delivers the Label Studio write-back outbox (:mod:`ml_worker.outbox`).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from sqlmodel import select
 from backend.config import get_settings
 from backend.db import session_scope
 from backend.lsapi import api_error_text
-from backend.models import TrainingJob, utcnow
+from backend.models import ScoringRun, TrainingJob, utcnow
 from ml_worker.celery_app import app
 
 log = logging.getLogger("faceloop.worker")
@@ -107,7 +112,6 @@ def claim_job(settings, job_id: int) -> bool:
 @app.task(bind=True, name="faceloop.train")
 def train(self, job_id: int) -> dict:
     """Run training job ``job_id`` (see module docstring)."""
-    from ml_worker.scoring import score_pool
     from ml_worker.training import run_training
 
     settings = get_settings()
@@ -134,19 +138,23 @@ def train(self, job_id: int) -> dict:
 
         try:
             outcome = run_training(settings, job_id, progress)
-            scored = None
-            if outcome.promoted:
-                with session_scope(settings.database_url) as s:
-                    s.get(TrainingJob, job_id).stage = "scoring"
-                o = score_pool(settings, pid)
-                scored = {"scored": o.scored, "written": o.written, "failed": o.failed, "seconds": o.seconds}
+            run_id = None
             with session_scope(settings.database_url) as s:
                 j = s.get(TrainingJob, job_id)
                 j.state, j.stage, j.finished_at = "succeeded", "done", utcnow()
-                if scored:
-                    j.message += f"; scored {scored['scored']} unlabelled tasks in {scored['seconds']} s"
+                if outcome.promoted:
+                    # scoring is its own step with its own status: a scoring failure never fails
+                    # the training whose version is promoted and served (issue 9 §6)
+                    run = ScoringRun(project_id=pid, trigger="promotion", training_job_id=job_id,
+                                     model_version=outcome.version or "")
+                    s.add(run)
+                    s.flush()
+                    run_id = run.id
+                    j.message += f"; scoring of the unlabelled pool queued (scoring run {run_id})"
+            if run_id is not None:
+                send_scoring(settings, run_id)
             return {"job": job_id, "version": outcome.version, "promoted": outcome.promoted,
-                    "reason": outcome.reason, "scored": scored}
+                    "reason": outcome.reason, "scoring_run": run_id}
         except Exception as e:
             log.exception("training job %s failed", job_id)
             with session_scope(settings.database_url) as s:
@@ -163,41 +171,128 @@ def train(self, job_id: int) -> dict:
             pass
 
 
-@app.task(bind=True, name="faceloop.score")
-def score(self, project_id: int) -> dict:
-    """Score the project's unlabelled pool with its promoted version."""
+def claim_scoring(settings, run_id: int) -> bool:
+    """Move a scoring run to ``running``; False if it already finished. A ``running`` run is
+    claimed again: its message was redelivered because its worker died, and scoring is idempotent."""
+    with session_scope(settings.database_url) as s:
+        res = s.exec(update(ScoringRun).where(ScoringRun.id == run_id, ScoringRun.state.in_(("queued", "running")))
+                     .values(state="running", started_at=utcnow(), stage="scoring"))
+        return res.rowcount == 1
+
+
+def run_scoring(settings, run_id: int, task_ids: list[int] | None = None, progress=None) -> dict:
+    """Score the pool for scoring run ``run_id`` and record the outcome on the run.
+
+    Returns: ``{"run", "state", ...}``; a failure is stored as ``state = failed`` with the error
+    (one line, no response headers) and returned, never raised.
+    """
     from ml_worker.scoring import score_pool
+
+    with session_scope(settings.database_url) as s:
+        run = s.get(ScoringRun, run_id)
+        if run is None:
+            return {"run": run_id, "state": "unknown scoring run"}
+        pid = run.project_id
+    if not claim_scoring(settings, run_id):
+        return {"run": run_id, "state": "not queued (already run)"}
+    try:
+        o = score_pool(settings, pid, task_ids=task_ids, progress=progress, run_id=run_id)
+    except Exception as e:
+        log.exception("scoring run %s of project %s failed", run_id, pid)
+        with session_scope(settings.database_url) as s:
+            r = s.get(ScoringRun, run_id)
+            r.state, r.stage, r.finished_at = "failed", "failed", utcnow()
+            r.error = api_error_text(e) + "\n" + "".join(traceback.format_tb(e.__traceback__, limit=5))
+        return {"run": run_id, "state": "failed", "error": api_error_text(e)}
+    with session_scope(settings.database_url) as s:
+        r = s.get(ScoringRun, run_id)
+        r.state, r.stage, r.finished_at = "succeeded", "done", utcnow()
+        r.model_version, r.scored, r.failed = o.model_version, o.scored, o.failed
+    return {"run": run_id, "state": "succeeded", "version": o.model_version, "scored": o.scored,
+            "written": o.written, "pending_writes": o.pending_writes, "failed": o.failed}
+
+
+def new_scoring_run(settings, project_id: int, trigger: str) -> int:
+    """Record a queued :class:`ScoringRun` of the project; its id."""
+    with session_scope(settings.database_url) as s:
+        run = ScoringRun(project_id=project_id, trigger=trigger)
+        s.add(run)
+        s.flush()
+        return run.id
+
+
+@app.task(bind=True, name="faceloop.score")
+def score(self, project_id: int, run_id: int | None = None) -> dict:
+    """Score the project's unlabelled pool with its promoted version (scoring run ``run_id``,
+    or a new ``manual`` one)."""
+    settings = get_settings()
 
     def progress(done, total):
         if self.request.id:
             self.update_state(state="PROGRESS", meta={"done": done, "total": total})
 
-    o = score_pool(get_settings(), project_id, progress=progress)
-    return {"version": o.model_version, "scored": o.scored, "written": o.written, "failed": o.failed}
+    if run_id is None:
+        run_id = new_scoring_run(settings, project_id, "manual")
+    if self.request.id:
+        with session_scope(settings.database_url) as s:
+            r = s.get(ScoringRun, run_id)
+            if r is not None and not r.celery_id:
+                r.celery_id = self.request.id
+    return run_scoring(settings, run_id, progress=progress)
 
 
 @app.task(bind=True, name="faceloop.preannotate")
 def preannotate(self, project_id: int, task_ids: list[int]) -> dict:
-    """Pre-annotate new tasks in bulk (predictions written to Label Studio)."""
-    from ml_worker.scoring import score_pool
-
-    o = score_pool(get_settings(), project_id, task_ids=task_ids)
-    return {"version": o.model_version, "scored": o.scored, "written": o.written, "failed": o.failed}
+    """Pre-annotate new tasks in bulk (predictions written to Label Studio through the outbox)."""
+    settings = get_settings()
+    return run_scoring(settings, new_scoring_run(settings, project_id, "new_tasks"), task_ids=task_ids)
 
 
-def send_train(settings, job_id: int) -> str | None:
-    """Send ``faceloop.train(job_id)``; its Celery id, or None (logged) when the broker is down.
-    Fails fast (one connection attempt) instead of Celery's long reconnect loop."""
+def _send(settings, name: str, args: list, queue: str) -> str | None:
     from ml_worker.celery_app import make_celery
 
     try:
         capp = make_celery(settings)  # the settings' broker, not the environment's
         with capp.connection_for_write() as conn:
             conn.ensure_connection(max_retries=0, timeout=2)
-        return capp.send_task("faceloop.train", args=[job_id], queue="train", ignore_result=True).id
+        return capp.send_task(name, args=args, queue=queue, ignore_result=True).id
     except Exception as e:
-        log.warning("could not send training job %s: %s", job_id, e.__class__.__name__)
+        log.warning("could not send %s%s: %s", name, args, e.__class__.__name__)
         return None
+
+
+def send_scoring(settings, run_id: int) -> str | None:
+    """Send ``faceloop.score(project, run_id)`` on the ``score`` queue and record its Celery id;
+    None when the broker is down (the recovery pass sends it later)."""
+    with session_scope(settings.database_url) as s:
+        r = s.get(ScoringRun, run_id)
+        pid = r.project_id
+    cid = _send(settings, "faceloop.score", [pid, run_id], "score")
+    if cid:
+        with session_scope(settings.database_url) as s:
+            r = s.get(ScoringRun, run_id)
+            if not r.celery_id:
+                r.celery_id = cid
+    return cid
+
+
+def resend_queued_scoring(settings) -> list[int]:
+    """Send ``queued`` scoring runs never sent (empty ``celery_id``); ids sent."""
+    with session_scope(settings.database_url) as s:
+        ids = [r.id for r in s.exec(select(ScoringRun).where(ScoringRun.state == "queued",
+                                                             ScoringRun.celery_id == "")).all()]
+    sent = []
+    for i in ids:
+        if send_scoring(settings, i) is None:
+            break
+        sent.append(i)
+    return sent
+
+
+def send_train(settings, job_id: int) -> str | None:
+    """Send ``faceloop.train(job_id)``; its Celery id, or None (logged) when the broker is down.
+    Fails fast (one connection attempt) instead of Celery's long reconnect loop."""
+    return _send(settings, "faceloop.train", [job_id], "train")
 
 
 def resend_queued_jobs(settings=None, only_unsent: bool = False) -> list[int]:
@@ -276,15 +371,27 @@ def recover_lost_jobs(settings=None, suspects: set | None = None) -> list[int]:
 
 
 def sweep(settings=None, suspects: set | None = None) -> dict:
-    """One recovery pass: :func:`recover_lost_jobs`, then send queued jobs never sent.
-    Never raises (Redis or the database down: logged, tried again next time)."""
+    """One recovery pass: :func:`recover_lost_jobs`, send queued training jobs and scoring runs
+    never sent, and deliver pending Label Studio writes (:func:`ml_worker.outbox.deliver`).
+
+    Returns: ``{"lost": job ids, "sent": job ids, "scoring_sent": run ids, "outbox": counts}``.
+    Never raises (Redis, Label Studio or the database down: logged, tried again next time); the
+    outbox is delivered even while Redis is down.
+    """
+    from ml_worker.outbox import deliver
+
     settings = settings or get_settings()
-    out = {"lost": [], "sent": []}
+    out = {"lost": [], "sent": [], "scoring_sent": [], "outbox": {}}
     try:
         out["lost"] = recover_lost_jobs(settings, suspects)
         out["sent"] = resend_queued_jobs(settings, only_unsent=True)
+        out["scoring_sent"] = resend_queued_scoring(settings)
     except Exception as e:
         log.warning("recovery sweep skipped: %s: %s", e.__class__.__name__, e)
+    try:
+        out["outbox"] = deliver(settings)
+    except Exception as e:
+        log.warning("outbox delivery skipped: %s: %s", e.__class__.__name__, e)
     return out
 
 
