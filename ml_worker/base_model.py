@@ -355,7 +355,10 @@ def set_face_names(weights: Path) -> None:
 
     ultralytics' ``single_cls=True`` stores its class as ``{0: 'item'}`` whatever ``data.yaml``
     says (``ultralytics/engine/trainer.py``); the product maps classes by name, so the shipped
-    detector must say ``face``.
+    detector must say ``face``. Also clears ``single_cls`` in the stored ``train_args``: ultralytics
+    carries ``single_cls`` of a checkpoint into every later ``train()`` from it
+    (``Model._reset_ckpt_args`` keeps imgsz, data, task, single_cls), which would fold a project's
+    classes into one ``item`` class when the worker fine-tunes from these weights.
     """
     import torch
 
@@ -363,6 +366,8 @@ def set_face_names(weights: Path) -> None:
     for key in ("model", "ema"):
         if ckpt.get(key) is not None:
             ckpt[key].names = dict(FACE_NAMES)
+    if isinstance(ckpt.get("train_args"), dict):
+        ckpt["train_args"]["single_cls"] = False
     tmp = Path(weights).with_suffix(".tmp")
     torch.save(ckpt, tmp)
     tmp.replace(weights)
