@@ -163,7 +163,8 @@ def _link_split(src_dir: Path, split: str, names: list[str], img_out: Path, lab_
 
 
 def _paste_faces(
-    scene_dir: Path, crop_dir: Path, n: int, img_out: Path, lab_out: Path, seed: int, split: str = "train"
+    scene_dir: Path, crop_dir: Path, n: int, img_out: Path, lab_out: Path, seed: int, split: str = "train",
+    skip_prefix: str | None = None,
 ) -> int:
     """Synthesise ``n`` scene images with extra small faces pasted in (small-face augmentation).
 
@@ -176,7 +177,8 @@ def _paste_faces(
     from PIL import Image, ImageFilter
 
     rng = np.random.default_rng(seed)
-    scenes = sorted((scene_dir / "images" / split).glob("*.jpg"))
+    scenes = sorted(p for p in (scene_dir / "images" / split).glob("*.jpg")
+                    if not (skip_prefix and p.name.startswith(skip_prefix)))
     crops = []
     for lab in sorted((crop_dir / "labels" / split).glob("*.txt")):
         rows = _read_boxes(lab)
@@ -228,6 +230,7 @@ def build_face_dataset(
     n_synthetic: int = 200,
     n_val_expressions: int = 150,
     seed: int = 0,
+    holdout: str | None = None,
 ) -> Path:
     """Build a one-class ("face") YOLO dataset folder under ``out`` from ``../shared/data``, read in place.
 
@@ -237,6 +240,9 @@ def build_face_dataset(
     (:func:`_paste_faces`). Val (monitoring only; the awake_sleep *val* people stay unseen): the
     80 ``knockcat`` awake_sleep train frames (also in train) and ``n_val_expressions`` expressions val images.
     Images are symlinks (synthetic ones are written); labels are rewritten with class 0.
+    ``holdout`` (a file-name prefix such as ``knockcat``): leave that awake_sleep train source (one
+    person) out of train and synthetic scenes, and validate on it instead, so that a threshold can be
+    tuned on a person the detector has not seen.
 
     Returns: path of ``out/data.yaml`` (``names: {0: face}``).
     Raises: FileNotFoundError when a source folder lacks ``data.yaml``.
@@ -256,14 +262,15 @@ def build_face_dataset(
     rng = random.Random(seed)
     counts: dict[str, int] = {}
     aw, ex = data_root / "awake_sleep", data_root / "expressions"
-    aw_train = sorted(p.name for p in (aw / "images" / "train").iterdir())
+    aw_all = sorted(p.name for p in (aw / "images" / "train").iterdir())
+    aw_train = [n for n in aw_all if not (holdout and n.startswith(holdout))]
     counts["awake_sleep_train"] = _link_split(aw, "train", aw_train, *dirs["train"], "as_")
     ex_train = sorted(p.name for p in (ex / "images" / "train").iterdir())
     counts["expressions_train"] = _link_split(ex, "train", sorted(rng.sample(ex_train, min(n_expressions, len(ex_train)))),
                                               *dirs["train"], "ex_")
-    counts["synthetic_train"] = _paste_faces(aw, ex, n_synthetic, *dirs["train"], seed=seed)
-    knock = [n for n in aw_train if n.startswith("knockcat")]
-    counts["val_awake_sleep_train_knockcat"] = _link_split(aw, "train", knock, *dirs["val"], "as_")
+    counts["synthetic_train"] = _paste_faces(aw, ex, n_synthetic, *dirs["train"], seed=seed, skip_prefix=holdout)
+    knock = [n for n in aw_all if n.startswith(holdout or "knockcat")]
+    counts[f"val_awake_sleep_train_{holdout or 'knockcat'}"] = _link_split(aw, "train", knock, *dirs["val"], "as_")
     ex_val = sorted(p.name for p in (ex / "images" / "val").iterdir())
     counts["val_expressions"] = _link_split(ex, "val", sorted(rng.sample(ex_val, min(n_val_expressions, len(ex_val)))),
                                             *dirs["val"], "ex_")
@@ -286,6 +293,7 @@ def train_face(
     n_expressions: int = 600,
     n_synthetic: int = 200,
     resume: bool = False,
+    holdout: str | None = None,
 ) -> Path:
     """Train the one-class face detector (stage 1) and copy ``last.pt`` to ``out_dir/faceloop-face.pt``.
 
@@ -300,6 +308,7 @@ def train_face(
     Args:
         out_dir: run folder (``data/``, ``run/`` with weights and curves, ``train_args.json``).
         resume: continue an interrupted run from ``out_dir/run/weights/last.pt`` (same data).
+        holdout: leave one awake_sleep train source out (see :func:`build_face_dataset`).
     Returns: path of ``out_dir/faceloop-face.pt``.
     Raises: FileNotFoundError when the data or ``init`` weights are missing.
     """
@@ -320,7 +329,8 @@ def train_face(
     else:
         if not init.exists():
             raise FileNotFoundError(f"no initial weights at {init}")
-        data = build_face_dataset(out_dir / "data", n_expressions=n_expressions, n_synthetic=n_synthetic, seed=seed)
+        data = build_face_dataset(out_dir / "data", n_expressions=n_expressions, n_synthetic=n_synthetic, seed=seed,
+                                  holdout=holdout)
         args = dict(
             data=str(data), epochs=epochs, imgsz=imgsz, batch=batch, seed=seed, deterministic=True,
             workers=workers, device=device or None, project=str(out_dir), name="run", exist_ok=True,
@@ -355,7 +365,10 @@ def set_face_names(weights: Path) -> None:
 
     ultralytics' ``single_cls=True`` stores its class as ``{0: 'item'}`` whatever ``data.yaml``
     says (``ultralytics/engine/trainer.py``); the product maps classes by name, so the shipped
-    detector must say ``face``.
+    detector must say ``face``. Also clears ``single_cls`` in the stored ``train_args``: ultralytics
+    carries ``single_cls`` of a checkpoint into every later ``train()`` from it
+    (``Model._reset_ckpt_args`` keeps imgsz, data, task, single_cls), which would fold a project's
+    classes into one ``item`` class when the worker fine-tunes from these weights.
     """
     import torch
 
@@ -363,6 +376,8 @@ def set_face_names(weights: Path) -> None:
     for key in ("model", "ema"):
         if ckpt.get(key) is not None:
             ckpt[key].names = dict(FACE_NAMES)
+    if isinstance(ckpt.get("train_args"), dict):
+        ckpt["train_args"]["single_cls"] = False
     tmp = Path(weights).with_suffix(".tmp")
     torch.save(ckpt, tmp)
     tmp.replace(weights)
@@ -417,10 +432,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n-expressions", type=int, default=600)
     ap.add_argument("--n-synthetic", type=int, default=200)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--holdout", default=None, help="leave this awake_sleep train source (file-name prefix) out")
     ap.add_argument("--install", action="store_true", help="copy the result to models/faceloop-face.pt (+ .json)")
     a = ap.parse_args(argv[1:])
     w = train_face(a.out, init=a.init, hours=a.hours or None, epochs=a.epochs, imgsz=a.imgsz, batch=a.batch,
-                   seed=a.seed, n_expressions=a.n_expressions, n_synthetic=a.n_synthetic, resume=a.resume)
+                   seed=a.seed, n_expressions=a.n_expressions, n_synthetic=a.n_synthetic, resume=a.resume, holdout=a.holdout)
     print(f"weights: {w}")
     if a.install:
         print(f"installed: {install_face(w)}")

@@ -98,3 +98,9 @@ def test_face_dataset_is_one_class_with_symlinked_images(tmp_path):
     assert all(p.is_symlink() for p in (tmp_path / "out" / "images" / "train").glob("as_*"))
     synth = [ln for p in labels if p.name.startswith("synth") for ln in p.read_text().splitlines()]
     assert len(synth) >= 3  # the scene's own face plus at least one pasted face
+    # one person held out: not in train (nor in the synthetic scenes), the val split instead
+    build_face_dataset(tmp_path / "ho", data_root=root, n_expressions=2, n_synthetic=2, n_val_expressions=1,
+                       holdout="knockcat")
+    assert not list((tmp_path / "ho" / "images" / "train").glob("as_knockcat*"))
+    assert [p.name for p in (tmp_path / "ho" / "images" / "val").glob("as_*")] == ["as_knockcat_0.jpg"]
+    assert json.loads((tmp_path / "ho" / "counts.json").read_text())["awake_sleep_train"] == 2
