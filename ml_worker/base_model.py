@@ -107,18 +107,29 @@ def train_base(
 
 
 def install_base(weights: Path, target: Path | None = None) -> Path:
-    """Copy trained weights to ``models/faceloop-base.pt`` with a ``.json`` sidecar of class names."""
-    from backend.config import DEFAULT_MODEL_PATH
+    """Copy trained weights to ``models/faceloop-base.pt`` (the single-stage model) with a ``.json``
+    sidecar of class names and the weights' sha256."""
+    from backend.config import SINGLE_STAGE_BASE_PATH
+
+    return _install(weights, Path(target or SINGLE_STAGE_BASE_PATH))
+
+
+def _install(weights: Path, target: Path, expect_names: list[str] | None = None, **meta_extra) -> Path:
+    """Copy weights to ``target`` atomically and update its ``.json`` sidecar (``names``,
+    ``sha256``, ``meta_extra``). Raises: ValueError when the class names are not ``expect_names``."""
     from backend.yolo_meta import read_class_names
 
-    target = Path(target or DEFAULT_MODEL_PATH)
     names = read_class_names(Path(weights))
+    if expect_names is not None and names != expect_names:
+        raise ValueError(f"{weights} has classes {names}, expected {expect_names}")
     tmp = target.with_suffix(".pt.tmp")
     shutil.copyfile(weights, tmp)
     tmp.replace(target)
     side = target.with_suffix(".json")
     meta = json.loads(side.read_text()) if side.exists() else {}
     meta["names"] = names
+    meta["sha256"] = file_sha256(target)
+    meta.update(meta_extra)
     side.write_text(json.dumps(meta, indent=2))
     return target
 
@@ -392,22 +403,8 @@ def install_face(weights: Path, target: Path | None = None, **meta_extra) -> Pat
     Raises: ValueError when the weights do not have exactly one class named ``face``.
     """
     from backend.config import REPO_ROOT as root
-    from backend.yolo_meta import read_class_names
 
-    target = Path(target or root / "models" / "faceloop-face.pt")
-    names = read_class_names(Path(weights))
-    if names != ["face"]:
-        raise ValueError(f"{weights} has classes {names}, expected ['face']")
-    tmp = target.with_suffix(".pt.tmp")
-    shutil.copyfile(weights, tmp)
-    tmp.replace(target)
-    side = target.with_suffix(".json")
-    meta = json.loads(side.read_text()) if side.exists() else {}
-    meta["names"] = names
-    meta["sha256"] = file_sha256(target)
-    meta.update(meta_extra)
-    side.write_text(json.dumps(meta, indent=2))
-    return target
+    return _install(weights, Path(target or root / "models" / "faceloop-face.pt"), ["face"], **meta_extra)
 
 
 def main(argv: list[str] | None = None) -> None:
