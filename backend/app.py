@@ -195,7 +195,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     def models():
         if state["models"] is None:
-            from backend.yolo import ModelCache  # imports torch + ultralytics: keep off /health
+            from facemodels.detector import ModelCache  # imports torch + ultralytics: keep off /health
 
             state["models"] = ModelCache(settings.device)
         return state["models"]

@@ -47,7 +47,7 @@ class TaskPrediction:
 
 
 def analyse(det, schema: ProjectSchema, model_names: list[str], threshold: float, aggregation: str) -> tuple[list[Box], ImageUncertainty]:
-    """Boxes and uncertainty of one image's detections (``backend.yolo.ImageDetections``).
+    """Boxes and uncertainty of one image's detections (``facemodels.detector.ImageDetections``).
 
     Class scores are restricted to the model classes that map to the project's labels, so a
     class the config lacks is never predicted; when none map, faces are still returned as
@@ -146,7 +146,7 @@ def predict_tasks(tasks: list[dict], schema: ProjectSchema, model, settings: Set
     Args:
         tasks: Label Studio tasks (``{"id":…, "data":{schema.value_key: url}}``).
         schema: the project's parsed label config.
-        model: a ``backend.yolo.FaceModel``.
+        model: a ``facemodels.detector.FaceModel``.
         ls_url: Label Studio base URL for relative image URLs.
         embed: also return image embeddings.
     Returns: one :class:`TaskPrediction` per task, in order.

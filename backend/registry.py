@@ -17,7 +17,7 @@ from sqlmodel import Session, select
 
 from backend.config import Settings
 from backend.models import ModelVersion, Project, TrainingJob, WebhookEvent, utcnow
-from backend.yolo_meta import read_class_names
+from facemodels.detector_meta import read_class_names
 from backend.hashing import file_sha256
 
 

@@ -2,7 +2,7 @@
 
 Evaluates any YOLO weights on a YOLO-layout folder split, **class-agnostic** (every box is a
 face, whatever its class), through the product's prediction path
-``backend.yolo.FaceModel(path).detect([rgb arrays], conf=..., imgsz=...)`` (class-agnostic NMS at
+``facemodels.detector.FaceModel(path).detect([rgb arrays], conf=..., imgsz=...)`` (class-agnostic NMS at
 ultralytics' default IoU 0.7 inside), on images decoded like the backend does
 (``backend.images.decode_image``: EXIF orientation applied, RGB).
 
@@ -123,7 +123,7 @@ def detect_all(weights: Path, images: list[np.ndarray], imgsz: int) -> tuple[lis
     The score is the noisy-OR ``1 - prod(1 - s_k)`` of the box's class scores, as ``backend/predict.py``
     scores an unlabelled face (for a one-class detector it is the box confidence).
     """
-    from backend.yolo import FaceModel
+    from facemodels.detector import FaceModel
 
     model = FaceModel(weights)
     model.detect(images[:1], conf=0.001, imgsz=imgsz)  # warm-up

@@ -55,7 +55,7 @@ def main() -> None:
 
     from backend.labels import ProjectSchema
     from backend.predict import predict_tasks
-    from backend.yolo import ModelCache
+    from facemodels.detector import ModelCache
     from facemodels.two_stage import is_bundle, read_bundle
 
     xml = (REPO / "label_config" / "awake_sleep.xml").read_text()

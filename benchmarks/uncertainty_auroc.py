@@ -60,7 +60,7 @@ def main() -> None:
     args = ap.parse_args()
     from sklearn.metrics import roc_auc_score
 
-    from backend.yolo import FaceModel
+    from facemodels.detector import FaceModel
 
     cfg = SimConfig(init_weights=args.init, seeds=(args.seed,)).check()
     work = args.work.resolve()

@@ -15,7 +15,7 @@ The shipped default is ``models/faceloop-default.json`` (``models/faceloop-face.
 ``models/face_expression.pt``; provenance in ``models/MODEL_CARD.md``). A version written by the
 worker lives in its own folder of the model store (``<model_dir>/project_<id>/<version>/``).
 
-:class:`TwoStageModel` has the same ``detect()`` and ``names`` as :class:`backend.yolo.FaceModel`,
+:class:`TwoStageModel` has the same ``detect()`` and ``names`` as :class:`facemodels.detector.FaceModel`,
 so the serve and score stations use either; its detections carry the detector's face confidence
 (``face_conf``) and the classifier's softmax probabilities over :attr:`names` (``class_scores``).
 """
@@ -105,12 +105,12 @@ class TwoStageModel:
         device: torch device for the detector ('' = ultralytics' default).
     Attributes:
         names: the classifier's class names, index order of ``class_scores``.
-        detector: :class:`backend.yolo.FaceModel`; classifier: :class:`facemodels.classifier.FaceClassifier`.
+        detector: :class:`facemodels.detector.FaceModel`; classifier: :class:`facemodels.classifier.FaceClassifier`.
     Raises: FileNotFoundError / ValueError as :func:`read_bundle`.
     """
 
     def __init__(self, path: str | Path, device: str = ""):
-        from backend.yolo import FaceModel
+        from facemodels.detector import FaceModel
         from facemodels.classifier import FaceClassifier
 
         self.path = str(path)
@@ -133,11 +133,11 @@ class TwoStageModel:
             conf: minimum face confidence (0-1) of a detection.
             imgsz: detector inference size, pixels.
             embed: also return the detector's image embedding (for diversity sampling).
-        Returns: list of :class:`backend.yolo.ImageDetections`; each detection's ``face_conf`` is
+        Returns: list of :class:`facemodels.detector.ImageDetections`; each detection's ``face_conf`` is
             the detector's confidence, ``class_scores`` the ``(K,)`` softmax probabilities over
             :attr:`names`, ``conf`` = ``face_conf * max(class_scores)``.
         """
-        from backend.yolo import Detection
+        from facemodels.detector import Detection
 
         dets = self.detector.detect(images, conf=conf, imgsz=imgsz, batch=batch, embed=embed)
         with self._lock:

@@ -117,7 +117,7 @@ def install_base(weights: Path, target: Path | None = None) -> Path:
 def _install(weights: Path, target: Path, expect_names: list[str] | None = None, **meta_extra) -> Path:
     """Copy weights to ``target`` atomically and update its ``.json`` sidecar (``names``,
     ``sha256``, ``meta_extra``). Raises: ValueError when the class names are not ``expect_names``."""
-    from backend.yolo_meta import read_class_names
+    from facemodels.detector_meta import read_class_names
 
     names = read_class_names(Path(weights))
     if expect_names is not None and names != expect_names:

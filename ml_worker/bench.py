@@ -113,7 +113,7 @@ def evaluate_folder(model_path: Path, folder: Path, split: str, settings: Settin
     Returns: :func:`ml_worker.evaluation.evaluate_model`'s figures plus ``model``, ``folder``, ``split``.
     Raises: FileNotFoundError / ValueError for a missing model or folder.
     """
-    from backend.yolo import ModelCache
+    from facemodels.detector import ModelCache
 
     names = folder_names(folder)
     model = ModelCache(settings.device).get(model_path)
@@ -175,7 +175,7 @@ def bench_accept(data: Path, sizes: list[int], seeds: list[int], out: Path, sett
         ``out/acceptance.png``, and each round's bundle under ``out/models/``.
     Returns: ``{"rows": [...], "files": {...}}``.
     """
-    from backend.yolo import ModelCache
+    from facemodels.detector import ModelCache
     from ml_worker.dataset import build_dataset
     from ml_worker.evaluation import evaluate_model
     from ml_worker.sampler import DEFAULT_QUERY_STRATEGY

@@ -245,7 +245,7 @@ def predict_faces(model, images: list[np.ndarray], schema, settings, batch: int 
     (``model.detect`` + :func:`backend.predict.analyse`).
 
     Args:
-        model: :class:`backend.yolo.FaceModel` or :class:`facemodels.two_stage.TwoStageModel`.
+        model: :class:`facemodels.detector.FaceModel` or :class:`facemodels.two_stage.TwoStageModel`.
         images: ``(H, W, 3)`` uint8 RGB arrays.
         schema: the project's :class:`backend.labels.ProjectSchema` (labels, threshold).
     Returns: ``(shown, candidates)`` per image: the boxes a person sees (at the project's score

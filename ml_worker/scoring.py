@@ -71,7 +71,7 @@ def score_pool(settings: Settings, project_id: int, task_ids: list[int] | None =
         delivered (Label Studio unreachable: the recovery pass retries them).
     Raises: Label Studio errors while reading the project or its tasks (nothing is stored then).
     """
-    from backend.yolo import ModelCache
+    from facemodels.detector import ModelCache
 
     t0 = time.time()
     with session_scope(settings.database_url) as s:

@@ -369,7 +369,7 @@ def score_pool(weights: Path, images: list[LabelledImage], schema: ProjectSchema
         the ``(n,)`` positions in ``images`` that scored (an image that fails is left out).
     """
     from backend.predict import predict_tasks
-    from backend.yolo import FaceModel
+    from facemodels.detector import FaceModel
 
     model = FaceModel(weights, settings.device)
     preds = []

@@ -250,7 +250,7 @@ def tune_face_threshold(detector, samples, imgsz: int, grid: np.ndarray | None =
     the best.
 
     Args:
-        detector: :class:`backend.yolo.FaceModel`; samples: :class:`ml_worker.dataset.Sample` list.
+        detector: :class:`facemodels.detector.FaceModel`; samples: :class:`ml_worker.dataset.Sample` list.
     Returns: ``(threshold, {"f1", "recall", "precision", "boxes_per_face"})`` at that threshold.
     """
     from ml_worker.evaluation import GTFace, PredFace, acceptance
@@ -320,7 +320,7 @@ def train_two_stage(ds, schema, init: str | Path, settings: Settings, work: Path
                          on_epoch=lambda i: report(stage="train detector", epoch=i["epoch"],
                                                    message=f"stage 1 (face detector): epoch {i['epoch']}/{i['epochs']}"))
     det_s = time.time() - t0
-    from backend.yolo import FaceModel
+    from facemodels.detector import FaceModel
 
     face_thr, thr_fit = tune_face_threshold(FaceModel(best_det, settings.device), ds.samples, settings.imgsz)
     report(stage="train detector", message=f"face threshold {face_thr:.2f} (F1 {thr_fit['f1']:.2f} on the "
@@ -381,7 +381,7 @@ def run_training(settings: Settings, job_id: int, progress: ProgressFn | None = 
     from backend.labels import ProjectSchema
     from backend.lsapi import snapshot
     from backend.models import ModelVersion, Project, TrainingJob
-    from backend.yolo import ModelCache
+    from facemodels.detector import ModelCache
     from ml_worker.evaluation import evaluate_model
 
     def update(**fields):

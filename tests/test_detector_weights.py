@@ -19,7 +19,7 @@ VAL_IMAGES = ["augstartups", "harish", "agufsamudra"]
 
 
 def test_shipped_detector_has_one_class_face_and_metadata():
-    from backend.yolo_meta import read_class_names
+    from facemodels.detector_meta import read_class_names
 
     meta = json.loads(FACE_MODEL.with_suffix(".json").read_text())
     assert meta["names"] == ["face"]
@@ -34,7 +34,7 @@ def test_shipped_detector_finds_faces_in_val_scenes():
     require_data()
     from detector_day0 import iou_matrix, load_split
 
-    from backend.yolo import FaceModel
+    from facemodels.detector import FaceModel
 
     meta = json.loads(FACE_MODEL.with_suffix(".json").read_text())
     model = FaceModel(FACE_MODEL)

@@ -183,7 +183,7 @@ def test_quote_helper_matches_label_studio():
 
 def test_decode_not_an_image_after_ultralytics_is_imported():
     # ultralytics patches PIL.Image.open to import pi-heif on an unidentified file
-    import backend.yolo  # noqa: F401
+    import facemodels.detector  # noqa: F401
 
     with pytest.raises(ImageError, match="not a readable image"):
         decode_image(b"plain text, not an image", BIG)

@@ -83,7 +83,7 @@ def _tasks(n: int):
 
 @pytest.mark.slow
 def test_train_two_stage_on_real_faces(tmp_path):
-    from backend.yolo import ModelCache
+    from facemodels.detector import ModelCache
     from ml_worker.dataset import build_dataset
     from ml_worker.evaluation import evaluate_model
     from ml_worker.training import _val_samples, train_two_stage

@@ -1,4 +1,5 @@
-"""The one place that knows ultralytics: load a model, detect faces with full class-score vectors.
+"""Stage 1 and the one place that knows ultralytics: load a YOLO model, detect faces with full
+class-score vectors. Used by the backend (serve) and the worker (train, score), so it lives here.
 
 Everything here speaks pixels of the EXIF-oriented image and model class indices; mapping to
 Label Studio's labels and percent coordinates lives in :mod:`backend.labels` and
