@@ -218,13 +218,17 @@ class TrainOutcome:
     metrics: dict
 
 
-def _parts(path: str | Path, settings: Settings) -> tuple[Path, Path]:
-    """Detector and classifier weights of a model version; a legacy single-stage version (a YOLO
-    ``.pt``) continues from the shipped default's parts."""
+def _parent_bundle(path: str | Path, settings: Settings) -> dict:
+    """The bundle a retrain continues from: the current version's, or, for a legacy single-stage
+    version (a YOLO ``.pt``), the shipped default's (:func:`facemodels.two_stage.read_bundle`)."""
     from facemodels.two_stage import is_bundle, read_bundle
 
-    src = path if is_bundle(path) and Path(path).exists() else settings.default_model_path
-    b = read_bundle(src)
+    return read_bundle(path if is_bundle(path) and Path(path).exists() else settings.default_model_path)
+
+
+def _parts(path: str | Path, settings: Settings) -> tuple[Path, Path]:
+    """Detector and classifier weights of the bundle a retrain continues from (:func:`_parent_bundle`)."""
+    b = _parent_bundle(path, settings)
     return Path(b["detector_path"]), Path(b["classifier_path"])
 
 
@@ -344,9 +348,7 @@ def train_two_stage(ds, schema, init: str | Path, settings: Settings, work: Path
     cand_dir = work / "candidate"
     if cand_dir.exists():
         shutil.rmtree(cand_dir)
-    from facemodels.two_stage import is_bundle, read_bundle
-
-    nms_iou = read_bundle(init if is_bundle(init) and Path(init).exists() else settings.default_model_path).get("nms_iou")
+    nms_iou = _parent_bundle(init, settings).get("nms_iou")
     bundle = write_bundle(cand_dir, best_det, work / "classifier.pt", list(schema.labels), imgsz=settings.imgsz,
                           face_threshold=face_thr, face_threshold_fit=thr_fit, nms_iou=nms_iou)
     return {"bundle": bundle, "detector_seconds": round(det_s, 1), "classifier_seconds": round(clf_s, 1),
