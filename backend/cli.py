@@ -198,6 +198,7 @@ def up(
         st = Stack.start(root, document_root=doc_root, var_dir=settings.var_dir, ports=asked, stable_ports=True)
     except StackError as e:
         _fail(str(e))
+    failed = False
     try:
         console.print(f"services up in {time.time() - t0:.0f} s")
         client = LabelStudio(base_url=st.ls_url, api_key=st.api_key)
@@ -251,22 +252,28 @@ def up(
         console.print(f"UP {time.time() - t0:.1f} s project={pid} ls={st.ls_url}")  # one line for scripts/tests
         if exit_after_setup:
             return
-        console.print("\nCtrl-C stops everything.")
+        console.print("\nCtrl-C stops everything. A service that dies is restarted (up to 5 times in 10 min).")
+        from backend.stack import ServiceFailed, Supervisor
+
+        sup = Supervisor(st, say=lambda m: console.print(m, soft_wrap=True, markup=False, highlight=False))
         try:
             while True:
                 time.sleep(1)
-                dead = [n for n, p in st.procs.items() if p.poll() is not None]
-                if dead:
-                    console.print(f"[red]{', '.join(dead)} stopped[/]; see {root / 'logs'}")
-                    break
+                sup.check()
         except KeyboardInterrupt:
             pass
+        except ServiceFailed as e:
+            console.print(f"error: {e}", soft_wrap=True, markup=False, highlight=False)
+            failed = True
     except Exception as e:
         if getattr(e, "status_code", None) is None:
             raise
         _fail(f"Label Studio answered {api_error_text(e)}; see {root / 'logs'}")  # no headers, no cookies
     finally:
         st.stop()
+    if failed:
+        console.print("every service stopped", soft_wrap=True)
+        raise typer.Exit(1)
 
 
 def _stop_on_signals() -> None:

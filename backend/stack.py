@@ -208,6 +208,8 @@ class Stack:
     ports: dict = field(default_factory=dict)
     secrets: dict = field(default_factory=dict)
     first_start: bool = False
+    extra_env: dict = field(default_factory=dict)
+    ls_timeout: float = 180
 
     @property
     def ls_user(self) -> str:
@@ -273,10 +275,11 @@ class Stack:
         st = cls(root=root, document_root=Path(document_root).resolve() if document_root else None,
                  var_dir=Path(var_dir).resolve() if var_dir else root / "var", secrets=sec, first_start=created)
         st._choose_ports(ports or {}, stable_ports)
+        st.extra_env, st.ls_timeout = dict(extra_env or {}), ls_timeout
         try:
             st._start_redis()
             st._start_label_studio(ls_timeout)
-            st._start_backend(extra_env or {})
+            st._start_backend(st.extra_env)
             if worker:
                 st.start_worker()
             for db in st.var_dir.glob("*.db*"):
@@ -332,16 +335,16 @@ class Stack:
 
         deadline = time.time() + 20
         while time.time() < deadline:
-            try:
-                redis.Redis.from_url(self.redis_url).ping()
+            if p.poll() is not None:  # e.g. its port taken: it exits at once
+                raise StackError(f"redis-server exited with {p.returncode}; see {self.log('redis')}")
+            try:  # timeouts: something else listening on the port must not hang the start
+                redis.Redis.from_url(self.redis_url, socket_connect_timeout=1, socket_timeout=1).ping()
                 return
-            except redis.ConnectionError:
-                if p.poll() is not None:
-                    break
+            except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
                 time.sleep(0.2)
         raise StackError(f"redis-server did not start; see {self.log('redis')}")
 
-    def _start_label_studio(self, timeout: float):
+    def _start_label_studio(self, timeout: float, first: bool = True):
         port = self.ports["label-studio"]
         self.ls_url = f"http://127.0.0.1:{port}"
         data = self.root / "label-studio"
@@ -362,7 +365,7 @@ class Stack:
         if self.document_root:
             env.update({"LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
                         "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(self.document_root)})
-        if self.first_start and (data / "label_studio.sqlite3").exists():
+        if first and self.first_start and (data / "label_studio.sqlite3").exists():
             # data of a faceloop from before per-install secrets: give its admin the new password
             subprocess.run([str(ls_bin()), "reset_password", "--username", self.ls_user, "--password",
                             self.ls_password, "--data-dir", str(data)], env=env, cwd=data, timeout=300,
@@ -430,6 +433,52 @@ class Stack:
             time.sleep(0.5)
         raise StackError(f"celery worker not ready within 90 s; see {log}")
 
+    def restart(self, name: str) -> subprocess.Popen:
+        """Start service ``name`` again on the same port with the same settings (what is left of
+        the old process group is killed first), wait until it answers, and record its new pid.
+
+        After a Redis restart the backend and the worker reconnect on their own (redis-py per
+        request; Celery's ``broker_connection_retry``); after a Label Studio restart its data,
+        admin token and the projects' ML backend connections are the same (same port, same
+        data folder).
+        Raises: StackError when it does not come up (its process is then killed, so that it
+            counts as dead).
+        """
+        old = self.procs.get(name)
+        if old is not None:
+            _kill_group(old)
+        try:
+            if name == "redis":
+                self._start_redis()
+            elif name == "label-studio":
+                self._start_label_studio(self.ls_timeout, first=False)
+            elif name == "backend":
+                self._start_backend(self.extra_env)
+            elif name.startswith("worker"):
+                self.start_worker(name)
+            else:
+                raise StackError(f"unknown service {name!r}")
+        except BaseException:
+            p = self.procs.get(name)
+            if p is not None and p is not old:
+                _kill_group(p)
+            raise
+        finally:
+            if self.state_path.exists():
+                self.save_state(running=True)
+        return self.procs[name]
+
+    def log_tail(self, name: str, lines: int = 8, max_bytes: int = 8192) -> list[str]:
+        """The last ``lines`` lines of service ``name``'s log (at most ``max_bytes`` read)."""
+        try:
+            with open(self.log(name), "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - max_bytes))
+                text = f.read().decode("utf-8", "replace")
+        except OSError:
+            return []
+        return [ln.rstrip() for ln in text.splitlines() if ln.strip()][-lines:]
+
     def stop(self):
         """Stop every process (SIGTERM to its process group, then SIGKILL after 15 s) and mark the
         state file as not running (the recorded ports and projects stay for the next start)."""
@@ -454,3 +503,89 @@ class Stack:
             state = read_json(self.state_path)
             state.update(running=False, pids={})
             write_private(self.state_path, json.dumps(state, indent=1))
+
+
+def _kill_group(p: subprocess.Popen) -> None:
+    """SIGKILL ``p``'s process group (its children too) and reap it."""
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        p.wait(10)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def exit_text(code: int) -> str:
+    """``"exit code 3"``, or ``"killed by SIGKILL (exit code -9)"`` for a signal."""
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name} (exit code {code})"
+        except ValueError:
+            pass
+    return f"exit code {code}"
+
+
+class ServiceFailed(StackError):
+    """A service kept dying: more than the allowed restarts within the window."""
+
+
+@dataclass
+class Supervisor:
+    """Restarts the services of a :class:`Stack` that die, with exponential backoff.
+
+    A service that exits is started again after ``backoff_s`` x 2^(k-1) seconds (1, 2, 4, 8,
+    16 s with the defaults; at most ``max_backoff_s``), where k counts its restarts within the
+    last ``window_s`` seconds. When it dies again after ``max_restarts`` restarts within that
+    window, :meth:`check` raises :class:`ServiceFailed` (the caller stops everything).
+    Every death is reported through ``say`` with the service, its exit code, the attempt
+    (k of ``max_restarts``) and the last lines of its log.
+    """
+
+    stack: Stack
+    say: object = print
+    max_restarts: int = 5
+    window_s: float = 600.0
+    backoff_s: float = 1.0
+    max_backoff_s: float = 60.0
+    restarts: dict = field(default_factory=dict)  # service -> monotonic times of its restarts
+
+    def check(self) -> list[str]:
+        """Restart every service that has exited; returns their names.
+
+        Raises: ServiceFailed naming the service, its exit code and its log when it died more
+            than ``max_restarts`` times within ``window_s``.
+        """
+        done = []
+        for name, p in list(self.stack.procs.items()):
+            code = p.poll()
+            if code is None:
+                continue
+            now = time.monotonic()
+            recent = [t for t in self.restarts.get(name, []) if now - t < self.window_s]
+            tail = self.stack.log_tail(name)
+            shown = "\n".join("    | " + ln[:300] for ln in tail) or "    | (log empty)"
+            if len(recent) >= self.max_restarts:
+                raise ServiceFailed(
+                    f"{name} died again ({exit_text(code)}) after {len(recent)} restarts within "
+                    f"{self.window_s:g} s: giving up and stopping every service. Last lines of "
+                    f"{self.stack.log(name)}:\n{shown}")
+            attempt = len(recent) + 1
+            delay = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
+            self.say(f"{name} died ({exit_text(code)}); restarting it in {delay:g} s (attempt {attempt} of "
+                     f"{self.max_restarts}). Last lines of {self.stack.log(name)}:\n{shown}")
+            time.sleep(delay)
+            recent.append(time.monotonic())
+            self.restarts[name] = recent
+            t0 = time.monotonic()
+            try:
+                self.stack.restart(name)
+            except ServiceFailed:
+                raise
+            except StackError as e:
+                self.say(f"{name} did not come back: {e}")
+                continue
+            self.say(f"{name} is back after {time.monotonic() - t0:.1f} s (pid {self.stack.procs[name].pid})")
+            done.append(name)
+        return done
