@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urljoin, urlsplit
 
+import httpcore
 import httpx
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -390,6 +391,15 @@ def is_ls_file_path(path: str) -> bool:
     return bool(LS_FILE_PATH.match(path))
 
 
+def _is_private_ip(address: str) -> bool:
+    """True for a non-global address (private, loopback, link-local, reserved, multicast;
+    IPv4-mapped IPv6 judged by its IPv4 address)."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return not ip.is_global or ip.is_multicast
+
+
 def _is_private_host(host: str) -> bool | None:
     """True when ``host`` resolves to a non-global address (private, loopback, link-local,
     reserved, multicast), False when all its addresses are global, None when it does not resolve."""
@@ -397,13 +407,57 @@ def _is_private_host(host: str) -> bool | None:
         infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
     except (OSError, UnicodeError):
         return None
-    for info in infos:
-        ip = ipaddress.ip_address(info[4][0].split("%", 1)[0])
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-            ip = ip.ipv4_mapped
-        if not ip.is_global or ip.is_multicast:
-            return True
-    return False
+    return any(_is_private_ip(info[4][0]) for info in infos)
+
+
+class _RefusedAddress(Exception):
+    """The connection of a foreign image fetch would go to a private address (raised at connect)."""
+
+
+class _PinnedBackend(httpcore.SyncBackend):
+    """httpcore network backend that resolves the host once, refuses the connection when any of
+    its addresses is private (:func:`_is_private_ip`), and connects to the addresses it checked.
+
+    This closes the DNS-rebinding gap of a check-then-fetch: the address connected to is the
+    one checked, not a second resolution's. TLS still gets the host name (httpcore passes the
+    URL's host as ``server_hostname`` for SNI and certificate checks) and the ``Host`` header is
+    the URL's. Same idea as Label Studio's ``_SsrfGuardedConnectionMixin`` (core/utils/io.py).
+    """
+
+    def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as e:
+            raise httpcore.ConnectError(f"name resolution failed: {e.__class__.__name__}") from None
+        if not infos or any(_is_private_ip(i[4][0]) for i in infos):
+            raise _RefusedAddress(host)
+        last: Exception | None = None
+        for family, type_, proto, _, addr in infos:
+            sock = socket.socket(family, type_, proto)
+            try:
+                sock.settimeout(timeout)
+                if local_address is not None:
+                    sock.bind((local_address, 0))
+                for option in socket_options or []:
+                    sock.setsockopt(*option)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.connect(addr)
+                return httpcore._backends.sync.SyncStream(sock)
+            except socket.timeout as e:
+                sock.close()
+                raise httpcore.ConnectTimeout(str(e)) from None
+            except OSError as e:
+                sock.close()
+                last = e
+        raise httpcore.ConnectError(str(last))
+
+
+def _pinned_transport() -> httpx.HTTPTransport:
+    """An ``httpx.HTTPTransport`` whose connections go through :class:`_PinnedBackend` (no proxy
+    from the environment: the address connected to is the one checked)."""
+    transport = httpx.HTTPTransport(trust_env=False)
+    transport._pool._network_backend = _PinnedBackend()  # httpx 0.28 / httpcore 1.0 layout (tested)
+    return transport
 
 
 def _foreign_failure(url: str) -> ImageError:
@@ -488,7 +542,17 @@ def _get_once(url: str, headers: dict, settings: Settings, deadline: float):
         raise _timeout(url, settings, bool(headers))
     step = min(5.0, remaining)
     timeout = httpx.Timeout(step, connect=step, read=step, write=step, pool=step)
-    with httpx.Client(timeout=timeout, follow_redirects=False) as c:
+    # a foreign host with private addresses refused: connect to the address checked (no rebinding)
+    transport = _pinned_transport() if not headers and not settings.image_urls_allow_private else None
+    try:
+        return _stream_get(url, headers, settings, deadline, timeout, transport)
+    except _RefusedAddress:
+        raise ImageError(f"image URL {_safe_url(url)} points to a private or loopback address that is not "
+                         "Label Studio: refused (set IMAGE_URLS_ALLOW_PRIVATE=true to allow)") from None
+
+
+def _stream_get(url, headers, settings, deadline, timeout, transport):
+    with httpx.Client(timeout=timeout, follow_redirects=False, transport=transport) as c:
         with c.stream("GET", url, headers=headers) as r:
             if r.status_code in (301, 302, 303, 307, 308) and r.headers.get("location"):
                 return r.status_code, b"", r.headers["location"]
