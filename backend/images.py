@@ -73,11 +73,21 @@ class LoadedImage:
     Attributes:
         array: ``(H, W, 3)`` uint8 RGB, EXIF orientation applied.
         width, height: pixels of that array.
+        original_width, original_height: pixels of the image as displayed (EXIF orientation
+            applied) before any reduction (``MAX_IMAGE_SIDE``, JPEG ``draft``); what Label Studio
+            shows and expects as a region's ``original_width``/``original_height``. Equal to
+            ``width``/``height`` when the image was decoded at full size.
     """
 
     array: np.ndarray
     width: int
     height: int
+    original_width: int = 0
+    original_height: int = 0
+
+    def __post_init__(self):
+        self.original_width = self.original_width or self.width
+        self.original_height = self.original_height or self.height
 
 
 _clients: dict[tuple[str, str], object] = {}
@@ -320,9 +330,9 @@ def decode_image(data: bytes, max_pixels: int, min_side: int = 1, max_side: int 
     The size is read from the header before any pixel is decoded and more than ``max_pixels``
     is refused, except for a JPEG, which is decoded at 1/2, 1/4 or 1/8 scale when that fits.
     An image whose long side is over ``max_side`` is then reduced by an integer factor (box
-    filter) to fit. The returned width/height are those of the array (Label Studio's percent
-    coordinates do not depend on the scale; ``original_width``/``original_height`` of regions
-    are then the reduced size).
+    filter) to fit. The returned ``width``/``height`` are those of the array; ``original_width``/
+    ``original_height`` the true size as displayed (a prediction's pixel boxes are scaled back to
+    it, so Label Studio gets its real size and the same percent coordinates).
 
     Args:
         data: the file's bytes.
@@ -349,6 +359,7 @@ def decode_image(data: bytes, max_pixels: int, min_side: int = 1, max_side: int 
                 src.close()  # frees the full-size pixels now, not at the end of the block
             if orientation in _ORIENT:
                 im = im.transpose(_ORIENT[orientation])
+            original = (h, w) if orientation in (5, 6, 7, 8) else (w, h)  # as displayed
             arr = to_rgb8(im)
     except ImageError:
         raise
@@ -365,7 +376,7 @@ def decode_image(data: bytes, max_pixels: int, min_side: int = 1, max_side: int 
     height, width = arr.shape[:2]
     if min(width, height) < min_side:
         raise ImageError(f"image is too small: {width}x{height} px (minimum {min_side} px a side)")
-    return LoadedImage(np.ascontiguousarray(arr), width, height)
+    return LoadedImage(np.ascontiguousarray(arr), width, height, *original)
 
 
 # --- fetching ---------------------------------------------------------------------------------

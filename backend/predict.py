@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -30,8 +30,9 @@ class TaskPrediction:
 
     Attributes:
         task_id: Label Studio task id (None when the task had none).
-        boxes: pre-annotation boxes in pixels (``label`` None = face of a not-yet-known class).
-        width, height: image size in pixels.
+        boxes: pre-annotation boxes in pixels of the true image size (``label`` None = face of a
+            not-yet-known class); an image decoded smaller (``MAX_IMAGE_SIDE``) has its boxes scaled back.
+        width, height: true image size in pixels as displayed (Label Studio's ``original_width/height``).
         uncertainty: measures of the image (None on error).
         embedding: backbone embedding (for diversity), when asked for.
         error: why the task got no prediction (bad image, bad URL, ...), else None.
@@ -180,14 +181,19 @@ def predict_tasks(tasks: list[dict], schema: ProjectSchema, model, settings: Set
             if isinstance(img, ImageError):
                 out[i].error = str(img)
             else:
-                out[i].width, out[i].height = img.width, img.height
+                # the true size: Label Studio's original_width/height (the array may be reduced)
+                out[i].width, out[i].height = img.original_width, img.original_height
                 ok.append((i, img))
         del loaded
         if ok:
             dets = model.detect([img.array for _, img in ok], conf=min(settings.candidate_threshold, threshold),
                                 imgsz=settings.imgsz, embed=embed)
-            for (i, _), det in zip(ok, dets):
+            for (i, img), det in zip(ok, dets):
                 out[i].boxes, out[i].uncertainty = analyse(det, schema, model.names, threshold, settings.aggregation)
+                sx, sy = img.original_width / img.width, img.original_height / img.height
+                if (sx, sy) != (1.0, 1.0):  # array pixels -> pixels of the true size
+                    out[i].boxes = [replace(b, x1=b.x1 * sx, y1=b.y1 * sy, x2=b.x2 * sx, y2=b.y2 * sy)
+                                    for b in out[i].boxes]
                 out[i].embedding = det.embedding
         del ok
     return out

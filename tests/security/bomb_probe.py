@@ -1,6 +1,8 @@
 """Run in a subprocess by test_bombs.py: one backend (TestClient, real model), then one /predict
 per case; prints JSON with the process's peak RSS (VmHWM) after each case (test_bombs.py runs one
-case per process, so that is the case's peak)."""
+case per process, so that is the case's peak), the seconds it took and the predicted regions
+(percent ``x, y, width, height`` and ``original_width/height``). An optional 4th argument is a
+JSON object of settings (e.g. ``{"max_image_side": 0}``); test_large_images.py uses it too."""
 
 from __future__ import annotations
 
@@ -19,13 +21,13 @@ def vm(key: str) -> int:
     return 0
 
 
-def main(root: str, var: str, cases_json: str) -> None:
+def main(root: str, var: str, cases_json: str, settings_json: str = "{}") -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from backend.app import create_app
     from tests.helpers_unit import config_text, make_settings
 
     cases = json.loads(cases_json)
-    s = make_settings(Path(var), local_files_document_root=root)
+    s = make_settings(Path(var), local_files_document_root=root, **json.loads(settings_json))
     out = {"cases": {}}
     with TestClient(create_app(s), client=("127.0.0.1", 1)) as c:
         c.post("/setup", json={"project": 1, "schema": config_text("awake_sleep")})
@@ -40,10 +42,13 @@ def main(root: str, var: str, cases_json: str) -> None:
             res = r.json().get("results", []) if r.status_code == 200 else []
             out["cases"][name] = {"status": r.status_code, "seconds": round(time.perf_counter() - t0, 2),
                                   "peak_rss": vm("VmHWM"),
-                                  "outcomes": [x.get("error", "ok")[:120] for x in res]}
+                                  "outcomes": [x.get("error", "ok")[:120] for x in res],
+                                  "regions": [[[g["value"][k] for k in ("x", "y", "width", "height")]
+                                               + [g["original_width"], g["original_height"]]
+                                               for g in x.get("result", [])] for x in res]}
     out["overall_hwm"] = vm("VmHWM")
     print("BOMB-RESULT " + json.dumps(out))
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])
