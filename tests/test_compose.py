@@ -1,5 +1,6 @@
 """docker-compose.yml validates with Debian's docker-compose (no Docker engine runs here)."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -54,7 +55,66 @@ def test_compose_has_the_loop_and_a_gpu_worker():
     assert set(services) == {"label-studio", "redis", "backend", "worker"}
     assert services["label-studio"]["image"].startswith("heartexlabs/label-studio:1.23.")
     env = services["label-studio"]["environment"]
-    assert env["LABEL_STUDIO_ML_BLOCK_LOCAL_IP"] == "false" and env["SSRF_PROTECTION_ENABLED"] == "false"
+    # Label Studio's SSRF protection on (issue 9 §7): the compose network is reached on a real address
+    assert env["LABEL_STUDIO_ML_BLOCK_LOCAL_IP"] == "true" and env["SSRF_PROTECTION_ENABLED"] == "true"
     gpu = services["worker"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["capabilities"] == ["gpu"]
     assert set(spec["volumes"]) >= {"ls-data", "redis-data", "faceloop-state"}
+
+
+#: Label Studio 1.23.2's default banned subnets (core/utils/io.py validate_ip), as written there.
+LS_DEFAULT_BANNED = ["0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+                     "192.0.0.0/24", "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16", "198.18.0.0/15",
+                     "198.51.100.0/24", "203.0.113.0/24", "224.0.0.0/4", "233.252.0.0/24", "240.0.0.0/4",
+                     "255.255.255.255/32", "::/128", "::1/128", "::ffff:0:0/96", "::ffff:0:0:0/96", "64:ff9b::/96",
+                     "64:ff9b:1::/48", "100::/64", "2001:0000::/32", "2001:20::/28", "2001:db8::/32", "2002::/16",
+                     "fc00::/7", "fe80::/10", "ff00::/8"]
+
+
+def test_label_studio_ssrf_protection_bans_all_but_the_compose_network():
+    import ipaddress
+
+    env = yaml.safe_load(_config(SECRETS).stdout)["services"]["label-studio"]["environment"]
+    assert env["SSRF_PROTECTION_ENABLED"] == "true" and env["LABEL_STUDIO_ML_BLOCK_LOCAL_IP"] == "true"
+    assert env["USE_DEFAULT_BANNED_SUBNETS"] == "false"
+    banned = env["USER_ADDITIONAL_BANNED_SUBNETS"].split(",")  # Label Studio splits on "," and strips nothing
+    assert {ipaddress.ip_network(n) for n in banned} == {ipaddress.ip_network(n) for n in LS_DEFAULT_BANNED
+                                                         if n != "172.16.0.0/12"}
+    custom = _config({**SECRETS, "LABEL_STUDIO_BANNED_SUBNETS": "10.0.0.0/8"})
+    assert yaml.safe_load(custom.stdout)["services"]["label-studio"]["environment"][
+        "USER_ADDITIONAL_BANNED_SUBNETS"] == "10.0.0.0/8"
+
+
+def test_label_studio_itself_blocks_private_addresses_with_the_compose_settings(tmp_path):
+    """Label Studio 1.23.2's own check (``core.utils.io.validate_ip``, used by webhooks, the ML
+    backend connection and URL imports) under the environment docker-compose gives it."""
+    ls_python = REPO / ".venv-ls" / "bin" / "python"
+    if not ls_python.exists():
+        pytest.skip("Label Studio is not installed in .venv-ls (scripts/bootstrap.sh installs it)")
+    env = yaml.safe_load(_config(SECRETS).stdout)["services"]["label-studio"]["environment"]
+    code = (
+        "import json, os, sys, label_studio\n"
+        "sys.path.insert(0, os.path.dirname(label_studio.__file__))\n"
+        "from django.conf import settings\n"
+        "from core.utils.io import validate_ip\n"
+        "out = {'ssrf': settings.SSRF_PROTECTION_ENABLED, 'ml_block': settings.ML_BLOCK_LOCAL_IP}\n"
+        "for ip in sys.argv[1:]:\n"
+        "    try:\n"
+        "        validate_ip(ip); out[ip] = 'allowed'\n"
+        "    except Exception as e:\n"
+        "        out[ip] = type(e).__name__\n"
+        "print('RESULT ' + json.dumps(out))\n")
+    blocked = ["127.0.0.1", "10.1.2.3", "169.254.169.254", "192.168.1.10", "100.64.0.1", "0.0.0.0", "::1",
+               "fe80::1", "fd00::5", "::ffff:127.0.0.1"]
+    allowed = ["172.18.0.5", "172.31.255.2", "8.8.8.8", "2606:4700::1111"]
+    run_env = {k: str(v) for k, v in env.items()}
+    run_env.update({"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "LABEL_STUDIO_BASE_DATA_DIR": str(tmp_path),
+                    "DJANGO_SETTINGS_MODULE": "core.settings.label_studio"})
+    r = subprocess.run([str(ls_python), "-c", code, *blocked, *allowed], capture_output=True, text=True,
+                       timeout=120, env=run_env, cwd=tmp_path)
+    line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert line, r.stdout[-2000:] + r.stderr[-3000:]
+    out = json.loads(line[len("RESULT "):])
+    assert out["ssrf"] is True and out["ml_block"] is True
+    assert {ip: out[ip] for ip in blocked} == {ip: "SsrfBlockedUrlError" for ip in blocked}
+    assert {ip: out[ip] for ip in allowed} == {ip: "allowed" for ip in allowed}
