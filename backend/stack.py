@@ -493,10 +493,7 @@ class Stack:
             try:
                 p.wait(max(0.1, deadline - time.time()))
             except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                _kill_group(p)  # and reap it: gone before we return, not an orphan
         had = bool(self.procs)
         self.procs.clear()
         if had and self.state_path.exists():

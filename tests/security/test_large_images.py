@@ -65,3 +65,16 @@ def test_large_jpeg_predicts_like_its_small_copy_within_bounded_memory(photos, t
         assert all(abs(x - y) < 1.0 for x, y in zip(a[:4], b[:4])), (a, b)  # percent points
     assert big["peak_rss"] < 1.5 * GB
     assert big["peak_rss"] <= full["peak_rss"] + 32 * 2**20
+
+
+@pytest.mark.parametrize("orientation,shown", [(None, (3000, 2000)), (6, (2000, 3000)), (3, (3000, 2000))])
+def test_decoded_smaller_keeps_the_displayed_size(orientation, shown):
+    from backend.images import decode_image
+    from tests.helpers_unit import jpeg_bytes
+
+    img = decode_image(jpeg_bytes(3000, 2000, orientation=orientation), 40_000_000, 16, 1024)
+    assert (img.original_width, img.original_height) == shown  # EXIF orientation applied, full size
+    assert max(img.width, img.height) <= 1024 and img.array.shape[:2] == (img.height, img.width)
+    assert abs(img.width / img.height - shown[0] / shown[1]) < 0.01
+    full = decode_image(jpeg_bytes(300, 200, orientation=orientation), 40_000_000, 16, 1024)
+    assert (full.width, full.height) == (full.original_width, full.original_height)
