@@ -222,6 +222,7 @@ def test_up_restarts_dead_services_and_gives_up_on_one_that_keeps_dying(tmp_path
             recovery[name] = round(time.time() - t0, 1)
             pids[name] = new
         print(f"\nrecovery after kill -9, kill to the others reconnected (s): {recovery}")
+        print("\n".join(re.findall(r"\S+ is back after [\d.]+ s", up.out())))
         # the backend reads images from the restarted Label Studio with its (cached) token
         files = httpx.post(f"{ls_url}/api/projects/{pid}/import?return_task_ids=true", headers={"Authorization": f"Bearer {_access(ls_url, key)}"},
                            files={"file": ("face.jpg", _jpeg(7), "image/jpeg")}, timeout=60)
@@ -262,7 +263,7 @@ def test_up_restarts_dead_services_and_gives_up_on_one_that_keeps_dying(tmp_path
         assert "every service stopped" in out
         assert not [n for n, p in pids.items() if _running(p)], pids
         assert up.state()["running"] is False
-        print(f"gave up {gave_up:.1f} s after the second kill of redis")
+        print(f"up exited (code {code}) {gave_up:.1f} s after the second kill of redis")
     finally:
         if up.proc.poll() is None:
             up.proc.send_signal(signal.SIGINT)

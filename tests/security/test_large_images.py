@@ -61,6 +61,8 @@ def test_large_jpeg_predicts_like_its_small_copy_within_bounded_memory(photos, t
     assert {tuple(r[4:]) for r in rs} == {(1500, 1000)}
     assert {tuple(r[4:]) for r in rb} == {(6000, 4000)}  # Label Studio gets the true size
     assert len(rb) == len(rs)
+    print(f"regions (x, y, width, height in percent; original size): 1500x1000 {rs}, 6000x4000 {rb}, "
+          f"6000x4000 full {full['regions'][0]}")
     for a, b in zip(sorted(rs), sorted(rb)):
         assert all(abs(x - y) < 1.0 for x, y in zip(a[:4], b[:4])), (a, b)  # percent points
     assert big["peak_rss"] < 1.5 * GB
