@@ -174,7 +174,9 @@ def up(
     exit_after_setup: bool = typer.Option(False, help="Stop the services once the project is ready"),
 ):
     """Start Redis, Label Studio, the backend and a worker; open (or create) the project of IMAGES
-    and CONFIG with the images as a Local Files storage; connect the backend with auth on."""
+    and CONFIG with the images as a Local Files storage; connect the backend with auth on.
+    A service that dies is restarted (backoff 1-16 s); one that keeps dying (5 restarts within
+    10 minutes) stops everything, exit code 1."""
     import hashlib
 
     from label_studio_sdk import LabelStudio

@@ -14,6 +14,10 @@ run the same parts the same way. Everything lives under one folder ``root`` (``f
   ``faceloop train/score/queue/jobs/versions`` read it to find the running stack.
 - ``root/logs/*.log``: one log per service.
 
+``faceloop up`` watches the processes with :class:`Supervisor`: a service that dies is restarted
+on its port with backoff (1, 2, 4, 8, 16 s), and only one that keeps dying (a 6th death within
+10 minutes) stops the whole stack.
+
 Ports: the one asked for, else the one recorded at the last start, else the usual one (Label
 Studio 8080, backend 9090, Redis 6379), each only if free; otherwise a free port.
 
