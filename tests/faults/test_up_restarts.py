@@ -224,7 +224,8 @@ def test_up_restarts_dead_services_and_gives_up_on_one_that_keeps_dying(tmp_path
         print(f"\nrecovery after kill -9, kill to the others reconnected (s): {recovery}")
         print("\n".join(re.findall(r"\S+ is back after [\d.]+ s", up.out())))
         # the backend reads images from the restarted Label Studio with its (cached) token
-        files = httpx.post(f"{ls_url}/api/projects/{pid}/import?return_task_ids=true", headers={"Authorization": f"Bearer {_access(ls_url, key)}"},
+        files = httpx.post(f"{ls_url}/api/projects/{pid}/import?return_task_ids=true",
+                           headers={"Authorization": f"Bearer {_access(ls_url, key)}"},
                            files={"file": ("face.jpg", _jpeg(7), "image/jpeg")}, timeout=60)
         assert files.status_code == 201, files.text
         task = ls.tasks.get(id=files.json()["task_ids"][0])
@@ -256,7 +257,8 @@ def test_up_restarts_dead_services_and_gives_up_on_one_that_keeps_dying(tmp_path
             blocker.close()
         out = up.out()[start:]
         assert code == 1, out
-        assert re.search(r"error: redis died again \(exit code \d+\) after 5 restarts within 600 s: giving up", out), out
+        assert re.search(r"error: redis died again \(exit code \d+\) after 5 restarts within 600 s: "
+                         r"giving up", out), out
         assert "Address already in use" in out  # redis-server's own reason, from its log
         for k in (2, 3, 4, 5):
             assert f"attempt {k} of 5" in out
