@@ -15,7 +15,9 @@ URL kinds (label-studio-protocol.md §1, §5 "Authentication, backend -> LS"):
   ``LABEL_STUDIO_URL_ALIASES``): as the relative file URLs (same path rule, with the token).
 - ``http(s)://`` elsewhere: fetched *without* credentials; hosts that resolve to a private,
   loopback, link-local or reserved address are refused unless ``IMAGE_URLS_ALLOW_PRIVATE`` is
-  set, and every failure gives the same message (no port scanning through error texts).
+  set, and every failure gives the same message (no port scanning through error texts). The
+  download connects to the address that was checked (:class:`_PinnedBackend`: no DNS rebinding
+  between the check and the connection).
 
 Safety rules (issue 9): credentials go only to the configured Label Studio, never to ``/setup``'s
 ``hostname`` (an ``ls_url`` argument that is not a configured Label Studio origin is ignored);
@@ -464,9 +466,10 @@ class _PinnedBackend(httpcore.SyncBackend):
 
 
 def _pinned_transport() -> httpx.HTTPTransport:
-    """An ``httpx.HTTPTransport`` whose connections go through :class:`_PinnedBackend` (no proxy
-    from the environment: the address connected to is the one checked)."""
-    transport = httpx.HTTPTransport(trust_env=False)
+    """An ``httpx.HTTPTransport`` whose connections go through :class:`_PinnedBackend`. A client
+    given a transport uses no proxy from the environment (the address connected to is the one
+    checked); ``SSL_CERT_FILE``/``SSL_CERT_DIR`` still apply (``trust_env``)."""
+    transport = httpx.HTTPTransport()
     transport._pool._network_backend = _PinnedBackend()  # httpx 0.28 / httpcore 1.0 layout (tested)
     return transport
 
