@@ -103,8 +103,9 @@ def _file_lock(url: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _upgrade(eng, url: str, revision: str = "head") -> None:
+def _upgrade(eng, url: str, revision: str = "head", down: bool = False) -> None:
     from alembic import command
+    from alembic.util.exc import CommandError
 
     cfg = alembic_config(url)
     with _file_lock(url), eng.begin() as conn:
@@ -116,7 +117,15 @@ def _upgrade(eng, url: str, revision: str = "head") -> None:
             log.warning("database %s predates migrations: adopting it at revision %s",
                         eng.url.render_as_string(hide_password=True), BASELINE_REVISION)
         cfg.attributes["connection"] = conn
-        command.upgrade(cfg, revision)
+        try:
+            (command.downgrade if down else command.upgrade)(cfg, revision)
+        except CommandError as e:
+            from alembic.runtime.migration import MigrationContext
+
+            current = MigrationContext.configure(conn).get_current_revision()
+            raise RuntimeError(f"database {eng.url.render_as_string(hide_password=True)} is at schema revision "
+                               f"{current!r}, which this faceloop does not know (written by a newer faceloop?): "
+                               f"{e}") from e
 
 
 def upgrade_schema(url: str, revision: str = "head") -> None:
@@ -133,6 +142,16 @@ def upgrade_schema(url: str, revision: str = "head") -> None:
     eng = _create_engine(url)
     try:
         _upgrade(eng, url, revision)
+    finally:
+        eng.dispose()
+
+
+def downgrade_schema(url: str, revision: str) -> None:
+    """Downgrade the database at ``url`` to ``revision`` (``"base"``: drop every table; data is lost).
+    A process that already uses ``url`` keeps its engine: call :func:`forget_engine` first."""
+    eng = _create_engine(url)
+    try:
+        _upgrade(eng, url, revision, down=True)
     finally:
         eng.dispose()
 
@@ -179,3 +198,12 @@ def session_scope(url: str):
         except Exception:
             s.rollback()
             raise
+
+
+def forget_engine(url: str) -> None:
+    """Close the pooled connections of ``url``'s engine and forget it (before dropping that
+    database; the next :func:`get_engine` makes a new one)."""
+    with _lock:
+        eng = _engines.pop(url, None)
+    if eng is not None:
+        eng.dispose()
