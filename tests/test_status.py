@@ -40,8 +40,9 @@ def candidate(**kw) -> dict:
 
 
 @pytest.fixture()
-def settings(tmp_path):
-    return make_settings(tmp_path / "var", model_dir=tmp_path / "var" / "models")
+def settings(tmp_path, db_url):
+    """On SQLite and on PostgreSQL (tests/conftest.py::db_url)."""
+    return make_settings(tmp_path / "var", model_dir=tmp_path / "var" / "models", database_url=db_url)
 
 
 @pytest.fixture()
@@ -189,7 +190,8 @@ def test_thumbnail_without_label_studio_key_is_a_clear_502(client, populated):
 
 
 def test_status_pages_need_the_backends_auth(tmp_path, populated, settings):
-    auth = make_settings(tmp_path / "var", model_dir=settings.model_dir, basic_auth_user="ann", basic_auth_pass="pw")
+    auth = make_settings(tmp_path / "var", model_dir=settings.model_dir, database_url=settings.database_url,
+                         basic_auth_user="ann", basic_auth_pass="pw")
     c = TestClient(create_app(auth), client=LOOPBACK)
     v2 = populated["v2"]
     for path in ("/status", f"/status/{PID}", f"/status/{PID}/versions/{v2}/plots/1", f"/status/{PID}/tasks/1/thumb.jpg"):
@@ -209,7 +211,8 @@ def test_a_projects_token_link_opens_its_page_and_images_only(tmp_path, populate
     cookie it sets opens the page's plots and thumbnails; nothing else."""
     from backend.status import TOKEN_COOKIE, status_link, status_token, token_key
 
-    auth = make_settings(tmp_path / "var", model_dir=settings.model_dir, basic_auth_user="ann", basic_auth_pass="pw",
+    auth = make_settings(tmp_path / "var", model_dir=settings.model_dir, database_url=settings.database_url,
+                         basic_auth_user="ann", basic_auth_pass="pw",
                          webhook_secret="hook-secret")
     key = token_key(auth)
     assert key == "hook-secret"
