@@ -20,6 +20,7 @@ from sqlalchemy import event, inspect, text
 from sqlmodel import Session, create_engine
 
 log = logging.getLogger(__name__)
+logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # "setup plugin ..." on every start
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 #: The revision whose schema equals what ``SQLModel.metadata.create_all`` made before migrations.
