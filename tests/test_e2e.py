@@ -1,4 +1,5 @@
-"""The whole loop on real parts: Label Studio, redis-server, a Celery worker, the backend.
+"""The whole loop on real parts: Label Studio, redis-server, a Celery worker, the backend, and
+PostgreSQL as the backend's database when its binaries are there (always in CI; tests/conftest.py).
 
 A person's path through the SDK: create a project (awake/sleep), import 30 face images,
 *Retrieve Predictions*, annotate 20 from the ground truth, *Start Training*, wait for the new
@@ -36,7 +37,7 @@ def test_whole_loop(stack):
     from backend.models import ModelVersion, TaskScore, TrainingJob
 
     t_start = time.time()
-    db_url = f"sqlite:///{stack.var_dir / 'faceloop.db'}"
+    db_url = stack.database_url
     client = LabelStudio(base_url=stack.ls_url, api_key=stack.api_key)
     xml = (REPO / "label_config" / "awake_sleep.xml").read_text()
     schema = ProjectSchema.parse(xml)
