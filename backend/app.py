@@ -27,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from pydantic import BaseModel, ConfigDict, Field
 from sqlmodel import select
 
+import modelstore
 from backend import registry
 from backend.registry import valid_id
 from backend.config import Settings, get_settings
@@ -301,7 +302,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 version = registry.promoted_version(s, pid, settings)
             except FileNotFoundError as e:
                 raise HTTPException(503, str(e))
-        model = models().get(version.path)
+        try:
+            model = models().get(modelstore.model_path(settings, version))  # from the database's model store
+        except (FileNotFoundError, modelstore.ArtifactError) as e:
+            raise HTTPException(503, f"model version {version.version} cannot be loaded: {e}")
         preds = predict_tasks(req.tasks, schema, model, settings)
         results = [to_ls_prediction(p, schema, version.version, settings.uncertainty_measure) for p in preds]
         for p in preds:
