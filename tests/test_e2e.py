@@ -36,7 +36,7 @@ def test_whole_loop(stack):
     from backend.models import ModelVersion, TaskScore, TrainingJob
 
     t_start = time.time()
-    db_url = f"sqlite:///{stack.var_dir / 'faceloop.db'}"
+    db_url = stack.database_url
     client = LabelStudio(base_url=stack.ls_url, api_key=stack.api_key)
     xml = (REPO / "label_config" / "awake_sleep.xml").read_text()
     schema = ProjectSchema.parse(xml)

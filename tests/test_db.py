@@ -1,0 +1,179 @@
+"""Schema migrations (Alembic, backend/migrations) on SQLite and on a real PostgreSQL server.
+
+- the newest revision builds exactly the models' schema (``alembic check``: autogenerate finds
+  nothing to do), so a model change without a migration fails here;
+- a database made by ``create_all`` before migrations is adopted at the baseline, nothing lost;
+- several processes upgrading one database at once is safe;
+- the partial unique index (one queued training job per project) holds on both databases.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import warnings
+from datetime import datetime, timezone
+
+import pytest
+from sqlalchemy import create_engine, inspect, text
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, SQLModel, select
+
+from backend import db as dbmod
+from backend.acceptance import PrelabelAcceptance
+from backend.models import ModelVersion, Project, TrainingJob
+from tests.conftest import REPO
+
+TABLES = {"project", "modelversion", "trainingjob", "taskscore", "webhookevent", "scoringrun", "outboxwrite",
+          "prelabelacceptance"}
+
+
+def schema_diff(url: str) -> list:
+    """Autogenerate's differences between the database at ``url`` and the models (as ``alembic check``)."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    eng = create_engine(url)
+    try:
+        with eng.connect() as conn, warnings.catch_warnings():
+            # project <-> modelversion reference each other; sorting them for the diff warns
+            warnings.filterwarnings("ignore", message="Cannot correctly sort tables")
+            mc = MigrationContext.configure(conn, opts={"compare_type": True, "compare_server_default": True,
+                                                        "target_metadata": SQLModel.metadata})
+            return compare_metadata(mc, SQLModel.metadata)
+    finally:
+        eng.dispose()
+
+
+def test_head_migration_builds_the_models_schema(db_url):
+    dbmod.get_engine(db_url)
+    assert dbmod.current_revision(db_url) == dbmod.head_revision()
+    assert TABLES <= set(inspect(dbmod.get_engine(db_url)).get_table_names())
+    diff = schema_diff(db_url)
+    assert diff == [], ("the models differ from the newest migration: add one (README, 'Database'): "
+                        f"{diff}")
+
+
+def test_every_revision_downgrades_and_upgrades_again(db_url):
+    dbmod.get_engine(db_url)
+    dbmod.forget_engine(db_url)
+    dbmod.downgrade_schema(db_url, "base")
+    eng = create_engine(db_url)
+    assert set(inspect(eng).get_table_names()) <= {"alembic_version"}
+    eng.dispose()
+    dbmod.upgrade_schema(db_url)
+    assert dbmod.current_revision(db_url) == dbmod.head_revision() and schema_diff(db_url) == []
+
+
+def _legacy_database(url: str, with_acceptance: bool) -> None:
+    """What faceloop before migrations left: create_all's tables (``prelabelacceptance`` only once
+    the status page had been used) with rows in them, and no ``alembic_version``."""
+    eng = create_engine(url)
+    tables = [t for t in SQLModel.metadata.tables.values() if with_acceptance or t.name != "prelabelacceptance"]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Cannot correctly sort tables")
+        SQLModel.metadata.create_all(eng, tables=tables)
+    with Session(eng) as s:
+        s.add(Project(id=7, title="faces", labels_json='["awake", "sleep"]'))
+        s.flush()
+        s.add(ModelVersion(project_id=7, version="p7-v1", path="/m/p7-v1.pt", sha256="ab" * 32, status="promoted"))
+        s.add(TrainingJob(project_id=7, state="queued", epochs=3))
+        if with_acceptance:
+            s.add(PrelabelAcceptance(project_id=7, model_version="p7-v1", annotations=2, accepted=5))
+        s.commit()
+    eng.dispose()
+
+
+@pytest.mark.parametrize("with_acceptance", [True, False], ids=["with-acceptance", "without-acceptance"])
+def test_database_from_before_migrations_is_adopted(db_url, with_acceptance, caplog):
+    _legacy_database(db_url, with_acceptance)
+    assert dbmod.current_revision(db_url) is None
+    with caplog.at_level("WARNING", logger="backend.db"):
+        dbmod.get_engine(db_url)
+    assert "predates migrations" in caplog.text
+    assert dbmod.current_revision(db_url) == dbmod.head_revision()
+    assert schema_diff(db_url) == []
+    with dbmod.session_scope(db_url) as s:
+        assert s.get(Project, 7).labels == ["awake", "sleep"]
+        assert [v.version for v in s.exec(select(ModelVersion)).all()] == ["p7-v1"]
+        job = s.exec(select(TrainingJob)).one()
+        assert (job.state, job.epochs) == ("queued", 3)
+        acc = s.exec(select(PrelabelAcceptance)).all()
+        assert [(a.model_version, a.accepted) for a in acc] == ([("p7-v1", 5)] if with_acceptance else [])
+        s.add(PrelabelAcceptance(project_id=7, model_version="p7-v2"))  # the table works either way
+    with pytest.raises(IntegrityError), dbmod.session_scope(db_url) as s:  # the partial index survived
+        s.add(TrainingJob(project_id=7, state="queued"))
+        s.flush()
+
+
+def test_concurrent_upgrades_of_one_database(db_url):
+    """Backend and workers start together: each upgrades; one does it, the others wait and find it done."""
+    errors = []
+
+    def upgrade():
+        eng = dbmod._create_engine(db_url)
+        try:
+            dbmod._upgrade(eng, db_url)
+        except Exception as e:  # noqa: BLE001 - collected for the assertion
+            errors.append(e)
+        finally:
+            eng.dispose()
+
+    threads = [threading.Thread(target=upgrade) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [] and not any(t.is_alive() for t in threads)
+    assert dbmod.current_revision(db_url) == dbmod.head_revision() and schema_diff(db_url) == []
+
+
+def test_one_queued_training_job_per_project(db_url):
+    with dbmod.session_scope(db_url) as s:
+        s.add(Project(id=1))
+        s.add(Project(id=2))
+    with dbmod.session_scope(db_url) as s:
+        s.add(TrainingJob(project_id=1, state="queued"))
+        s.add(TrainingJob(project_id=2, state="queued"))  # another project: fine
+        s.add(TrainingJob(project_id=1, state="running"))  # not queued: outside the partial index
+        s.add(TrainingJob(project_id=1, state="succeeded"))
+    with pytest.raises(IntegrityError), dbmod.session_scope(db_url) as s:
+        s.add(TrainingJob(project_id=1, state="queued"))
+    with dbmod.session_scope(db_url) as s:  # once it runs, one more may queue
+        s.exec(select(TrainingJob).where(TrainingJob.state == "queued", TrainingJob.project_id == 1)).one().state = "running"
+    with dbmod.session_scope(db_url) as s:
+        s.add(TrainingJob(project_id=1, state="queued"))
+    with dbmod.session_scope(db_url) as s:
+        states = sorted(j.state for j in s.exec(select(TrainingJob).where(TrainingJob.project_id == 1)).all())
+        assert states == ["queued", "running", "running", "succeeded"]
+
+
+def test_times_come_back_in_utc(db_url):
+    when = datetime(2026, 5, 1, 12, 30, tzinfo=timezone.utc)
+    with dbmod.session_scope(db_url) as s:
+        s.add(Project(id=3, updated_at=when))
+    with dbmod.session_scope(db_url) as s:
+        assert s.get(Project, 3).updated_at == when
+
+
+def test_upgrade_does_not_depend_on_the_working_directory(tmp_path):
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-c", "import sys; from backend.db import upgrade_schema, current_revision; "
+                        "upgrade_schema(sys.argv[1]); print(current_revision(sys.argv[1]))", url],
+                       cwd="/", env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == dbmod.head_revision()
+
+
+def test_a_revision_this_code_does_not_know_is_a_clear_error(db_url):
+    dbmod.get_engine(db_url)
+    dbmod.forget_engine(db_url)
+    eng = create_engine(db_url)
+    with eng.begin() as c:
+        c.execute(text("UPDATE alembic_version SET version_num = '9999_from_the_future'"))
+    eng.dispose()
+    with pytest.raises(RuntimeError, match="9999_from_the_future.*newer faceloop"):
+        dbmod.get_engine(db_url)
