@@ -108,8 +108,8 @@ class ModelArtifact(SQLModel, table=True):
 
     __table_args__ = (UniqueConstraint("project_id", "version", "name"),)
     id: Optional[int] = Field(default=None, primary_key=True)
-    project_id: int = Field(index=True)
-    version: str = Field(index=True)
+    project_id: int  # lookups use the unique (project_id, version, name) index
+    version: str
     name: str
     sha256: str
     size: int
