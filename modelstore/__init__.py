@@ -30,6 +30,7 @@ import hashlib
 import os
 import tempfile
 import threading
+import time
 from pathlib import Path, PurePosixPath
 
 from sqlmodel import Session, select
@@ -42,6 +43,13 @@ from backend.models import ModelArtifact, ModelVersion
 #: Largest single file stored (bytes); PostgreSQL's bytea holds at most 1 GB per value.
 MAX_FILE_BYTES = 256 * 1024 * 1024
 
+#: Seconds :func:`model_path` trusts its last answer for a version (files added to a stored
+#: version later, e.g. an export, reach this machine within this time); keeps ``/predict`` from
+#: asking the database on every request.
+RECHECK_S = 30.0
+
+# (database URL, MODEL_DIR, project, version, path, sha256) -> (local path, time checked)
+_resolved: dict[tuple, tuple[Path, float]] = {}
 # (path, size, mtime_ns) -> sha256 of local files already checked by this process
 _verified: dict[tuple[str, int, int], str] = {}
 _verified_lock = threading.Lock()
@@ -217,9 +225,23 @@ def model_path(settings: Settings, v: ModelVersion) -> Path:
     this checkout by its SHA-256 when ``v.path`` is another machine's) or a version written to
     this machine's disk before the store existed (``v.path`` as is).
 
+    The answer is reused for :data:`RECHECK_S` seconds while its file exists.
+
     Raises: FileNotFoundError when the version is nowhere to be found (the message says where it
         was looked for); ArtifactError as :func:`materialise`.
     """
+    key = (settings.database_url, str(settings.model_dir), v.project_id, v.version, v.path, v.sha256)
+    with _verified_lock:
+        hit = _resolved.get(key)
+    if hit is not None and time.monotonic() - hit[1] < RECHECK_S and hit[0].is_file():
+        return hit[0]
+    path = _model_path(settings, v)
+    with _verified_lock:
+        _resolved[key] = (path, time.monotonic())
+    return path
+
+
+def _model_path(settings: Settings, v: ModelVersion) -> Path:
     folder = materialise(settings, v.project_id, v.version)
     if folder is not None:
         entry = folder / Path(v.path).name
