@@ -342,7 +342,8 @@ def demo(
         ml = client.ml.list(project=pid)[0]
         client.ml.train(id=ml.id)
         t2 = time.time()
-        job = wait_for_job(f"sqlite:///{var_dir.resolve() / 'faceloop.db'}", pid, 3600,
+        db_url = st.env.get("DATABASE_URL") or f"sqlite:///{var_dir.resolve() / 'faceloop.db'}"
+        job = wait_for_job(db_url, pid, 3600,
                            on_progress=lambda m: console.print("  " + m))
         console.print(f"training job {job.id} {job.state} in {time.time() - t2:.0f} s: {job.message or job.error}")
         os.environ["VAR_DIR"] = str(var_dir.resolve())

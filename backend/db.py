@@ -20,6 +20,7 @@ from sqlalchemy import event, inspect, text
 from sqlmodel import Session, create_engine
 
 log = logging.getLogger(__name__)
+logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # "setup plugin ..." on every start
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 #: The revision whose schema equals what ``SQLModel.metadata.create_all`` made before migrations.
@@ -186,6 +187,27 @@ def make_migration(url: str, message: str) -> list:
 
     get_engine(url)
     return command.revision(alembic_config(url), message=message, autogenerate=True)
+
+
+def insert_missing(s: Session, row) -> bool:
+    """INSERT ``row`` (a SQLModel table object) in the session's transaction unless a row with the
+    same primary or unique key exists: ``INSERT ... ON CONFLICT DO NOTHING`` (SQLite >= 3.24,
+    PostgreSQL >= 9.5). Two processes creating the same row at once: one inserts, the other waits
+    for it and does nothing; neither fails. ``row`` itself is not added to the session.
+
+    Returns: True when this call inserted the row.
+    Raises: NotImplementedError on other databases.
+    """
+    table = type(row).__table__
+    values = {c.name: getattr(row, c.name) for c in table.columns if getattr(row, c.name, None) is not None}
+    dialect = s.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:
+        raise NotImplementedError(f"insert_missing: no ON CONFLICT DO NOTHING for {dialect}")
+    return s.connection().execute(insert(table).values(**values).on_conflict_do_nothing()).rowcount == 1
 
 
 @contextmanager

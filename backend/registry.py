@@ -26,9 +26,11 @@ def upsert_project(s: Session, project_id: int, label_config: str | None = None,
     """Create or update the row of a Label Studio project; label config is parsed by the caller."""
     p = s.get(Project, project_id)
     changed = p is None
-    if p is None:
-        p = Project(id=project_id)
-        s.add(p)
+    if p is None:  # first requests of a project may come at once (webhooks, /predict): made once, none fails
+        from backend.db import insert_missing
+
+        insert_missing(s, Project(id=project_id))
+        p = s.get(Project, project_id)
     if label_config is not None and label_config != p.label_config:
         from backend.labels import ProjectSchema
 

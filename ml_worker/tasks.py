@@ -416,6 +416,9 @@ def start_recovery_thread(settings=None) -> threading.Event | None:
 
 @worker_ready.connect
 def _on_worker_ready(sender=None, **_):  # pragma: no cover - exercised by the e2e worker
+    from backend.db import upgrade_schema
+
+    upgrade_schema(get_settings().database_url)  # migrations to the newest revision now, not at the first task
     try:
         ids = resend_queued_jobs()
         if ids:

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything faceloop needs on a fresh Debian machine (idempotent):
-#   - Debian packages: redis-server, docker-compose (for `config -q` validation only), chromium
+#   - Debian packages: redis-server, postgresql (the tests start their own throwaway server from its
+#     binaries in /usr/lib/postgresql/<n>/bin, as the postgres user when run as root),
+#     docker-compose (for `config -q` validation only), chromium
 #     (the browser test drives it with pip's playwright; never `playwright install`)
 #   - .venv     : faceloop itself (torch, ultralytics, FastAPI, Celery, SDK, ...)
 #   - .venv-ls  : Label Studio in its own venv (it pins its own Django/SDK versions)
@@ -13,6 +15,7 @@ command -v "$PY" >/dev/null || PY=python3
 if [ "${FACELOOP_SKIP_APT:-0}" != 1 ]; then
   need=()
   command -v redis-server >/dev/null || need+=(redis-server)
+  { command -v initdb || ls /usr/lib/postgresql/*/bin/initdb; } >/dev/null 2>&1 || need+=(postgresql)
   command -v docker-compose >/dev/null || need+=(docker-compose)
   [ -x /usr/bin/chromium ] || need+=(chromium)
   if [ ${#need[@]} -gt 0 ]; then

@@ -32,10 +32,16 @@ class PostgresUnavailable(RuntimeError):
 
 
 def find_bin_dir() -> Path:
-    """Folder of ``initdb`` and ``postgres``: PATH first, then the newest /usr/lib/postgresql/<n>/bin.
+    """Folder of ``initdb`` and ``postgres``: ``FACELOOP_POSTGRES_BIN`` when set, else PATH, else the
+    newest /usr/lib/postgresql/<n>/bin.
 
-    Raises: PostgresUnavailable when neither has them.
+    Raises: PostgresUnavailable when none has them.
     """
+    if os.environ.get("FACELOOP_POSTGRES_BIN"):
+        d = Path(os.environ["FACELOOP_POSTGRES_BIN"])
+        if (d / "initdb").exists() and (d / "postgres").exists():
+            return d
+        raise PostgresUnavailable(f"FACELOOP_POSTGRES_BIN={d} holds no initdb and postgres")
     exe = shutil.which("initdb")
     if exe and (Path(exe).resolve().parent / "postgres").exists():
         return Path(exe).resolve().parent

@@ -12,7 +12,7 @@ from tests.conftest import REPO
 
 
 SECRETS = {"LABEL_STUDIO_PASSWORD": "p" * 24, "BASIC_AUTH_USER": "u", "BASIC_AUTH_PASS": "b" * 24,
-           "WEBHOOK_SECRET": "w" * 32}
+           "WEBHOOK_SECRET": "w" * 32, "POSTGRES_PASSWORD": "g" * 24}
 
 
 def _config(env: dict, *args) -> subprocess.CompletedProcess:
@@ -51,10 +51,45 @@ def test_compose_publishes_on_loopback_only_by_default():
 def test_compose_has_the_loop_and_a_gpu_worker():
     spec = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     services = spec["services"]
-    assert set(services) == {"label-studio", "redis", "backend", "worker"}
+    assert set(services) == {"label-studio", "redis", "postgres", "backend", "worker"}
     assert services["label-studio"]["image"].startswith("heartexlabs/label-studio:1.23.")
     env = services["label-studio"]["environment"]
     assert env["LABEL_STUDIO_ML_BLOCK_LOCAL_IP"] == "false" and env["SSRF_PROTECTION_ENABLED"] == "false"
     gpu = services["worker"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["capabilities"] == ["gpu"]
-    assert set(spec["volumes"]) >= {"ls-data", "redis-data", "faceloop-state"}
+    assert set(spec["volumes"]) >= {"ls-data", "redis-data", "pg-data", "faceloop-state"}
+
+
+def test_compose_keeps_state_in_postgres():
+    """backend and worker use the postgres service (its password from .env, never published) and
+    start once it answers."""
+    spec = yaml.safe_load(_config(SECRETS).stdout)
+    services = spec["services"]
+    pg = services["postgres"]
+    assert pg["image"].startswith("postgres:15")
+    assert not pg.get("ports"), "PostgreSQL stays on the compose network"
+    assert pg["environment"]["POSTGRES_PASSWORD"] == SECRETS["POSTGRES_PASSWORD"]
+    assert "pg_isready" in " ".join(pg["healthcheck"]["test"])
+    assert any((v.get("target") if isinstance(v, dict) else str(v).split(":")[1]) == "/var/lib/postgresql/data"
+               for v in pg["volumes"]), pg["volumes"]
+    env = pg["environment"]
+    url = f"postgresql+psycopg://{env['POSTGRES_USER']}:{SECRETS['POSTGRES_PASSWORD']}@postgres:5432/{env['POSTGRES_DB']}"
+    for name in ("backend", "worker"):
+        assert services[name]["environment"]["DATABASE_URL"] == url, name
+        assert services[name]["depends_on"]["postgres"]["condition"] == "service_healthy", name
+
+
+def test_compose_secrets_script_writes_the_postgres_password(tmp_path):
+    """scripts/compose-secrets.sh gives every install its own URL-safe database password, once."""
+    root = tmp_path / "repo"
+    (root / "scripts").mkdir(parents=True)
+    shutil.copy(REPO / "scripts" / "compose-secrets.sh", root / "scripts")
+    for _ in range(2):
+        r = subprocess.run(["bash", str(root / "scripts" / "compose-secrets.sh")], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 0, r.stderr
+    lines = [ln for ln in (root / ".env").read_text().splitlines() if ln.startswith("POSTGRES_PASSWORD=")]
+    assert len(lines) == 1
+    pw = lines[0].split("=", 1)[1]
+    assert len(pw) >= 24 and all(c.isalnum() or c in "-_" for c in pw)
+    assert (root / ".env").stat().st_mode & 0o777 == 0o600

@@ -1,4 +1,4 @@
-"""backend.registry over a temporary SQLite database: coalesced training requests, promotion,
+"""backend.registry over a temporary database (SQLite and PostgreSQL): coalesced training requests, promotion,
 atomic weight storage, the shipped default model as every project's first version, events."""
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ EXPRESSIONS = ["neutral", "happy", "sad", "angry", "fearful", "disgusted", "surp
 
 
 @pytest.fixture
-def settings(tmp_path):
-    return make_settings(tmp_path)
+def settings(tmp_path, db_url):
+    """Settings on a fresh database: each test runs on SQLite and on PostgreSQL (tests/conftest.py)."""
+    return make_settings(tmp_path, database_url=db_url)
 
 
 @pytest.fixture

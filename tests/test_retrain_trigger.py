@@ -21,8 +21,9 @@ SWITCH_ON = 1  # what Label Studio 1.23.2 stores when the switch is turned on (p
 
 
 @pytest.fixture()
-def settings(tmp_path):
-    return make_settings(tmp_path, retrain_min_annotations=3)
+def settings(tmp_path, db_url):
+    """On SQLite and on PostgreSQL (tests/conftest.py::db_url)."""
+    return make_settings(tmp_path, retrain_min_annotations=3, database_url=db_url)
 
 
 def _jobs(settings, pid):

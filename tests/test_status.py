@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -40,8 +41,9 @@ def candidate(**kw) -> dict:
 
 
 @pytest.fixture()
-def settings(tmp_path):
-    return make_settings(tmp_path / "var", model_dir=tmp_path / "var" / "models")
+def settings(tmp_path, db_url):
+    """On SQLite and on PostgreSQL (tests/conftest.py::db_url)."""
+    return make_settings(tmp_path / "var", model_dir=tmp_path / "var" / "models", database_url=db_url)
 
 
 @pytest.fixture()
@@ -113,7 +115,8 @@ def test_project_page_shows_job_versions_acceptance_queue_and_errors(client, pop
     html = r.text
     assert '<meta http-equiv="refresh" content="5">' in html  # a job runs: reload fast
     assert "epoch <b>3 of 10</b>" in html and "left" in html  # 90 s for 3 epochs -> about 3 min 30 s left
-    assert "3 min 30 s" in html or "3 min 29 s" in html or "3 min 31 s" in html
+    # 7 epochs left at 30 s each, plus 7/3 s for each second between the fixture and this request
+    assert re.search(r"3 min (29|3[0-9]) s", html), "ETA of about 3 min 30 s"
     assert "detector epoch 3/10" in html
     assert "need at least 2 annotated tasks" in html  # finished (failed) job with its error
     for v in ("v1", "v2", "v3"):
@@ -189,7 +192,8 @@ def test_thumbnail_without_label_studio_key_is_a_clear_502(client, populated):
 
 
 def test_status_pages_need_the_backends_auth(tmp_path, populated, settings):
-    auth = make_settings(tmp_path / "var", model_dir=settings.model_dir, basic_auth_user="ann", basic_auth_pass="pw")
+    auth = make_settings(tmp_path / "var", model_dir=settings.model_dir, database_url=settings.database_url,
+                         basic_auth_user="ann", basic_auth_pass="pw")
     c = TestClient(create_app(auth), client=LOOPBACK)
     v2 = populated["v2"]
     for path in ("/status", f"/status/{PID}", f"/status/{PID}/versions/{v2}/plots/1", f"/status/{PID}/tasks/1/thumb.jpg"):
@@ -209,7 +213,8 @@ def test_a_projects_token_link_opens_its_page_and_images_only(tmp_path, populate
     cookie it sets opens the page's plots and thumbnails; nothing else."""
     from backend.status import TOKEN_COOKIE, status_link, status_token, token_key
 
-    auth = make_settings(tmp_path / "var", model_dir=settings.model_dir, basic_auth_user="ann", basic_auth_pass="pw",
+    auth = make_settings(tmp_path / "var", model_dir=settings.model_dir, database_url=settings.database_url,
+                         basic_auth_user="ann", basic_auth_pass="pw",
                          webhook_secret="hook-secret")
     key = token_key(auth)
     assert key == "hook-secret"
