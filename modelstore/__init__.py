@@ -4,8 +4,8 @@ keeps a verified local copy under its own ``MODEL_DIR``.
 Why the database and not an S3-compatible bucket: faceloop needs the database anyway (SQLite on
 one machine, PostgreSQL across machines), so workers on other machines need nothing else to read a
 version; a bucket would be one more service, credential and failure mode. A version is a few MB
-(measured: 6.6 MB; detector 5.2 MB, face-crop classifier 1.3 MB, plots 0.3 MB; ONNX exports
-add their own), written once per training.
+(measured: 6.6 MB; detector 5.2 MB, face-crop classifier 1.3 MB, plots 0.3 MB; about 18 MB with
+both stages' ONNX exports), written once per training.
 Limits: a single file is held in memory while stored or read, and PostgreSQL's ``bytea`` takes at
 most 1 GB per value; :data:`MAX_FILE_BYTES` (256 MiB) refuses anything near that with a clear error.
 Large objects / a bucket are the way if versions ever grow to hundreds of MB.
