@@ -215,6 +215,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         from backend.db import get_engine
 
         get_engine(settings.database_url)
+
+        def adopt():  # versions trained here before they were stored in the database (modelstore)
+            try:
+                if names := modelstore.adopt_local_versions(settings):
+                    log.info("model versions stored in the database: %s", ", ".join(names))
+            except Exception:
+                log.exception("could not store this machine's older model versions in the database")
+
+        threading.Thread(target=adopt, daemon=True).start()
         threading.Thread(target=warm_up, daemon=True).start()
         stop = None
         if settings.recovery_interval_s > 0:  # lost training jobs, jobs queued while Redis was down

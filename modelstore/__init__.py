@@ -257,3 +257,44 @@ def _model_path(settings: Settings, v: ModelVersion) -> Path:
         return default
     raise FileNotFoundError(f"model version {v.version} is neither in the database's model store nor at {p} "
                             f"(nor is it the shipped default {default})")
+
+
+def adopt_local_versions(settings: Settings) -> list[str]:
+    """Store the versions this machine trained before the store existed (issue 12): every
+    ``modelversion`` row with no stored file whose files lie in this machine's ``MODEL_DIR``
+    (a bundle's folder ``<MODEL_DIR>/project_<id>/<version>/``, or a single ``.pt`` of the first
+    release) gets them stored, so that workers on other machines can use it. The shipped default
+    and versions whose files are not here are left alone. Safe to repeat and to run from several
+    processes (a file already stored with the same bytes is kept; a concurrent insert of the same
+    file fails that version's transaction only, and the other process stored it).
+
+    Returns: the names of the versions stored now.
+    """
+    from sqlalchemy.exc import IntegrityError
+
+    store = Path(settings.model_dir).resolve()
+    with session_scope(settings.database_url) as s:
+        stored = set(s.exec(select(ModelArtifact.project_id, ModelArtifact.version).distinct()).all())
+        todo = [(v.project_id, v.version, v.path) for v in s.exec(select(ModelVersion)).all()
+                if (v.project_id, v.version) not in stored]
+    done = []
+    for pid, version, path in todo:
+        p = Path(path)
+        try:
+            rp = p.resolve()
+            if not p.is_file() or not rp.is_relative_to(store):
+                continue
+            if rp.suffix == ".json" and rp.parent == (store / f"project_{pid}" / version).resolve():
+                files = folder_files(rp.parent)
+            elif rp.suffix == ".pt":
+                files = [(rp.name, rp)]
+            else:
+                continue
+            with session_scope(settings.database_url) as s:
+                store_files(s, pid, version, files)
+            done.append(version)
+        except (OSError, ArtifactError, IntegrityError) as e:
+            import logging
+
+            logging.getLogger(__name__).warning("model version %s not stored in the database: %s", version, e)
+    return done

@@ -173,3 +173,35 @@ def test_status_page_plots_come_from_the_store(tmp_path, db_url):
     assert r.status_code == 200 and "attachment" in r.headers["content-disposition"]
     assert c.get(f"/status/{PID}/versions/{vid}/plots/{k['bundle']}").status_code == 404  # JSON is no plot
     assert (Path(b.model_dir) / "project_7" / "p7-v1" / "detector_results.png").read_bytes() == png_bytes()
+
+
+def test_versions_trained_before_the_store_are_adopted(tmp_path, db_url):
+    """An install from before the store kept versions on the training machine's disk only; that
+    machine stores them at start, then another machine serves them."""
+    from backend.hashing import file_sha256
+
+    a, b = _machine(tmp_path, "a", db_url), _machine(tmp_path, "b", db_url)
+    old = Path(a.model_dir) / "project_7" / "p7-v1"
+    _trained_version(old)
+    legacy_pt = Path(a.model_dir) / "project_7" / "p7-v0.pt"
+    legacy_pt.write_bytes(b"weights of the first release")
+    outside = tmp_path / "elsewhere" / "bundle.json"
+    outside.parent.mkdir()
+    outside.write_text("{}")
+    with session_scope(db_url) as s:
+        s.add(Project(id=PID))
+        s.flush()
+        rows = [ModelVersion(project_id=PID, version="p7-v1", path=str(old / "bundle.json"), sha256="0"),
+                ModelVersion(project_id=PID, version="p7-v0", path=str(legacy_pt), sha256="0"),
+                ModelVersion(project_id=PID, version="p7-v9", path=str(outside), sha256="0"),
+                ModelVersion(project_id=PID, version="base-x", path=str(DEFAULT_MODEL_PATH),
+                             sha256=file_sha256(DEFAULT_MODEL_PATH))]
+        s.add_all(rows)
+    assert sorted(modelstore.adopt_local_versions(a)) == ["p7-v0", "p7-v1"]
+    assert modelstore.adopt_local_versions(a) == []  # once
+    with session_scope(db_url) as s:
+        assert [n for n, _sha, _size in modelstore.listing(s, PID, "p7-v0")] == ["p7-v0.pt"]
+        assert not modelstore.listing(s, PID, "p7-v9") and not modelstore.listing(s, PID, "base-x")
+    p = modelstore.model_path(b, rows[0])
+    assert p == Path(b.model_dir) / "project_7" / "p7-v1" / "bundle.json" and p.read_bytes() == (old / "bundle.json").read_bytes()
+    assert modelstore.model_path(b, rows[1]).read_bytes() == b"weights of the first release"
