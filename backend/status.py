@@ -154,21 +154,27 @@ def _job_view(j: TrainingJob, now: datetime) -> dict:
 def _plots(settings: Settings, v: ModelVersion) -> list[dict]:
     """The version's plots that :func:`plot_path` serves: ``[{"k", "name", "image"}]``."""
     out = []
-    for k, (name, path) in enumerate(sorted((v.metrics.get("plots") or {}).items())):
+    plots = sorted((v.metrics.get("plots") or {}).items())
+    if not plots:
+        return out
+    with session_scope(settings.database_url) as s:  # one query per version, not per plot
+        stored = {n for n, _sha, _size in modelstore.listing(s, v.project_id, v.version)}
+    for k, (name, path) in enumerate(plots):
         try:
-            plot_path(settings, v, k, fetch=False)
+            plot_path(settings, v, k, fetch=False, stored=stored)
         except HTTPException:
             continue
         out.append({"k": k, "name": name, "image": Path(str(path)).suffix.lower() in PLOT_IMAGES})
     return out
 
 
-def plot_path(settings: Settings, v: ModelVersion, k: int, fetch: bool = True) -> Path:
+def plot_path(settings: Settings, v: ModelVersion, k: int, fetch: bool = True, stored: set | None = None) -> Path:
     """The k-th plot file of a version (plots sorted by name), when it may be served.
 
     A version whose files are in the database's model store (:mod:`modelstore`) serves the stored
     file of that name, copied (``fetch``) into this machine's ``MODEL_DIR``; ``fetch=False`` only
     checks that the file is stored. A version from before the store serves the file at its path.
+    ``stored``: the version's stored file names when the caller has them (else read here).
 
     Raises: HTTPException 404 when there is no such plot, the file is missing, is not a PNG/JPEG/CSV,
     or resolves (links followed) outside ``MODEL_DIR``.
@@ -176,8 +182,9 @@ def plot_path(settings: Settings, v: ModelVersion, k: int, fetch: bool = True) -
     plots = sorted((v.metrics.get("plots") or {}).items())
     if not 0 <= k < len(plots):
         raise HTTPException(404, f"version {v.version} has no plot {k}")
-    with session_scope(settings.database_url) as s:
-        stored = {name for name, _sha, _size in modelstore.listing(s, v.project_id, v.version)}
+    if stored is None:
+        with session_scope(settings.database_url) as s:
+            stored = {name for name, _sha, _size in modelstore.listing(s, v.project_id, v.version)}
     if stored:
         name = Path(str(plots[k][1])).name
         if name not in stored:
