@@ -32,7 +32,7 @@ def stack(request, tmp_path_factory):
 
     env = dict(E2E_ENV)
     root = tmp_path_factory.mktemp("stack")
-    url = e2e_database(request, tmp_path_factory)
+    url = e2e_database(request)
     if url:
         env["DATABASE_URL"] = url
     st = Stack.start(root, extra_env=env)
@@ -85,7 +85,7 @@ def db_url(request, tmp_path):
         server.drop_database(url)
 
 
-def e2e_database(request, tmp_path_factory) -> str | None:
+def e2e_database(request) -> str | None:
     """DATABASE_URL of the e2e stack: PostgreSQL when available (always in CI), else None (the
     stack's default SQLite). ``FACELOOP_E2E_DB=sqlite`` or ``=postgres`` chooses."""
     want = os.environ.get("FACELOOP_E2E_DB", "").lower()

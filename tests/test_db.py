@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -229,3 +230,57 @@ def test_missing_postgres_skips_except_in_ci(tmp_path, ci):
         assert r.returncode != 0 and "1 passed" in out and "CI=true" in out, out
     else:
         assert r.returncode == 0 and "1 passed, 1 skipped" in out, out
+
+
+def _schema(url: str) -> dict:
+    """Tables, columns, keys and index definitions as the database itself reports them."""
+    eng = create_engine(url)
+    out: dict = {}
+    try:
+        insp = inspect(eng)
+        for t in sorted(set(insp.get_table_names()) - {"alembic_version"}):
+            out[t] = {
+                "columns": [(c["name"], str(c["type"]), c["nullable"]) for c in insp.get_columns(t)],
+                "pk": insp.get_pk_constraint(t)["constrained_columns"],
+                "fks": sorted((tuple(f["constrained_columns"]), f["referred_table"], tuple(f["referred_columns"]))
+                              for f in insp.get_foreign_keys(t)),
+                "unique": sorted(tuple(u["column_names"]) for u in insp.get_unique_constraints(t)),
+            }
+        with eng.connect() as c:
+            if eng.dialect.name == "sqlite":
+                rows = c.execute(text("SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"))
+            else:
+                rows = c.execute(text("SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'public' "
+                                      "AND indexname NOT LIKE '%_pkey' AND indexname NOT LIKE '%_key'"))
+            out["indexes"] = sorted((name, " ".join(sql.split())) for name, sql in rows if "alembic_version" not in sql)
+    finally:
+        eng.dispose()
+    return out
+
+
+
+def _snapshot_path(url: str):
+    return REPO / "tests" / "fixtures" / f"schema_{dbmod.BASELINE_REVISION}_{url.split(':')[0].split('+')[0]}.json"
+
+
+def test_baseline_is_the_schema_create_all_made(db_url, request, tmp_path):
+    """Revision 0001_baseline = what ``SQLModel.metadata.create_all`` made before migrations
+    (columns, types, nullability, keys, and each index's own SQL, partial index included).
+
+    create_all's schema is frozen in tests/fixtures/schema_0001_baseline_<database>.json (written by
+    ``FACELOOP_WRITE_SCHEMA=1`` while the baseline was the newest revision and the models equal to it)."""
+    dbmod.upgrade_schema(db_url, dbmod.BASELINE_REVISION)
+    migrated = _schema(db_url)
+    assert any(name == "one_queued_job_per_project" and "queued" in sql for name, sql in migrated["indexes"])
+    snap = _snapshot_path(db_url)
+    if os.environ.get("FACELOOP_WRITE_SCHEMA") == "1":
+        assert dbmod.head_revision() == dbmod.BASELINE_REVISION, "the snapshot is create_all's at the baseline"
+        other = f"sqlite:///{tmp_path / 'create_all.db'}" if db_url.startswith("sqlite") else \
+            request.getfixturevalue("postgres").create_database("create_all")
+        eng = create_engine(other)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Cannot correctly sort tables")
+            SQLModel.metadata.create_all(eng)
+        eng.dispose()
+        snap.write_text(json.dumps(_schema(other), indent=1) + "\n")
+    assert json.loads(json.dumps(migrated)) == json.loads(snap.read_text())

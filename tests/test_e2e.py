@@ -1,4 +1,5 @@
-"""The whole loop on real parts: Label Studio, redis-server, a Celery worker, the backend.
+"""The whole loop on real parts: Label Studio, redis-server, a Celery worker, the backend, and
+PostgreSQL as the backend's database when its binaries are there (always in CI; tests/conftest.py).
 
 A person's path through the SDK: create a project (awake/sleep), import 30 face images,
 *Retrieve Predictions*, annotate 20 from the ground truth, *Start Training*, wait for the new
