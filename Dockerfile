@@ -12,6 +12,7 @@ COPY pyproject.toml README.md ./
 COPY backend ./backend
 COPY ml_worker ./ml_worker
 COPY facemodels ./facemodels
+COPY modelstore ./modelstore
 COPY label_config ./label_config
 COPY models ./models
 RUN pip install "torch==2.14.1" "torchvision==0.29.1" && pip install .

@@ -27,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from pydantic import BaseModel, ConfigDict, Field
 from sqlmodel import select
 
+import modelstore
 from backend import registry
 from backend.registry import valid_id
 from backend.config import Settings, get_settings
@@ -214,6 +215,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         from backend.db import get_engine
 
         get_engine(settings.database_url)
+
+        def adopt():  # versions trained here before they were stored in the database (modelstore)
+            try:
+                if names := modelstore.adopt_local_versions(settings):
+                    log.info("model versions stored in the database: %s", ", ".join(names))
+            except Exception:
+                log.exception("could not store this machine's older model versions in the database")
+
+        threading.Thread(target=adopt, daemon=True).start()
         threading.Thread(target=warm_up, daemon=True).start()
         stop = None
         if settings.recovery_interval_s > 0:  # lost training jobs, jobs queued while Redis was down
@@ -301,7 +311,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 version = registry.promoted_version(s, pid, settings)
             except FileNotFoundError as e:
                 raise HTTPException(503, str(e))
-        model = models().get(version.path)
+        try:
+            model = models().get(modelstore.model_path(settings, version))  # from the database's model store
+        except (FileNotFoundError, modelstore.ArtifactError) as e:
+            raise HTTPException(503, f"model version {version.version} cannot be loaded: {e}")
         preds = predict_tasks(req.tasks, schema, model, settings)
         results = [to_ls_prediction(p, schema, version.version, settings.uncertainty_measure) for p in preds]
         for p in preds:

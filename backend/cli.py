@@ -526,10 +526,26 @@ def serve(host: str = "127.0.0.1", port: int = 9090):
 
 
 @app.command()
-def worker(queues: str = "train,score", concurrency: int = 1):
-    """Run a Celery worker (``-Q train`` on a GPU machine, ``-Q score`` on CPU machines)."""
-    os.execv(sys.executable, [sys.executable, "-m", "celery", "-A", "ml_worker.celery_app", "worker", "-Q", queues,
-                              "-c", str(concurrency), "--loglevel", "INFO"])
+def worker(queues: str = typer.Option("train,score", "--queues", "-Q",
+                                      help="Comma-separated queues: train (a GPU machine), score (CPU machines)"),
+           concurrency: int = typer.Option(1, "--concurrency", "-c", help="Tasks at once (processes)"),
+           name: str = typer.Option("", "--name", "-n", help="Celery node name (default faceloop-<queues>@<host>)")):
+    """Run a Celery worker; on any machine that reaches the database, Redis and Label Studio.
+
+    It needs only DATABASE_URL, CELERY_BROKER_URL, LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY: model
+    versions come from the database (modelstore) into its own VAR_DIR, images through Label Studio's URLs.
+    """
+    import re
+
+    qs = [q.strip() for q in queues.split(",") if q.strip()]
+    if not qs or not all(re.fullmatch(r"[A-Za-z0-9_.-]+", q) for q in qs):
+        _fail(f"--queues takes comma-separated queue names (train, score), got {queues!r}")
+    if not os.environ.get("DATABASE_URL"):
+        console.print(f"DATABASE_URL is not set: using {get_settings().database_url} (a worker on another machine "
+                      "needs the shared database's URL)", soft_wrap=True)
+    os.execv(sys.executable, [sys.executable, "-m", "celery", "-A", "ml_worker.celery_app", "worker",
+                              "-Q", ",".join(qs), "-c", str(concurrency), "-n", name or f"faceloop-{'-'.join(qs)}@%h",
+                              "--loglevel", "INFO"])
 
 
 @app.command("train-base")

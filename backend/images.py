@@ -9,7 +9,8 @@ URL kinds (label-studio-protocol.md §1, §5 "Authentication, backend -> LS"):
   ``/storage-data/uploaded/?filepath=...`` (storage resolve URLs). They are fetched from
   ``LABEL_STUDIO_URL`` with ``Authorization`` from the SDK client (a personal access token is
   exchanged for a 300 s access token by the SDK; a legacy token is sent as ``Token``).
-  ``/data/local-files/`` is read from disk instead when ``LOCAL_FILES_DOCUMENT_ROOT`` is set.
+  ``/data/local-files/`` is read from disk instead when ``LOCAL_FILES_DOCUMENT_ROOT`` is set and that
+  folder exists on this machine (a worker on another machine gets the image through Label Studio).
 - Any other relative URL (``/api/...`` above all) is refused before any request is made.
 - ``http(s)://`` on Label Studio's own origin (``LABEL_STUDIO_URL`` or one of
   ``LABEL_STUDIO_URL_ALIASES``): as the relative file URLs (same path rule, with the token).
@@ -628,7 +629,8 @@ def fetch_image_bytes(url: str, settings: Settings, ls_url: str | None = None) -
         if not is_ls_file_path(parsed.path):
             raise ImageError(f"image URL {_safe_url(url)!r} is not a Label Studio file URL (/data/upload/, "
                              "/data/local-files/, storage presign): refused")
-        if parsed.path.rstrip("/") == "/data/local-files" and settings.local_files_document_root:
+        if (parsed.path.rstrip("/") == "/data/local-files" and settings.local_files_document_root
+                and Path(settings.local_files_document_root).is_dir()):  # else (another machine): through LS
             d = parse_qs(parsed.query).get("d", [""])[0]
             return _read_local(d, settings)
         base = ls_base(settings, ls_url)

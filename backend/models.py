@@ -6,7 +6,7 @@ import json
 from datetime import datetime, timezone
 from typing import Any, Optional
 
-from sqlalchemy import Column, Index, Text, UniqueConstraint, text
+from sqlalchemy import Column, Index, LargeBinary, Text, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
 
@@ -94,6 +94,27 @@ class TrainingJob(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
     started_at: Optional[datetime] = None
     finished_at: Optional[datetime] = None
+
+
+class ModelArtifact(SQLModel, table=True):
+    """One file of a model version (weights, bundle JSON, plots, exports), stored in the database
+    so that every process (backend, workers on other machines) can read it (``modelstore``).
+
+    ``name`` is the file's path inside the version folder (POSIX, relative, e.g. ``detector.pt``);
+    ``sha256`` the hex SHA-256 of ``data``; ``size`` its length in bytes. ``data`` is a BLOB on
+    SQLite and ``bytea`` on PostgreSQL (1 GB at most per value; a version is a few MB).
+    Rows are written once, with the version's :class:`ModelVersion` row, and never changed.
+    """
+
+    __table_args__ = (UniqueConstraint("project_id", "version", "name"),)
+    id: Optional[int] = Field(default=None, primary_key=True)
+    project_id: int  # lookups use the unique (project_id, version, name) index
+    version: str
+    name: str
+    sha256: str
+    size: int
+    data: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow)
 
 
 class TaskScore(SQLModel, table=True):

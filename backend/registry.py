@@ -87,7 +87,10 @@ def next_version_name(s: Session, project_id: int) -> str:
 
 
 def store_weights(src: Path, model_dir: Path, project_id: int, version: str) -> tuple[Path, str]:
-    """Copy weights into the model store atomically (temp file + ``os.replace``).
+    """Copy a single weights file into a local folder atomically (temp file + ``os.replace``).
+
+    Trained versions are not stored this way any more: their files go to the database with the
+    version row (:func:`modelstore.store_folder`) and every machine copies them from there.
 
     Returns: ``(path, sha256)``. A crash never leaves a half-written file under the final name.
     """

@@ -10,7 +10,8 @@ docs/security.md):
   review queue with thumbnails. The page reloads itself (meta refresh: 5 s while a job is queued
   or running, 30 s otherwise).
 - ``GET /status/{project_id}/versions/{version_id}/plots/{k}``: the k-th file of the version's
-  ``metrics["plots"]``; served only when it lies inside ``MODEL_DIR`` and is a PNG/JPEG (inline)
+  ``metrics["plots"]``, read from the database's model store (:mod:`modelstore`) into this
+  machine's ``MODEL_DIR``; served only when it lies inside ``MODEL_DIR`` and is a PNG/JPEG (inline)
   or CSV (download).
 - ``GET /status/{project_id}/tasks/{task_id}/thumb.jpg``: a thumbnail (at most
   :data:`THUMB_SIDE` pixels a side, JPEG) of the task's image, read through
@@ -35,6 +36,7 @@ from fastapi.responses import FileResponse, HTMLResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from sqlmodel import select
 
+import modelstore
 from backend import acceptance
 from backend.config import Settings
 from backend.db import session_scope
@@ -152,17 +154,27 @@ def _job_view(j: TrainingJob, now: datetime) -> dict:
 def _plots(settings: Settings, v: ModelVersion) -> list[dict]:
     """The version's plots that :func:`plot_path` serves: ``[{"k", "name", "image"}]``."""
     out = []
-    for k, (name, path) in enumerate(sorted((v.metrics.get("plots") or {}).items())):
+    plots = sorted((v.metrics.get("plots") or {}).items())
+    if not plots:
+        return out
+    with session_scope(settings.database_url) as s:  # one query per version, not per plot
+        stored = {n for n, _sha, _size in modelstore.listing(s, v.project_id, v.version)}
+    for k, (name, path) in enumerate(plots):
         try:
-            plot_path(settings, v, k)
+            plot_path(settings, v, k, fetch=False, stored=stored)
         except HTTPException:
             continue
         out.append({"k": k, "name": name, "image": Path(str(path)).suffix.lower() in PLOT_IMAGES})
     return out
 
 
-def plot_path(settings: Settings, v: ModelVersion, k: int) -> Path:
+def plot_path(settings: Settings, v: ModelVersion, k: int, fetch: bool = True, stored: set | None = None) -> Path:
     """The k-th plot file of a version (plots sorted by name), when it may be served.
+
+    A version whose files are in the database's model store (:mod:`modelstore`) serves the stored
+    file of that name, copied (``fetch``) into this machine's ``MODEL_DIR``; ``fetch=False`` only
+    checks that the file is stored. A version from before the store serves the file at its path.
+    ``stored``: the version's stored file names when the caller has them (else read here).
 
     Raises: HTTPException 404 when there is no such plot, the file is missing, is not a PNG/JPEG/CSV,
     or resolves (links followed) outside ``MODEL_DIR``.
@@ -170,7 +182,24 @@ def plot_path(settings: Settings, v: ModelVersion, k: int) -> Path:
     plots = sorted((v.metrics.get("plots") or {}).items())
     if not 0 <= k < len(plots):
         raise HTTPException(404, f"version {v.version} has no plot {k}")
-    path = Path(str(plots[k][1])).resolve()
+    if stored is None:
+        with session_scope(settings.database_url) as s:
+            stored = {name for name, _sha, _size in modelstore.listing(s, v.project_id, v.version)}
+    if stored:
+        name = Path(str(plots[k][1])).name
+        if name not in stored:
+            raise HTTPException(404, f"plot {name!r} is not a stored file of version {v.version}")
+        if Path(name).suffix.lower() not in PLOT_IMAGES and Path(name).suffix.lower() not in PLOT_DOWNLOADS:
+            raise HTTPException(404, "only PNG, JPEG and CSV plots are served")
+        if not fetch:
+            return modelstore.version_dir(settings, v.project_id, v.version) / name
+        try:
+            folder = modelstore.materialise(settings, v.project_id, v.version)
+        except modelstore.ArtifactError as e:
+            raise HTTPException(404, str(e))
+        path = (folder / name).resolve()
+    else:
+        path = Path(str(plots[k][1])).resolve()
     store = Path(settings.model_dir).resolve()
     if not path.is_relative_to(store):
         raise HTTPException(404, "plot is not in the model store")

@@ -78,7 +78,10 @@ def score_pool(settings: Settings, project_id: int, task_ids: list[int] | None =
         proj = s.get(Project, project_id) or registry.upsert_project(s, project_id)
         ls_url = proj.ls_url or settings.label_studio_url
         version = registry.promoted_version(s, project_id, settings)
-        vname, vpath = version.version, version.path
+        vname = version.version
+    import modelstore
+
+    vpath = modelstore.model_path(settings, version)  # from the database's model store
     client = ls_client(settings, ls_url)
     config = client.projects.get(id=project_id).label_config
     schema = ProjectSchema.parse(config)

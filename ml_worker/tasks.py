@@ -425,4 +425,11 @@ def _on_worker_ready(sender=None, **_):  # pragma: no cover - exercised by the e
             log.info("re-sent queued training jobs %s", ids)
     except Exception:
         log.exception("could not re-send queued jobs")
+    try:  # versions trained on this machine before they were stored in the database
+        import modelstore
+
+        if names := modelstore.adopt_local_versions(get_settings()):
+            log.info("model versions stored in the database: %s", ", ".join(names))
+    except Exception:
+        log.exception("could not store this machine's older model versions in the database")
     start_recovery_thread()

@@ -371,12 +371,14 @@ def run_training(settings: Settings, job_id: int, progress: ProgressFn | None = 
     deterministic split (val holds every class the labels allow), fine-tune both stages from the
     promoted version (:func:`train_two_stage`), evaluate candidate and current version on the same
     validation images through the product's prediction path
-    (:func:`ml_worker.evaluation.evaluate_model`), store the version folder atomically, register,
+    (:func:`ml_worker.evaluation.evaluate_model`), store the version's files in the database with its
+    row (:mod:`modelstore`; one transaction), register,
     promote by :func:`gate`.
 
     Raises: ValueError when there are too few usable annotated tasks (message says how many).
     """
 
+    import modelstore
     from backend import registry
     from backend.db import session_scope
     from backend.images import ls_client
@@ -400,7 +402,8 @@ def run_training(settings: Settings, job_id: int, progress: ProgressFn | None = 
         proj = s.get(Project, pid)
         ls_url = proj.ls_url or settings.label_studio_url
         current = registry.promoted_version(s, pid, settings)
-        current_info = (current.id, current.version, current.path, current.classes)
+    # the promoted version comes from the database's model store (another machine may have trained it)
+    current_info = (current.id, current.version, str(modelstore.model_path(settings, current)), current.classes)
     update(stage="snapshot", message="reading annotations from Label Studio")
     client = ls_client(settings, ls_url)
     project = client.projects.get(id=pid)
@@ -449,7 +452,11 @@ def run_training(settings: Settings, job_id: int, progress: ProgressFn | None = 
     from facemodels.two_stage import write_bundle
 
     b = trained["bundle"]
-    folder = Path(settings.model_dir) / f"project_{pid}" / name
+    # the version folder is built in the job folder, stored in the database with the version row,
+    # then copied from there into this machine's model folder (modelstore.materialise)
+    folder = job_dir / "version" / name
+    if folder.exists():
+        shutil.rmtree(folder)
     bundle = write_bundle(folder, b.parent / "detector.pt", b.parent / "classifier.pt", list(schema.labels),
                           imgsz=settings.imgsz, trained_by_job=job_id, face_threshold=trained["face_threshold"],
                           face_threshold_fit=trained["face_threshold_fit"], nms_iou=trained["nms_iou"])
@@ -462,7 +469,7 @@ def run_training(settings: Settings, job_id: int, progress: ProgressFn | None = 
         if src.exists():
             dst = folder / f"detector_{src.name}"
             shutil.copyfile(src, dst)
-            plots[f"detector {src.name}"] = str(dst)
+            plots[f"detector {src.name}"] = dst.name  # a file of the stored version (backend.status)
     metrics = {"candidate": cand, "current": cur, "current_version": current_info[1], "n_train": len(ds.train_ids),
                "n_val": len(ds.val_ids), "val_faces": ds.val_boxes(), "val_task_ids": ds.val_ids,
                "moved_to_val": ds.moved_to_val, "train_seconds": round(train_s, 1),
@@ -470,7 +477,9 @@ def run_training(settings: Settings, job_id: int, progress: ProgressFn | None = 
                "face_threshold": trained["face_threshold"], "face_threshold_fit": trained["face_threshold_fit"],
                "classifier_training": trained["classifier"], "plots": plots, "left_out": ds.problems}
     with session_scope(settings.database_url) as s:
-        v = ModelVersion(project_id=pid, version=name, path=str(bundle), sha256=sha,
+        modelstore.store_folder(s, pid, name, folder)  # one transaction with the version row
+        v = ModelVersion(project_id=pid, version=name, path=str(modelstore.version_dir(settings, pid, name) / bundle.name),
+                         sha256=sha,
                          classes_json=json.dumps(schema.labels), parent_id=current_info[0],
                          metrics_json=json.dumps(metrics, default=str), training_job_id=job_id,
                          status="candidate", gate_reason=reason)
@@ -481,6 +490,8 @@ def run_training(settings: Settings, job_id: int, progress: ProgressFn | None = 
         else:
             v.status = "rejected"
         vid = v.id
+    modelstore.materialise(settings, pid, name)
+    shutil.rmtree(folder.parent, ignore_errors=True)
     left = f"; {len(ds.problems)} annotated tasks left out (e.g. task {ds.problems[0][0]}: {ds.problems[0][1]})" \
         if ds.problems else ""
     update(version_id=vid, stage="registered",
