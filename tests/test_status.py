@@ -314,3 +314,29 @@ def test_learning_curves_are_drawn_from_the_training_records(client, populated, 
     c = curve("x", [0, 1])
     assert c["points"] == f"{CURVE_PAD}.0,{CURVE_H - CURVE_PAD}.0 254.0,{CURVE_PAD}.0"  # higher value up
     assert curve("x", [1]) is None and curve("x", ["a", None]) is None
+
+
+def test_new_projects_show_their_instructions_and_keep_the_default_tab(stack):
+    """Projects faceloop creates open their instructions (with the status link) when a person
+    starts labeling; the Review queue view, when it is a project's first view, comes with Label
+    Studio's Default tab, which a later refresh neither duplicates nor brings back."""
+    from label_studio_sdk import LabelStudio
+
+    from backend.lsapi import create_project, refresh_review_view
+    from tests.helpers_unit import EXAMPLE_CONFIG
+
+    client = LabelStudio(base_url=stack.ls_url, api_key=stack.api_key)
+    pid = create_project(client, "tabs", EXAMPLE_CONFIG)
+    assert client.projects.get(id=pid).show_instruction is True
+
+    def titles():
+        return [(v.data or {}).get("title") for v in sorted(client.views.list(project=pid), key=lambda v: v.id)]
+
+    vid = refresh_review_view(client, pid, "Review queue")
+    assert titles() == ["Default", "Review queue"]
+    assert refresh_review_view(client, pid, "Review queue") == vid and titles() == ["Default", "Review queue"]
+    default = next(v for v in client.views.list(project=pid) if (v.data or {}).get("title") == "Default")
+    assert list(client.tasks.list(project=pid, view=default.id)) == []  # a working view (no tasks yet)
+    client.views.delete(id=default.id)  # the person closed the Default tab: it stays closed
+    refresh_review_view(client, pid, "Review queue")
+    assert titles() == ["Review queue"]

@@ -227,7 +227,7 @@ def _text(page) -> str:
         return ""
 
 
-def _open_status_from_label_studio(page, ls_url: str, pid: int) -> str:
+def _open_status_from_label_studio(page, ls_url: str, pid: int, shot=None) -> str:
     """As a person: the project's Data Manager (Default tab next to the Review queue), *Label All
     Tasks*, and the status link in the instructions Label Studio shows before labeling (one click
     on the link). Returns the status page's URL."""
@@ -237,6 +237,8 @@ def _open_status_from_label_studio(page, ls_url: str, pid: int) -> str:
     page.get_by_role("button", name="Label All Tasks").first.click()
     link = page.get_by_role("link", name=re.compile("faceloop status"))
     link.first.wait_for(timeout=30_000)  # the "Labeling Instructions" modal
+    if shot:
+        shot(page, "instructions_with_status_link")
     link.first.click()
     page.wait_for_url(re.compile(rf"/status/{pid}(\?|$)"), timeout=30_000)
     return page.url
@@ -374,7 +376,7 @@ def test_person_up_label_train_restart(image_folder, out_dir, browser, tmp_path)
             raise AssertionError("Start Training did not reach the backend (no training job within 30 s)")
 
         # --- 3b. the status page, opened from the project, shows the job live to its end -----------
-        status_url = _open_status_from_label_studio(page, ls_url, pid)
+        status_url = _open_status_from_label_studio(page, ls_url, pid, shot)
         assert status_url.startswith(f"http://127.0.0.1:{ports['backend']}/status/{pid}"), status_url
         seen_epochs, seen_eta, seen_stages, shot_running = set(), False, set(), False
         deadline = time.time() + 900
