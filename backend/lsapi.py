@@ -93,13 +93,27 @@ def review_view_data(title: str) -> dict:
     }
 
 
+#: Data of the tab Label Studio's Data Manager creates itself when a project has no view
+#: (``createDefaultView`` in LS 1.23's frontend: title "Default", no filter, no ordering).
+DEFAULT_VIEW_DATA = {"title": "Default", "ordering": [], "filters": {"conjunction": "and", "items": []}}
+
+
 def refresh_review_view(client, project_id: int, title: str) -> int:
-    """Create the review-queue view, or reset an existing one of that title. Returns its id."""
+    """Create the review-queue view, or reset an existing one of that title. Returns its id.
+
+    Label Studio's Data Manager creates its own *Default* tab (every task, id order) only when a
+    project has no view at all; so when the review queue is the project's first view, the Default
+    tab is created first, and the person keeps it next to the Review queue (issue 11). A Default
+    tab the person deleted later is not brought back.
+    """
     data = review_view_data(title)
-    for v in client.views.list(project=project_id):
+    views = list(client.views.list(project=project_id))
+    for v in views:
         if (_get(_get(v, "data") or {}, "title")) == title:
             client.views.update(id=v.id, project=project_id, data=data)
             return v.id
+    if not views:
+        client.views.create(project=project_id, data=dict(DEFAULT_VIEW_DATA))
     return client.views.create(project=project_id, data=data).id
 
 
@@ -126,8 +140,11 @@ def create_project(client, title: str, label_config: str, description: str = "")
     from backend.labels import ProjectSchema
 
     ProjectSchema.parse(label_config)
+    # show_instruction: the instructions (where faceloop puts the status page's link,
+    # set_status_link) open by themselves when a person starts labeling (Label All Tasks), so the
+    # status page is one click away; the person can switch it off in Settings -> Instructions
     p = client.projects.create(title=title, label_config=label_config, description=description,
-                               show_collab_predictions=True)
+                               show_collab_predictions=True, show_instruction=True)
     return int(p.id)
 
 
@@ -295,7 +312,9 @@ def set_status_link(client, project_id: int, status_url: str) -> None:
     the *Instructions* button of the labeling view, and before labeling when the project's "Show
     before labeling" is on) and as a line ``faceloop status: <url>`` of its ``description`` (the
     project card). The person's own instructions and description are kept; an earlier faceloop
-    link is replaced. ``show_instruction`` is left as it is.
+    link is replaced. ``show_instruction`` is left as it is (:func:`create_project` turns it on
+    for the projects faceloop creates: then the instructions open when a person starts labeling,
+    and the status page is one click away).
 
     Args:
         status_url: absolute URL of ``/status/<project_id>`` as the person's browser reaches the backend.

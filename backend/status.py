@@ -210,6 +210,68 @@ def plot_path(settings: Settings, v: ModelVersion, k: int, fetch: bool = True, s
     return path
 
 
+#: Size of a learning-curve sparkline, pixels (inline SVG: no script, no extra request).
+CURVE_W, CURVE_H, CURVE_PAD = 260, 80, 6
+#: Columns of ultralytics' ``results.csv`` drawn as learning curves: (column, title).
+DETECTOR_CURVES = [("train/box_loss", "detector box loss (train)"), ("metrics/mAP50(B)", "detector mAP50 (validation)")]
+
+
+def curve(name: str, values) -> dict | None:
+    """A learning curve as an SVG polyline: ``{"name", "points", "n", "first", "last", "lo", "hi"}``.
+
+    Args:
+        values: one number per epoch (non-numbers and NaN are left out).
+    Returns: ``points`` in a ``CURVE_W`` x ``CURVE_H`` box (x: epoch, y: value, higher value up,
+        scaled to the curve's own min and max), or None with fewer than 2 values.
+    """
+    import math
+
+    ys = []
+    for x in values or []:
+        try:
+            f = float(x)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(f):
+            ys.append(f)
+    if len(ys) < 2:
+        return None
+    lo, hi = min(ys), max(ys)
+    span = (hi - lo) or 1.0
+    w, h = CURVE_W - 2 * CURVE_PAD, CURVE_H - 2 * CURVE_PAD
+    pts = " ".join(f"{CURVE_PAD + w * i / (len(ys) - 1):.1f},{CURVE_PAD + h * (1 - (y - lo) / span):.1f}"
+                   for i, y in enumerate(ys))
+    return {"name": name, "points": pts, "n": len(ys), "first": f"{ys[0]:.3g}", "last": f"{ys[-1]:.3g}",
+            "lo": f"{lo:.3g}", "hi": f"{hi:.3g}"}
+
+
+def _curves(settings: Settings, v: ModelVersion) -> list[dict]:
+    """Learning curves of a version's training: the detector's per-epoch box loss and validation
+    mAP50 (ultralytics' ``results.csv``, one of the version's plots, read only from inside
+    ``MODEL_DIR``) and the face classifier's per-epoch training loss
+    (``metrics["classifier_training"]["loss"]``)."""
+    import csv
+
+    out = []
+    for k, (name, _) in enumerate(sorted((v.metrics.get("plots") or {}).items())):
+        if not name.endswith("results.csv"):
+            continue
+        try:
+            with open(plot_path(settings, v, k), newline="") as f:
+                rows = [{(key or "").strip(): val for key, val in r.items()} for r in csv.DictReader(f)]
+        except (HTTPException, OSError, csv.Error, UnicodeDecodeError):
+            continue
+        for col, title in DETECTOR_CURVES:
+            c = curve(title, [r.get(col) for r in rows])
+            if c:
+                out.append(c)
+    clf = v.metrics.get("classifier_training") or {}
+    c = curve("face classifier loss (train)", clf.get("loss") if isinstance(clf, dict) else None)
+    if c:
+        out.append(c)
+    return out
+
+
 def _version_view(settings: Settings, v: ModelVersion, served_id: int | None, acc: dict) -> dict:
     m = v.metrics
     cand, cur = m.get("candidate") or {}, m.get("current") or {}
@@ -221,7 +283,8 @@ def _version_view(settings: Settings, v: ModelVersion, served_id: int | None, ac
             "current_version": m.get("current_version") or "", "has_metrics": bool(cand),
             "figures": figures, "n_train": m.get("n_train"), "n_val": m.get("n_val"),
             "train_seconds": m.get("train_seconds"), "plots": _plots(settings, v), "acceptance": a,
-            "job": v.training_job_id, "confusion": _confusion_view(cand.get("confusion"))}
+            "job": v.training_job_id, "confusion": _confusion_view(cand.get("confusion")),
+            "curves": _curves(settings, v)}
 
 
 def _confusion_view(c) -> dict | None:

@@ -19,6 +19,15 @@ Two strategies built for the low-budget, near-duplicate pools that faceloop proj
   Learning*, arXiv:1901.05954, 2019): the ``prefilter x k`` most uncertain images are clustered
   into ``k`` clusters by k-means weighted by their uncertainty, and the image nearest each
   centre is picked: uncertain *and* representative, where k-center greedy picks outliers.
+
+**Ties and day 0.** Before a project has its own model, its classes are unknown and every image
+scores the same uncertainty (1). A ranking by uncertainty alone is then id order (on the default
+folder, the first 12 tasks were all one person). :func:`queue_order` therefore breaks ties of
+uncertainty by diversity: inside each group of equal uncertainty, images follow a farthest-point
+(k-center greedy) traversal of the image embeddings that starts from the most typical image (the
+one nearest the group's mean) and continues from the images already ranked above the group. The
+query batch's uncertainty pre-selection (``top_k`` in ``diverse_*``/``cluster_*``/measure strategies)
+uses the same order, so that the first batch of day 0 also spreads over people and scenes.
 """
 
 from __future__ import annotations
@@ -38,11 +47,71 @@ TYPICALITY_NEIGHBOURS = 20
 MIN_CLUSTER_SIZE = 5
 
 
-def top_k(scores: np.ndarray, k: int) -> list[int]:
-    """Indices of the ``k`` largest scores, largest first (ties: lower index first)."""
+def top_k(scores: np.ndarray, k: int, embeddings: np.ndarray | None = None) -> list[int]:
+    """Indices of the ``k`` largest scores, largest first; ties (to :data:`TIE_DECIMALS`
+    decimals) by diversity over ``embeddings`` when given (:func:`queue_order`), else lower index
+    first."""
+    if embeddings is not None:
+        return queue_order(scores, embeddings, head=max(k, 1))[:k]
     s = np.asarray(scores, dtype=np.float64)
     order = np.lexsort((np.arange(len(s)), -s))
     return [int(i) for i in order[:k]]
+
+
+#: Uncertainties equal to this many decimals are a tie (scores are stored with 6 decimals).
+TIE_DECIMALS = 6
+#: Images of a tie group placed by the farthest-point traversal; the rest of the group follows in
+#: index order (the head of the queue is what people see; this bounds the cost at
+#: ``O(DIVERSE_HEAD * n * d)``).
+DIVERSE_HEAD = 256
+
+
+def queue_order(uncertainty: np.ndarray, embeddings: np.ndarray | None = None,
+                head: int = DIVERSE_HEAD) -> list[int]:
+    """The review queue's order: most uncertain first, ties broken by diversity, then by index.
+
+    Args:
+        uncertainty: ``(n,)`` scores 0-1, higher = more uncertain (NaN counts as 1).
+        embeddings: ``(n, d)`` image embeddings (Euclidean distance after L2 normalisation of the
+            rows), or None: ties then keep index order.
+        head: at most this many images of each tie group are ordered by diversity.
+    Returns: a permutation of ``range(n)``. Inside a group of uncertainties equal to
+        :data:`TIE_DECIMALS` decimals, the first image is the one nearest the group's mean
+        embedding when nothing is ranked above it, else the one farthest from the images ranked
+        above; each next one is the farthest from all ranked so far (k-center greedy, Sener &
+        Savarese, ICLR 2018; the same traversal as Gonzalez's 2-approximation of k-center).
+    Raises: ValueError when ``embeddings`` does not have one row per score.
+    """
+    u = np.round(np.nan_to_num(np.asarray(uncertainty, dtype=np.float64), nan=1.0, posinf=1.0, neginf=0.0),
+                 TIE_DECIMALS)
+    n = len(u)
+    base = [int(i) for i in np.lexsort((np.arange(n), -u))]
+    if embeddings is None or n < 2:
+        return base
+    x = np.asarray(embeddings, dtype=np.float64)
+    if x.ndim != 2 or len(x) != n:
+        raise ValueError(f"embeddings must be (n, d) with n = {n}, got shape {x.shape}")
+    x = _unit_rows(x)
+    out: list[int] = []
+    i = 0
+    while i < n:
+        j = i
+        while j < n and u[base[j]] == u[base[i]]:
+            j += 1
+        group = base[i:j]
+        if len(group) > 1:
+            g = x[group]
+            m = min(head, len(group))
+            if out:
+                picks = k_center_greedy(g, m, labelled=x[out])
+            else:
+                picks = k_center_greedy(g, m, first=int(np.argmin(((g - g.mean(0)) ** 2).sum(-1))))
+            chosen = [group[p] for p in picks]
+            taken = set(chosen)
+            group = chosen + [t for t in group if t not in taken]
+        out.extend(group)
+        i = j
+    return out
 
 
 def k_center_greedy(embeddings: np.ndarray, k: int, first: int = 0, labelled: np.ndarray | None = None) -> list[int]:
@@ -172,7 +241,7 @@ def cluster_uncertain(uncertainty: np.ndarray, embeddings: np.ndarray, k: int, p
     k = min(k, n)
     if k <= 0:
         return []
-    pool = np.asarray(top_k(u, min(n, max(k, prefilter * k))))
+    pool = np.asarray(top_k(u, min(n, max(k, prefilter * k)), embeddings))
     x = _unit_rows(np.asarray(embeddings)[pool])
     labels, centres = _kmeans(x, k, seed, weights=u[pool] + 1e-6)
     picks = []
@@ -232,8 +301,8 @@ def select(strategy: str, uncertainty: dict[str, np.ndarray], k: int, embeddings
     if strategy == "random":
         rng = rng or np.random.default_rng(0)
         return [int(i) for i in rng.choice(n, size=k, replace=False)]
-    if strategy == measure:
-        return top_k(uncertainty[measure], k)
+    if strategy == measure:  # ties by diversity when embeddings are given
+        return top_k(uncertainty[measure], k, embeddings)
     # the rest place the batch in embedding space: typiclust, cluster_*, diverse_*
     if embeddings is None:
         raise ValueError(f"strategy {strategy} needs image embeddings")
@@ -244,6 +313,6 @@ def select(strategy: str, uncertainty: dict[str, np.ndarray], k: int, embeddings
         return typiclust(embeddings, k, labelled=labelled_embeddings, seed=seed)
     if strategy.startswith("cluster_"):
         return cluster_uncertain(uncertainty[measure], embeddings, k, prefilter=prefilter, seed=seed)
-    pool = top_k(uncertainty[measure], min(n, max(k, candidates * k)))  # diverse_*
+    pool = top_k(uncertainty[measure], min(n, max(k, candidates * k)), embeddings)  # diverse_*
     picks = k_center_greedy(np.asarray(embeddings)[pool], k, first=0, labelled=labelled_embeddings)
     return [pool[i] for i in picks]

@@ -3,7 +3,10 @@
 After a promotion (and for new tasks), every unlabelled task is predicted with the promoted
 version; each gets a :class:`backend.models.TaskScore` (all measures) and a Label Studio
 prediction with ``score = 1 - uncertainty``; the project's ``model_version`` is pointed at that
-version and the *Review queue* view (unlabelled, lowest score first) is refreshed.
+version and the *Review queue* view (unlabelled, lowest score first) is refreshed. Ties of
+uncertainty (every task at day 0, when the project's classes are unknown) are ordered by diversity
+over the image embeddings (:func:`ml_worker.sampler.queue_order`), and Label Studio's score gets an
+offset below 1e-6 that keeps that order in its view (:func:`tie_offsets`).
 
 The writes to Label Studio go through the outbox (:mod:`ml_worker.outbox`): they are stored with
 the scores in one transaction and delivered until Label Studio acknowledges them, so a Label
@@ -30,7 +33,8 @@ from backend.lsapi import snapshot
 from backend.models import Project, TaskScore, utcnow
 from backend.predict import predict_tasks, to_ls_prediction
 from ml_worker.outbox import deliver, enqueue_write_back, pending_writes
-from ml_worker.sampler import DEFAULT_QUERY_STRATEGY, USES_LABELLED, select as select_batch
+from ml_worker.sampler import DEFAULT_QUERY_STRATEGY, TIE_DECIMALS, USES_LABELLED, queue_order
+from ml_worker.sampler import select as select_batch
 
 log = logging.getLogger("faceloop.scoring")
 
@@ -108,6 +112,7 @@ def score_pool(settings: Settings, project_id: int, task_ids: list[int] | None =
     measure = settings.uncertainty_measure
     unc = {m: np.array([p.uncertainty.get(m) for p in good]) for m in ("least_confidence", "margin", "entropy")}
     batch: list[int] = []
+    order: list[int] = []  # task ids in review-queue order (ties of uncertainty broken by diversity)
     if good:
         dim = next((len(p.embedding) for p in good if p.embedding is not None), 1)
         emb = np.stack([p.embedding if p.embedding is not None else np.zeros(dim) for p in good])
@@ -115,6 +120,8 @@ def score_pool(settings: Settings, project_id: int, task_ids: list[int] | None =
                              rng=np.random.default_rng(settings.seed),
                              labelled_embeddings=np.stack(lab_emb) if lab_emb else None)
         batch = [good[i].task_id for i in picks]
+        order = [good[i].task_id for i in queue_order(
+            np.array([_unit(p.uncertainty.get(measure)) for p in good]), emb)]
     with session_scope(settings.database_url) as s:
         for p in preds:
             row = s.exec(select(TaskScore).where(TaskScore.project_id == project_id, TaskScore.task_id == p.task_id,
@@ -134,14 +141,16 @@ def score_pool(settings: Settings, project_id: int, task_ids: list[int] | None =
         s.flush()
         pool = {t.id for t in everything if t.result is None}
         batch = rerank(s, project_id, vname, pool, settings.query_batch_size,
-                       picks=batch if task_ids is None else None)
+                       picks=batch if task_ids is None else None, order=order)
         existing = {t.id for t in tasks if vname in t.prediction_versions}
+        tie_break = tie_offsets(order, {p.task_id: _unit(p.uncertainty.get(measure)) for p in good})
         payload = []
         for p in good:
             if p.task_id in existing:
                 continue
             d = to_ls_prediction(p, schema, vname, measure)
-            payload.append({"task": p.task_id, "model_version": vname, "score": d["score"], "result": d["result"]})
+            score = round(d["score"] + tie_break.get(p.task_id, 0.0), 9)
+            payload.append({"task": p.task_id, "model_version": vname, "score": score, "result": d["result"]})
         # Label Studio refuses a project model_version no prediction has (400): set it only when one will
         has_predictions = bool(payload) or any(vname in t.prediction_versions for t in everything)
         enqueue_write_back(s, project_id, vname, payload, settings.review_view_title, run_id=run_id,
@@ -168,13 +177,35 @@ def _unit(x) -> float:
     return 1.0 if math.isnan(x) else min(max(x, 0.0), 1.0)
 
 
+def tie_offsets(order: list[int], uncertainty: dict[int, float]) -> dict[int, float]:
+    """What to add to the Label Studio score (``1 - uncertainty``) of each task so that Label
+    Studio's Review queue (one ordering column: ascending prediction score) shows ties of
+    uncertainty in faceloop's order (:func:`ml_worker.sampler.queue_order`), not in id order.
+
+    Args:
+        order: task ids in queue order.
+        uncertainty: ``{task id: uncertainty 0-1}``.
+    Returns: ``{task id: offset}``: the j-th of a group of g equal uncertainties (to
+        :data:`ml_worker.sampler.TIE_DECIMALS` decimals) gets ``10**-TIE_DECIMALS * j / g``,
+        below the smallest step between two different rounded uncertainties, so the order of
+        different uncertainties never changes and a score moves by less than 1e-6.
+    """
+    step = 10.0 ** -TIE_DECIMALS
+    groups: dict[float, list[int]] = {}
+    for t in order:
+        groups.setdefault(round(uncertainty[t], TIE_DECIMALS), []).append(t)
+    return {t: step * j / len(g) for g in groups.values() for j, t in enumerate(g)}
+
+
 def rerank(s, project_id: int, version: str, pool: set[int], batch_size: int,
-           picks: list[int] | None = None) -> list[int]:
+           picks: list[int] | None = None, order: list[int] | None = None) -> list[int]:
     """Rank every scored pool task of ``version`` and flag exactly one query batch (issue 9 §6).
 
     Rows of tasks no longer in the pool (labelled or deleted since) are removed. Scored rows get
-    ``rank`` 0..n-1 by uncertainty, highest first, ties by task id (so ranks are monotone in
-    uncertainty across scorings of parts of the pool); rows whose image failed come after them.
+    ``rank`` 0..n-1 by uncertainty, highest first. Without ``order``, ties go by task id. With
+    ``order`` (the tasks just scored, in :func:`ml_worker.sampler.queue_order`: ties by
+    diversity), ties (to :data:`ml_worker.sampler.TIE_DECIMALS` decimals) keep the earlier rank
+    of rows not just scored, then follow ``order``. Rows whose image failed come after them.
     ``in_query_batch`` is set on exactly ``min(batch_size, n)`` rows: ``picks`` (the sampler's
     choice over the whole pool) when given, else the rows flagged before that are still in the
     pool; either is cut to ``batch_size`` and topped up with the most uncertain unflagged rows.
@@ -182,6 +213,7 @@ def rerank(s, project_id: int, version: str, pool: set[int], batch_size: int,
     Args:
         pool: ids of the project's unlabelled tasks now.
         picks: task ids, most informative first; None keeps the current batch (a partial scoring).
+        order: the tasks just scored, in queue order (None: ties by task id).
     Returns: the batch's task ids, in pick order then rank order.
     """
     rows = s.exec(select(TaskScore).where(TaskScore.project_id == project_id, TaskScore.model_version == version)).all()
@@ -189,7 +221,13 @@ def rerank(s, project_id: int, version: str, pool: set[int], batch_size: int,
         if r.task_id not in pool:
             s.delete(r)
     rows = [r for r in rows if r.task_id in pool]
-    good = sorted((r for r in rows if not r.error), key=lambda r: (-_unit(r.uncertainty), r.task_id))
+    if order is None:
+        good = sorted((r for r in rows if not r.error), key=lambda r: (-_unit(r.uncertainty), r.task_id))
+    else:
+        pos = {t: i for i, t in enumerate(order)}
+        good = sorted((r for r in rows if not r.error),
+                      key=lambda r: (-round(_unit(r.uncertainty), TIE_DECIMALS), r.task_id in pos,
+                                     pos.get(r.task_id, r.rank or 0), r.task_id))
     bad = sorted((r for r in rows if r.error), key=lambda r: r.task_id)
     for i, r in enumerate(good + bad):
         r.rank = i

@@ -208,3 +208,145 @@ def test_select_checks_shapes_and_measures():
         select("typiclust", UNC, 2, embeddings=np.zeros(6))
     with pytest.raises(ValueError, match="needs the 'margin' uncertainty"):
         select("cluster_margin", {"entropy": UNC["entropy"]}, 2, embeddings=emb)
+
+
+# --- day 0: ties of uncertainty are broken by diversity, not by index (issue 11 item 3) ----------
+
+def test_queue_order_breaks_ties_by_diversity():
+    from ml_worker.sampler import queue_order
+
+    # three "people", each a tight cluster, in index order A A A B B C (as Label Studio's ids are)
+    emb = np.array([[1, 0, 0], [0.99, 0.05, 0], [0.98, 0, 0.05], [0, 1, 0], [0.05, 0.99, 0], [0, 0, 1]], float)
+    order = queue_order(np.ones(6), emb)  # day 0: every task equally uncertain
+    assert sorted(order) == list(range(6))
+
+    people = [0, 0, 0, 1, 1, 2]
+    assert len({people[i] for i in order[:3]}) == 3  # the first three tasks are three different people
+    assert queue_order(np.ones(6)) == list(range(6))  # no embeddings: index order
+
+
+def test_queue_order_keeps_uncertainty_first_and_continues_from_higher_groups():
+    from ml_worker.sampler import queue_order
+
+    emb = np.array([[1, 0], [0.99, 0.1], [0, 1], [0.1, 0.99], [0.7, 0.7]], float)
+    u = np.array([0.2, 0.5, 0.5, 0.9, 0.5])
+    order = queue_order(u, emb)
+    assert order[0] == 3  # the most uncertain alone at the top
+    # the tie group {1, 2, 4} starts with the image farthest from task 3 (near (0, 1)): task 1
+    assert order[1] == 1 and set(order[1:4]) == {1, 2, 4}
+    assert order[4] == 0
+    assert queue_order(u + 1e-9, emb) == order  # equal to 6 decimals is a tie
+    assert queue_order(np.array([np.nan, 0.1]), None) == [0, 1]  # NaN counts as 1
+    assert queue_order(np.array([]), np.zeros((0, 2))) == []
+    with pytest.raises(ValueError, match="embeddings must be"):
+        queue_order(np.ones(3), np.ones((2, 4)))
+
+
+def test_queue_order_head_bounds_the_traversal():
+    from ml_worker.sampler import queue_order
+
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(50, 8))
+    order = queue_order(np.ones(50), emb, head=5)
+    assert sorted(order) == list(range(50))
+    rest = [i for i in range(50) if i not in set(order[:5])]
+    assert order[5:] == rest  # after the head, index order
+
+
+def test_day0_batch_spreads_over_clusters_beyond_the_first_ids():
+    # 40 near-identical frames of one person first (ids 0-39), then 2 other people: with every
+    # uncertainty equal, top-k by index alone would take only the first person
+    rng = np.random.default_rng(1)
+    a = np.array([1.0, 0, 0]) + 0.01 * rng.normal(size=(40, 3))
+    b = np.array([0, 1.0, 0]) + 0.01 * rng.normal(size=(5, 3))
+    c = np.array([0, 0, 1.0]) + 0.01 * rng.normal(size=(5, 3))
+    emb = np.vstack([a, b, c])
+    person = np.array([0] * 40 + [1] * 5 + [2] * 5)
+    u = {m: np.ones(50) for m in ("least_confidence", "margin", "entropy")}
+    for strategy in ("margin", "diverse_margin", "cluster_margin"):
+        picks = select(strategy, u, 3, embeddings=emb, prefilter=1, candidates=1)
+        assert len(set(person[picks])) == 3, (strategy, picks)
+    assert top_k(np.ones(50), 3) == [0, 1, 2]  # without embeddings: index order as before
+
+
+def test_tie_offsets_keep_the_order_in_label_studio_scores():
+    from ml_worker.scoring import tie_offsets
+
+    order = [5, 2, 9, 1, 7]  # queue order: 5 alone, then the tie group 2, 9, 1, then 7
+    unc = {5: 0.9, 2: 0.5, 9: 0.5, 1: 0.5, 7: 0.1}
+    off = tie_offsets(order, unc)
+    scores = {t: round(1 - unc[t], 6) + off[t] for t in order}
+    assert sorted(order, key=lambda t: scores[t]) == order  # Label Studio's ascending sort = the queue
+    assert all(0 <= o < 1e-6 for o in off.values())
+    assert off[2] == 0 and off[5] == 0 and off[7] == 0
+
+
+def test_day0_queue_on_the_default_folder_spreads_over_people(tmp_path):
+    """``faceloop up``'s default folder (awake_sleep val: 238 images of 3 people, one source
+    each, file names ``<source>_<hash>.jpg``, Label Studio ids in name order). Through the
+    prediction path scoring uses (shipped default version, classes unknown: every uncertainty 1),
+    the first 12 tasks of the queue and the day-0 query batch hold every person; in id order the
+    first 12 are one person."""
+    from urllib.parse import quote
+
+    from backend.labels import ProjectSchema
+    from backend.predict import predict_tasks
+    from backend.config import DEFAULT_MODEL_PATH
+    from facemodels.detector import ModelCache
+    from ml_worker.sampler import DEFAULT_QUERY_STRATEGY, queue_order
+    from tests.conftest import REPO, require_data
+    from tests.helpers_unit import make_settings
+
+    data = require_data()
+    files = sorted((data / "images" / "val").glob("*.jpg"))
+    person = np.array([f.name.rsplit("_", 1)[0] for f in files])
+    settings = make_settings(tmp_path, local_files_document_root=str(data.parent))
+    schema = ProjectSchema.parse((REPO / "label_config" / "awake_sleep.xml").read_text())
+    tasks = [{"id": i + 1, "data": {schema.value_key: "/data/local-files/?d=" + quote(str(f.relative_to(data.parent)))}}
+             for i, f in enumerate(files)]
+    preds = predict_tasks(tasks, schema, ModelCache().get(DEFAULT_MODEL_PATH), settings, embed=True)
+    assert all(p.error is None for p in preds), [p.error for p in preds if p.error][:3]
+    u = np.array([p.uncertainty.get("margin") for p in preds])
+    assert (u == 1.0).all()  # day 0: the classes are unknown, every task ties
+    emb = np.stack([p.embedding for p in preds])
+    n_people = len(set(person))
+    assert len(set(person[:12])) == 1  # id order: the first 12 are one person
+    order = queue_order(u, emb)
+    head = person[order[:12]]
+    print(f"\nday-0 queue, first 12: {dict(zip(*np.unique(head, return_counts=True)))}; "
+          f"every person by #{next(i + 1 for i in range(len(order)) if len(set(person[order[:i + 1]])) == n_people)}")
+    assert len(set(head)) == n_people
+    batch = select(DEFAULT_QUERY_STRATEGY, {m: u for m in ("least_confidence", "margin", "entropy")}, 12,
+                   embeddings=emb, rng=np.random.default_rng(0))
+    print(f"day-0 query batch of 12 ({DEFAULT_QUERY_STRATEGY}): {dict(zip(*np.unique(person[batch], return_counts=True)))}")
+    assert len(set(person[batch])) == n_people
+
+
+def test_rerank_follows_the_queue_order_on_ties(tmp_path):
+    """The ranks stored for ``faceloop queue`` and the status page follow queue_order's tie
+    order (the real SQLite database, as score_pool leaves it)."""
+    from sqlmodel import select as sql_select
+
+    from backend.db import session_scope
+    from backend.models import TaskScore
+    from ml_worker.scoring import rerank
+    from tests.helpers_unit import make_settings
+
+    s = make_settings(tmp_path)
+    with session_scope(s.database_url) as db:
+        for t, u in ((1, 1.0), (2, 1.0), (3, 1.0), (4, 0.3)):
+            db.add(TaskScore(project_id=1, task_id=t, model_version="v1", uncertainty=u, least_confidence=u,
+                             margin=u, entropy=u))
+        db.flush()
+        rerank(db, 1, "v1", {1, 2, 3, 4}, 2, picks=[3, 1], order=[3, 1, 2, 4])
+    with session_scope(s.database_url) as db:
+        rows = sorted(db.exec(sql_select(TaskScore).where(TaskScore.project_id == 1)).all(), key=lambda r: r.rank)
+        assert [r.task_id for r in rows] == [3, 1, 2, 4]
+        # a later partial scoring of a new tie: the earlier ranks stay, the new task follows them
+        db.add(TaskScore(project_id=1, task_id=5, model_version="v1", uncertainty=1.0, least_confidence=1.0,
+                         margin=1.0, entropy=1.0))
+        db.flush()
+        rerank(db, 1, "v1", {1, 2, 3, 4, 5}, 2, order=[5])
+    with session_scope(s.database_url) as db:
+        rows = sorted(db.exec(sql_select(TaskScore).where(TaskScore.project_id == 1)).all(), key=lambda r: r.rank)
+        assert [r.task_id for r in rows] == [3, 1, 2, 5, 4]

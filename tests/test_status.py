@@ -296,3 +296,52 @@ def test_status_link_in_the_label_studio_project(stack):
     assert q.expert_instruction.endswith("<p>Draw every face.</p>")
     with pytest.raises(ValueError):
         set_status_link(client, p.id, 'javascript:alert(1)')
+
+
+def test_learning_curves_are_drawn_from_the_training_records(client, populated, settings):
+    """Per-epoch detector box loss and validation mAP50 (ultralytics' results.csv in the model
+    store) and the classifier's loss per epoch, as inline SVG next to the confusion matrix."""
+    from backend.status import CURVE_H, CURVE_PAD, curve
+
+    with session_scope(settings.database_url) as s:
+        v2 = s.get(ModelVersion, populated["v2"])
+        m = v2.metrics
+        csv_path = Path(m["plots"]["detector results.csv"])
+        csv_path.write_text("                  epoch,  train/box_loss,  metrics/mAP50(B)\n"
+                            "1,1.5,0.2\n2,1.2,0.5\n3,1.0,0.61\n")  # ultralytics pads its header names
+        m["classifier_training"] = {"loss": [0.9, 0.5, float("nan"), 0.3]}
+        v2.metrics_json = json.dumps(m)
+    html = client.get(f"/status/{PID}").text
+    assert "detector box loss (train): 1.5 → 1 over 3 epochs" in html
+    assert "detector mAP50 (validation): 0.2 → 0.61 over 3 epochs" in html
+    assert "face classifier loss (train): 0.9 → 0.3 over 3 epochs" in html  # the NaN is left out
+    assert html.count("<polyline") == 3
+    c = curve("x", [0, 1])
+    assert c["points"] == f"{CURVE_PAD}.0,{CURVE_H - CURVE_PAD}.0 254.0,{CURVE_PAD}.0"  # higher value up
+    assert curve("x", [1]) is None and curve("x", ["a", None]) is None
+
+
+def test_new_projects_show_their_instructions_and_keep_the_default_tab(stack):
+    """Projects faceloop creates open their instructions (with the status link) when a person
+    starts labeling; the Review queue view, when it is a project's first view, comes with Label
+    Studio's Default tab, which a later refresh neither duplicates nor brings back."""
+    from label_studio_sdk import LabelStudio
+
+    from backend.lsapi import create_project, refresh_review_view
+    from tests.helpers_unit import EXAMPLE_CONFIG
+
+    client = LabelStudio(base_url=stack.ls_url, api_key=stack.api_key)
+    pid = create_project(client, "tabs", EXAMPLE_CONFIG)
+    assert client.projects.get(id=pid).show_instruction is True
+
+    def titles():
+        return [(v.data or {}).get("title") for v in sorted(client.views.list(project=pid), key=lambda v: v.id)]
+
+    vid = refresh_review_view(client, pid, "Review queue")
+    assert titles() == ["Default", "Review queue"]
+    assert refresh_review_view(client, pid, "Review queue") == vid and titles() == ["Default", "Review queue"]
+    default = next(v for v in client.views.list(project=pid) if (v.data or {}).get("title") == "Default")
+    assert list(client.tasks.list(project=pid, view=default.id)) == []  # a working view (no tasks yet)
+    client.views.delete(id=default.id)  # the person closed the Default tab: it stays closed
+    refresh_review_view(client, pid, "Review queue")
+    assert titles() == ["Review queue"]

@@ -11,6 +11,12 @@ Playwright (never ``playwright install``) then:
    boxes with Backspace, Submit) on a few tasks, with the class of the dataset's ground truth;
 3. presses *Start Training* in Settings -> Model (the ML backend card's menu), waits for the new
    model version, reopens an unlabelled task and sees the new version's prediction;
+   While the job runs, the person opens the status page from the project as a person would
+   (the Data Manager keeps Label Studio's Default tab next to the Review queue; *Label All
+   Tasks* shows the project's instructions; click the status link in them) and watches it: the
+   running job's stage and epoch k of n with the time left, then the finished job and the new
+   version with its gate decision and reason. On the new version's pre-labels the person
+   accepts one box as it is and deletes another; the status page counts them for that version;
 4. stops ``faceloop up`` (SIGINT), starts it again: same project, same tasks, the backend shows
    "Connected".
 
@@ -43,7 +49,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 #: Small training so the test stays within minutes on 2 shared cores.
 TRAIN_ENV = {"DETECTOR_EPOCHS": "10", "CLASSIFIER_EPOCHS": "30", "IMGSZ": "256", "TRAIN_BATCH": "2", "QUERY_BATCH_SIZE": "3",
              "RETRAIN_MIN_ANNOTATIONS": "2", "OMP_NUM_THREADS": "1"}
-N_IMAGES = 12
+N_IMAGES = 14  # 8 labelled, 2 for the acceptance counts, 2 for the retrain on annotations, 2 spare
 N_LABEL = 8  # tasks labelled in the browser before Start Training (>= 2 for a train/val split)
 
 
@@ -213,6 +219,48 @@ def _open_task(page, ls_url: str, pid: int, task_id: int, regions: bool = True):
         .some(i => i.getBoundingClientRect().width > 200 && i.complete && i.naturalWidth > 0)""", timeout=60_000)
 
 
+def _text(page) -> str:
+    """The page's visible text; "" while a meta refresh reloads it."""
+    try:
+        return page.inner_text("body", timeout=5_000)
+    except Exception:  # noqa: BLE001 - navigation in progress (the status page reloads itself)
+        return ""
+
+
+def _open_status_from_label_studio(page, ls_url: str, pid: int, shot=None) -> str:
+    """As a person: the project's Data Manager (Default tab next to the Review queue), *Label All
+    Tasks*, and the status link in the instructions Label Studio shows before labeling (one click
+    on the link). Returns the status page's URL."""
+    page.goto(f"{ls_url}/projects/{pid}/data")
+    page.get_by_text("Review queue").first.wait_for(timeout=60_000)
+    page.get_by_text("Default", exact=True).first.wait_for(timeout=10_000)  # LS's own tab stays
+    page.get_by_role("button", name="Label All Tasks").first.click()
+    link = page.get_by_role("link", name=re.compile("faceloop status"))
+    link.first.wait_for(timeout=30_000)  # the "Labeling Instructions" modal
+    if shot:
+        shot(page, "instructions_with_status_link")
+    link.first.click()
+    page.wait_for_url(re.compile(rf"/status/{pid}(\?|$)"), timeout=30_000)
+    return page.url
+
+
+def _delete_regions_and_submit(page, ls_url: str, pid: int, tid: int, keep: int):
+    """As a person: open the task (its pre-labels), delete every box but the first ``keep`` ones
+    (click in the regions list, Backspace), Submit; waits until Label Studio has the annotation."""
+    _open_task(page, ls_url, pid, tid)
+    for _ in range(20):
+        items = page.locator(".lsf-outliner-item")
+        if items.count() <= keep:
+            break
+        items.nth(keep).click()
+        page.keyboard.press("Backspace")
+        page.wait_for_timeout(200)
+    page.get_by_role("button", name="Submit").click()
+    page.wait_for_function(f"""async () => {{
+        const r = await fetch('/api/tasks/{tid}'); const t = await r.json();
+        return (t.annotations || []).length > 0; }}""", timeout=30_000)
+
+
 def test_person_up_label_train_restart(image_folder, out_dir, browser, tmp_path):
     from label_studio_sdk import LabelStudio
 
@@ -326,14 +374,46 @@ def test_person_up_label_train_restart(image_folder, out_dir, browser, tmp_path)
             time.sleep(1)
         else:
             raise AssertionError("Start Training did not reach the backend (no training job within 30 s)")
-        job = wait_for_job(db, pid, timeout=900)
+
+        # --- 3b. the status page, opened from the project, shows the job live to its end -----------
+        status_url = _open_status_from_label_studio(page, ls_url, pid, shot)
+        assert status_url.startswith(f"http://127.0.0.1:{ports['backend']}/status/{pid}"), status_url
+        seen_epochs, seen_eta, seen_stages, shot_running = set(), False, set(), False
+        deadline = time.time() + 900
+        while time.time() < deadline:  # the page reloads itself every 5 s while the job runs
+            text = _text(page)
+            job_card = re.search(r"Job \d+ (queued|running) · stage (.+?)(?: · |\n|$)", text)
+            if job_card:
+                seen_stages.add(job_card.group(2).strip())
+                m = re.search(r"epoch (\d+) of (\d+)", text)
+                if m:
+                    seen_epochs.add((int(m.group(1)), int(m.group(2))))
+                    seen_eta = seen_eta or bool(re.search(r"about .+ left", text))
+                    if int(m.group(1)) >= 1 and not shot_running:
+                        shot(page, "status_page_training")
+                        shot_running = True
+            elif re.search(rf"p{pid}-v1\s", text) and "No training job is running" in text:
+                break
+            page.wait_for_timeout(1000)
+        else:
+            raise AssertionError(f"the status page never showed the finished job and p{pid}-v1:\n{_text(page)[-2000:]}")
+        assert seen_epochs, f"the status page never showed 'epoch k of n' while the job ran (stages {seen_stages})"
+        assert any(k >= 1 for k, _ in seen_epochs) and seen_eta, (seen_epochs, seen_eta)
+        job = wait_for_job(db, pid, timeout=60)
         train_s = time.time() - t_train
         assert job.state == "succeeded", (job.state, job.error)
         assert job.trigger == "start_training"
         with session_scope(db) as s:
             v = s.exec(select(ModelVersion).where(ModelVersion.project_id == pid, ModelVersion.status == "promoted")).one()
-            version = v.version
+            version, version_id, gate_reason = v.version, v.id, v.gate_reason
         assert version == f"p{pid}-v1"
+        row = page.locator(f"#version-{version_id}").inner_text()
+        assert version in row and "promoted" in row and gate_reason and gate_reason in row, row
+        finished = page.locator("details", has_text="Finished jobs").inner_text()
+        assert "succeeded" in finished and "start_training" in finished, finished
+        shot(page, "status_page_finished")
+        print(f"\nstatus page: stages seen {sorted(seen_stages)}, epochs seen {sorted(seen_epochs)}, "
+              f"time left shown: {seen_eta}")
         jobs_out = _cli(var_dir, "jobs", str(pid))  # a second terminal finds the running stack
         assert jobs_out.returncode == 0 and "succeeded" in jobs_out.stdout, jobs_out.stdout + jobs_out.stderr
         # the unlabelled tasks now hold the new version's predictions; open one with a face found
@@ -352,6 +432,36 @@ def test_person_up_label_train_restart(image_folder, out_dir, browser, tmp_path)
         labels = page.locator(".lsf-outliner-item").all_inner_texts()
         assert any(("awake" in t or "sleep" in t) for t in labels), labels
         shot(page, "new_version_prediction")
+
+        # --- 3c. pre-label acceptance: accept one box of the new version, delete another --------
+        n_boxes = {t: len(new_preds[t][0].result) for t in with_boxes}
+        one_first = sorted(with_boxes, key=lambda t: (n_boxes[t] != 1, t))  # tasks with one box first
+        keep_task, delete_task = one_first[0], one_first[1]
+        _delete_regions_and_submit(page, ls_url, pid, keep_task, keep=1)  # first box kept as it is
+        _delete_regions_and_submit(page, ls_url, pid, delete_task, keep=0)  # its box(es) deleted
+        for t in (keep_task, delete_task):
+            ann = client.tasks.get(id=t).annotations[0]
+            assert ann.get("parent_prediction"), f"task {t}: Label Studio recorded no parent prediction"
+        want = {"annotations": "2", "predicted boxes": str(n_boxes[keep_task] + n_boxes[delete_task]),
+                "accepted": "1", "relabelled": "0", "moved / resized": "0",
+                "deleted": str(n_boxes[keep_task] - 1 + n_boxes[delete_task]), "drawn by hand": "0"}
+        cells = {}
+        deadline = time.time() + 120  # recounted from Label Studio at most every 30 s
+        while time.time() < deadline:
+            page.goto(status_url)
+            acc = page.locator(f"[id='acceptance-{version}']")
+            if acc.count():
+                heads = [h.strip() for h in acc.locator("xpath=ancestor::table[1]").locator("tr").first
+                         .locator("th").all_inner_texts()]
+                cells = dict(zip(heads, [c.strip() for c in acc.locator("td").all_inner_texts()]))
+                if all(cells.get(k) == v for k, v in want.items()):
+                    break
+            page.wait_for_timeout(3000)
+        else:
+            raise AssertionError(f"status page acceptance of {version}: {cells}, want {want}")
+        acc.scroll_into_view_if_needed()
+        shot(page, "status_page_acceptance")
+        print(f"acceptance of {version} on the status page: {cells}")
 
         # clean errors from the CLI for an unknown project, nothing recorded
         for cmd in (("jobs", "999"), ("versions", "999"), ("train", "999")):
@@ -401,7 +511,7 @@ def test_person_up_label_train_restart(image_folder, out_dir, browser, tmp_path)
         while time.time() < deadline and not client.projects.get(id=pid).min_annotations_to_start_training:
             time.sleep(0.5)
         assert client.projects.get(id=pid).min_annotations_to_start_training == 1  # what the switch stores
-        more = [t for t in with_boxes if t != unlabelled][:2]  # RETRAIN_MIN_ANNOTATIONS = 2 new tasks
+        more = [t for t in with_boxes if t not in (unlabelled, keep_task, delete_task)][:2]  # RETRAIN_MIN_ANNOTATIONS = 2
         assert len(more) == 2, with_boxes
         for tid in more:  # Label Studio also sends START_TRAINING on each save: those must not train
             cls = truth[names[tid]][0]

@@ -73,7 +73,8 @@ def test_label_studio_down_during_write_back_loses_nothing(tmp_path, label_studi
             assert (run.state, run.write_state, run.written) == ("succeeded", "pending", 0)
             scores = sorted(db.exec(select(TaskScore).where(TaskScore.project_id == pid)).all(), key=lambda r: r.rank)
             assert len(scores) == N_TASKS and [r.rank for r in scores] == list(range(N_TASKS))
-            assert [(-r.uncertainty, r.task_id) for r in scores] == sorted((-r.uncertainty, r.task_id) for r in scores)
+            # most uncertain first; ties are ordered by diversity (ml_worker.sampler.queue_order), not id
+            assert [-r.uncertainty for r in scores] == sorted(-r.uncertainty for r in scores)
             assert sum(r.in_query_batch for r in scores) == s.query_batch_size == 3
             pend = db.exec(select(OutboxWrite).where(OutboxWrite.scoring_run_id == run_id)).all()
             assert [w.kind for w in pend] == ["predictions", "model_version", "review_view"]
@@ -109,6 +110,13 @@ def test_label_studio_down_during_write_back_loses_nothing(tmp_path, label_studi
         assert len(views) == 1
         with session_scope(s.database_url) as db:
             assert db.get(ScoringRun, run_id).written == N_TASKS
+            ranked = [r.task_id for r in sorted(db.exec(select(TaskScore).where(TaskScore.project_id == pid)).all(),
+                                                key=lambda r: r.rank)]
+        # every task ties (day 0: classes unknown); Label Studio's Review queue shows faceloop's
+        # diversity order, not id order (the scores' tie offsets, ml_worker.scoring.tie_offsets)
+        from backend.lsapi import review_queue
+
+        assert [t["id"] for t in review_queue(client, pid, "Review queue", limit=N_TASKS)] == ranked
 
         # idempotent: a write whose acknowledgement was lost is sent again, and adds nothing
         with session_scope(s.database_url) as db:
