@@ -6,11 +6,11 @@ A person's path through the SDK (issue 11 item 4/5):
    reason in the message Label Studio returns to the *Connect Model* form;
 2. a Choices project (awake/sleep per image) gets image-level predictions from *Retrieve
    Predictions* (the shipped model knows no awake/sleep: empty results, most uncertain);
-3. a dozen tasks are annotated with choices, *Start Training* runs, a new version is trained from
+3. 16 tasks are annotated with choices, *Start Training* runs, a new version is trained from
    the choices (classifier only), gated by image-level accuracy with its reason recorded, and,
    promoted, serves Choices predictions that Label Studio stores.
 
-Bounded: 18 images of ``../shared/data/awake_sleep`` and the e2e stack's small training settings.
+Bounded: 24 images of ``../shared/data/awake_sleep`` and the e2e stack's small training settings.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from tests.helpers_unit import POLYGON_CONFIG
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-N_IMAGES, N_LABELLED = 18, 12
+N_IMAGES, N_LABELLED = 24, 16
 
 
 def _predictions(client, pid):
@@ -50,6 +50,15 @@ def test_unsupported_config_is_refused_with_faceloops_reason(stack):
     assert "faceloop+cannot+serve+this+label+config:+label+config+has+no+RectangleLabels" in shown
     assert "PolygonLabels" in shown, shown
     assert client.ml.list(project=pid) == []
+
+    # connected while the config was served, then the config changes: the model card says why
+    xml = (REPO / "label_config" / "awake_sleep_choices.xml").read_text()
+    pid = client.projects.create(title="e2e config changes", label_config=xml).id
+    connect_backend(client, pid, stack.backend_url, basic_auth=stack.basic_auth)
+    assert client.ml.list(project=pid)[0].state == "CO"
+    client.projects.update(id=pid, label_config=POLYGON_CONFIG)
+    ml = client.ml.list(project=pid)[0]  # Label Studio re-runs /health and /setup
+    assert ml.state == "ER" and "faceloop+cannot+serve+this+label+config" in (ml.error_message or ""), ml
 
 
 def test_choices_project_end_to_end(stack):
@@ -86,7 +95,7 @@ def test_choices_project_end_to_end(stack):
     for ps in preds.values():
         assert ps[0].result == [] and ps[0].score == 0.0
 
-    # a person labels 12 images with the class of the main (largest) face
+    # a person labels 16 images with the class of the main (largest) face
     items = list(task_image.items())
     held_out = dict(items[2::3])
     labelled = {k: v for k, v in items if k not in held_out}
