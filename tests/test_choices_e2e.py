@@ -147,4 +147,9 @@ def test_choices_project_end_to_end(stack):
             right += mine[0].result[0]["value"]["choices"][0] == truth[tid]
         assert 0.0 <= mine[0].score <= 1.0
     assert chosen >= len(held_out) // 2, f"only {chosen}/{len(held_out)} held-out tasks got a choice"
+    # the status page shows the version with its image accuracy and the gate's reason
+    import httpx
+
+    page = httpx.get(f"{stack.backend_url}/status/{pid}", auth=stack.basic_auth, timeout=30)
+    assert page.status_code == 200 and version in page.text and "image acc." in page.text
     print(f"held-out: {chosen}/{len(held_out)} with a choice, {right} right; whole test {time.time() - t0:.0f} s")
