@@ -47,7 +47,8 @@ class SetupRequest(BaseModel):
     schema_: str = Field("", alias="schema")
     hostname: str | None = None
     access_token: str | None = None
-    extra_params: dict | None = None
+    extra_params: Any = Field(None, description="Label Studio sends what the person typed in Connect Model (a JSON "
+                                                 "object, or an empty string from the web form); unused")
 
 
 class PredictRequest(BaseModel):

@@ -328,3 +328,13 @@ def test_classifier_learns_from_choices_on_real_faces(tmp_path):
     r = evaluate_choices(cache.get(out["bundle"]), val, s, settings)
     assert r["images"] == len(val) and 0.0 <= r["accuracy"] <= 1.0
     assert evaluate_choices(base, val, s, settings)["no_choice"] == len(val), "the shipped model knows no awake/sleep"
+
+
+@pytest.mark.parametrize("extra", ["", "{\"a\": 1}", None, {"a": 1}])
+def test_setup_takes_extra_params_as_the_connect_model_form_sends_them(backend, extra):
+    """Label Studio's web form (Settings -> Model -> Connect Model) does not send a JSON object as
+    ``extra_params`` when the field is left empty: /setup refused it (422 from the request schema,
+    for every config), so a person could never connect faceloop through the form
+    (benchmarks/ls_setup_browser.py)."""
+    r = backend.post("/setup", json={"project": "3.1795968202", "schema": AWAKE_SLEEP_CHOICES, "extra_params": extra})
+    assert r.status_code == 200, r.text
