@@ -335,6 +335,6 @@ def test_setup_takes_extra_params_as_the_connect_model_form_sends_them(backend, 
     """Label Studio's web form (Settings -> Model -> Connect Model) does not send a JSON object as
     ``extra_params`` when the field is left empty: /setup refused it (422 from the request schema,
     for every config), so a person could never connect faceloop through the form
-    (benchmarks/ls_setup_browser.py)."""
+    (tests/browser/test_connect_form.py)."""
     r = backend.post("/setup", json={"project": "3.1795968202", "schema": AWAKE_SLEEP_CHOICES, "extra_params": extra})
     assert r.status_code == 200, r.text
