@@ -20,7 +20,7 @@ import time
 import pytest
 from sqlmodel import select
 
-from backend.demo import dataset_names, ground_truth_boxes, retrieve_predictions, wait_for_job
+from backend.demo import annotate_from_ground_truth, dataset_names, ground_truth_boxes, retrieve_predictions, wait_for_job
 from backend.labels import ProjectSchema
 from backend.lsapi import connect_backend, create_project, upload_images
 from tests.conftest import REPO, require_data
@@ -104,9 +104,9 @@ def test_choices_project_end_to_end(stack):
     for tid, img in task_image.items():
         boxes, _, _ = ground_truth_boxes(img, names)
         truth[tid] = max(boxes, key=lambda b: (b.x2 - b.x1) * (b.y2 - b.y1)).label
-    for tid in labelled:
-        region = {k: v for k, v in schema.choice_region(truth[tid]).items() if k != "score"}
-        client.annotations.create(id=tid, result=[region])
+    assert annotate_from_ground_truth(client, pid, labelled, schema, names) == N_LABELLED
+    ann = client.annotations.list(id=next(iter(labelled)))[0]
+    assert [r["type"] for r in ann.result] == ["choices"]
 
     ml = client.ml.list(project=pid)[0]
     t_train = time.time()
