@@ -147,6 +147,22 @@ def test_choices_project_end_to_end(stack):
             right += mine[0].result[0]["value"]["choices"][0] == truth[tid]
         assert 0.0 <= mine[0].score <= 1.0
     assert chosen >= len(held_out) // 2, f"only {chosen}/{len(held_out)} held-out tasks got a choice"
+
+    # the sampler scored them from the chosen face's class probabilities: Label Studio's score is
+    # 1 - the stored uncertainty, and the review view serves the most uncertain first
+    from backend.lsapi import review_queue
+    from backend.models import TaskScore
+
+    with session_scope(db_url) as s:
+        scores = {r.task_id: r.uncertainty for r in s.exec(select(TaskScore).where(
+            TaskScore.project_id == pid, TaskScore.model_version == version)).all()}
+    for tid in held_out:
+        mine = [p for p in preds[tid] if p.model_version == version][0]
+        assert abs(mine.score - (1 - scores[tid])) < 1e-4
+    head = review_queue(client, pid, "Review queue", limit=len(held_out))
+    assert {t["id"] for t in head} == set(held_out)
+    unc = [scores[t["id"]] for t in head]
+    assert unc == sorted(unc, reverse=True), unc
     # the status page shows the version with its image accuracy and the gate's reason
     import httpx
 
