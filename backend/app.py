@@ -48,7 +48,8 @@ class SetupRequest(BaseModel):
     schema_: str = Field("", alias="schema")
     hostname: str | None = None
     access_token: str | None = None
-    extra_params: dict | None = None
+    extra_params: Any = Field(None, description="Label Studio sends what the person typed in Connect Model (a JSON "
+                                                 "object, or an empty string from the web form); unused")
 
 
 class PredictRequest(BaseModel):
@@ -89,6 +90,28 @@ def parse_project_id(value) -> int:
         shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:60] + "..."
         raise HTTPException(422, f"project must look like '<id>.<timestamp>' or an integer id 1..2^63-1, got {shown}")
     return pid
+
+
+#: Prefix of every refusal of a label config (``/setup``, ``/predict``).
+CANNOT_SERVE = "faceloop cannot serve this label config"
+#: Where ``/setup`` sends Label Studio when it refuses a label config (see :func:`refusal_path`).
+REFUSED_PREFIX = "/setup/refused/"
+
+
+def refusal_path(message: str, limit: int = 400) -> str:
+    """The URL path that spells a refusal ``message`` for Label Studio to show.
+
+    Label Studio 1.23.2 shows a person only ``str(requests.HTTPError)`` of a failed ``/setup``:
+    ``"<status> Client Error: <reason phrase> for url: <final URL>"``; the response body is never
+    shown (measured with ``benchmarks/ls_setup_answers.py``, docs/label_configs.md). So ``/setup``
+    answers a config it cannot serve with ``303 See Other`` to this path, which answers 422: the
+    message then reaches the *Connect Model* form and the model card as the URL. Words are joined
+    with ``+`` and characters that would be percent-encoded in a URL are dropped, so it reads as
+    text; cut to ``limit`` characters.
+    """
+    text = f"{CANNOT_SERVE}: {message}".replace('"', "'")
+    keep = "".join(ch if (ch.isascii() and (ch.isalnum() or ch in " -_.~!$&'()*,;:=@")) else " " for ch in text)
+    return REFUSED_PREFIX + "+".join(keep.split())[:limit]
 
 
 def _is_loopback(request: Request) -> bool:
@@ -271,7 +294,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             ProjectSchema.parse(req.schema_)
         except LabelConfigError as e:
-            raise HTTPException(422, f"faceloop cannot serve this label config: {e}")
+            # Label Studio shows only the final URL of a failed /setup, never the body: send it to a
+            # URL that spells the reason (refusal_path); a client that does not follow redirects
+            # still gets the message in the JSON body
+            log.info("project %s: %s: %s", pid, CANNOT_SERVE, e)
+            return JSONResponse({"detail": f"{CANNOT_SERVE}: {e}"}, status_code=303,
+                                headers={"Location": refusal_path(str(e))})
         with session_scope(settings.database_url) as s:
             # req.hostname is NOT stored: credentials go to LABEL_STUDIO_URL only (issue 9)
             registry.upsert_project(s, pid, label_config=req.schema_)
@@ -280,6 +308,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             except FileNotFoundError as e:
                 raise HTTPException(503, str(e))
             return {"model_version": v.version}
+
+    @app.get(REFUSED_PREFIX + "{reason:path}")
+    def setup_refused(reason: str, _=Depends(require_auth)):
+        """Where /setup sends Label Studio for a label config it cannot serve (see refusal_path)."""
+        text = reason.replace("+", " ")[:1000]
+        if not text.startswith(CANNOT_SERVE):
+            text = f"{CANNOT_SERVE}: {text}"
+        return JSONResponse({"detail": text}, status_code=422)
 
     def not_set_up(pid: int) -> HTTPException:
         return HTTPException(404, f"project {pid} is not set up in faceloop: Label Studio calls /setup when "
@@ -303,7 +339,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             try:
                 schema = ProjectSchema.parse(config)
             except LabelConfigError as e:
-                raise HTTPException(422, f"faceloop cannot serve this label config: {e}")
+                raise HTTPException(422, f"{CANNOT_SERVE}: {e}")
             if proj is None:
                 raise not_set_up(pid)
             registry.upsert_project(s, pid, label_config=config)

@@ -47,11 +47,19 @@ def ground_truth_boxes(image: Path, names: list[str]) -> tuple[list[Box], int, i
 
 def annotate_from_ground_truth(client, project_id: int, task_images: dict[int, Path], schema: ProjectSchema,
                                names: list[str]) -> int:
-    """Submit one annotation per task from its ground-truth label file. Returns how many."""
+    """Submit one annotation per task from its ground-truth label file. Returns how many.
+
+    A Choices project (``schema.is_choices``) gets the class of the image's largest ground-truth
+    face as its choice (the face faceloop serves the image's class from; an image without a
+    face gets an empty annotation)."""
     n = 0
     for tid, img in task_images.items():
         boxes, w, h = ground_truth_boxes(img, names)
-        result = [{k: v for k, v in schema.region(b, w, h).items() if k != "score"} for b in boxes]
+        if schema.is_choices:
+            main = max(boxes, key=lambda b: (b.x2 - b.x1) * (b.y2 - b.y1), default=None)
+            result = [{k: v for k, v in schema.choice_region(main.label).items() if k != "score"}] if main else []
+        else:
+            result = [{k: v for k, v in schema.region(b, w, h).items() if k != "score"} for b in boxes]
         client.annotations.create(id=tid, result=result)
         n += 1
     return n

@@ -3,6 +3,16 @@
 This is the only module that knows Label Studio's JSON (with :mod:`backend.geometry` for the
 percent coordinates). Everything else speaks :class:`Box` in pixels and class names.
 
+Two kinds of label config are served (:attr:`ProjectSchema.kind`), both on exactly one ``<Image>``:
+
+- ``"boxes"``: a ``<RectangleLabels>`` control: one box per face, with a class;
+- ``"choices"``: a ``<Choices>`` control on the image and no RectangleLabels: the image's class,
+  taken from its main face (:func:`backend.predict.main_face`), sent as a Choices result.
+
+Anything else (no Image, several Images, only other controls such as PolygonLabels or TextArea)
+raises :class:`LabelConfigError` with a message for the person (``/setup`` shows it in Label
+Studio when the model is connected; docs/label_configs.md).
+
 Label mapping follows the Label Studio ML backend's YOLO example (``build_label_map``): a model
 class maps to a config label whose ``predicted_values`` attribute lists it, else whose ``value``
 equals it exactly, else case-insensitively. Model classes the config lacks are never predicted.
@@ -28,7 +38,12 @@ SYNONYMS: dict[str, tuple[str, ...]] = {
 
 
 class LabelConfigError(ValueError):
-    """The label config is unusable for faceloop (malformed XML, no RectangleLabels on an Image)."""
+    """The label config is unusable for faceloop (malformed XML, no Image, several Images, no
+    RectangleLabels or image-level Choices on the Image, no labels). The message is for the person."""
+
+
+#: The kinds of label config faceloop serves (see the module docstring).
+KINDS = ("boxes", "choices")
 
 
 @dataclass
@@ -58,13 +73,15 @@ class ProjectSchema:
     """What faceloop needs of a project's label config.
 
     Attributes:
-        from_name: name of the RectangleLabels control (e.g. ``"face"``).
+        from_name: name of the RectangleLabels control (e.g. ``"face"``), or of the Choices
+            control for ``kind == "choices"``.
         to_name: name of the Image object (e.g. ``"image"``).
         value_key: key of the image URL in ``task["data"]`` (the Image's ``value`` without ``$``).
-        labels: the control's label values, in config order (this order is the class index order
-            of every model faceloop trains for the project).
+        labels: the control's label values (``<Label>``, or ``<Choice>`` values), in config order
+            (this order is the class index order of every model faceloop trains for the project).
         predicted_values: per label, the model class names the ``predicted_values`` attribute lists.
         score_threshold: the control's ``model_score_threshold`` (0-1), if given.
+        kind: ``"boxes"`` (RectangleLabels: face boxes) or ``"choices"`` (the image's class).
     """
 
     from_name: str
@@ -73,13 +90,25 @@ class ProjectSchema:
     labels: list[str]
     predicted_values: dict[str, list[str]] = field(default_factory=dict)
     score_threshold: float | None = None
+    kind: str = "boxes"
+
+    @property
+    def is_choices(self) -> bool:
+        """True for an image-level Choices config (no boxes)."""
+        return self.kind == "choices"
 
     @classmethod
     def parse(cls, label_config: str) -> "ProjectSchema":
         """Parse a label config XML with the SDK's ``LabelInterface``.
 
+        The config must hold exactly one ``<Image>``; on it, a ``<RectangleLabels>`` control gives
+        a ``"boxes"`` schema (it wins when there is also a Choices control), else an image-level
+        ``<Choices>`` (not ``perRegion``) gives a ``"choices"`` schema. Other controls are left to
+        the person.
+
         Raises:
-            LabelConfigError: malformed XML, no RectangleLabels control on an Image, or no labels.
+            LabelConfigError: malformed XML, no Image or several, neither control on the Image, or
+                no labels; the message says what faceloop serves instead.
         """
         if not label_config or not label_config.strip():
             raise LabelConfigError("label config is empty")
@@ -87,20 +116,37 @@ class ProjectSchema:
             li = LabelInterface(label_config)
         except Exception as e:  # the SDK raises several XML error types
             raise LabelConfigError(f"label config is not valid XML: {e}") from e
+        images = [o for o in li.objects if o.tag == "Image"]
+        if len(images) > 1:
+            names = ", ".join(f'"{o.name}"' for o in images)
+            raise LabelConfigError(f"label config has {len(images)} Image tags ({names}): faceloop serves "
+                                   f"configs with exactly one Image")
+        if not images:
+            others = ", ".join(sorted({o.tag for o in li.objects})) or "none"
+            raise LabelConfigError(f"label config has no Image tag (objects: {others}): faceloop labels faces "
+                                   f"in images")
+        image = images[0]
+        kind, tag = "boxes", "Label"
         try:
             from_name, to_name, value = li.get_first_tag_occurence("RectangleLabels", "Image")
-        except Exception as e:
-            raise LabelConfigError(
-                "label config has no <RectangleLabels> control on an <Image>: faceloop predicts face boxes, "
-                "add e.g. <RectangleLabels name=\"face\" toName=\"image\"> with your classes"
-            ) from e
+        except ValueError:
+            choices = [c for c in li.controls if c.tag == "Choices" and image.name in (c.to_name or [])
+                       and str((c.attr or {}).get("perRegion", "false")).lower() != "true"]
+            if not choices:
+                present = ", ".join(sorted({c.tag for c in li.controls})) or "no control tag"
+                raise LabelConfigError(
+                    f"label config has no <RectangleLabels> control on an <Image> and no image-level <Choices> "
+                    f"(it has {present}): faceloop predicts face boxes (RectangleLabels) or the image's class "
+                    f"(Choices)") from None
+            kind, tag = "choices", "Choice"
+            from_name, to_name, value = choices[0].name, image.name, image.value_name
         ctrl = li.get_control(from_name)
         labels = list(ctrl.labels)
         if not labels:
-            raise LabelConfigError(f"<RectangleLabels name=\"{from_name}\"> has no <Label> children")
+            raise LabelConfigError(f"<{ctrl.tag} name=\"{from_name}\"> has no <{tag}> children")
         pv = {}
         for lab in labels:
-            raw = (ctrl.labels_attrs[lab].attr or {}).get("predicted_values") if lab in ctrl.labels_attrs else None
+            raw = (ctrl.labels_attrs[lab].attr or {}).get("predicted_values") if lab in (ctrl.labels_attrs or {}) else None
             if raw:
                 pv[lab] = [v.strip() for v in str(raw).split(",") if v.strip()]
         thr = (ctrl.attr or {}).get("model_score_threshold") or (ctrl.attr or {}).get("score_threshold")
@@ -108,7 +154,7 @@ class ProjectSchema:
             thr_f = float(thr) if thr is not None else None
         except ValueError:
             raise LabelConfigError(f"model_score_threshold={thr!r} is not a number") from None
-        return cls(from_name, to_name, value.lstrip("$"), labels, pv, thr_f)
+        return cls(from_name, to_name, value.lstrip("$"), labels, pv, thr_f, kind)
 
     def label_map(self, model_names: list[str]) -> dict[int, str]:
         """Map model class indices to this config's labels.
@@ -206,3 +252,43 @@ class ProjectSchema:
                 continue
             boxes.append((cx, cy, w, h, cls))
         return boxes, problems
+
+    # --- image-level choices ---------------------------------------------------------------------
+    def choice_region(self, label: str, score: float | None = None) -> dict:
+        """A Choices result item for Label Studio (``kind == "choices"``):
+        ``{"id", "from_name", "to_name", "type": "choices", "value": {"choices": [label]}, "score"}``.
+
+        Args:
+            label: one of :attr:`labels`; score: confidence 0-1 (omitted when None).
+        Raises: KeyError for a label the config does not have.
+        """
+        lab = self.labels[self.class_index(label)]
+        r = {"id": uuid.uuid4().hex[:10], "from_name": self.from_name, "to_name": self.to_name,
+             "type": "choices", "value": {"choices": [lab]}}
+        if score is not None:
+            r["score"] = round(float(score), 4)
+        return r
+
+    def choice_from_result(self, result: list[dict]) -> tuple[int | None, list[str]]:
+        """The image's class in an annotation's ``result`` (``kind == "choices"``).
+
+        Args:
+            result: Label Studio result items; items of other controls are ignored.
+        Returns: ``(class_index, problems)``: the index into :attr:`labels` of the (first) chosen
+            value of this control, or None with a human-readable problem when there is no choice,
+            or an unknown one. With several values chosen (``choice="multiple"``) the first
+            known one counts.
+        """
+        chosen: list[str] = []
+        for r in result or []:
+            if r.get("from_name") != self.from_name or str(r.get("type", "")).lower() != "choices":
+                continue
+            chosen.extend(c for c in ((r.get("value") or {}).get("choices") or []) if isinstance(c, str))
+        if not chosen:
+            return None, [f"no choice of \"{self.from_name}\" in the annotation"]
+        for c in chosen:
+            try:
+                return self.class_index(c), []
+            except KeyError:
+                continue
+        return None, [f"choice {chosen[0]!r} is not in the project's labels {self.labels}"]

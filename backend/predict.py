@@ -3,6 +3,12 @@
 One box per face (class-agnostic NMS), labelled with a class of the project's config, in
 percent coordinates, with a region score (box confidence 0-1) and a task score
 ``1 - uncertainty`` (see :mod:`backend.uncertainty`).
+
+For an image-level Choices config (``ProjectSchema.kind == "choices"``) the prediction is one
+Choices result instead of boxes: the class of the image's largest face (:func:`main_face`), with
+the region score ``P(face) * P(class | face)``; an image with no face at the threshold (or a model
+that knows none of the project's classes) gets an empty result and task score 0 (most uncertain),
+so that the person chooses it first.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import numpy as np
 from backend.config import Settings
 from backend.images import ImageError, LoadedImage, load_image
 from backend.labels import Box, ProjectSchema
-from backend.uncertainty import ImageUncertainty, image_uncertainty, normalise
+from backend.uncertainty import MEASURE_FUNCS, MEASURES, ImageUncertainty, image_uncertainty, joint, normalise
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +42,8 @@ class TaskPrediction:
         uncertainty: measures of the image (None on error).
         embedding: backbone embedding (for diversity), when asked for.
         error: why the task got no prediction (bad image, bad URL, ...), else None.
+        choice: image-level class (Choices configs only; None: no choice), from the face ``choice_face``.
+        choice_score: its score 0-1 (``P(face) * P(class | face)``).
     """
 
     task_id: int | None
@@ -45,23 +53,48 @@ class TaskPrediction:
     uncertainty: ImageUncertainty | None = None
     embedding: np.ndarray | None = None
     error: str | None = None
+    choice: str | None = None
+    choice_score: float | None = None
+    choice_face: Box | None = None
 
 
-def analyse(det, schema: ProjectSchema, model_names: list[str], threshold: float, aggregation: str) -> tuple[list[Box], ImageUncertainty]:
-    """Boxes and uncertainty of one image's detections (``facemodels.detector.ImageDetections``).
+@dataclass
+class Face:
+    """One candidate face of an image, as the serve station sees it.
+
+    Attributes:
+        box: corners ``(x1, y1, x2, y2)`` in pixels.
+        conf: face confidence 0-1 (two stages: the detector's; one stage: the top mapped class
+            score, or the noisy-OR face-ness when no class maps).
+        label: the project label of the most probable class, or None (no model class maps).
+        score: the region score 0-1 (two stages: ``P(face) * P(class | face)``; one stage: ``conf``).
+        probs: ``(K,)`` probabilities over the project labels the model knows (``[1.0]`` when none).
+    """
+
+    box: tuple[float, float, float, float]
+    conf: float
+    label: str | None
+    score: float
+    probs: np.ndarray
+
+
+def faces_of(det, schema: ProjectSchema, model_names: list[str]) -> tuple[list[Face], bool]:
+    """Every candidate face of one image's detections (``facemodels.detector.ImageDetections``).
 
     Class scores are restricted to the model classes that map to the project's labels, so a
     class the config lacks is never predicted; when none map, faces are still returned as
-    unlabelled boxes (``label`` None) scored by their face-ness, the noisy-OR
-    ``1 - prod_k (1 - s_k)`` of the model's independent class scores ``s_k`` (0-1).
+    unlabelled (``label`` None) scored by their face-ness, the noisy-OR ``1 - prod_k (1 - s_k)``
+    of the model's independent class scores ``s_k`` (0-1).
+
+    Returns: ``(faces, known_classes)`` in detection order; ``known_classes`` False when no model
+        class maps to a project label.
     """
     lmap = schema.label_map(model_names)
     idx = sorted(lmap)
     # several model classes may map to one label: their scores merge by max before normalising
     labels_order = sorted(set(lmap.values()), key=schema.labels.index)
     groups = [[i for i in idx if lmap[i] == lab] for lab in labels_order]
-    boxes: list[Box] = []
-    probs, confs = [], []
+    faces: list[Face] = []
     for d in det.detections:
         if d.face_conf is not None:
             # two stages: the detector says whether it is a face, the classifier which class.
@@ -70,38 +103,89 @@ def analyse(det, schema: ProjectSchema, model_names: list[str], threshold: float
             if idx:
                 merged = np.array([d.class_scores[g].sum() for g in groups])
                 p_cls = merged / merged.sum() if merged.sum() > 0 else np.full(len(groups), 1 / len(groups))
-                probs.append(p_cls)
-                label = labels_order[int(p_cls.argmax())]
-                score = d.face_conf * float(p_cls.max())
+                faces.append(Face(tuple(d.box), float(d.face_conf), labels_order[int(p_cls.argmax())],
+                                  float(d.face_conf) * float(p_cls.max()), p_cls))
             else:
-                label, score = None, d.face_conf
-                probs.append(np.array([1.0]))
-            confs.append(d.face_conf)
-            if d.face_conf >= threshold:
-                boxes.append(Box(*d.box, label=label, score=score))
+                faces.append(Face(tuple(d.box), float(d.face_conf), None, float(d.face_conf), np.array([1.0])))
             continue
         if idx:
             sub = d.class_scores[idx]
             conf = float(sub.max())
-            label = lmap[idx[int(sub.argmax())]]
             merged = np.array([d.class_scores[g].max() for g in groups])
-            probs.append(normalise(merged[None])[0])
+            faces.append(Face(tuple(d.box), conf, lmap[idx[int(sub.argmax())]], conf, normalise(merged[None])[0]))
         else:
             # face-ness when no class maps: noisy-OR of the independent class sigmoids,
             # P(some class) = 1 - prod_k (1 - s_k); the max alone understates a face whose
             # expression the model is unsure of (scores spread over several classes)
             conf = float(1.0 - np.prod(1.0 - np.clip(d.class_scores, 0.0, 1.0)))
-            label = None
-            probs.append(np.array([1.0]))
-        confs.append(conf)
-        if conf >= threshold:
-            boxes.append(Box(*d.box, label=label, score=conf))
+            faces.append(Face(tuple(d.box), conf, None, conf, np.array([1.0])))
+    return faces, bool(idx)
+
+
+def analyse(det, schema: ProjectSchema, model_names: list[str], threshold: float, aggregation: str) -> tuple[list[Box], ImageUncertainty]:
+    """Boxes and uncertainty of one image's detections (``facemodels.detector.ImageDetections``).
+
+    Boxes are the faces of :func:`faces_of` at or above ``threshold`` (face confidence), highest
+    score first; the uncertainty joins every candidate's class probabilities and confidence
+    (:func:`backend.uncertainty.image_uncertainty`).
+    """
+    faces, known = faces_of(det, schema, model_names)
+    boxes = [Box(*f.box, label=f.label, score=f.score) for f in faces if f.conf >= threshold]
+    confs = [f.conf for f in faces]
     order = np.argsort(-np.asarray(confs)) if confs else np.zeros(0, int)
-    p = np.stack([probs[i] for i in order]) if confs else np.zeros((0, 1))
+    p = np.stack([faces[i].probs for i in order]) if confs else np.zeros((0, 1))
     unc = image_uncertainty(p, np.asarray(confs)[order] if confs else np.zeros(0), threshold, aggregation,
-                            known_classes=bool(idx))
+                            known_classes=known)
     boxes.sort(key=lambda b: -(b.score or 0))
     return boxes, unc
+
+
+def main_face(faces: list, threshold: float):
+    """The face an image-level class comes from: the **largest** face at or above ``threshold``
+    (box area in pixels; ties: the higher confidence), or None when no face reaches it.
+
+    The largest face is the image's subject in a photo of a person (a passer-by or a poster in
+    the background is smaller); it does not depend on the classifier, so the same face is used
+    when serving and when learning from a person's choice (:mod:`ml_worker.dataset`).
+
+    Args:
+        faces: objects with ``box`` ``(x1, y1, x2, y2)`` pixels and a face confidence 0-1:
+            :class:`Face` (``conf``) or ``facemodels.detector.Detection`` (``face_conf`` when it has
+            one, else ``conf``).
+    """
+    def face_conf(f) -> float:
+        fc = getattr(f, "face_conf", None)
+        return float(f.conf if fc is None else fc)
+
+    shown = [f for f in faces if face_conf(f) >= threshold]
+    if not shown:
+        return None
+    return max(shown, key=lambda f: ((f.box[2] - f.box[0]) * (f.box[3] - f.box[1]), face_conf(f)))
+
+
+def analyse_choice(det, schema: ProjectSchema, model_names: list[str], threshold: float
+                   ) -> tuple[list[Box], Face | None, ImageUncertainty]:
+    """The image-level class of one image's detections (``schema.kind == "choices"``).
+
+    The class is the one of :func:`main_face`; its uncertainty is that face's, the class measure
+    of its probabilities joined with its face confidence (:func:`backend.uncertainty.joint`), so
+    the task score ``1 - uncertainty`` ranks images by how sure the choice is.
+
+    Returns: ``(boxes, face, uncertainty)``: the faces at or above ``threshold`` as boxes, the
+        chosen face (None: no face reaches the threshold, or the model knows none of the
+        project's classes: no choice is sent) and the image's uncertainty (1 for every measure
+        without a choice; basis ``none`` or ``unknown_classes``).
+    """
+    faces, known = faces_of(det, schema, model_names)
+    boxes = sorted((Box(*f.box, label=f.label, score=f.score) for f in faces if f.conf >= threshold),
+                   key=lambda b: -(b.score or 0))
+    face = main_face(faces, threshold)
+    if not known:
+        return boxes, None, ImageUncertainty(1.0, 1.0, 1.0, len(boxes), "unknown_classes")
+    if face is None:
+        return boxes, None, ImageUncertainty(1.0, 1.0, 1.0, 0, "none")
+    vals = {m: float(joint(MEASURE_FUNCS[m](face.probs[None]), np.array([face.conf]))[0]) for m in MEASURES}
+    return boxes, face, ImageUncertainty(**vals, n_boxes=len(boxes), basis="boxes")
 
 
 def pre_annotation_threshold(schema: ProjectSchema, settings: Settings, model=None) -> float:
@@ -189,11 +273,21 @@ def predict_tasks(tasks: list[dict], schema: ProjectSchema, model, settings: Set
             dets = model.detect([img.array for _, img in ok], conf=min(settings.candidate_threshold, threshold),
                                 imgsz=settings.imgsz, embed=embed)
             for (i, img), det in zip(ok, dets):
-                out[i].boxes, out[i].uncertainty = analyse(det, schema, model.names, threshold, settings.aggregation)
+                if schema.is_choices:
+                    out[i].boxes, face, out[i].uncertainty = analyse_choice(det, schema, model.names, threshold)
+                    if face is not None:
+                        out[i].choice, out[i].choice_score = face.label, face.score
+                        out[i].choice_face = Box(*face.box, label=face.label, score=face.score)
+                else:
+                    out[i].boxes, out[i].uncertainty = analyse(det, schema, model.names, threshold,
+                                                               settings.aggregation)
                 sx, sy = img.original_width / img.width, img.original_height / img.height
                 if (sx, sy) != (1.0, 1.0):  # array pixels -> pixels of the true size
                     out[i].boxes = [replace(b, x1=b.x1 * sx, y1=b.y1 * sy, x2=b.x2 * sx, y2=b.y2 * sy)
                                     for b in out[i].boxes]
+                    if out[i].choice_face is not None:
+                        b = out[i].choice_face
+                        out[i].choice_face = replace(b, x1=b.x1 * sx, y1=b.y1 * sy, x2=b.x2 * sx, y2=b.y2 * sy)
                 out[i].embedding = det.embedding
         del ok
     return out
@@ -203,13 +297,14 @@ def to_ls_prediction(p: TaskPrediction, schema: ProjectSchema, model_version: st
     """Label Studio prediction dict for a :class:`TaskPrediction`.
 
     ``score`` = 1 - uncertainty (configured measure), so Label Studio's ascending sort by
-    prediction score serves the most uncertain task first. A failed task gets no ``result`` key
+    prediction score serves the most uncertain task first. A Choices config gets one ``choices``
+    result item (or none, see the module docstring). A failed task gets no ``result`` key
     (Label Studio skips such items and stores nothing) and an ``error`` message instead.
     """
     if p.error is not None:
         return {"model_version": model_version, "error": p.error}
-    return {
-        "model_version": model_version,
-        "score": round(1.0 - p.uncertainty.get(measure), 6),
-        "result": [schema.region(b, p.width, p.height) for b in p.boxes],
-    }
+    if schema.is_choices:
+        result = [schema.choice_region(p.choice, p.choice_score)] if p.choice is not None else []
+    else:
+        result = [schema.region(b, p.width, p.height) for b in p.boxes]
+    return {"model_version": model_version, "score": round(1.0 - p.uncertainty.get(measure), 6), "result": result}

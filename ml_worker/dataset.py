@@ -3,6 +3,13 @@
 Layout written (ultralytics detection format): ``images/{train,val}/<task>.jpg``,
 ``labels/{train,val}/<task>.txt`` with lines ``class cx cy w h`` normalised 0-1, and
 ``data.yaml`` naming the project's labels in config order.
+
+An image-level Choices project (``ProjectSchema.kind == "choices"``) has no boxes: each labelled
+image's class is the person's choice, and the face it belongs to is the one the current model
+version's detector finds and serving would use (:func:`backend.predict.main_face`: the largest
+face at the face threshold). That face, with the chosen class, is the image's one box; the
+face-crop classifier learns from these crops, the detector is not retrained from choices
+(:func:`build_choice_dataset`).
 """
 
 from __future__ import annotations
@@ -58,7 +65,9 @@ class Sample:
         split: ``"train"`` or ``"val"``.
         image: ``(H, W, 3)`` uint8 RGB (EXIF orientation applied).
         boxes: ``(x1, y1, x2, y2, class_index)`` in pixels; class index into the schema's labels.
+            Choices projects: the face the image's class belongs to, or none when no face was found.
         path: the image file written into the dataset folder.
+        label: Choices projects: the image's class index (the person's choice); else None.
     """
 
     task_id: int
@@ -66,6 +75,7 @@ class Sample:
     image: np.ndarray
     boxes: list[tuple[float, float, float, float, int]]
     path: Path | None = None
+    label: int | None = None
 
 
 @dataclass
@@ -79,6 +89,9 @@ class DatasetInfo:
         problems: ``(task_id, message)`` for tasks left out (bad image, unlabelled region, ...).
         samples: the decoded images and their boxes (for the face-crop classifier and evaluation).
         moved_to_val: task ids moved from train to val so that val holds every class it can.
+        kind: the schema's kind (``"boxes"`` or ``"choices"``).
+        no_face: Choices projects: labelled tasks where the detector found no face (they count in
+            validation accuracy, as a missing choice, but give the classifier no crop).
     """
 
     yaml_path: Path
@@ -88,10 +101,16 @@ class DatasetInfo:
     problems: list[tuple[int, str]] = field(default_factory=list)
     samples: list[Sample] = field(default_factory=list)
     moved_to_val: list[int] = field(default_factory=list)
+    kind: str = "boxes"
+    no_face: list[int] = field(default_factory=list)
 
     def val_boxes(self) -> int:
         """Labelled faces in the validation split."""
         return sum(len(s.boxes) for s in self.samples if s.split == "val")
+
+    def val_labels(self) -> int:
+        """Choices projects: labelled images in the validation split."""
+        return sum(1 for s in self.samples if s.split == "val" and s.label is not None)
 
 
 def _hash(task_id: int) -> int:
@@ -150,7 +169,7 @@ def write_yolo_dataset(out_dir: Path, names: list[str], items: list[tuple[str, s
 
 
 def build_dataset(tasks: list, schema: ProjectSchema, out_dir: Path, settings: Settings,
-                  ls_url: str | None = None) -> DatasetInfo:
+                  ls_url: str | None = None, model=None) -> DatasetInfo:
     """Fetch the annotated tasks' images and write a YOLO dataset of the project's classes.
 
     Args:
@@ -158,9 +177,17 @@ def build_dataset(tasks: list, schema: ProjectSchema, out_dir: Path, settings: S
             a background image: no face).
         schema: the project's label config.
         out_dir: dataset folder.
+        model: Choices projects only (required there): the current model version
+            (``facemodels.two_stage.TwoStageModel`` or ``FaceModel``) whose detector finds the
+            face of each labelled image (:func:`build_choice_dataset`).
     Returns: :class:`DatasetInfo`. Tasks with an unreadable image or a region without a known
         label are left out and listed in ``problems``.
+    Raises: ValueError for a Choices schema without ``model``.
     """
+    if schema.is_choices:
+        if model is None:
+            raise ValueError("a Choices project's dataset needs the current model version to find the faces")
+        return build_choice_dataset(tasks, schema, out_dir, settings, model, ls_url)
     problems: list[tuple[int, str]] = []
     usable = []
     for t in tasks:
@@ -201,3 +228,67 @@ def write_face_dataset(ds: DatasetInfo, out_dir: Path) -> Path:
         boxes = [((x1 + x2) / 2 / w, (y1 + y2) / 2 / h, (x2 - x1) / w, (y2 - y1) / h, 0) for x1, y1, x2, y2, _ in s.boxes]
         items.append((s.split, f"task_{s.task_id}", s.path, boxes))
     return write_yolo_dataset(out_dir, ["face"], items)
+
+
+#: Images detected together while building a Choices dataset.
+DETECT_CHUNK = 16
+
+
+def build_choice_dataset(tasks: list, schema: ProjectSchema, out_dir: Path, settings: Settings, model,
+                         ls_url: str | None = None) -> DatasetInfo:
+    """A Choices project's dataset: each labelled image's class, on the face serving would use.
+
+    Per task: the class is the annotation's choice (:meth:`backend.labels.ProjectSchema.choice_from_result`);
+    ``model`` detects the faces exactly as ``/predict`` does (same face threshold:
+    :func:`backend.predict.pre_annotation_threshold`) and :func:`backend.predict.main_face`
+    picks the largest. That face gets the class as its one box (the classifier's crop). The
+    split is :func:`split_ids` + :func:`cover_classes` over the image classes, so validation holds
+    every class that two images have. The YOLO folder written holds those boxes (for inspection;
+    the detector is not trained from choices).
+
+    Returns: :class:`DatasetInfo` with ``kind="choices"``; every sample has ``label``; tasks whose
+        image has no face at the threshold are kept (for validation accuracy) and listed in
+        ``no_face``; tasks without a usable choice or with an unreadable image are left out and
+        listed in ``problems``.
+    """
+    from backend.predict import faces_of, main_face, pre_annotation_threshold
+
+    problems: list[tuple[int, str]] = []
+    usable = []
+    for t in tasks:
+        cls, probs = schema.choice_from_result(t.result or [])
+        if cls is None:
+            problems.append((t.id, "; ".join(probs)))
+            continue
+        usable.append((t, cls, t.data.get(schema.value_key)))
+    images = load_images([u for _, _, u in usable], settings, ls_url)
+    ok = []
+    for (t, cls, _), img in zip(usable, images):
+        if isinstance(img, ImageError):
+            problems.append((t.id, str(img)))
+        else:
+            ok.append((t, cls, img))
+    thr = pre_annotation_threshold(schema, settings, model)
+    faces = []
+    for c0 in range(0, len(ok), DETECT_CHUNK):
+        chunk = ok[c0 : c0 + DETECT_CHUNK]
+        dets = model.detect([img.array for _, _, img in chunk], conf=min(settings.candidate_threshold, thr),
+                            imgsz=settings.imgsz)
+        faces.extend(main_face(faces_of(d, schema, model.names)[0], thr) for d in dets)
+    train_ids, val_ids = split_ids([t.id for t, _, _ in ok], settings.val_fraction)
+    train_ids, val_ids, moved = cover_classes(train_ids, val_ids, {t.id: {cls} for t, cls, _ in ok})
+    val_set = set(val_ids)
+    items, samples, no_face = [], [], []
+    for (t, cls, img), face in zip(ok, faces):
+        split = "val" if t.id in val_set else "train"
+        px = [(*face.box, cls)] if face is not None else []
+        if face is None:
+            no_face.append(t.id)
+        w, h = img.width, img.height
+        yolo = [((x1 + x2) / 2 / w, (y1 + y2) / 2 / h, (x2 - x1) / w, (y2 - y1) / h, c) for x1, y1, x2, y2, c in px]
+        items.append((split, f"task_{t.id}", Image.fromarray(img.array), yolo))
+        samples.append(Sample(t.id, split, img.array, px, Path(out_dir) / "images" / split / f"task_{t.id}.jpg",
+                              label=cls))
+    y = write_yolo_dataset(out_dir, schema.labels, items)
+    return DatasetInfo(y, sorted(train_ids), sorted(val_ids), sum(len(s.boxes) for s in samples), problems, samples,
+                       moved, kind="choices", no_face=no_face)

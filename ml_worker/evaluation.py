@@ -319,3 +319,46 @@ def confusion(images: list[tuple[list[PredFace], list[GTFace]]]) -> dict:
     for t, p in pairs:
         matrix[idx[t]][idx[p]] += 1
     return {"labels": labels, "matrix": matrix, "missed": missed, "false_boxes": false}
+
+
+def evaluate_choices(model, samples: list[tuple[np.ndarray, str]], schema, settings, batch: int = 16) -> dict:
+    """Image-level accuracy of a Choices project's predictions, through the product's prediction
+    path (``model.detect`` + :func:`backend.predict.analyse_choice`, the project's face threshold).
+
+    Args:
+        model: :class:`facemodels.two_stage.TwoStageModel` or :class:`facemodels.detector.FaceModel`.
+        samples: ``(image RGB uint8 (H, W, 3), the person's choice)`` per labelled image.
+        schema: the project's :class:`backend.labels.ProjectSchema` (``kind == "choices"``).
+    Returns: ``{"accuracy": right choices / images, "class_accuracy": right choices / images that
+        got a choice, "images", "correct", "no_choice": images that got no choice (no face at the
+        threshold, or a model that knows none of the classes), "confusion"}`` (0-1 for the rates;
+        ``confusion`` as :func:`confusion`: rows true class, columns the predicted class, an
+        image without a choice under ``"(no class)"``; ``missed`` and ``false_boxes`` empty).
+    """
+    from backend.predict import analyse_choice, pre_annotation_threshold
+
+    thr = pre_annotation_threshold(schema, settings, model)
+    low = min(settings.candidate_threshold, thr)
+    predicted: list[str | None] = []
+    for start in range(0, len(samples), batch):
+        dets = model.detect([im for im, _ in samples[start : start + batch]], conf=low, imgsz=settings.imgsz,
+                            batch=batch)
+        for det in dets:
+            _, face, _ = analyse_choice(det, schema, model.names, thr)
+            predicted.append(face.label if face is not None else None)
+    none = "(no class)"
+    truth = [lab for _, lab in samples]
+    correct = sum(_same(p, t) for p, t in zip(predicted, truth))
+    chosen = sum(p is not None for p in predicted)
+    names: dict[str, str] = {}
+    for lab in [*truth, *(p for p in predicted if p is not None)]:
+        names.setdefault(lab.lower(), lab)
+    labels = sorted(names.values(), key=str.lower) + [none]
+    idx = {lab.lower(): k for k, lab in enumerate(labels)}
+    matrix = [[0] * len(labels) for _ in labels]
+    for p, t in zip(predicted, truth):
+        matrix[idx[t.lower()]][idx[(p or none).lower()]] += 1
+    n = len(samples)
+    return {"accuracy": correct / n if n else 0.0, "class_accuracy": correct / chosen if chosen else 0.0,
+            "images": n, "correct": correct, "no_choice": n - chosen,
+            "confusion": {"labels": labels, "matrix": matrix, "missed": {}, "false_boxes": {}}}

@@ -208,6 +208,35 @@ def gate(candidate: dict, current: dict | None, val_faces: int) -> tuple[bool, s
     return False, f"mAP50 {c:.3f} < current {o:.3f} on the same {val_faces} validation faces{acc}"
 
 
+def gate_choices(candidate: dict, current: dict | None, val_images: int) -> tuple[bool, str]:
+    """Promotion rule of a Choices project: image-level accuracy on the same validation images.
+
+    - The split holds no labelled image: nothing is measured, the current version stays.
+    - Neither version gets a validation image right (accuracy 0 for both): stays.
+    - Otherwise the candidate is promoted when its accuracy is at least the current version's
+      (ties go to the newer data).
+
+    Args:
+        candidate, current: :func:`ml_worker.evaluation.evaluate_choices` results (``current``
+            None when the current version could not be evaluated).
+        val_images: labelled images in the validation split.
+    Returns: ``(promote, reason)``.
+    """
+    if val_images == 0:
+        return False, "validation split has no labelled image: nothing to compare, the current version stays"
+    c = candidate["accuracy"]
+    if current is None:
+        if c <= 0:
+            return False, f"image accuracy {c:.3f}: the candidate gets no validation image right"
+        return True, f"image accuracy {c:.3f} on {val_images} validation images; the current version could not be evaluated"
+    o = current["accuracy"]
+    if c <= 0 and o <= 0:
+        return False, "image accuracy 0.000 for both versions: neither gets a validation image right"
+    if c >= o:
+        return True, f"image accuracy {c:.3f} >= current {o:.3f} on the same {val_images} validation images"
+    return False, f"image accuracy {c:.3f} < current {o:.3f} on the same {val_images} validation images"
+
+
 @dataclass
 class TrainOutcome:
     """Result of :func:`run_training`: the registered version name, whether it was promoted, why."""
@@ -289,7 +318,9 @@ def train_two_stage(ds, schema, init: str | Path, settings: Settings, work: Path
     """Fine-tune both stages of ``init`` on a built dataset and write a candidate bundle.
 
     Stage 1: the YOLO face detector on every labelled box as one class ``face`` (so its boxes
-    follow the project's box style). Stage 2: the face-crop classifier on the train split's crops
+    follow the project's box style); for a Choices dataset (``ds.kind == "choices"``) the
+    detector and its face threshold are kept from ``init``: a choice says nothing about where the
+    face is. Stage 2: the face-crop classifier on the train split's crops
     with the project's classes; classes the current classifier already names (by name, synonyms
     included: :meth:`backend.labels.ProjectSchema.label_map`) keep their weights.
 
@@ -310,25 +341,35 @@ def train_two_stage(ds, schema, init: str | Path, settings: Settings, work: Path
     det_init, clf_init = _parts(init, settings)
     crops = [(s.image, np.asarray(b[:4], float), int(b[4])) for s in ds.samples if s.split == "train" for b in s.boxes]
     if not crops:
-        raise ValueError("the train split has no labelled face: nothing to learn from")
+        raise ValueError("the train split has no labelled face (Choices projects: no face found in its images): "
+                         "nothing to learn from")
     det_epochs, clf_epochs = settings.detector_epochs, classifier_epochs(settings)
 
     def report(**f):
         if progress:
             progress(f)
 
-    face_yaml = write_face_dataset(ds, work / "faces")
     t0 = time.time()
-    report(stage="train detector", epoch=0, message=f"stage 1: face detector on {len(ds.train_ids)} images")
-    best_det = fine_tune(det_init, face_yaml, work / "detector", settings, epochs=det_epochs, seed=seed,
-                         on_epoch=lambda i: report(stage="train detector", epoch=i["epoch"],
-                                                   message=f"stage 1 (face detector): epoch {i['epoch']}/{i['epochs']}"))
-    det_s = time.time() - t0
-    from facemodels.detector import FaceModel
+    if getattr(ds, "kind", "boxes") == "choices":
+        # image-level choices have no boxes: the detector (and its face threshold) stays as it is,
+        # only the classifier learns, from the crops of the faces the detector found
+        det_epochs = 0
+        best_det = det_init
+        face_thr, thr_fit = _parent_bundle(init, settings).get("face_threshold"), None
+        report(stage="train classifier", epoch=0, message=f"image-level choices: the face detector is kept; "
+                                                          f"classifier on {len(crops)} face crops")
+    else:
+        face_yaml = write_face_dataset(ds, work / "faces")
+        report(stage="train detector", epoch=0, message=f"stage 1: face detector on {len(ds.train_ids)} images")
+        best_det = fine_tune(det_init, face_yaml, work / "detector", settings, epochs=det_epochs, seed=seed,
+                             on_epoch=lambda i: report(stage="train detector", epoch=i["epoch"],
+                                                       message=f"stage 1 (face detector): epoch {i['epoch']}/{i['epochs']}"))
+        from facemodels.detector import FaceModel
 
-    face_thr, thr_fit = tune_face_threshold(FaceModel(best_det, settings.device), ds.samples, settings.imgsz)
-    report(stage="train detector", message=f"face threshold {face_thr:.2f} (F1 {thr_fit['f1']:.2f} on the "
-                                           f"{len(ds.samples)} labelled images)")
+        face_thr, thr_fit = tune_face_threshold(FaceModel(best_det, settings.device), ds.samples, settings.imgsz)
+        report(stage="train detector", message=f"face threshold {face_thr:.2f} (F1 {thr_fit['f1']:.2f} on the "
+                                               f"{len(ds.samples)} labelled images)")
+    det_s = time.time() - t0
 
     clf = FaceClassifier.load(clf_init)
     lmap = schema.label_map(clf.classes)  # rename known classes to the project's labels
@@ -375,6 +416,11 @@ def run_training(settings: Settings, job_id: int, progress: ProgressFn | None = 
     row (:mod:`modelstore`; one transaction), register,
     promote by :func:`gate`.
 
+    A Choices project (image-level classes, no boxes): the current version's detector finds each
+    labelled image's face (:func:`ml_worker.dataset.build_choice_dataset`), only the classifier
+    is fine-tuned, and versions are compared by image-level accuracy on the validation images
+    (:func:`ml_worker.evaluation.evaluate_choices`, :func:`gate_choices`).
+
     Raises: ValueError when there are too few usable annotated tasks (message says how many).
     """
 
@@ -386,7 +432,7 @@ def run_training(settings: Settings, job_id: int, progress: ProgressFn | None = 
     from backend.lsapi import snapshot
     from backend.models import ModelVersion, Project, TrainingJob
     from facemodels.detector import ModelCache
-    from ml_worker.evaluation import evaluate_model
+    from ml_worker.evaluation import evaluate_choices, evaluate_model
 
     def update(**fields):
         with session_scope(settings.database_url) as s:
@@ -420,13 +466,19 @@ def run_training(settings: Settings, job_id: int, progress: ProgressFn | None = 
     update(stage="dataset", message=f"building dataset from {len(tasks)} annotated tasks")
     from ml_worker.dataset import build_dataset
 
-    ds = build_dataset(tasks, schema, job_dir / "dataset", settings, ls_url)
+    cache = ModelCache(settings.device)
+    # a Choices project's faces are found by the current version's detector (ml_worker.dataset)
+    ds = build_dataset(tasks, schema, job_dir / "dataset", settings, ls_url,
+                       model=cache.get(current_info[2]) if schema.is_choices else None)
+    if ds.no_face:
+        log.warning("job %s: no face found in %d labelled images (e.g. task %s): they count in validation only",
+                    job_id, len(ds.no_face), ds.no_face[0])
     for tid, msg in ds.problems:
         log.warning("job %s: task %s left out: %s", job_id, tid, msg)
     if len(ds.train_ids) < 1 or len(ds.val_ids) < 1:
         raise ValueError(f"need at least 2 usable annotated tasks, have {len(ds.train_ids) + len(ds.val_ids)} "
                          f"(left out: {ds.problems[:5]})")
-    total = settings.detector_epochs + classifier_epochs(settings)
+    total = (0 if schema.is_choices else settings.detector_epochs) + classifier_epochs(settings)
     update(stage="train", n_train=len(ds.train_ids), n_val=len(ds.val_ids), epochs=total,
            message=f"fine-tuning on {len(ds.train_ids)} images, validating on {len(ds.val_ids)}")
 
@@ -437,15 +489,22 @@ def run_training(settings: Settings, job_id: int, progress: ProgressFn | None = 
     trained = train_two_stage(ds, schema, current_info[2], settings, job_dir, on_progress)
     train_s = time.time() - t0
     update(stage="evaluate", message="evaluating candidate and current version on the validation split")
-    val = _val_samples(ds, schema)
-    cache = ModelCache(settings.device)
-    cand = evaluate_model(cache.get(trained["bundle"]), val, schema, settings)
+    if schema.is_choices:
+        val = [(s.image, schema.labels[s.label]) for s in ds.samples if s.split == "val" and s.label is not None]
+        evaluate = evaluate_choices
+    else:
+        val = _val_samples(ds, schema)
+        evaluate = evaluate_model
+    cand = evaluate(cache.get(trained["bundle"]), val, schema, settings)
     try:
-        cur = evaluate_model(cache.get(current_info[2]), val, schema, settings)
+        cur = evaluate(cache.get(current_info[2]), val, schema, settings)
     except (FileNotFoundError, ValueError) as e:
         log.warning("job %s: current version %s not evaluated: %s", job_id, current_info[1], e)
         cur = None
-    promote_it, reason = gate(cand, cur, ds.val_boxes())
+    if schema.is_choices:
+        promote_it, reason = gate_choices(cand, cur, ds.val_labels())
+    else:
+        promote_it, reason = gate(cand, cur, ds.val_boxes())
 
     with session_scope(settings.database_url) as s:
         name = registry.next_version_name(s, pid)
@@ -475,7 +534,10 @@ def run_training(settings: Settings, job_id: int, progress: ProgressFn | None = 
                "moved_to_val": ds.moved_to_val, "train_seconds": round(train_s, 1),
                "detector_seconds": trained["detector_seconds"], "classifier_seconds": trained["classifier_seconds"],
                "face_threshold": trained["face_threshold"], "face_threshold_fit": trained["face_threshold_fit"],
-               "classifier_training": trained["classifier"], "plots": plots, "left_out": ds.problems}
+               "classifier_training": trained["classifier"], "plots": plots, "left_out": ds.problems,
+               "kind": schema.kind}
+    if schema.is_choices:
+        metrics.update(val_images=ds.val_labels(), no_face=ds.no_face, detector_retrained=False)
     with session_scope(settings.database_url) as s:
         modelstore.store_folder(s, pid, name, folder)  # one transaction with the version row
         v = ModelVersion(project_id=pid, version=name, path=str(modelstore.version_dir(settings, pid, name) / bundle.name),
@@ -494,7 +556,8 @@ def run_training(settings: Settings, job_id: int, progress: ProgressFn | None = 
     shutil.rmtree(folder.parent, ignore_errors=True)
     left = f"; {len(ds.problems)} annotated tasks left out (e.g. task {ds.problems[0][0]}: {ds.problems[0][1]})" \
         if ds.problems else ""
+    figures = (f"image accuracy={cand['accuracy']:.3f}" if schema.is_choices
+               else f"mAP50={cand['mAP50']:.3f} acceptance={cand['acceptance_rate']:.2f}")
     update(version_id=vid, stage="registered",
-           message=f"{name}: {'promoted' if promote_it else 'rejected'} ({reason}); "
-                   f"mAP50={cand['mAP50']:.3f} acceptance={cand['acceptance_rate']:.2f}{left}")
+           message=f"{name}: {'promoted' if promote_it else 'rejected'} ({reason}); {figures}{left}")
     return TrainOutcome(name, promote_it, reason, metrics)

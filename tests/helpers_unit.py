@@ -26,11 +26,20 @@ EXAMPLE_CONFIG = """
 </View>
 """
 
-#: A config without RectangleLabels (image classification).
+#: An image classification config (Choices on the image, no boxes): served as image-level choices.
 CHOICES_CONFIG = """
 <View>
   <Image name="image" value="$image"/>
   <Choices name="mood" toName="image"><Choice value="happy"/><Choice value="sad"/></Choices>
+</View>
+"""
+
+
+#: A config faceloop cannot serve: polygons only.
+POLYGON_CONFIG = """
+<View>
+  <Image name="image" value="$image"/>
+  <PolygonLabels name="outline" toName="image"><Label value="face"/></PolygonLabels>
 </View>
 """
 

@@ -17,7 +17,7 @@ from backend.config import DEFAULT_MODEL_PATH, REPO_ROOT
 from backend.db import session_scope
 from backend.hashing import file_sha256
 from backend.models import TrainingJob, WebhookEvent
-from tests.helpers_unit import CHOICES_CONFIG, config_text, jpeg_bytes, local_url, make_settings, write_jpeg
+from tests.helpers_unit import POLYGON_CONFIG, config_text, jpeg_bytes, local_url, make_settings, write_jpeg
 
 PROJECT = "1.1795968202"  # Label Studio's "<id>.<created_ts>"
 EXPRESSIONS = ["neutral", "happy", "sad", "surprise", "fear", "disgust", "angry", "contempt"]
@@ -93,7 +93,7 @@ def test_setup_returns_base_version(client, base_version):
 
 
 def test_setup_without_rectanglelabels_is_422(client):
-    r = _setup(client, project="2.1", schema=CHOICES_CONFIG)
+    r = _setup(client, project="2.1", schema=POLYGON_CONFIG)
     assert r.status_code == 422
     detail = r.json()["detail"]
     assert "faceloop cannot serve this label config" in detail and "RectangleLabels" in detail
@@ -210,7 +210,7 @@ def test_predict_without_project_is_422(client):
 
 def test_predict_with_unusable_config_is_422(client):
     r = client.post("/predict", json={"tasks": [_task(1, local_url("good.jpg"), project=5)],
-                                      "label_config": CHOICES_CONFIG})
+                                      "label_config": POLYGON_CONFIG})
     assert r.status_code == 422 and "RectangleLabels" in r.json()["detail"]
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from backend.labels import Box, LabelConfigError, ProjectSchema
-from tests.helpers_unit import CHOICES_CONFIG, EXAMPLE_CONFIG, config_text, rect_region
+from tests.helpers_unit import EXAMPLE_CONFIG, POLYGON_CONFIG, config_text, rect_region
 
 EXPRESSIONS = ["neutral", "happy", "sad", "surprise", "fear", "disgust", "angry", "contempt"]
 
@@ -58,14 +58,14 @@ def test_parse_malformed_xml(cfg):
 
 def test_parse_config_without_rectanglelabels():
     with pytest.raises(LabelConfigError, match="no <RectangleLabels> control on an <Image>") as e:
-        ProjectSchema.parse(CHOICES_CONFIG)
+        ProjectSchema.parse(POLYGON_CONFIG)
     assert "faceloop predicts face boxes" in str(e.value)
 
 
 def test_parse_rectanglelabels_on_text_is_rejected():
     cfg = """<View><Text name="t" value="$t"/>
       <RectangleLabels name="box" toName="t"><Label value="A"/></RectangleLabels></View>"""
-    with pytest.raises(LabelConfigError, match="RectangleLabels"):
+    with pytest.raises(LabelConfigError, match="no Image tag"):
         ProjectSchema.parse(cfg)
 
 
