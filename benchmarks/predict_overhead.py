@@ -15,7 +15,8 @@ On the same images and the same weights (the shipped two-stage bundle unless ``-
   D. pool scoring's inner loop (``backend.predict.predict_tasks`` with embeddings, 32 tasks a
      chunk, as ``ml_worker.scoring.score_pool`` runs it, without Label Studio) in images/s, over
      ``--pool-n`` images: one worker process pinned to one core (``taskset -c 0``), and two worker
-     processes pinned to one core each, splitting the images; started together after their warm-up.
+     processes pinned to one core each (cores 0 and 1), splitting the images, started together;
+     the workers are started (and warmed up) once and then given each round's images.
      Pinned workers run with ``OMP_NUM_THREADS=1``; ONNX Runtime takes its thread count from the
      affinity (one).
 
@@ -54,7 +55,8 @@ def _tasks(files):
 
 
 def pool_worker(args) -> None:
-    """One pool-scoring process: warm up, say ready, wait for the start file, score, print JSON."""
+    """One pool-scoring process: load and warm up, print ``ready``, then for each ``START COUNT``
+    line on stdin score those images and print one JSON line ``{"n", "seconds", ...}``."""
     settings = Settings(local_files_document_root=str(args.images))
     configure_ultralytics(settings.var_dir)
     from backend.labels import ProjectSchema
@@ -62,44 +64,57 @@ def pool_worker(args) -> None:
     from facemodels.detector import ModelCache
     from ml_worker.scoring import SCORE_CHUNK
 
-    files = sorted(args.images.glob("*.jpg"))[args.start : args.start + args.count]
-    tasks = _tasks(files)
+    all_tasks = _tasks(sorted(args.images.glob("*.jpg")))
     model = ModelCache(settings.device).get(settings.default_model_path)
     schema = ProjectSchema.parse(XML)
-    predict_tasks(tasks[:4], schema, model, settings, embed=True)
-    Path(args.ready).touch()
-    while not Path(args.go).exists():
-        time.sleep(0.005)
-    t = time.perf_counter()
-    n = 0
-    for i in range(0, len(tasks), SCORE_CHUNK):
-        out = predict_tasks(tasks[i : i + SCORE_CHUNK], schema, model, settings, embed=True)
-        n += sum(p.error is None for p in out)
-    print(json.dumps({"n": n, "seconds": time.perf_counter() - t, "backend": getattr(model, "backend", "torch"),
-                      "cpus": sorted(os.sched_getaffinity(0))}))
+    predict_tasks(all_tasks[:4], schema, model, settings, embed=True)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        start, count = map(int, line.split())
+        tasks = all_tasks[start : start + count]
+        t, cpu = time.perf_counter(), time.process_time()
+        n = 0
+        for i in range(0, len(tasks), SCORE_CHUNK):
+            out = predict_tasks(tasks[i : i + SCORE_CHUNK], schema, model, settings, embed=True)
+            n += sum(p.error is None for p in out)
+        print(json.dumps({"n": n, "seconds": time.perf_counter() - t, "cpu_seconds": time.process_time() - cpu,
+                          "backend": getattr(model, "backend", "torch"),
+                          "cpus": sorted(os.sched_getaffinity(0))}), flush=True)
 
 
-def run_pool(work: Path, args, backend: str, cores: list[int], env: dict) -> float:
-    """Images/s of ``len(cores)`` worker processes, one pinned to each core, splitting ``--pool-n`` images."""
-    share = args.pool_n // len(cores)
-    go = work / f"go-{backend}-{len(cores)}-{time.monotonic_ns()}"
-    procs = []
-    for k, core in enumerate(cores):
-        ready = work / f"ready-{go.name}-{k}"
-        cmd = ["taskset", "-c", str(core), sys.executable, __file__, "--pool-worker", "--images", str(args.images),
-               "--start", str(k * share), "--count", str(share), "--ready", str(ready), "--go", str(go)]
+class PoolWorkers:
+    """Worker processes of one backend, each pinned to one core (``taskset -c``), started once."""
+
+    def __init__(self, args, backend: str, cores: list[int], env: dict):
+        self.backend = backend
         e = dict(env, INFERENCE_BACKEND=backend, OMP_NUM_THREADS="1")
-        procs.append((subprocess.Popen(cmd, cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                       text=True), ready))
-    deadline = time.time() + 300
-    while not all(r.exists() for _, r in procs):
-        if time.time() > deadline or any(p.poll() is not None for p, _ in procs):
-            raise RuntimeError(f"pool worker did not start ({backend}, cores {cores})")
-        time.sleep(0.05)
-    go.touch()
-    res = [json.loads(p.communicate(timeout=600)[0].strip().splitlines()[-1]) for p, _ in procs]
-    assert all(r["backend"] == backend for r in res), res
-    return sum(r["n"] for r in res) / max(r["seconds"] for r in res)
+        self.procs = [subprocess.Popen(["taskset", "-c", str(c), sys.executable, __file__, "--pool-worker", "--images",
+                                        str(args.images)], cwd=REPO, env=e, stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                      for c in cores]
+
+    def wait_ready(self) -> None:
+        for p in self.procs:
+            line = p.stdout.readline()
+            if line.strip() != "ready":
+                raise RuntimeError(f"pool worker ({self.backend}) did not start: {line!r}")
+
+    def score(self, n_images: int, k: int) -> tuple[float, float]:
+        """Images/s of the first ``k`` workers scoring ``n_images`` split between them, started
+        together, and images per CPU-second of one worker (the rate of a core of its own)."""
+        share = n_images // k
+        for j, p in enumerate(self.procs[:k]):
+            p.stdin.write(f"{j * share} {share}\n")
+            p.stdin.flush()
+        res = [json.loads(p.stdout.readline()) for p in self.procs[:k]]
+        assert all(r["backend"] == self.backend for r in res), res
+        return (sum(r["n"] for r in res) / max(r["seconds"] for r in res),
+                sum(r["n"] for r in res) / sum(r["cpu_seconds"] for r in res))
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.stdin.close()
+            p.wait(30)
 
 
 def main() -> None:
@@ -112,10 +127,6 @@ def main() -> None:
     ap.add_argument("--single-stage", default=str(REPO / "models" / "faceloop-base.pt"),
                     help="single-stage reference model ('' to skip)")
     ap.add_argument("--pool-worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--start", type=int, default=0, help=argparse.SUPPRESS)
-    ap.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
-    ap.add_argument("--ready", default="", help=argparse.SUPPRESS)
-    ap.add_argument("--go", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.pool_worker:
         return pool_worker(args)
@@ -155,13 +166,10 @@ def main() -> None:
         plain = YOLO(str(detector), task="detect")
         kw = dict(imgsz=settings.imgsz, conf=settings.candidate_threshold, verbose=False, agnostic_nms=True)
         plain.predict(str(files[0]), **kw)
-        first_load = {}
-        for name, c in clients.items():
+        for name, c in clients.items():  # warm up (the backend loads its model at start, exporting it when needed)
             c.post("/setup", json={"project": "1.0", "schema": XML}).raise_for_status()
-            t = time.perf_counter()
-            c.post("/predict", json={"tasks": tasks[:2], "label_config": XML}).raise_for_status()  # loads the model
-            first_load[name] = time.perf_counter() - t
-            c.post("/predict", json={"tasks": tasks[:2], "label_config": XML}).raise_for_status()
+            for _ in range(2):
+                c.post("/predict", json={"tasks": tasks[:2], "label_config": XML}).raise_for_status()
 
         A: list[float] = []
         B: dict[str, list[float]] = {n: [] for n in clients}
@@ -190,11 +198,21 @@ def main() -> None:
             p.wait(10)
 
     pool_env = dict(base_env, VAR_DIR=str(work / "var-onnx"))  # reuse the ONNX export made above
-    pool_cfgs = [(b, cores) for b in ("onnx", "torch") for cores in ([0], [0, 1])]
-    D: dict[tuple, list[float]] = {(b, len(c)): [] for b, c in pool_cfgs}
-    for rep in range(args.repeats):
-        for b, cores in pool_cfgs[rep % len(pool_cfgs):] + pool_cfgs[: rep % len(pool_cfgs)]:
-            D[(b, len(cores))].append(run_pool(work, args, b, cores, pool_env))
+    workers = {b: PoolWorkers(args, b, [0, 1], pool_env) for b in ("onnx", "torch")}
+    try:
+        for w in workers.values():
+            w.wait_ready()
+        pool_cfgs = [(b, k) for b in ("onnx", "torch") for k in (1, 2)]
+        D: dict[tuple, list[float]] = {cfg: [] for cfg in pool_cfgs}
+        Dcpu: dict[tuple, list[float]] = {cfg: [] for cfg in pool_cfgs}
+        for rep in range(args.repeats):
+            for b, k in pool_cfgs[rep % len(pool_cfgs):] + pool_cfgs[: rep % len(pool_cfgs)]:
+                rate, per_cpu = workers[b].score(args.pool_n, k)
+                D[(b, k)].append(rate)
+                Dcpu[(b, k)].append(per_cpu)
+    finally:
+        for w in workers.values():
+            w.close()
 
     med = statistics.median
     ms = lambda xs: 1000 * med(xs)  # noqa: E731
@@ -202,8 +220,6 @@ def main() -> None:
     print(f"\n{len(files)} images from {args.images} ({args.pool_n} for pool scoring), imgsz {settings.imgsz}, "
           f"model {weights.name}, {args.repeats} interleaved repeats, {os.cpu_count()} cores, "
           f"load average {os.getloadavg()[0]:.1f} at the end")
-    print(f"first /predict (model load, ONNX export into the cache when missing): "
-          + ", ".join(f"{n} {s:.1f} s" for n, s in first_load.items()))
     print("\n| | ms/image (median) | ÷ plain ultralytics (A) |")
     print("|---|---|---|")
     print(f"| A plain ultralytics predict (torch, detector alone) | {ms(A):.1f} | 1.00 |")
@@ -215,10 +231,11 @@ def main() -> None:
         s = "single-stage torch"
         print(f"\ntwo-stage ÷ single-stage (issue 10, ≤ 1.3): single task onnx {ratio(B['onnx'], B[s]):.2f}, "
               f"torch {ratio(B['torch'], B[s]):.2f}; bulk onnx {ratio(C['onnx'], C[s]):.2f}, torch {ratio(C['torch'], C[s]):.2f}")
-    print("\n| pool scoring (D) | images/s (median) | per-repeat values |")
-    print("|---|---|---|")
+    print("\n| pool scoring (D) | images/s (median) | per-repeat values | images per CPU-second of a worker |")
+    print("|---|---|---|---|")
     for (b, k), xs in D.items():
-        print(f"| {b}, {k} worker(s) pinned to {k} core(s) | {med(xs):.1f} | {', '.join(f'{x:.0f}' for x in xs)} |")
+        print(f"| {b}, {k} worker(s) pinned to {k} core(s) | {med(xs):.1f} | {', '.join(f'{x:.0f}' for x in xs)} "
+              f"| {med(Dcpu[(b, k)]):.1f} |")
     for b in ("onnx", "torch"):
         print(f"two pinned workers ÷ one ({b}): {ratio(D[(b, 2)], D[(b, 1)]):.2f}")
 
