@@ -190,8 +190,10 @@ def predict_tasks(tasks: list[dict], schema: ProjectSchema, model, settings: Set
                 ok.append((i, img))
         del loaded
         if ok:
+            # a two-stage model classifies only the faces the result uses (shown ones, the best candidate)
+            more = {"classify_min_conf": threshold} if getattr(model, "classifies_faces", False) else {}
             dets = model.detect([img.array for _, img in ok], conf=min(settings.candidate_threshold, threshold),
-                                imgsz=settings.imgsz, embed=embed)
+                                imgsz=settings.imgsz, embed=embed, **more)
             for (i, _), det in zip(ok, dets):
                 out[i].boxes, out[i].uncertainty = analyse(det, schema, model.names, threshold, settings.aggregation)
                 out[i].embedding = det.embedding

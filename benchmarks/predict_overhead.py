@@ -22,7 +22,10 @@ On the same images and the same weights (the shipped two-stage bundle unless ``-
 
 The machine is shared and noisy: A, B and C (and D's configurations) are interleaved ``--repeats``
 times; each figure is the median over repeats, and each ratio is the median of the per-repeat
-ratios. Prints a Markdown table.
+ratios. Beside wall-clock times it reports CPU time per image (all threads of the process doing the
+work: the benchmark for A, the backend for B and C, each pool worker for D), which other processes'
+load changes much less; for one pinned worker, images per CPU-second is its rate on a core of its own.
+Prints Markdown tables.
 
 Run: PYTHONPATH=. .venv/bin/python benchmarks/predict_overhead.py [--n 40] [--repeats 5] [--pool-n 96]
 """
@@ -48,6 +51,12 @@ from backend.config import Settings, configure_ultralytics  # noqa: E402
 from backend.stack import free_port, wait_http  # noqa: E402
 
 XML = (REPO / "label_config" / "awake_sleep.xml").read_text()
+
+
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system, all threads) a process has used so far (``/proc/<pid>/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _tasks(files):
@@ -174,24 +183,28 @@ def main() -> None:
         A: list[float] = []
         B: dict[str, list[float]] = {n: [] for n in clients}
         C: dict[str, list[float]] = {n: [] for n in clients}
+        cpu: dict[str, list[float]] = {}  # CPU seconds per image of the process doing the work
         for rep in range(args.repeats):
-            t = time.perf_counter()
+            t, c0 = time.perf_counter(), time.process_time()
             for f in files:
                 plain.predict(str(f), **kw)
             A.append((time.perf_counter() - t) / len(files))
+            cpu.setdefault("A", []).append((time.process_time() - c0) / len(files))
             names = list(clients)
             names = names[rep % len(names):] + names[: rep % len(names)]  # rotate the order
             for name in names:
-                c = clients[name]
-                t = time.perf_counter()
+                c, pid = clients[name], procs[name].pid
+                t, c0 = time.perf_counter(), proc_cpu(pid)
                 for task in tasks:
                     c.post("/predict", json={"tasks": [task], "label_config": XML}).raise_for_status()
                 B[name].append((time.perf_counter() - t) / len(files))
-                t = time.perf_counter()
+                cpu.setdefault(("B", name), []).append((proc_cpu(pid) - c0) / len(files))
+                t, c0 = time.perf_counter(), proc_cpu(pid)
                 r = c.post("/predict", json={"tasks": tasks, "label_config": XML})
                 r.raise_for_status()
                 assert len(r.json()["results"]) == len(tasks)
                 C[name].append((time.perf_counter() - t) / len(files))
+                cpu.setdefault(("C", name), []).append((proc_cpu(pid) - c0) / len(files))
     finally:
         for p in procs.values():
             p.terminate()
@@ -220,13 +233,14 @@ def main() -> None:
     print(f"\n{len(files)} images from {args.images} ({args.pool_n} for pool scoring), imgsz {settings.imgsz}, "
           f"model {weights.name}, {args.repeats} interleaved repeats, {os.cpu_count()} cores, "
           f"load average {os.getloadavg()[0]:.1f} at the end")
-    print("\n| | ms/image (median) | ÷ plain ultralytics (A) |")
-    print("|---|---|---|")
-    print(f"| A plain ultralytics predict (torch, detector alone) | {ms(A):.1f} | 1.00 |")
-    for name in clients:
-        print(f"| B `/predict` one task per request, {name} | {ms(B[name]):.1f} | {ratio(B[name], A):.2f} |")
-    for name in clients:
-        print(f"| C `/predict` all {len(files)} in one request, {name} | {ms(C[name]):.1f} | {ratio(C[name], A):.2f} |")
+    print("\n| | ms/image (median) | ÷ plain ultralytics (A) | CPU ms/image | CPU ÷ A |")
+    print("|---|---|---|---|---|")
+    print(f"| A plain ultralytics predict (torch, detector alone) | {ms(A):.1f} | 1.00 | {ms(cpu['A']):.1f} | 1.00 |")
+    for k, X in (("B", B), ("C", C)):
+        for name in clients:
+            what = "one task per request" if k == "B" else f"all {len(files)} in one request"
+            print(f"| {k} `/predict` {what}, {name} | {ms(X[name]):.1f} | {ratio(X[name], A):.2f} "
+                  f"| {ms(cpu[(k, name)]):.1f} | {ratio(cpu[(k, name)], cpu['A']):.2f} |")
     if "single-stage torch" in clients:
         s = "single-stage torch"
         print(f"\ntwo-stage ÷ single-stage (issue 10, ≤ 1.3): single task onnx {ratio(B['onnx'], B[s]):.2f}, "

@@ -191,8 +191,11 @@ class TwoStageModel:
         self.face_threshold: float | None = self.bundle.get("face_threshold")
         self._lock = threading.Lock()
 
+    #: :func:`backend.predict.predict_tasks` may pass ``classify_min_conf`` to :meth:`detect`
+    classifies_faces = True
+
     def detect(self, images: list[np.ndarray], conf: float, imgsz: int = 256, batch: int = 16,
-               embed: bool = False):
+               embed: bool = False, classify_min_conf: float | None = None):
         """Faces of each image with the classifier's probabilities.
 
         The classifier runs once for the faces of all ``images`` (one batched forward pass, not one
@@ -203,6 +206,11 @@ class TwoStageModel:
             conf: minimum face confidence (0-1) of a detection.
             imgsz: detector inference size, pixels.
             embed: also return the detector's image embedding (for diversity sampling).
+            classify_min_conf: when set, only faces with a face confidence at or above it, and each
+                image's most confident face, are classified; the others keep uniform probabilities.
+                Pre-annotations and task scores use no other face
+                (:func:`backend.uncertainty.image_uncertainty`), so their result is the same;
+                evaluation (mAP over all candidates) leaves it unset.
         Returns: list of :class:`facemodels.detector.ImageDetections`; each detection's ``face_conf`` is
             the detector's confidence, ``class_scores`` the ``(K,)`` softmax probabilities over
             :attr:`names`, ``conf`` = ``face_conf * max(class_scores)``.
@@ -220,6 +228,11 @@ class TwoStageModel:
             boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, w)
             boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, h)
             ok = (boxes[:, 2] - boxes[:, 0] >= 1) & (boxes[:, 3] - boxes[:, 1] >= 1)
+            if classify_min_conf is not None:
+                face_conf = np.array([x.conf for x in d.detections])
+                wanted = face_conf >= classify_min_conf
+                wanted[int(np.argmax(face_conf))] = True
+                ok &= wanted
             todo.append((d, boxes, ok))
             if ok.any():
                 items.append((im, boxes[ok]))

@@ -154,3 +154,26 @@ def test_a_stale_or_missing_export_is_made_again_in_the_cache(version, tmp_path)
     assert m.backend == "onnx"
     assert ox.cache_dir() in __import__("pathlib").Path(m.classifier.path).parents
     assert ox._metadata(m.classifier.path)[ox.SOURCE_KEY] == file_sha256(folder / "classifier.pt")
+
+
+def test_classifying_only_the_faces_a_prediction_uses_changes_no_prediction(version, tmp_path):
+    """predict_tasks classifies the shown faces and each image's best candidate only
+    (``classify_min_conf``); boxes, labels, scores and uncertainty are those of classifying all."""
+    from backend.labels import ProjectSchema
+    from backend.predict import analyse
+    from tests.conftest import REPO
+
+    folder = require_data(AWAKE_SLEEP)  # scenes: several candidates an image
+    images = _load(sorted((folder / "images" / "val").glob("*.jpg"))[:16])
+    schema = ProjectSchema.parse((REPO / "label_config" / "face_expressions.xml").read_text())  # classes map
+    m = TwoStageModel(version)
+    for thr in (0.5, 0.99):  # 0.99: most images have no shown face, only their best candidate counts
+        full = m.detect(images, conf=0.01, imgsz=256)
+        part = m.detect(images, conf=0.01, imgsz=256, classify_min_conf=thr)
+        unclassified = [x for d in part for x in d.detections[1:] if x.face_conf < thr]
+        assert unclassified and all(np.ptp(x.class_scores) == 0 for x in unclassified)
+        for a, b in zip(full, part):
+            boxes_a, unc_a = analyse(a, schema, m.names, thr, "max")
+            boxes_b, unc_b = analyse(b, schema, m.names, thr, "max")
+            assert boxes_a == boxes_b
+            assert unc_a == unc_b
