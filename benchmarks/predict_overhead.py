@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -252,6 +253,7 @@ def main() -> None:
               f"| {med(Dcpu[(b, k)]):.1f} |")
     for b in ("onnx", "torch"):
         print(f"two pinned workers ÷ one ({b}): {ratio(D[(b, 2)], D[(b, 1)]):.2f}")
+    shutil.rmtree(work, ignore_errors=True)  # kept when the run fails: backend logs are there
 
 
 if __name__ == "__main__":
