@@ -256,10 +256,16 @@ def predict_tasks(tasks: list[dict], schema: ProjectSchema, model, settings: Set
             urls.append(url)
     todo = [i for i, u in enumerate(urls) if u is not None]
     # images are decoded and detected LOAD_CHUNK at a time: a request of many large images never
-    # holds more than LOAD_CHUNK decoded arrays (issue 9: memory)
-    for c0 in range(0, len(todo), LOAD_CHUNK):
-        chunk = todo[c0 : c0 + LOAD_CHUNK]
-        loaded = load_images([urls[i] for i in chunk], settings, ls_url)
+    # holds more than 2 * LOAD_CHUNK decoded arrays (issue 9: memory); the next chunk is fetched and
+    # decoded in a background thread while the model runs on this one (issue 12: speed)
+    chunks = [todo[c0 : c0 + LOAD_CHUNK] for c0 in range(0, len(todo), LOAD_CHUNK)]
+    prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") if len(chunks) > 1 else None
+    pending = None
+    for k, chunk in enumerate(chunks):
+        loaded = pending.result() if pending is not None else load_images([urls[i] for i in chunk], settings, ls_url)
+        if prefetch is not None:
+            pending = prefetch.submit(load_images, [urls[i] for i in chunks[k + 1]], settings, ls_url) \
+                if k + 1 < len(chunks) else None
         ok = []
         for i, img in zip(chunk, loaded):
             if isinstance(img, ImageError):
@@ -270,8 +276,10 @@ def predict_tasks(tasks: list[dict], schema: ProjectSchema, model, settings: Set
                 ok.append((i, img))
         del loaded
         if ok:
+            # a two-stage model classifies only the faces the result uses (shown ones, the best candidate)
+            more = {"classify_min_conf": threshold} if getattr(model, "classifies_faces", False) else {}
             dets = model.detect([img.array for _, img in ok], conf=min(settings.candidate_threshold, threshold),
-                                imgsz=settings.imgsz, embed=embed)
+                                imgsz=settings.imgsz, embed=embed, **more)
             for (i, img), det in zip(ok, dets):
                 if schema.is_choices:
                     out[i].boxes, face, out[i].uncertainty = analyse_choice(det, schema, model.names, threshold)
@@ -290,6 +298,8 @@ def predict_tasks(tasks: list[dict], schema: ProjectSchema, model, settings: Set
                         out[i].choice_face = replace(b, x1=b.x1 * sx, y1=b.y1 * sy, x2=b.x2 * sx, y2=b.y2 * sy)
                 out[i].embedding = det.embedding
         del ok
+    if prefetch is not None:
+        prefetch.shutdown(wait=False)
     return out
 
 

@@ -101,13 +101,20 @@ def resize_bilinear_tf_legacy(img: np.ndarray, size: int | tuple[int, int]) -> n
     """
     oh, ow = (size, size) if isinstance(size, int) else size
     x = np.asarray(img, dtype=np.float32)
-    r0, r1, fy = _legacy_axis(x.shape[0], oh)
-    c0, c1, fx = _legacy_axis(x.shape[1], ow)
-    fx = fx[None, :, None]
-    fy = fy[:, None, None]
-    top = x[r0][:, c0] + (x[r0][:, c1] - x[r0][:, c0]) * fx
-    bottom = x[r1][:, c0] + (x[r1][:, c1] - x[r1][:, c0]) * fx
-    return top + (bottom - top) * fy
+    h, w, c = x.shape
+    r0, r1, fy = _legacy_axis(h, oh)
+    c0, c1, fx = _legacy_axis(w, ow)
+    # gather on the (H, W*C) view: each source row once, columns as flat indices (the same
+    # arithmetic as indexing (H, W, C), about twice as fast)
+    ch = np.arange(c)
+    i0, i1 = (c0[:, None] * c + ch).ravel(), (c1[:, None] * c + ch).ravel()
+    fx = np.repeat(fx, c)[None, :]
+    flat = x.reshape(h, w * c)
+    rows0, rows1 = flat[r0], flat[r1]
+    a, b = rows0[:, i0], rows1[:, i0]
+    top = a + (rows0[:, i1] - a) * fx
+    bottom = b + (rows1[:, i1] - b) * fx
+    return (top + (bottom - top) * fy[:, None]).reshape(oh, ow, c)
 
 
 def face_input(image: np.ndarray, box, margin: float = 0.0, size: int = INPUT_SIZE) -> np.ndarray:
@@ -115,8 +122,8 @@ def face_input(image: np.ndarray, box, margin: float = 0.0, size: int = INPUT_SI
     x1, y1, x2, y2 = crop_region(box, image.shape[:2], margin)
     crop = image[y1:y2, x1:x2]
     t, b, l, r = square_padding(*crop.shape[:2])
-    if t or b or l or r:
-        crop = np.pad(crop.astype(np.float32), ((t, b), (l, r), (0, 0)))
+    if t or b or l or r:  # zeros; padded as uint8 (exact) and made float32 by the resize or below
+        crop = np.pad(crop, ((t, b), (l, r), (0, 0)))
     if crop.shape[0] != size:
         crop = resize_bilinear_tf_legacy(crop, size)
     return (crop.astype(np.float32) - MEAN_RGB) / np.float32(255.0)

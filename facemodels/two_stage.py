@@ -10,6 +10,10 @@ One model version of a project is one *bundle*: a small JSON file that names its
 
 ``nms_iou`` (the detector's NMS IoU) and ``face_threshold`` (the face confidence at which a box is
 shown) are optional; trained versions get a threshold tuned on the project's labelled images.
+A version written by :func:`write_bundle` also holds both stages exported to ONNX (``detector.onnx``,
+``classifier.onnx``, recorded as ``detector_onnx``/``detector_onnx_sha256`` and
+``classifier_onnx``/``classifier_onnx_sha256``); they are served with ONNX Runtime
+(:mod:`facemodels.onnx_runtime`; ``INFERENCE_BACKEND=torch`` serves the ``.pt`` files instead).
 
 The shipped default is ``models/faceloop-default.json`` (``models/faceloop-face.pt`` +
 ``models/face_expression.pt``; provenance in ``models/MODEL_CARD.md``). A version written by the
@@ -23,6 +27,7 @@ so the serve and score stations use either; its detections carry the detector's 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -32,6 +37,8 @@ from pathlib import Path
 import numpy as np
 
 from backend.hashing import file_sha256
+
+log = logging.getLogger("faceloop.models")
 
 FORMAT = "faceloop-two-stage"
 FORMAT_VERSION = 1
@@ -66,10 +73,17 @@ def read_bundle(path: str | Path) -> dict:
     return b
 
 
-def write_bundle(folder: Path, detector: Path, classifier: Path, classes: list[str], **extra) -> Path:
+def write_bundle(folder: Path, detector: Path, classifier: Path, classes: list[str], onnx: bool = True,
+                 **extra) -> Path:
     """Write a version folder atomically: copy both weight files and ``bundle.json`` into a
     temporary sibling folder, fsync, then rename it to ``folder`` (a crash never leaves a
     half-written version that could be served).
+
+    With ``onnx`` (default), both stages are exported to ONNX in the same folder
+    (:func:`facemodels.onnx_runtime.export_version`; about 3 s), or copied from the source folder
+    when its ``bundle.json`` records an intact export of the same weights (a candidate being
+    registered). An export that fails is logged and left out: the version is then exported when
+    first served, or served by torch.
 
     Returns: the path of ``folder/bundle.json``.
     Raises: FileExistsError when ``folder`` exists already.
@@ -86,6 +100,9 @@ def write_bundle(folder: Path, detector: Path, classifier: Path, classes: list[s
                   "detector": "detector.pt", "detector_sha256": file_sha256(tmp / "detector.pt"),
                   "classifier": "classifier.pt", "classifier_sha256": file_sha256(tmp / "classifier.pt"),
                   "classes": list(classes), **extra}
+        if onnx:
+            bundle.update(_onnx_entries(tmp, Path(detector).parent, Path(classifier).parent, bundle,
+                                        int(extra.get("imgsz") or 256)))
         (tmp / "bundle.json").write_text(json.dumps(bundle, indent=2))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
@@ -97,42 +114,103 @@ def write_bundle(folder: Path, detector: Path, classifier: Path, classes: list[s
     return folder / "bundle.json"
 
 
+def _onnx_entries(tmp: Path, det_src: Path, clf_src: Path, bundle: dict, imgsz: int) -> dict:
+    """ONNX files of a version being written in ``tmp``: copied from the sources' folder when it
+    holds an intact export of the same weights, else exported; ``{}`` (logged) when export fails."""
+    from facemodels import onnx_runtime as ox
+
+    try:
+        entries = {}
+        todo = []
+        for key, src in (("detector", det_src), ("classifier", clf_src)):
+            old = ox.reusable_onnx(src, key, bundle[f"{key}_sha256"])
+            if old is None:
+                todo.append(key)
+                continue
+            shutil.copyfile(old, tmp / f"{key}.onnx")
+            entries[f"{key}_onnx"] = f"{key}.onnx"
+            entries[f"{key}_onnx_sha256"] = file_sha256(tmp / f"{key}.onnx")
+        if todo:
+            entries.update(ox.export_version(tmp, imgsz=imgsz, keys=tuple(todo)))
+        return entries
+    except Exception as e:  # noqa: BLE001 - a failed export must never lose a trained version
+        log.warning("ONNX export of the version in %s failed (%s: %s); it will be exported when first "
+                    "served or served by torch", tmp, e.__class__.__name__, e)
+        for f in ("detector.onnx", "classifier.onnx"):
+            (tmp / f).unlink(missing_ok=True)
+        return {}
+
+
 class TwoStageModel:
     """Stage 1 (YOLO face detector) + stage 2 (face-crop classifier) behind one ``detect()``.
 
     Args:
         path: a bundle JSON (see module docstring).
-        device: torch device for the detector ('' = ultralytics' default).
+        device: torch device for the detector ('' = ultralytics' default); a GPU device is served by torch.
+        backend: ``"onnx"`` or ``"torch"``; default ``INFERENCE_BACKEND`` (``onnx``). With ``onnx`` the
+            bundle's ONNX files are used (exported into the cache first when it has none,
+            :func:`facemodels.onnx_runtime.onnx_files`); if that fails, torch serves it and a warning is logged.
     Attributes:
         names: the classifier's class names, index order of ``class_scores``.
-        detector: :class:`facemodels.detector.FaceModel`; classifier: :class:`facemodels.classifier.FaceClassifier`.
-    Raises: FileNotFoundError / ValueError as :func:`read_bundle`.
+        backend: what serves it, ``"onnx"`` or ``"torch"``.
+        detector: :class:`facemodels.detector.FaceModel` or :class:`facemodels.onnx_runtime.OnnxDetector`;
+        classifier: :class:`facemodels.classifier.FaceClassifier` or :class:`facemodels.onnx_runtime.OnnxClassifier`.
+    Raises: FileNotFoundError / ValueError as :func:`read_bundle`; ValueError for an unknown backend.
     """
 
-    def __init__(self, path: str | Path, device: str = ""):
-        from facemodels.detector import FaceModel
-        from facemodels.classifier import FaceClassifier
+    def __init__(self, path: str | Path, device: str = "", backend: str | None = None):
+        from facemodels import onnx_runtime as ox
 
         self.path = str(path)
         self.bundle = read_bundle(path)
-        self.detector = FaceModel(self.bundle["detector_path"], device)
+        want = backend or ox.inference_backend()
+        if want not in ox.BACKENDS:
+            raise ValueError(f"backend must be one of {ox.BACKENDS}, got {want!r}")
+        #: "onnx" (ONNX Runtime on the CPU) or "torch": what serves this version
+        self.backend = "torch"
+        if want == "onnx" and device not in ("", "cpu"):
+            log.info("device %r asked for: %s is served by torch", device, Path(path).name)
+        elif want == "onnx":
+            try:
+                det_onnx, clf_onnx = ox.onnx_files(self.bundle)
+                self.detector, self.classifier = ox.OnnxDetector(det_onnx), ox.OnnxClassifier(clf_onnx)
+                self.backend = "onnx"
+            except Exception as e:  # noqa: BLE001 - any failure: serve with torch, say why
+                log.warning("ONNX Runtime cannot serve %s (%s: %s); serving it with torch", path,
+                            e.__class__.__name__, e)
+        if self.backend == "torch":
+            from facemodels.classifier import FaceClassifier
+            from facemodels.detector import FaceModel
+
+            self.detector = FaceModel(self.bundle["detector_path"], device)
+            self.classifier = FaceClassifier.load(self.bundle["classifier_path"])
         if self.bundle.get("nms_iou") is not None:  # tuned with the detector (docs/detector.md)
             self.detector.nms_iou = float(self.bundle["nms_iou"])
-        self.classifier = FaceClassifier.load(self.bundle["classifier_path"])
         self.names: list[str] = list(self.classifier.classes)
         #: face confidence (0-1) tuned on the labelled images when this version was trained, or None
         self.face_threshold: float | None = self.bundle.get("face_threshold")
         self._lock = threading.Lock()
 
+    #: :func:`backend.predict.predict_tasks` may pass ``classify_min_conf`` to :meth:`detect`
+    classifies_faces = True
+
     def detect(self, images: list[np.ndarray], conf: float, imgsz: int = 256, batch: int = 16,
-               embed: bool = False):
+               embed: bool = False, classify_min_conf: float | None = None):
         """Faces of each image with the classifier's probabilities.
+
+        The classifier runs once for the faces of all ``images`` (one batched forward pass, not one
+        per image).
 
         Args:
             images: ``(H, W, 3)`` uint8 RGB arrays (EXIF orientation applied).
             conf: minimum face confidence (0-1) of a detection.
             imgsz: detector inference size, pixels.
             embed: also return the detector's image embedding (for diversity sampling).
+            classify_min_conf: when set, only faces with a face confidence at or above it, and each
+                image's most confident face, are classified; the others keep uniform probabilities.
+                Pre-annotations and task scores use no other face
+                (:func:`backend.uncertainty.image_uncertainty`), so their result is the same;
+                evaluation (mAP over all candidates) leaves it unset.
         Returns: list of :class:`facemodels.detector.ImageDetections`; each detection's ``face_conf`` is
             the detector's confidence, ``class_scores`` the ``(K,)`` softmax probabilities over
             :attr:`names`, ``conf`` = ``face_conf * max(class_scores)``.
@@ -140,20 +218,34 @@ class TwoStageModel:
         from facemodels.detector import Detection
 
         dets = self.detector.detect(images, conf=conf, imgsz=imgsz, batch=batch, embed=embed)
+        todo = []  # (image detections, all boxes, ok mask)
+        items = []  # (image, ok boxes) for the classifier
+        for im, d in zip(images, dets):
+            if not d.detections:
+                continue
+            h, w = im.shape[:2]
+            boxes = np.array([x.box for x in d.detections], dtype=np.float64)
+            boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, w)
+            boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, h)
+            ok = (boxes[:, 2] - boxes[:, 0] >= 1) & (boxes[:, 3] - boxes[:, 1] >= 1)
+            if classify_min_conf is not None:
+                face_conf = np.array([x.conf for x in d.detections])
+                wanted = face_conf >= classify_min_conf
+                wanted[int(np.argmax(face_conf))] = True
+                ok &= wanted
+            todo.append((d, boxes, ok))
+            if ok.any():
+                items.append((im, boxes[ok]))
+        if not todo:
+            return dets
         with self._lock:
-            for im, d in zip(images, dets):
-                if not d.detections:
-                    continue
-                h, w = im.shape[:2]
-                boxes = np.array([x.box for x in d.detections], dtype=np.float64)
-                boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, w)
-                boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, h)
-                ok = (boxes[:, 2] - boxes[:, 0] >= 1) & (boxes[:, 3] - boxes[:, 1] >= 1)
-                probs = np.full((len(boxes), len(self.names)), 1.0 / max(len(self.names), 1))
-                if ok.any():
-                    probs[ok] = self.classifier.predict_proba(im, boxes[ok])
-                d.detections = [
-                    Detection(x.box, float(x.conf * p.max()), int(p.argmax()), p.astype(np.float64), float(x.conf))
-                    for x, p in zip(d.detections, probs)
-                ]
+            found = iter(self.classifier.predict_proba_many(items))
+        for d, boxes, ok in todo:
+            probs = np.full((len(boxes), len(self.names)), 1.0 / max(len(self.names), 1))
+            if ok.any():
+                probs[ok] = next(found)
+            d.detections = [
+                Detection(x.box, float(x.conf * p.max()), int(p.argmax()), p.astype(np.float64), float(x.conf))
+                for x, p in zip(d.detections, probs)
+            ]
         return dets

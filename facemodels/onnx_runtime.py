@@ -1,0 +1,424 @@
+"""ONNX export of a model version and its serving with ONNX Runtime on the CPU (issue 12).
+
+Each two-stage version (:mod:`facemodels.two_stage`) gets two ONNX files beside its ``.pt`` files:
+
+* ``detector.onnx``: the YOLO face detector exported by ultralytics' own exporter
+  (``YOLO(pt).export(format="onnx", dynamic=True, simplify=False)``: dynamic batch, height and
+  width, so rectangular letterboxing works as in the torch path; ``simplify=False`` because
+  ``onnxslim`` is not a dependency and ultralytics must never pip-install at run time). One output
+  is added to the exported graph: ``embedding`` ``(B, C)``, the spatial mean of the SPPF layer's
+  output (layer :data:`facemodels.detector.EMBED_LAYER`), the same image embedding the torch
+  path takes with a forward hook.
+* ``classifier.onnx``: the face-crop classifier (:class:`facemodels.classifier.FaceClassifier`)
+  exported with ``torch.onnx.export`` (TorchScript exporter, opset 17, dynamic batch), outputs
+  ``probs`` ``(N, K)`` softmax probabilities and ``features`` ``(N, 256)`` L2-normalised pooled
+  features. Its classes, crop margin and input size are stored in the file's metadata.
+
+Both files carry ``faceloop_source_sha256`` (the SHA-256 of the ``.pt`` they were exported from) in
+their metadata, so a stale export is never served. The bundle JSON records them with their own
+SHA-256 (``detector_onnx``/``detector_onnx_sha256``, ``classifier_onnx``/``classifier_onnx_sha256``).
+A version without them (the shipped default, versions written before this) is exported lazily on
+its first load into ``$VAR_DIR/onnx_cache/<sha>/`` (about 3 s; ``scripts/export_onnx.py`` does it
+ahead of time).
+
+Serving: :class:`OnnxDetector` and :class:`OnnxClassifier` have the interfaces of
+:class:`facemodels.detector.FaceModel` (``detect``, ``names``, ``nms_iou``) and ``FaceClassifier``
+(``predict_proba``, ``embed``, ``*_many``, ``classes``) with the same pre- and post-processing:
+ultralytics' ``LetterBox`` (rectangular when all images of a batch share one shape, as its
+predictor does), ultralytics' ``non_max_suppression`` (class-agnostic, the bundle's ``nms_iou``)
+and ``scale_boxes``; the classifier's crops are :func:`facemodels.preprocess.face_batch`.
+
+Settings (environment):
+
+* ``INFERENCE_BACKEND``: ``onnx`` (default) or ``torch``. With ``onnx``, a version whose ONNX
+  files cannot be made or loaded is served by torch, with a logged warning.
+* ``INFERENCE_THREADS``: ONNX Runtime intra-op threads of a session; default the number of cores
+  this process may run on (``os.sched_getaffinity``), so one request uses every core it has and a
+  worker pinned to one core (``taskset -c 0``) uses one thread. Parallel pool scoring runs several
+  worker processes (``faceloop worker --concurrency N`` or one worker per core, each pinned); set
+  ``INFERENCE_THREADS=1`` when N unpinned processes share N cores.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from backend.hashing import file_sha256
+from facemodels.preprocess import face_batch
+
+log = logging.getLogger("faceloop.onnx")
+
+#: Metadata key holding the SHA-256 of the ``.pt`` an ONNX file was exported from.
+SOURCE_KEY = "faceloop_source_sha256"
+#: Boxes per classifier forward pass (as :data:`facemodels.classifier.INFER_BATCH`).
+INFER_BATCH = 64
+#: Opset of the classifier export.
+CLASSIFIER_OPSET = 17
+BACKENDS = ("onnx", "torch")
+
+
+def inference_backend() -> str:
+    """``INFERENCE_BACKEND`` (``onnx`` or ``torch``; default ``onnx``). ValueError for another value."""
+    v = (os.environ.get("INFERENCE_BACKEND") or "onnx").strip().lower()
+    if v not in BACKENDS:
+        raise ValueError(f"INFERENCE_BACKEND must be one of {BACKENDS}, got {v!r}")
+    return v
+
+
+def intra_op_threads() -> int:
+    """ONNX Runtime intra-op threads: ``INFERENCE_THREADS`` if set (> 0), else the cores this
+    process may run on (its CPU affinity). ValueError for a bad ``INFERENCE_THREADS``."""
+    v = os.environ.get("INFERENCE_THREADS", "").strip()
+    if v:
+        try:
+            n = int(v)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ValueError(f"INFERENCE_THREADS must be a whole number >= 1, got {v!r}")
+        return n
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def make_session(path: str | Path, threads: int | None = None):
+    """An ``onnxruntime.InferenceSession`` on the CPU with ``threads`` intra-op threads (default
+    :func:`intra_op_threads`), one inter-op thread, sequential execution, all graph optimisations.
+    Spinning of idle pool threads is off so that a request does not hold a core busy after it
+    returns (the backend decodes the next image on the same cores)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(threads or intra_op_threads())
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+
+
+def _metadata(path: str | Path) -> dict[str, str]:
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in m.metadata_props}
+
+
+def _set_metadata(model, values: dict[str, str]) -> None:
+    props = {p.key: p.value for p in model.metadata_props}
+    props.update(values)
+    del model.metadata_props[:]
+    for k, v in props.items():
+        e = model.metadata_props.add()
+        e.key, e.value = k, str(v)
+
+
+def _atomic_save(model, out: Path) -> None:
+    import onnx
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        onnx.save(model, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------------- export
+
+def export_detector(pt: str | Path, out: str | Path, imgsz: int = 256) -> Path:
+    """Export YOLO weights ``pt`` to ``out`` with ultralytics' exporter, plus the ``embedding`` output.
+
+    ``imgsz`` (pixels) is only the tracing size: height, width and batch are dynamic. ultralytics
+    runs offline (:func:`backend.config.configure_ultralytics`: no download, no pip install).
+    Raises FileNotFoundError for missing weights; ultralytics/onnx errors pass through.
+    """
+    import onnx
+    from onnx import helper
+
+    from facemodels.detector import EMBED_LAYER, YOLO  # configures ultralytics offline first
+
+    pt, out = Path(pt), Path(out)
+    if not pt.is_file():
+        raise FileNotFoundError(f"detector weights not found: {pt}")
+    src_sha = file_sha256(pt)
+    with tempfile.TemporaryDirectory(prefix="faceloop-onnx-") as tmp:
+        local = Path(tmp) / "detector.pt"  # the exporter writes beside its input
+        shutil.copyfile(pt, local)
+        f = YOLO(str(local), task="detect").export(format="onnx", imgsz=imgsz, dynamic=True, simplify=False,
+                                                    half=False, device="cpu", verbose=False)
+        model = onnx.load(str(f))
+    # the SPPF output (end of the backbone): ``/model.<EMBED_LAYER>/...`` nodes, the last one's output
+    prefix = f"/model.{EMBED_LAYER}/"
+    last = [n for n in model.graph.node if n.name.startswith(prefix)]
+    if not last:
+        raise ValueError(f"no layer {EMBED_LAYER} (SPPF) in the exported graph of {pt}")
+    feat = last[-1].output[0]
+    axes = helper.make_tensor("faceloop_embed_axes", onnx.TensorProto.INT64, [2], [2, 3])
+    model.graph.initializer.append(axes)
+    model.graph.node.append(helper.make_node("ReduceMean", [feat, "faceloop_embed_axes"], ["embedding"],
+                                             name="faceloop_embedding", keepdims=0))
+    model.graph.output.append(helper.make_tensor_value_info("embedding", onnx.TensorProto.FLOAT, ["batch", None]))
+    _set_metadata(model, {SOURCE_KEY: src_sha, "description": "faceloop face detector (ultralytics YOLO export)"})
+    onnx.checker.check_model(model)
+    _atomic_save(model, out)
+    return out
+
+
+def export_classifier(pt: str | Path, out: str | Path) -> Path:
+    """Export a face classifier ``.pt`` (:meth:`FaceClassifier.load`) to ``out`` with ``torch.onnx``.
+
+    Input ``input`` ``(N, 3, S, S)`` (S = the model's input size, 112), outputs ``probs`` ``(N, K)``
+    and ``features`` ``(N, 256)``; dynamic N. Classes, crop margin and input size go to the metadata.
+    Raises FileNotFoundError / ValueError as :meth:`FaceClassifier.load`.
+    """
+    import onnx
+    import torch
+    import torch.nn.functional as F
+
+    from facemodels.classifier import FaceClassifier
+
+    pt, out = Path(pt), Path(out)
+    clf = FaceClassifier.load(pt)
+
+    class _Head(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            f = self.net.features(x)
+            return torch.softmax(self.net.fc(f), dim=1), F.normalize(f, dim=1)
+
+    s = clf.input_size
+    with tempfile.TemporaryDirectory(prefix="faceloop-onnx-") as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarning: the TF 'same' padding is constant at a fixed input size
+        f = Path(tmp) / "classifier.onnx"
+        torch.onnx.export(_Head(clf.net.cpu()).eval(), (torch.zeros(2, 3, s, s),), str(f), input_names=["input"],
+                          output_names=["probs", "features"], opset_version=CLASSIFIER_OPSET, dynamo=False,
+                          dynamic_axes={"input": {0: "batch"}, "probs": {0: "batch"}, "features": {0: "batch"}})
+        model = onnx.load(str(f))
+    _set_metadata(model, {SOURCE_KEY: file_sha256(pt), "faceloop_classes": json.dumps(clf.classes),
+                          "faceloop_crop_margin": repr(clf.crop_margin), "faceloop_input_size": str(s),
+                          "description": "faceloop face-crop classifier (face-api.js expression net, fine-tuned)"})
+    onnx.checker.check_model(model)
+    _atomic_save(model, out)
+    return out
+
+
+def export_version(folder: str | Path, detector: str = "detector.pt", classifier: str = "classifier.pt",
+                   imgsz: int = 256, keys: tuple[str, ...] = ("detector", "classifier")) -> dict:
+    """Export the ``.pt`` files of a version folder (both, or those named in ``keys``) to ``.onnx`` beside them.
+
+    Returns the bundle entries: ``{"detector_onnx": "detector.onnx", "detector_onnx_sha256": ...,
+    "classifier_onnx": "classifier.onnx", "classifier_onnx_sha256": ...}`` (names relative to ``folder``).
+    """
+    folder = Path(folder)
+    entries = {}
+    for key, name, fn in (("detector", detector, lambda p, o: export_detector(p, o, imgsz)),
+                          ("classifier", classifier, export_classifier)):
+        if key not in keys:
+            continue
+        out = folder / (Path(name).stem + ".onnx")
+        fn(folder / name, out)
+        entries[f"{key}_onnx"] = out.name
+        entries[f"{key}_onnx_sha256"] = file_sha256(out)
+    return entries
+
+
+def reusable_onnx(src_folder: Path, key: str, source_sha: str) -> Path | None:
+    """The ``.onnx`` of ``key`` (detector/classifier) recorded in ``src_folder/bundle.json`` when it
+    was exported from weights with SHA-256 ``source_sha`` and is intact; else None (used by
+    :func:`facemodels.two_stage.write_bundle` to copy a candidate's export instead of exporting again)."""
+    try:
+        b = json.loads((src_folder / "bundle.json").read_text())
+        if b.get(f"{key}_sha256") != source_sha or not b.get(f"{key}_onnx"):
+            return None
+        p = src_folder / b[f"{key}_onnx"]
+        if p.is_file() and file_sha256(p) == b.get(f"{key}_onnx_sha256"):
+            return p
+    except (OSError, ValueError, TypeError):
+        pass
+    return None
+
+
+def cache_dir() -> Path:
+    """Where lazily exported ONNX files live: ``$VAR_DIR/onnx_cache`` (default ``<repo>/var``)."""
+    from backend.config import REPO_ROOT
+
+    return Path(os.environ.get("VAR_DIR") or REPO_ROOT / "var").resolve() / "onnx_cache"
+
+
+_export_lock = threading.Lock()
+
+
+def onnx_files(bundle: dict) -> tuple[Path, Path]:
+    """The detector and classifier ONNX files of a bundle read by :func:`facemodels.two_stage.read_bundle`.
+
+    The files the bundle records are used when their SHA-256 matches the bundle and their
+    ``faceloop_source_sha256`` matches the ``.pt`` files; otherwise the ``.pt`` files are exported
+    into :func:`cache_dir` (``<cache>/<pt sha256>/{detector,classifier}.onnx``), once.
+    """
+    out = []
+    for key, fn in (("detector", export_detector), ("classifier", export_classifier)):
+        pt = Path(bundle[f"{key}_path"])
+        src_sha = bundle.get(f"{key}_sha256") or file_sha256(pt)
+        rec = bundle.get(f"{key}_onnx")
+        if rec:
+            p = (pt.parent / rec).resolve()
+            if (p.is_file() and file_sha256(p) == bundle.get(f"{key}_onnx_sha256")
+                    and _metadata(p).get(SOURCE_KEY) == src_sha):
+                out.append(p)
+                continue
+            log.warning("%s ONNX file %s is missing or does not match its bundle; exporting again", key, p)
+        cached = cache_dir() / src_sha / f"{key}.onnx"
+        with _export_lock:
+            if not (cached.is_file() and _metadata(cached).get(SOURCE_KEY) == src_sha):
+                log.info("exporting %s %s to ONNX (%s)", key, pt.name, cached)
+                fn(pt, cached)
+        out.append(cached)
+    return out[0], out[1]
+
+
+# ---------------------------------------------------------------------------- serving
+
+class OnnxDetector:
+    """The YOLO face detector on ONNX Runtime; same ``detect()`` as :class:`facemodels.detector.FaceModel`.
+
+    Args:
+        path: an ONNX file written by :func:`export_detector`.
+        threads: intra-op threads (default :func:`intra_op_threads`).
+    Attributes: ``names`` (class names in index order, from ultralytics' metadata), ``nms_iou``
+        (0-1, default ultralytics' 0.7), ``stride`` (pixels), ``threads``.
+    """
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        self.path = str(path)
+        meta = _metadata(path)
+        names = ast.literal_eval(meta.get("names", "{0: 'face'}"))
+        self.names: list[str] = [names[i] for i in sorted(names)]
+        self.stride = int(meta.get("stride", 32))
+        self.threads = int(threads or intra_op_threads())
+        self.session = make_session(path, self.threads)
+        outs = [o.name for o in self.session.get_outputs()]
+        self._outputs = ["output0"] + (["embedding"] if "embedding" in outs else [])
+        self.nms_iou = 0.7
+        self.max_det = 300  # ultralytics' predictor default
+
+    def _letterbox(self, images: list[np.ndarray], imgsz: int) -> np.ndarray:
+        from ultralytics.data.augment import LetterBox
+        from ultralytics.utils.checks import check_imgsz
+
+        size = check_imgsz(imgsz, stride=self.stride, min_dim=2)
+        same = len({im.shape for im in images}) == 1
+        lb = LetterBox(size, auto=same, stride=self.stride)  # as ultralytics' predictor (rect=True)
+        x = np.stack([lb(image=im) for im in images])  # (B, h, w, 3) RGB uint8; pad 114 on every channel
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255.0)
+
+    def detect(self, images: list[np.ndarray], conf: float, imgsz: int = 320, batch: int = 16, embed: bool = False,
+               iou: float | None = None):
+        """Detect faces in RGB images; arguments and result as :meth:`facemodels.detector.FaceModel.detect`."""
+        import torch
+        from ultralytics.utils import nms, ops
+
+        from facemodels.detector import Detection, ImageDetections
+
+        out = []
+        iou = self.nms_iou if iou is None else iou
+        for start in range(0, len(images), batch):
+            chunk = images[start : start + batch]
+            x = self._letterbox(chunk, imgsz)
+            res = self.session.run(self._outputs if embed else ["output0"], {"images": x})
+            raw = torch.from_numpy(res[0])
+            dets, keep = nms.non_max_suppression(raw, conf, iou, None, True, max_det=self.max_det, return_idxs=True)
+            nc = raw.shape[1] - 4
+            for i, (im, d, idx) in enumerate(zip(chunk, dets, keep)):
+                h, w = im.shape[:2]
+                boxes = ops.scale_boxes(x.shape[2:], d[:, :4].clone(), im.shape).numpy() if len(d) else np.zeros((0, 4))
+                confs = d[:, 4].numpy() if len(d) else np.zeros(0)
+                clss = d[:, 5].numpy().astype(int) if len(d) else np.zeros(0, int)
+                idx = idx.view(-1).long()
+                scores = raw[i, 4 : 4 + nc, idx].T.numpy() if idx.numel() else np.zeros((0, nc))
+                found = [Detection(tuple(float(v) for v in boxes[j]), float(confs[j]), int(clss[j]),
+                                   scores[j].astype(np.float64)) for j in np.argsort(-confs, kind="stable")]
+                emb = None
+                if embed and len(res) > 1:
+                    v = res[1][i].astype(np.float32)
+                    emb = v / (np.linalg.norm(v) + 1e-12)
+                out.append(ImageDetections(w, h, found, emb))
+        return out
+
+
+class OnnxClassifier:
+    """The face-crop classifier on ONNX Runtime; the inference interface of
+    :class:`facemodels.classifier.FaceClassifier` (``predict_proba``, ``embed``,
+    ``predict_proba_many``, ``embed_many``; same crops, :func:`facemodels.preprocess.face_batch`).
+
+    Args: ``path`` (written by :func:`export_classifier`), ``threads`` (intra-op threads).
+    Attributes: ``classes``, ``crop_margin``, ``input_size`` (from the file's metadata).
+    """
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        self.path = str(path)
+        meta = _metadata(path)
+        try:
+            self.classes: list[str] = list(json.loads(meta["faceloop_classes"]))
+            self.crop_margin = float(meta["faceloop_crop_margin"])
+            self.input_size = int(meta["faceloop_input_size"])
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"{path} is not a faceloop classifier export (metadata {e})") from None
+        self.session = make_session(path, threads)
+
+    def inputs(self, image: np.ndarray, boxes) -> np.ndarray:
+        """(n, 3, S, S) float32 input of the boxes of one image (ValueError for bad boxes)."""
+        return face_batch(image, boxes, self.crop_margin, self.input_size)
+
+    def _run(self, x: np.ndarray, what: str) -> np.ndarray:
+        k = len(self.classes) if what == "proba" else 256
+        if len(x) == 0:
+            return np.zeros((0, k), dtype=np.float32)
+        name = "probs" if what == "proba" else "features"
+        return np.concatenate([self.session.run([name], {"input": x[i : i + INFER_BATCH]})[0]
+                               for i in range(0, len(x), INFER_BATCH)]).astype(np.float32)
+
+    def predict_proba(self, image: np.ndarray, boxes) -> np.ndarray:
+        """(n, K) softmax probabilities of the faces ``boxes`` (x1, y1, x2, y2 pixels) of one RGB image."""
+        return self._run(self.inputs(image, boxes), "proba")
+
+    def embed(self, image: np.ndarray, boxes) -> np.ndarray:
+        """(n, 256) L2-normalised pooled features of each face."""
+        return self._run(self.inputs(image, boxes), "embed")
+
+    def predict_proba_many(self, items) -> list[np.ndarray]:
+        """``[(image, boxes), ...]`` -> ``[(n_i, K) probabilities, ...]``, in one batched run."""
+        return self._many(items, "proba")
+
+    def embed_many(self, items) -> list[np.ndarray]:
+        """``[(image, boxes), ...]`` -> ``[(n_i, 256) features, ...]``, in one batched run."""
+        return self._many(items, "embed")
+
+    def _many(self, items, what):
+        xs = [self.inputs(im, bx) for im, bx in items]
+        if not xs:
+            return []
+        out = self._run(np.concatenate(xs), what)
+        return list(np.split(out, np.cumsum([len(x) for x in xs])[:-1]))
