@@ -303,6 +303,11 @@ def _acc_view(r: acceptance.PrelabelAcceptance) -> dict:
     return {"version": r.model_version, "annotations": r.annotations, "predicted": r.predicted,
             "accepted": r.accepted, "relabelled": r.relabelled, "moved": r.moved, "deleted": r.deleted,
             "drawn": r.drawn, "rate": _fmt(r.accepted / r.predicted, "pct") if r.predicted else "–",
+            "boxes": bool(r.predicted or r.drawn), "choices": bool(r.choices_predicted or r.choices_by_hand),
+            "choices_predicted": r.choices_predicted, "choices_accepted": r.choices_accepted,
+            "choices_changed": r.choices_changed, "choices_removed": r.choices_removed,
+            "choices_by_hand": r.choices_by_hand,
+            "choices_rate": _fmt(r.choices_accepted / r.choices_predicted, "pct") if r.choices_predicted else "–",
             "updated": _aware(r.updated_at).strftime("%H:%M:%S")}
 
 
@@ -356,6 +361,9 @@ def project_context(settings: Settings, pid: int) -> dict:
             "versions": [_version_view(settings, v, served.id if served else None, acc) for v in versions],
             "served": served_name, "queue": queue, "queue_version": queue_version or "", "errors": errors,
             "acceptance": acc_rows, "without_prelabel": acceptance.without_prelabel(pid),
+            # a Choices project's versions get the table of image-level choices; boxes (or no count yet) the box table
+            "acceptance_choices": any(a["choices"] for a in acc_rows),
+            "acceptance_boxes": any(a["boxes"] for a in acc_rows) or not any(a["choices"] for a in acc_rows),
             "refresh_s": 5 if active else 30, "now": now.strftime("%Y-%m-%d %H:%M:%S UTC"),
             "figures": [t for _, t, _ in FIGURES], "acceptance_live": bool(settings.label_studio_api_key)}
 
