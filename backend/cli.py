@@ -420,19 +420,31 @@ def versions(project: int = typer.Argument(..., help="Label Studio project id"))
     _require_project(project)
     with _db() as s:
         rows = s.exec(select(ModelVersion).where(ModelVersion.project_id == project).order_by(ModelVersion.id)).all()
+    cands = [v.metrics.get("candidate") or {} for v in rows]
+    # a Choices project's gate decides on image accuracy (ml_worker.training.gate_choices), a boxes
+    # project's on mAP50: a column for each kind of version the project has
+    choices = any("accuracy" in m for m in cands)
+    boxes = any("mAP50" in m for m in cands) or not choices
+    cols = [("version", None), ("status", None), ("classes", None)]
+    if choices:
+        cols.append(("image acc.", "accuracy"))
+    if boxes:
+        cols += [("mAP50", "mAP50"), ("face mAP50", "face_mAP50")]
+    cols.append(("class acc.", "class_accuracy"))
+    if boxes:
+        cols += [("accepted", "acceptance_rate"), ("boxes/face", "boxes_per_face")]
     t = Table(title=f"project {project} model versions (validation split)")
-    for c in ("version", "status", "classes", "mAP50", "face mAP50", "class acc.", "accepted", "boxes/face",
-              "train/val", "why"):
+    for c, _ in cols:
         t.add_column(c)
+    t.add_column("train/val")
+    t.add_column("why")
 
     def fig(m, k):
         v = m.get(k)
         return f"{v:.3f}" if isinstance(v, (int, float)) else "-"
 
-    for v in rows:
-        m = v.metrics.get("candidate") or {}
-        t.add_row(v.version, v.status, ",".join(v.classes), fig(m, "mAP50"), fig(m, "face_mAP50"),
-                  fig(m, "class_accuracy"), fig(m, "acceptance_rate"), fig(m, "boxes_per_face"),
+    for v, m in zip(rows, cands):
+        t.add_row(v.version, v.status, ",".join(v.classes), *(fig(m, k) for _, k in cols[3:]),
                   f"{v.metrics.get('n_train', '-')}/{v.metrics.get('n_val', '-')}", v.gate_reason)
     console.print(t)
     for v in rows:

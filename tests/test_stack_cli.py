@@ -162,3 +162,34 @@ def test_api_error_text_drops_headers_and_cookies():
                  body={"detail": "Not found."})
     assert "sessionid" in str(e)  # what used to be printed
     assert api_error_text(e) == "HTTP 404: Not found."
+
+
+def test_versions_shows_image_accuracy_for_a_choices_project_and_its_acceptance(cli_env):
+    """A Choices project's versions are gated on image accuracy (ml_worker.training.gate_choices):
+    `faceloop versions` shows it in its own column, and the choices' pre-label acceptance."""
+    from backend.acceptance import Counts, store
+
+    app, db = cli_env
+    with session_scope(db) as s:
+        upsert_project(s, 5)
+        s.add(ModelVersion(project_id=5, version="faceloop-base", path="/x/base.pt", sha256="0", status="retired",
+                           gate_reason="base model"))
+        s.add(ModelVersion(project_id=5, version="p5-v1", path="/x/v1.json", sha256="0", status="promoted",
+                           gate_reason="image accuracy 0.667 >= current 0.000 on the same 3 validation images",
+                           metrics_json=json.dumps({"candidate": {"accuracy": 0.6667, "class_accuracy": 0.8,
+                                                                  "no_choice": 1}, "n_train": 13, "n_val": 3,
+                                                    "kind": "choices"})))
+    store(get_settings(), 5, {"p5-v1": Counts(annotations=4, choices_predicted=4, choices_accepted=3,
+                                              choices_changed=1)})
+    r = runner.invoke(app, ["versions", "5"], env={"COLUMNS": "250"})
+    assert r.exit_code == 0, r.output
+    out = r.output
+    assert "image acc." in out and "0.667" in out and "mAP50" not in out  # no box figures for a Choices project
+    assert "13/3" in out and "image-level choices" in out and "75.0" in out  # 3 of 4 choices kept
+    # a boxes project keeps its box columns, without an image accuracy column
+    with session_scope(db) as s:
+        upsert_project(s, 6)
+        s.add(ModelVersion(project_id=6, version="p6-v1", path="/x/v1.json", sha256="0", status="promoted",
+                           gate_reason="mAP50", metrics_json=json.dumps({"candidate": {"mAP50": 0.712}})))
+    r = runner.invoke(app, ["versions", "6"], env={"COLUMNS": "250"})
+    assert r.exit_code == 0 and "0.712" in r.output and "image acc." not in r.output, r.output
