@@ -193,3 +193,29 @@ def test_versions_shows_image_accuracy_for_a_choices_project_and_its_acceptance(
                            gate_reason="mAP50", metrics_json=json.dumps({"candidate": {"mAP50": 0.712}})))
     r = runner.invoke(app, ["versions", "6"], env={"COLUMNS": "250"})
     assert r.exit_code == 0 and "0.712" in r.output and "image acc." not in r.output, r.output
+
+
+@pytest.mark.e2e
+def test_up_turns_on_show_before_labeling_once_for_an_existing_project(stack):
+    """A project made before faceloop turned "Show before labeling" on at creation: `up`'s status-link
+    step turns it on (once: a person who switches it off later keeps it off) on a real Label Studio."""
+    from label_studio_sdk import LabelStudio
+
+    from backend.cli import _link_status_page
+    from backend.lsapi import create_project
+    from tests.helpers_unit import EXAMPLE_CONFIG
+
+    client = LabelStudio(base_url=stack.ls_url, api_key=stack.api_key)
+    old = client.projects.create(title="made by an older faceloop", label_config=EXAMPLE_CONFIG)
+    assert client.projects.get(id=old.id).show_instruction is False
+    entry: dict = {"id": old.id}
+    url = f"http://127.0.0.1:9090/status/{old.id}?token=abc"
+    assert _link_status_page(client, old.id, url, entry) is True
+    p = client.projects.get(id=old.id)
+    assert p.show_instruction is True and "faceloop status" in p.expert_instruction
+    assert entry["show_instruction_set"] is True
+    client.projects.update(id=old.id, show_instruction=False)  # the person's choice, kept by the next `up`
+    assert _link_status_page(client, old.id, url, entry) is False
+    assert client.projects.get(id=old.id).show_instruction is False
+    new = create_project(client, "made now", EXAMPLE_CONFIG)
+    assert _link_status_page(client, new, url, {}) is False  # on since creation: nothing to say
