@@ -1,6 +1,7 @@
 """`faceloop up`'s stack without starting it, and the CLI's answers when it cannot do its job:
-per-install secrets, ports, the state file other commands read, unknown projects, Redis down.
-No Label Studio or Redis runs here (tests/browser/ runs the real stack)."""
+per-install secrets, ports, the state file other commands read, unknown projects, Redis down,
+`faceloop versions`. No Label Studio or Redis runs here, except in the tests marked e2e (the
+``stack`` fixture); tests/browser/ runs the real `faceloop up`."""
 
 from __future__ import annotations
 
