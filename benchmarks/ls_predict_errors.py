@@ -19,7 +19,6 @@ Findings are written down in ``docs/label_configs.md`` ("Per-task errors of /pre
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 import time
