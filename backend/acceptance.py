@@ -19,7 +19,23 @@ the ``rectanglelabels``/``labels``/``choices`` values of the result items sharin
 - **moved**: moved or resized (its labels may have changed too; ``moved_relabelled`` counts those);
 - **deleted**: not in the annotation.
 
-Regions of the annotation that come from no predicted box are **drawn** by hand. Cancelled
+Regions of the annotation that come from no predicted box are **drawn** by hand.
+
+A project with an image-level ``<Choices>`` control (``backend.labels.ProjectSchema.kind ==
+"choices"``; docs/label_configs.md) gets one ``choices`` result per prediction, with no box. Its
+pre-label is counted per control (``from_name``): the prediction's set of chosen values against
+the annotation's set for the same control:
+
+- **choice accepted**: the same values;
+- **choice changed**: other values;
+- **choice removed**: no value of that control in the annotation;
+- **chosen by hand**: the annotation has a value of a counted control that the prediction left
+  empty (no face found: faceloop sends an empty ``result``).
+
+Which controls count is the project's Choices control (read from its label config by
+:func:`refresh`); image-level choices of other controls, and of any control in a boxes project,
+are left out. Choices inside a region (``perRegion``; they carry the region's box) are region
+labels, as above. Cancelled
 (skipped) annotations and annotations without a parent prediction are not counted; the latter are
 reported as ``without_prelabel`` per project.
 
@@ -52,11 +68,14 @@ REFRESH_INTERVAL_S = 30.0
 
 
 class PrelabelAcceptance(SQLModel, table=True):
-    """What people did with one model version's pre-labels in one project (counts of boxes).
+    """What people did with one model version's pre-labels in one project.
 
     ``annotations``: annotations started from a prediction of this version; ``predicted``: boxes
     in those predictions = accepted + relabelled + moved + deleted; ``drawn``: boxes drawn by hand
-    in those annotations. ``project_id`` = Label Studio project id.
+    in those annotations. ``choices_predicted``: image-level choices in those predictions (one per
+    prediction and Choices control) = ``choices_accepted + choices_changed + choices_removed``;
+    ``choices_by_hand``: choices made where the prediction had none (columns added by revision
+    ``0003_choice_acceptance``). ``project_id`` = Label Studio project id.
     """
 
     __table_args__ = (UniqueConstraint("project_id", "model_version"),)
@@ -71,6 +90,11 @@ class PrelabelAcceptance(SQLModel, table=True):
     moved_relabelled: int = 0
     deleted: int = 0
     drawn: int = 0
+    choices_predicted: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+    choices_accepted: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+    choices_changed: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+    choices_removed: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+    choices_by_hand: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     updated_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
 
 
@@ -86,6 +110,11 @@ class Counts:
     moved_relabelled: int = 0
     deleted: int = 0
     drawn: int = 0
+    choices_predicted: int = 0
+    choices_accepted: int = 0
+    choices_changed: int = 0
+    choices_removed: int = 0
+    choices_by_hand: int = 0
 
     def add(self, other: "Counts") -> None:
         for f in fields(self):
@@ -95,6 +124,11 @@ class Counts:
     def acceptance_rate(self) -> float:
         """Accepted / predicted boxes (0-1); 0 when none were predicted."""
         return self.accepted / self.predicted if self.predicted else 0.0
+
+    @property
+    def choice_acceptance_rate(self) -> float:
+        """Choices accepted unchanged / choices predicted (0-1); 0 when none were predicted."""
+        return self.choices_accepted / self.choices_predicted if self.choices_predicted else 0.0
 
 
 # --- pure comparison ---------------------------------------------------------------------------
@@ -144,6 +178,45 @@ def regions(result: Iterable[Any] | None) -> dict[str, dict]:
     return boxes
 
 
+def image_choices(result: Iterable[Any] | None, controls: Iterable[str] | None = None) -> dict[str, frozenset]:
+    """Image-level choices of a Label Studio ``result``: ``{from_name: frozenset of chosen values}``.
+
+    Items of ``type`` ``choices`` whose ``value`` has no box (``x, y, width, height``: those are
+    per-region choices) count; several items of one control are joined. A control with an empty
+    ``choices`` list is left out. Args: ``controls``: only these ``from_name`` values (None: all).
+    """
+    wanted = None if controls is None else set(controls)
+    out: dict[str, set] = {}
+    for item in result or []:
+        item = _as_dict(item)
+        value = item.get("value") or {}
+        if str(item.get("type", "")).lower() != "choices" or not isinstance(value.get("choices"), list):
+            continue
+        if all(isinstance(value.get(c), (int, float)) for c in _BOX_KEYS):
+            continue  # a region's choice: counted with the region
+        name = str(item.get("from_name") or "")
+        if wanted is not None and name not in wanted:
+            continue
+        vals = {str(v) for v in value["choices"]}
+        if vals:
+            out.setdefault(name, set()).update(vals)
+    return {k: frozenset(v) for k, v in out.items()}
+
+
+def _count_choices(c: "Counts", prediction_result, annotation_result, controls) -> None:
+    pred, ann = image_choices(prediction_result, controls), image_choices(annotation_result, controls)
+    for name, vals in pred.items():
+        c.choices_predicted += 1
+        got = ann.get(name)
+        if got is None:
+            c.choices_removed += 1
+        elif got == vals:
+            c.choices_accepted += 1
+        else:
+            c.choices_changed += 1
+    c.choices_by_hand += sum(1 for name in ann if name not in pred)
+
+
 def _same_box(a: dict, b: dict) -> bool:
     return (max(abs(p - q) for p, q in zip(a["box"], b["box"])) <= BOX_TOLERANCE_PCT
             and abs(a["rotation"] - b["rotation"]) <= ROTATION_TOLERANCE_DEG)
@@ -154,12 +227,16 @@ def _corners(r: dict) -> tuple[float, float, float, float]:
     return (x, y, x + w, y + h)
 
 
-def compare(prediction_result: list | None, annotation_result: list | None) -> Counts:
-    """What a person did with one prediction's boxes in the annotation started from it.
+def compare(prediction_result: list | None, annotation_result: list | None,
+            choice_controls: Iterable[str] | None = None) -> Counts:
+    """What a person did with one prediction's boxes and image-level choices in the annotation
+    started from it.
 
     Args:
         prediction_result: the parent prediction's ``result`` (Label Studio regions, percent units).
         annotation_result: the saved annotation's ``result``.
+        choice_controls: names of the image-level Choices controls whose choices count (the
+            project's Choices control); None: every image-level choice; empty: none.
     Returns: :class:`Counts` with ``annotations=1``.
     """
     from ml_worker.evaluation import TOUCH_IOU, iou_matrix
@@ -197,12 +274,14 @@ def compare(prediction_result: list | None, annotation_result: list | None) -> C
                 c.moved_relabelled += 1
     c.deleted = len(free_p)
     c.drawn = len(free_a) + len(drawn)
+    _count_choices(c, prediction_result, annotation_result, choice_controls)
     return c
 
 
-def task_counts(task) -> tuple[dict[str, Counts], int]:
+def task_counts(task, choice_controls: Iterable[str] | None = None) -> tuple[dict[str, Counts], int]:
     """Counts by model version for one Label Studio task (dict or SDK object with ``annotations``
-    and ``predictions``, as ``tasks.list(fields="all")`` returns it).
+    and ``predictions``, as ``tasks.list(fields="all")`` returns it); ``choice_controls`` as in
+    :func:`compare`.
 
     Returns: ``({model_version: Counts}, annotations without a parent prediction)``; cancelled
     annotations are left out; an annotation whose parent prediction is gone from the task
@@ -222,16 +301,18 @@ def task_counts(task) -> tuple[dict[str, Counts], int]:
         if p is None:
             continue
         version = str(_get(p, "model_version") or "")
-        out.setdefault(version, Counts()).add(compare(_get(p, "result"), _get(a, "result")))
+        out.setdefault(version, Counts()).add(compare(_get(p, "result"), _get(a, "result"), choice_controls))
     return out, without
 
 
-def project_counts(tasks: Iterable[Any]) -> tuple[dict[str, Counts], int]:
+def project_counts(tasks: Iterable[Any], choice_controls: Iterable[str] | None = None
+                   ) -> tuple[dict[str, Counts], int]:
     """:func:`task_counts` summed over tasks: ``({model_version: Counts}, without_prelabel)``."""
     total: dict[str, Counts] = {}
     without = 0
+    controls = None if choice_controls is None else tuple(choice_controls)
     for t in tasks:
-        per, w = task_counts(t)
+        per, w = task_counts(t, controls)
         without += w
         for v, c in per.items():
             total.setdefault(v, Counts()).add(c)
@@ -286,7 +367,8 @@ def stored(settings, project_id: int | None = None) -> list[PrelabelAcceptance]:
 def refresh(settings, project_id: int, client=None) -> dict[str, Counts]:
     """Recount a project's pre-label acceptance from Label Studio and store it.
 
-    Reads every task with its annotations and predictions (``tasks.list(fields="all")``, 100 a page).
+    Reads the project's label config (which Choices control counts: :func:`choice_controls`) and
+    every task with its annotations and predictions (``tasks.list(fields="all")``, 100 a page).
     Raises: backend.images.ImageError when no LABEL_STUDIO_API_KEY is set; the SDK's ApiError /
     httpx errors when Label Studio cannot be read (nothing stored then).
     """
@@ -294,10 +376,24 @@ def refresh(settings, project_id: int, client=None) -> dict[str, Counts]:
         from backend.images import ls_client
 
         client = ls_client(settings)
-    counts, without = project_counts(client.tasks.list(project=project_id, page_size=100, fields="all"))
+    controls = choice_controls(_get(client.projects.get(id=project_id), "label_config") or "")
+    counts, without = project_counts(client.tasks.list(project=project_id, page_size=100, fields="all"), controls)
     store(settings, project_id, counts)
     _without[project_id] = without
     return counts
+
+
+def choice_controls(label_config: str) -> tuple[str, ...]:
+    """The image-level Choices control whose pre-labels count: ``(name,)`` for a Choices project
+    (``ProjectSchema.kind == "choices"``), ``()`` for a boxes project or a config faceloop does
+    not serve (its image-level choices are the person's own)."""
+    from backend.labels import LabelConfigError, ProjectSchema
+
+    try:
+        schema = ProjectSchema.parse(label_config)
+    except (LabelConfigError, ValueError):
+        return ()
+    return (schema.from_name,) if schema.is_choices else ()
 
 
 def is_stale(settings, project_id: int, max_age_s: float = REFRESH_INTERVAL_S) -> bool:
@@ -379,16 +475,24 @@ def without_prelabel(project_id: int) -> int | None:
 # --- rows for the CLI --------------------------------------------------------------------------
 COLUMNS = ("version", "annotations", "predicted", "accepted", "relabelled", "moved", "deleted", "drawn",
            "accepted %")
+#: Columns of a Choices project's versions (image-level choices; see the module docstring).
+CHOICE_COLUMNS = ("version", "annotations", "choices predicted", "choice accepted", "choice changed",
+                  "choice removed", "chosen by hand", "choices accepted %")
+
+
+def _pct(n: int, d: int) -> str:
+    return f"{100 * n / d:.1f}" if d else ""
 
 
 def acceptance_rows(settings, project_id: int, refresh_now: bool = True) -> list[dict]:
-    """One row per model version for ``faceloop versions``: keys :data:`COLUMNS`.
+    """One row per model version for ``faceloop versions``: keys :data:`COLUMNS` and :data:`CHOICE_COLUMNS`.
 
     Args:
         refresh_now: recount from Label Studio first (:func:`refresh`); on failure the stored
             counts are returned and the error is logged.
-    Returns: rows ordered by version name; ``"accepted %"`` is accepted / predicted boxes in
-        percent (0-100, one decimal), ``""`` when no box was predicted.
+    Returns: rows ordered by version name; ``"accepted %"`` is accepted / predicted boxes and
+        ``"choices accepted %"`` choices accepted / choices predicted, in percent (0-100, one
+        decimal), ``""`` when none was predicted.
     """
     if refresh_now:
         try:
@@ -399,21 +503,40 @@ def acceptance_rows(settings, project_id: int, refresh_now: bool = True) -> list
     for r in stored(settings, project_id):
         out.append({"version": r.model_version, "annotations": r.annotations, "predicted": r.predicted,
                     "accepted": r.accepted, "relabelled": r.relabelled, "moved": r.moved, "deleted": r.deleted,
-                    "drawn": r.drawn,
-                    "accepted %": f"{100 * r.accepted / r.predicted:.1f}" if r.predicted else ""})
+                    "drawn": r.drawn, "accepted %": _pct(r.accepted, r.predicted),
+                    "choices predicted": r.choices_predicted, "choice accepted": r.choices_accepted,
+                    "choice changed": r.choices_changed, "choice removed": r.choices_removed,
+                    "chosen by hand": r.choices_by_hand,
+                    "choices accepted %": _pct(r.choices_accepted, r.choices_predicted)})
+    return out
+
+
+def acceptance_tables(rows: list[dict], title: str = "pre-label acceptance") -> list:
+    """``rich.table.Table`` objects of :func:`acceptance_rows` (for ``faceloop versions``): one of
+    boxes (:data:`COLUMNS`) when any version has boxes predicted or drawn, or no choice counted;
+    one of image-level choices (:data:`CHOICE_COLUMNS`) when any version has choices counted."""
+    from rich.table import Table
+
+    has_choices = any(r.get("choices predicted") or r.get("chosen by hand") for r in rows)
+    has_boxes = any(r.get("predicted") or r.get("drawn") for r in rows) or not has_choices
+    out = []
+    for cols, what, wanted in ((COLUMNS, "boxes", has_boxes), (CHOICE_COLUMNS, "image-level choices", has_choices)):
+        if not wanted:
+            continue
+        t = Table(title=f"{title} ({what})")
+        for c in cols:
+            t.add_column(c, justify="left" if c == "version" else "right")
+        for r in rows:
+            t.add_row(*(str(r.get(c, "")) for c in cols))
+        out.append(t)
     return out
 
 
 def acceptance_table(rows: list[dict], title: str = "pre-label acceptance"):
-    """A ``rich.table.Table`` of :func:`acceptance_rows` (for ``faceloop versions``)."""
-    from rich.table import Table
+    """The tables of :func:`acceptance_tables` as one printable (``rich.console.Group``)."""
+    from rich.console import Group
 
-    t = Table(title=title)
-    for c in COLUMNS:
-        t.add_column(c, justify="left" if c == "version" else "right")
-    for r in rows:
-        t.add_row(*(str(r[c]) for c in COLUMNS))
-    return t
+    return Group(*acceptance_tables(rows, title))
 
 
 # --- /metrics ------------------------------------------------------------------------------------
@@ -422,8 +545,10 @@ class AcceptanceCollector:
 
     Gauges (counts can go down when annotations are deleted or edited), labelled by
     ``project`` and ``model_version``:
-    ``faceloop_prelabel_boxes{outcome=predicted|accepted|relabelled|moved|deleted|drawn}`` and
-    ``faceloop_prelabel_annotations`` (annotations started from a prediction).
+    ``faceloop_prelabel_boxes{outcome=predicted|accepted|relabelled|moved|deleted|drawn}``,
+    ``faceloop_prelabel_choices{outcome=predicted|accepted|changed|removed|by_hand}`` (image-level
+    choices of Choices projects) and ``faceloop_prelabel_annotations`` (annotations started from a
+    prediction).
     """
 
     def __init__(self, settings):
@@ -434,6 +559,9 @@ class AcceptanceCollector:
 
         boxes = GaugeMetricFamily("faceloop_prelabel_boxes", "Pre-labelled boxes by what people did with them "
                                   "(drawn = boxes drawn by hand)", labels=["project", "model_version", "outcome"])
+        choices = GaugeMetricFamily("faceloop_prelabel_choices", "Pre-labelled image-level choices by what people "
+                                    "did with them (by_hand = chosen where the prediction had none)",
+                                    labels=["project", "model_version", "outcome"])
         anns = GaugeMetricFamily("faceloop_prelabel_annotations", "Annotations started from a prediction",
                                  labels=["project", "model_version"])
         try:
@@ -444,6 +572,9 @@ class AcceptanceCollector:
         for r in rows:
             for outcome in ("predicted", "accepted", "relabelled", "moved", "deleted", "drawn"):
                 boxes.add_metric([str(r.project_id), r.model_version, outcome], getattr(r, outcome))
+            for outcome in ("predicted", "accepted", "changed", "removed", "by_hand"):
+                choices.add_metric([str(r.project_id), r.model_version, outcome], getattr(r, f"choices_{outcome}"))
             anns.add_metric([str(r.project_id), r.model_version], r.annotations)
         yield boxes
+        yield choices
         yield anns

@@ -357,6 +357,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             m_tasks.labels("error" if p.error else "ok").inc()
             if p.error:
                 log.warning("task %s: %s", p.task_id, p.error)
+        try:  # Label Studio shows the person no per-task error: the status page lists them
+            from backend.status import record_predict_errors
+
+            record_predict_errors(settings, pid, version.version,
+                                  {p.task_id: p.error for p in preds if p.error and valid_id(p.task_id)},
+                                  [p.task_id for p in preds if not p.error and valid_id(p.task_id)])
+        except Exception as e:  # noqa: BLE001 - the predictions still go back to Label Studio
+            log.warning("per-task errors of project %s not recorded: %s", pid, e)
         m_predict.observe(time.perf_counter() - t0)
         return {"results": results}
 

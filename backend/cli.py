@@ -228,11 +228,13 @@ def up(
             _fail(f"Label Studio did not accept the folder as a Local Files storage: {api_error_text(e)}")
         entry["storage_id"] = sid
         ml_id = connect_backend(client, pid, st.backend_url, basic_auth=st.basic_auth, webhook_secret=st.webhook_secret)
-        from backend.lsapi import set_status_link
         from backend.status import status_link
 
         status_url = status_link(st.backend_url, pid, st.webhook_secret)
-        set_status_link(client, pid, status_url)  # in the project's instructions and description
+        if _link_status_page(client, pid, status_url, entry):
+            console.print(f"project {pid}: its instructions, with the status page's link, now open when a person "
+                          "starts labeling (Settings -> Instructions -> 'Show before labeling' turned on; "
+                          "switch it off there if you prefer, faceloop leaves it then)", soft_wrap=True)
         others = _reconnect_projects(client, st, exclude={pid})
         st.save_state(running=True, projects=projects)
         n_tasks = int(client.projects.get(id=pid).task_number or 0)
@@ -276,6 +278,28 @@ def up(
     if failed:
         console.print("every service stopped", soft_wrap=True)
         raise typer.Exit(1)
+
+
+def _link_status_page(client, pid: int, status_url: str, entry: dict) -> bool:
+    """Put the status page's link in the project's instructions and description
+    (``backend.lsapi.set_status_link``) and, once per project (``entry["show_instruction_set"]``
+    in ``stack.json``), turn on its "Show before labeling" (``show_instruction``), so that the
+    instructions, and the link, open when a person starts labeling: one click, also for projects
+    made before faceloop turned it on at creation. A person who switches it off later keeps it off.
+
+    Returns: True when this call turned ``show_instruction`` on (it was off).
+    Raises: the SDK's ApiError when Label Studio refuses.
+    """
+    from backend.lsapi import set_status_link
+
+    set_status_link(client, pid, status_url)
+    if entry.get("show_instruction_set"):
+        return False
+    turned_on = not bool(getattr(client.projects.get(id=pid), "show_instruction", False))
+    if turned_on:
+        client.projects.update(id=pid, show_instruction=True)
+    entry["show_instruction_set"] = True
+    return turned_on
 
 
 def _stop_on_signals() -> None:
@@ -420,19 +444,31 @@ def versions(project: int = typer.Argument(..., help="Label Studio project id"))
     _require_project(project)
     with _db() as s:
         rows = s.exec(select(ModelVersion).where(ModelVersion.project_id == project).order_by(ModelVersion.id)).all()
+    cands = [v.metrics.get("candidate") or {} for v in rows]
+    # a Choices project's gate decides on image accuracy (ml_worker.training.gate_choices), a boxes
+    # project's on mAP50: a column for each kind of version the project has
+    choices = any("accuracy" in m for m in cands)
+    boxes = any("mAP50" in m for m in cands) or not choices
+    cols = [("version", None), ("status", None), ("classes", None)]
+    if choices:
+        cols.append(("image acc.", "accuracy"))
+    if boxes:
+        cols += [("mAP50", "mAP50"), ("face mAP50", "face_mAP50")]
+    cols.append(("class acc.", "class_accuracy"))
+    if boxes:
+        cols += [("accepted", "acceptance_rate"), ("boxes/face", "boxes_per_face")]
     t = Table(title=f"project {project} model versions (validation split)")
-    for c in ("version", "status", "classes", "mAP50", "face mAP50", "class acc.", "accepted", "boxes/face",
-              "train/val", "why"):
+    for c, _ in cols:
         t.add_column(c)
+    t.add_column("train/val")
+    t.add_column("why")
 
     def fig(m, k):
         v = m.get(k)
         return f"{v:.3f}" if isinstance(v, (int, float)) else "-"
 
-    for v in rows:
-        m = v.metrics.get("candidate") or {}
-        t.add_row(v.version, v.status, ",".join(v.classes), fig(m, "mAP50"), fig(m, "face_mAP50"),
-                  fig(m, "class_accuracy"), fig(m, "acceptance_rate"), fig(m, "boxes_per_face"),
+    for v, m in zip(rows, cands):
+        t.add_row(v.version, v.status, ",".join(v.classes), *(fig(m, k) for _, k in cols[3:]),
                   f"{v.metrics.get('n_train', '-')}/{v.metrics.get('n_val', '-')}", v.gate_reason)
     console.print(t)
     for v in rows:

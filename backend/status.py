@@ -273,6 +273,46 @@ def _curves(settings: Settings, v: ModelVersion) -> list[dict]:
     return out
 
 
+#: Longest error text kept per task (characters).
+ERROR_CHARS = 2000
+
+
+def record_predict_errors(settings: Settings, project_id: int, model_version: str, failed: dict[int, str],
+                          ok: list[int] = ()) -> None:
+    """Keep the per-task errors of a ``/predict`` answer where the status page lists them.
+
+    Label Studio drops a prediction without ``result`` and shows the person nothing (its Data
+    Manager action answers "Retrieved N predictions" for N selected tasks whatever the backend
+    said; docs/label_configs.md, "Per-task errors of /predict"), so the error is stored as the
+    task's :class:`TaskScore` error for ``model_version`` (the row the scoring worker writes for
+    the same error; no review-queue rank), and cleared when ``/predict`` later succeeds for that
+    task (the next scoring pass writes its score).
+
+    Args:
+        failed: ``{task id: error message}``; ok: ids of tasks predicted without error.
+    Raises: SQLAlchemy errors when the database cannot be written (the caller logs them).
+    """
+    from backend.db import insert_missing
+    from backend.models import utcnow
+
+    if not failed and not ok:
+        return
+    with session_scope(settings.database_url) as s:
+        for tid, err in failed.items():
+            insert_missing(s, TaskScore(project_id=project_id, task_id=tid, model_version=model_version,
+                                        uncertainty=1.0, least_confidence=1.0, margin=1.0, entropy=1.0,
+                                        error=err[:ERROR_CHARS]))
+            row = s.exec(select(TaskScore).where(TaskScore.project_id == project_id, TaskScore.task_id == tid,
+                                                 TaskScore.model_version == model_version)).first()
+            if row is not None:
+                row.error, row.scored_at = err[:ERROR_CHARS], utcnow()
+        if ok:
+            for row in s.exec(select(TaskScore).where(TaskScore.project_id == project_id,
+                                                      TaskScore.model_version == model_version,
+                                                      TaskScore.error != "", TaskScore.task_id.in_(list(ok)))).all():
+                s.delete(row)
+
+
 def _version_view(settings: Settings, v: ModelVersion, served_id: int | None, acc: dict) -> dict:
     m = v.metrics
     cand, cur = m.get("candidate") or {}, m.get("current") or {}
@@ -303,6 +343,11 @@ def _acc_view(r: acceptance.PrelabelAcceptance) -> dict:
     return {"version": r.model_version, "annotations": r.annotations, "predicted": r.predicted,
             "accepted": r.accepted, "relabelled": r.relabelled, "moved": r.moved, "deleted": r.deleted,
             "drawn": r.drawn, "rate": _fmt(r.accepted / r.predicted, "pct") if r.predicted else "–",
+            "boxes": bool(r.predicted or r.drawn), "choices": bool(r.choices_predicted or r.choices_by_hand),
+            "choices_predicted": r.choices_predicted, "choices_accepted": r.choices_accepted,
+            "choices_changed": r.choices_changed, "choices_removed": r.choices_removed,
+            "choices_by_hand": r.choices_by_hand,
+            "choices_rate": _fmt(r.choices_accepted / r.choices_predicted, "pct") if r.choices_predicted else "–",
             "updated": _aware(r.updated_at).strftime("%H:%M:%S")}
 
 
@@ -356,6 +401,9 @@ def project_context(settings: Settings, pid: int) -> dict:
             "versions": [_version_view(settings, v, served.id if served else None, acc) for v in versions],
             "served": served_name, "queue": queue, "queue_version": queue_version or "", "errors": errors,
             "acceptance": acc_rows, "without_prelabel": acceptance.without_prelabel(pid),
+            # a Choices project's versions get the table of image-level choices; boxes (or no count yet) the box table
+            "acceptance_choices": any(a["choices"] for a in acc_rows),
+            "acceptance_boxes": any(a["boxes"] for a in acc_rows) or not any(a["choices"] for a in acc_rows),
             "refresh_s": 5 if active else 30, "now": now.strftime("%Y-%m-%d %H:%M:%S UTC"),
             "figures": [t for _, t, _ in FIGURES], "acceptance_live": bool(settings.label_studio_api_key)}
 

@@ -151,7 +151,8 @@ def test_stored_counts_reach_rows_and_metrics(tmp_path):
     store(settings, 6, {"v1": Counts(annotations=1, predicted=1, accepted=1)})
     rows = acceptance_rows(settings, 5, refresh_now=False)
     assert rows == [{"version": "v1", "annotations": 3, "predicted": 10, "accepted": 7, "relabelled": 1, "moved": 1,
-                     "deleted": 1, "drawn": 2, "accepted %": "70.0"}]
+                     "deleted": 1, "drawn": 2, "accepted %": "70.0", "choices predicted": 0, "choice accepted": 0,
+                     "choice changed": 0, "choice removed": 0, "chosen by hand": 0, "choices accepted %": ""}]
     # a recount replaces the project's rows (a version whose annotations were deleted disappears)
     store(settings, 5, {"v2": Counts(annotations=1, predicted=2, accepted=2)})
     assert [r["version"] for r in acceptance_rows(settings, 5, refresh_now=False)] == ["v2"]
@@ -163,11 +164,105 @@ def test_stored_counts_reach_rows_and_metrics(tmp_path):
     console = Console(record=True, width=120)
     console.print(acceptance.acceptance_table(acceptance_rows(settings, 5, refresh_now=False)))
     text = console.export_text()
-    assert "accepted %" in text and "100.0" in text
+    assert "accepted %" in text and "100.0" in text and "choice changed" not in text  # boxes only
 
     text = TestClient(create_app(settings), client=LOOPBACK).get("/metrics").text
     assert 'faceloop_prelabel_boxes{model_version="v2",outcome="accepted",project="5"} 2.0' in text
     assert 'faceloop_prelabel_annotations{model_version="v1",project="6"} 1.0' in text
+
+
+# --- image-level Choices projects (label_config/awake_sleep_choices.xml) ----------------------------
+CHOICES_XML = """<View>
+  <Image name="image" value="$image"/>
+  <Choices name="state" toName="image" choice="single-radio">
+    <Choice value="awake"/>
+    <Choice value="sleep"/>
+  </Choices>
+  <Choices name="quality" toName="image"><Choice value="blurry"/></Choices>
+</View>"""
+
+
+def choice(value, rid="Qm3kT9xZ0a", from_name="state", **extra):
+    """An image-level Choices result item: as faceloop predicts it (backend.labels.choice_region, with
+    ``score``) and as Label Studio 1.23.2 stores it in an annotation (``origin``, no score)."""
+    return {"id": rid, "from_name": from_name, "to_name": "image", "type": "choices",
+            "value": {"choices": [value] if isinstance(value, str) else value}, **extra}
+
+
+def test_image_level_choice_accepted_changed_removed_or_chosen_by_hand():
+    pred = [choice("sleep", score=0.81)]
+    ann = [choice("sleep", origin="prediction")]
+    assert compare(pred, ann, ["state"]) == Counts(annotations=1, choices_predicted=1, choices_accepted=1)
+    changed = compare(pred, [choice("awake", origin="prediction-changed")], ["state"])
+    assert (changed.choices_predicted, changed.choices_changed, changed.choices_accepted) == (1, 1, 0)
+    assert compare(pred, [], ["state"]) == Counts(annotations=1, choices_predicted=1, choices_removed=1)
+    # no face found: faceloop sent an empty result; the person picks the class
+    assert compare([], [choice("awake", rid="hand00001", origin="manual")], ["state"]) == \
+        Counts(annotations=1, choices_by_hand=1)
+    # no box was predicted or drawn: the box counts stay 0
+    assert (changed.predicted, changed.drawn, changed.deleted) == (0, 0, 0)
+    assert changed.choice_acceptance_rate == 0.0 and compare(pred, ann, ["state"]).choice_acceptance_rate == 1.0
+
+
+def test_only_the_projects_choices_control_counts():
+    """Another image-level Choices (left to the person) and per-region choices are not the pre-label."""
+    from backend.acceptance import choice_controls
+
+    assert choice_controls(CHOICES_XML) == ("state",)
+    from tests.helpers_unit import EXAMPLE_CONFIG
+
+    assert choice_controls(EXAMPLE_CONFIG) == () and choice_controls("<View>") == ()
+    pred = [choice("awake", score=0.7)]
+    ann = [choice("awake"), choice("blurry", rid="hand00002", from_name="quality")]
+    assert compare(pred, ann, ("state",)) == Counts(annotations=1, choices_predicted=1, choices_accepted=1)
+    assert compare(pred, ann).choices_by_hand == 1  # None: every image-level control counts
+    # a boxes project: its image-level choices are the person's own
+    assert compare([PRED[0]], [PRED[0], choice("blurry", from_name="quality")], ()) == \
+        Counts(annotations=1, predicted=1, accepted=1)
+
+
+def test_choices_project_counts_by_model_version_from_label_studio_json():
+    """tasks.list(fields="all") of a Choices project: the editor copied the prediction into the
+    annotation (``parent_prediction``), keeping the result item's id."""
+    tasks = [
+        ls_task(1, [ls_prediction(21, "v1", [choice("sleep", rid="p21", score=0.62)])],
+                [ls_annotation(201, [choice("sleep", rid="p21", origin="prediction")], parent=21)]),
+        ls_task(2, [ls_prediction(22, "v1", [choice("awake", rid="p22", score=0.55)])],
+                [ls_annotation(202, [choice("sleep", rid="p22", origin="prediction-changed")], parent=22)]),
+        ls_task(3, [ls_prediction(23, "v2", [choice("awake", rid="p23", score=0.9)])],
+                [ls_annotation(203, [], parent=23)]),
+        ls_task(4, [ls_prediction(24, "v2", [])],  # no face found: empty result, score 0
+                [ls_annotation(204, [choice("awake", rid="m204", origin="manual")], parent=24)]),
+        ls_task(5, [ls_prediction(25, "v2", [choice("awake", rid="p25")])],
+                [ls_annotation(205, [choice("awake", rid="p25")], parent=25, cancelled=True),
+                 ls_annotation(206, [choice("sleep", rid="m206", origin="manual")])]),
+    ]
+    total, without = project_counts(tasks, ("state",))
+    assert without == 1
+    assert total["v1"] == Counts(annotations=2, choices_predicted=2, choices_accepted=1, choices_changed=1)
+    assert total["v2"] == Counts(annotations=2, choices_predicted=1, choices_removed=1, choices_by_hand=1)
+
+
+def test_choice_counts_reach_rows_table_and_metrics(tmp_path):
+    from rich.console import Console
+
+    from backend.app import create_app
+
+    settings = make_settings(tmp_path)
+    store(settings, 8, {"v1": Counts(annotations=5, choices_predicted=4, choices_accepted=3, choices_changed=1,
+                                     choices_by_hand=1)})
+    rows = acceptance_rows(settings, 8, refresh_now=False)
+    assert {k: rows[0][k] for k in acceptance.CHOICE_COLUMNS} == {
+        "version": "v1", "annotations": 5, "choices predicted": 4, "choice accepted": 3, "choice changed": 1,
+        "choice removed": 0, "chosen by hand": 1, "choices accepted %": "75.0"}
+    console = Console(record=True, width=160)
+    console.print(acceptance.acceptance_table(rows))
+    text = console.export_text()
+    assert "image-level choices" in text and "75.0" in text and "relabelled" not in text  # no box table
+    text = TestClient(create_app(settings), client=LOOPBACK).get("/metrics").text
+    assert 'faceloop_prelabel_choices{model_version="v1",outcome="accepted",project="8"} 3.0' in text
+    assert 'faceloop_prelabel_choices{model_version="v1",outcome="by_hand",project="8"} 1.0' in text
+    assert 'faceloop_prelabel_boxes{model_version="v1",outcome="predicted",project="8"} 0.0' in text
 
 
 def test_class_confusion_of_the_evaluation():
@@ -212,3 +307,26 @@ def test_counts_from_a_real_label_studio(stack, tmp_path):
     client.annotations.create(id=t2.id, result=pred[:1], parent_prediction=pr2.id)
     acceptance.request_recount(settings, p.id).join(60)
     assert acceptance_rows(settings, p.id, refresh_now=False)[0]["accepted"] == 2
+
+
+@pytest.mark.e2e
+def test_choice_counts_from_a_real_label_studio(stack, tmp_path):
+    """A Choices project on a real Label Studio: the recount reads the project's Choices control
+    from its label config and counts a kept, a changed and a hand-made choice."""
+    from label_studio_sdk import LabelStudio
+
+    client = LabelStudio(base_url=stack.ls_url, api_key=stack.api_key)
+    p = client.projects.create(title="acceptance choices", label_config=CHOICES_XML)
+    made = []
+    for k, (predicted, chosen) in enumerate([("sleep", "sleep"), ("awake", "sleep"), (None, "awake")]):
+        t = client.tasks.create(project=p.id, data={"image": f"http://127.0.0.1:9/c{k}.jpg"})
+        result = [choice(predicted, rid=f"pred{k:06d}")] if predicted else []
+        pr = client.predictions.create(task=t.id, model_version="vchoice", score=0.5, result=result)
+        ann = [choice(chosen, rid=f"pred{k:06d}" if predicted else f"hand{k:06d}"),
+               choice("blurry", rid=f"qual{k:06d}", from_name="quality")]  # the person's own control
+        made.append(client.annotations.create(id=t.id, result=ann, parent_prediction=pr.id))
+    settings = make_settings(tmp_path, label_studio_url=stack.ls_url, label_studio_api_key=stack.api_key)
+    counts = acceptance.refresh(settings, p.id)
+    assert counts == {"vchoice": Counts(annotations=3, choices_predicted=2, choices_accepted=1, choices_changed=1,
+                                        choices_by_hand=1)}
+    assert acceptance_rows(settings, p.id, refresh_now=False)[0]["choices accepted %"] == "50.0"

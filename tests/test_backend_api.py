@@ -166,6 +166,24 @@ def test_predict_one_entry_per_task_in_order(client, base_version):
     assert len(ids) == len(set(ids))
 
 
+def test_predict_errors_are_listed_on_the_status_page(client, settings, base_version):
+    """Label Studio drops a result-less answer and shows the person nothing (docs/label_configs.md):
+    the task's error goes to the status page (linked from the project), and leaves when it predicts."""
+    from backend.status import project_context
+
+    _setup(client)
+    body = {"project": PROJECT, "label_config": config_text("face_expressions")}
+    r = client.post("/predict", json={**body, "tasks": [_task(31, local_url("truncated.jpg")),
+                                                        _task(32, local_url("good.jpg"))]})
+    assert r.status_code == 200 and "error" in r.json()["results"][0]
+    errors = {e["task"]: e for e in project_context(settings, 1)["errors"]}
+    assert "broken image data" in errors[31]["error"] and errors[31]["version"] == base_version
+    assert 32 not in errors
+    assert "broken image data" in client.get("/status/1").text
+    client.post("/predict", json={**body, "tasks": [_task(31, local_url("good.jpg"))]})  # the image was fixed
+    assert 31 not in {e["task"] for e in project_context(settings, 1)["errors"]}
+
+
 def test_predict_project_without_known_classes_scores_zero(client):
     # The base model knows none of awake/sleep: faces (if any) come unlabelled, and every image is
     # maximally uncertain (basis unknown_classes), so score = 1 - 1 = 0.

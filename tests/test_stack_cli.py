@@ -1,6 +1,7 @@
 """`faceloop up`'s stack without starting it, and the CLI's answers when it cannot do its job:
-per-install secrets, ports, the state file other commands read, unknown projects, Redis down.
-No Label Studio or Redis runs here (tests/browser/ runs the real stack)."""
+per-install secrets, ports, the state file other commands read, unknown projects, Redis down,
+`faceloop versions`. No Label Studio or Redis runs here, except in the tests marked e2e (the
+``stack`` fixture); tests/browser/ runs the real `faceloop up`."""
 
 from __future__ import annotations
 
@@ -162,3 +163,60 @@ def test_api_error_text_drops_headers_and_cookies():
                  body={"detail": "Not found."})
     assert "sessionid" in str(e)  # what used to be printed
     assert api_error_text(e) == "HTTP 404: Not found."
+
+
+def test_versions_shows_image_accuracy_for_a_choices_project_and_its_acceptance(cli_env):
+    """A Choices project's versions are gated on image accuracy (ml_worker.training.gate_choices):
+    `faceloop versions` shows it in its own column, and the choices' pre-label acceptance."""
+    from backend.acceptance import Counts, store
+
+    app, db = cli_env
+    with session_scope(db) as s:
+        upsert_project(s, 5)
+        s.add(ModelVersion(project_id=5, version="faceloop-base", path="/x/base.pt", sha256="0", status="retired",
+                           gate_reason="base model"))
+        s.add(ModelVersion(project_id=5, version="p5-v1", path="/x/v1.json", sha256="0", status="promoted",
+                           gate_reason="image accuracy 0.667 >= current 0.000 on the same 3 validation images",
+                           metrics_json=json.dumps({"candidate": {"accuracy": 0.6667, "class_accuracy": 0.8,
+                                                                  "no_choice": 1}, "n_train": 13, "n_val": 3,
+                                                    "kind": "choices"})))
+    store(get_settings(), 5, {"p5-v1": Counts(annotations=4, choices_predicted=4, choices_accepted=3,
+                                              choices_changed=1)})
+    r = runner.invoke(app, ["versions", "5"], env={"COLUMNS": "250"})
+    assert r.exit_code == 0, r.output
+    out = r.output
+    assert "image acc." in out and "0.667" in out and "mAP50" not in out  # no box figures for a Choices project
+    assert "13/3" in out and "image-level choices" in out and "75.0" in out  # 3 of 4 choices kept
+    # a boxes project keeps its box columns, without an image accuracy column
+    with session_scope(db) as s:
+        upsert_project(s, 6)
+        s.add(ModelVersion(project_id=6, version="p6-v1", path="/x/v1.json", sha256="0", status="promoted",
+                           gate_reason="mAP50", metrics_json=json.dumps({"candidate": {"mAP50": 0.712}})))
+    r = runner.invoke(app, ["versions", "6"], env={"COLUMNS": "250"})
+    assert r.exit_code == 0 and "0.712" in r.output and "image acc." not in r.output, r.output
+
+
+@pytest.mark.e2e
+def test_up_turns_on_show_before_labeling_once_for_an_existing_project(stack):
+    """A project made before faceloop turned "Show before labeling" on at creation: `up`'s status-link
+    step turns it on (once: a person who switches it off later keeps it off) on a real Label Studio."""
+    from label_studio_sdk import LabelStudio
+
+    from backend.cli import _link_status_page
+    from backend.lsapi import create_project
+    from tests.helpers_unit import EXAMPLE_CONFIG
+
+    client = LabelStudio(base_url=stack.ls_url, api_key=stack.api_key)
+    old = client.projects.create(title="made by an older faceloop", label_config=EXAMPLE_CONFIG)
+    assert client.projects.get(id=old.id).show_instruction is False
+    entry: dict = {"id": old.id}
+    url = f"http://127.0.0.1:9090/status/{old.id}?token=abc"
+    assert _link_status_page(client, old.id, url, entry) is True
+    p = client.projects.get(id=old.id)
+    assert p.show_instruction is True and "faceloop status" in p.expert_instruction
+    assert entry["show_instruction_set"] is True
+    client.projects.update(id=old.id, show_instruction=False)  # the person's choice, kept by the next `up`
+    assert _link_status_page(client, old.id, url, entry) is False
+    assert client.projects.get(id=old.id).show_instruction is False
+    new = create_project(client, "made now", EXAMPLE_CONFIG)
+    assert _link_status_page(client, new, url, {}) is False  # on since creation: nothing to say

@@ -186,6 +186,17 @@ def test_idle_project_reloads_slowly_and_says_how_to_train(client, settings):
     assert "LABEL_STUDIO_API_KEY is not set" in html
 
 
+def test_choices_project_shows_choice_acceptance_not_box_counts(client, settings):
+    """A Choices project's acceptance: image-level choices accepted, changed, removed, chosen by hand."""
+    with session_scope(settings.database_url) as s:
+        s.add(Project(id=4, title="awake or asleep"))
+    store(settings, 4, {"v1": Counts(annotations=6, choices_predicted=5, choices_accepted=3, choices_changed=1,
+                                     choices_removed=1, choices_by_hand=1)})
+    html = client.get("/status/4").text
+    assert 'id="choice-acceptance-v1"' in html and "60.0%" in html  # 3 of 5 choices kept
+    assert 'id="acceptance-v1"' not in html and "predicted boxes" not in html
+
+
 def test_thumbnail_without_label_studio_key_is_a_clear_502(client, populated):
     r = client.get(f"/status/{PID}/tasks/105/thumb.jpg")
     assert r.status_code == 502 and "LABEL_STUDIO_API_KEY" in r.json()["detail"]
