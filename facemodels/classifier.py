@@ -20,7 +20,6 @@ import copy
 import json
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from facemodels.files import atomic_write
 from facemodels.faceapi_net import FEATURE_DIM, FaceExpressionNet
 from facemodels.preprocess import (INPUT_SIZE, MEAN_RGB, check_boxes, check_image, crop_region, face_batch,
                                    resize_bilinear_tf_legacy, square_padding)
@@ -119,23 +119,12 @@ class FaceClassifier:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the model atomically (temporary file in the same folder, then ``os.replace``)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         ckpt = {"format": FORMAT, "format_version": FORMAT_VERSION, "arch": "faceapi_expression_net",
                 "input_size": self.input_size, "classes": list(self.classes), "crop_margin": self.crop_margin,
                 "state_dict": {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()},
                 "meta_json": json.dumps(self.meta, sort_keys=True)}
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(ckpt, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_write(path) as f:
+            torch.save(ckpt, f)
 
     # ---------------------------------------------------------------- inference
     def inputs(self, image: np.ndarray, boxes) -> np.ndarray:

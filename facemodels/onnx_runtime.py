@@ -54,6 +54,7 @@ from pathlib import Path
 import numpy as np
 
 from backend.hashing import file_sha256
+from facemodels.files import atomic_write
 from facemodels.preprocess import face_batch
 
 log = logging.getLogger("faceloop.onnx")
@@ -127,20 +128,9 @@ def _set_metadata(model, values: dict[str, str]) -> None:
 
 
 def _atomic_save(model, out: Path) -> None:
-    import onnx
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        onnx.save(model, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write an ONNX ``ModelProto`` atomically (one serialised protobuf; models here are < 2 GB)."""
+    with atomic_write(out) as f:
+        f.write(model.SerializeToString())
 
 
 # ---------------------------------------------------------------------------- export

@@ -28,8 +28,6 @@ package and is never stored: :func:`model_path` finds it in this machine's check
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import threading
 import time
 from pathlib import Path, PurePosixPath
@@ -40,6 +38,7 @@ from backend.config import Settings
 from backend.db import session_scope
 from backend.hashing import file_sha256
 from backend.models import ModelArtifact, ModelVersion
+from facemodels.files import atomic_write
 
 #: Largest single file stored (bytes); PostgreSQL's bytea holds at most 1 GB per value.
 MAX_FILE_BYTES = 256 * 1024 * 1024
@@ -159,20 +158,8 @@ def listing(s: Session, project_id: int, version: str) -> list[tuple[str, str, i
 
 
 def _write_atomic(dest: Path, data: bytes) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_write(dest) as f:
+        f.write(data)
 
 
 def materialise(settings: Settings, project_id: int, version: str) -> Path | None:
