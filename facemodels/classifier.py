@@ -193,7 +193,7 @@ class FaceClassifier:
 RECIPE = dict(epochs=40, lr=1e-3, backbone_lr_scale=1.0, train_blocks=4, weight_decay=1e-4, batch_size=16,
               crop_margin=-0.1, head_init="mean", flip=True, scale_jitter=0.15, shift_jitter=0.08,
               brightness=0.3, contrast=0.3, label_smoothing=0.1, input_size=112, mixup=0.0,
-              balanced=False, grayscale=0.0, rotate=0.0, swa_epochs=0)
+              balanced=False, grayscale=0.0, rotate=0.0, swa_epochs=0, head_epochs=0)
 
 
 class _Patch:
@@ -395,6 +395,21 @@ def fine_tune(init: FaceClassifier, samples: list[tuple[np.ndarray, np.ndarray, 
     if draw_p is not None:
         draw_p /= draw_p.sum()
     swa_n, swa_state = 0, None
+    if cfg["head_epochs"]:
+        # linear probe, then fine-tune ("LP-FT", Kumar et al. 2022): the head alone first, on
+        # augmented crops through the frozen backbone, so the backbone's update starts from a fitted head
+        opt_h = torch.optim.AdamW(net.fc.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+        for _ in range(int(cfg["head_epochs"])):
+            order = rng.permutation(len(patches))
+            for k in range(0, len(order), bs):
+                idx = order[k:k + bs]
+                x = torch.from_numpy(_augmented_batch([patches[i] for i in idx], rng, margin, cfg)).to(dev)
+                with torch.no_grad():
+                    f = net.features(x)
+                loss = F.cross_entropy(net.fc(f), labels[idx], label_smoothing=cfg["label_smoothing"])
+                opt_h.zero_grad()
+                loss.backward()
+                opt_h.step()
     for ep in range(cfg["epochs"]):
         net.train()
         # class-balanced: an epoch draws len(patches) crops with replacement, each class equally likely

@@ -359,6 +359,25 @@ def _labels_md(lt: dict, target: float = TARGET) -> str:
     return "\n".join(lines)
 
 
+def _summary_md(agg: dict) -> str:
+    """Markdown table of summary.json: one row per size and strategy, mean ± std over seeds."""
+    cols = [("acceptance_rate", "accepted as is", 3), ("edits_per_image", "edits / image", 2), ("mAP50", "mAP50", 3),
+            ("class_accuracy", "class accuracy (found faces)", 3), ("boxes_per_face", "boxes / face", 2),
+            ("recall_iou30", "faces found (IoU ≥ 0.3)", 3), ("false_boxes_per_image", "false boxes / image", 2),
+            ("train_seconds", "retrain (s)", 0)]
+    lines = ["| labels | picked by | seeds | " + " | ".join(c[1] for c in cols) + " |",
+             "|---|---|---|" + "---|" * len(cols)]
+    sizes = sorted({int(n) for by in agg.values() for n in by})
+    for n in sizes:
+        for strat, by in agg.items():
+            if str(n) not in by:
+                continue
+            a = by[str(n)]
+            cells = [f"{a[k]['mean']:.{d}f} ± {a[k]['std']:.{d}f}" for k, _, d in cols]
+            lines.append(f"| {n} | {strat} | {a['acceptance_rate']['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def read_rounds(path: Path) -> list[dict]:
     """Rows of a ``rounds.csv`` written by :func:`bench_accept` (numbers parsed).
 
@@ -391,7 +410,7 @@ def bench_report(out: Path) -> dict:
 
 
 def _write(rows: list[dict], out: Path) -> dict:
-    """rounds.csv, summary.json (mean and spread over seeds per strategy and size), acceptance.png,
+    """rounds.csv, summary.json / summary.md (mean and spread over seeds per strategy and size), acceptance.png,
     labels_to_target.json / .md (:func:`labels_to_target`, with ``out/reference.json`` if present)."""
     files = {"rounds_csv": out / "rounds.csv", "summary_json": out / "summary.json", "plot": out / "acceptance.png",
              "labels_to_target_json": out / "labels_to_target.json", "labels_to_target_md": out / "labels_to_target.md"}
@@ -413,6 +432,8 @@ def _write(rows: list[dict], out: Path) -> dict:
                                           "class_accuracy", "boxes_per_face", "recall_iou30",
                                           "false_boxes_per_image", "train_seconds")}
     files["summary_json"].write_text(json.dumps(agg, indent=2))
+    files["summary_md"] = out / "summary.md"
+    files["summary_md"].write_text(_summary_md(agg))
     ref_file = out / "reference.json"
     reference = json.loads(ref_file.read_text()) if ref_file.is_file() else None
     lt = labels_to_target(rows, reference)
