@@ -732,11 +732,15 @@ def bench_accept_cmd(
     strategies: str = typer.Option("sampler,random", help="sampler (QUERY_STRATEGY) and/or random"),
     test_limit: Optional[int] = typer.Option(None, help="Evaluate on at most this many test images"),
     out: Path = typer.Option(REPO_ROOT / "benchmarks" / "out" / "bench_accept", help="Output folder"),
+    reference: bool = typer.Option(False, "--reference", help="Also retrain once on every pool image (first seed): "
+                                   "the reference of labels-to-95%; kept in OUT/reference.json"),
 ):
     """Simulate a person: label N images (picked by the sampler, or at random), retrain through the
     worker's code, pre-annotate the held-out images, and count what the person accepts, fixes,
-    draws and deletes. Writes rounds.csv, summary.json, acceptance.png and each round's model."""
-    from ml_worker.bench import bench_accept
+    draws and deletes. Writes rounds.csv, summary.json, acceptance.png, labels_to_target.{json,md}
+    (labels to reach 95% of the full-pool reference, or of the best size without one) and each
+    round's model. `--sizes ""` with `--reference` only adds the reference to an existing run."""
+    from ml_worker.bench import bench_accept, bench_reference, bench_report
 
     try:
         size_list = [int(x) for x in sizes.split(",") if x.strip()]
@@ -748,6 +752,24 @@ def bench_accept_cmd(
         raise typer.BadParameter("--strategies: sampler and/or random")
     if any(n < 0 for n in size_list):
         raise typer.BadParameter("--sizes must be >= 0")
+    if not size_list and not reference:
+        raise typer.BadParameter("--sizes is empty (give sizes, or --reference to add the reference only)")
+    if not seed_list:
+        raise typer.BadParameter("--seeds is empty")
+    if reference:
+        try:
+            ref = bench_reference(data, out, get_settings(), seed=seed_list[0], test_limit=test_limit)
+        except (FileNotFoundError, ValueError) as e:
+            console.print(f"[red]benchmark stopped:[/] {e}")
+            raise typer.Exit(1) from None
+        console.print(f"reference ({ref['labels']} labels, seed {ref['seed']}): acceptance {ref['acceptance_rate']:.3f}, "
+                      f"mAP50 {ref['mAP50']:.3f}, class acc. {ref['class_accuracy']:.3f}, train {ref['train_seconds']:.0f} s")
+        if not size_list:
+            if (out / "rounds.csv").is_file():
+                for name, p in bench_report(out).items():
+                    console.print(f"{name}: {p}")
+                console.print((out / "labels_to_target.md").read_text(), soft_wrap=True)
+            return
     try:
         res = bench_accept(data, size_list, seed_list, out, get_settings(), strategies=strat, test_limit=test_limit,
                            on_row=lambda r: console.print(
@@ -759,6 +781,25 @@ def bench_accept_cmd(
         console.print(f"[red]benchmark stopped:[/] {e}")
         raise typer.Exit(1) from None
     for name, p in res["files"].items():
+        console.print(f"{name}: {p}")
+    console.print(res["files"]["labels_to_target_md"].read_text(), soft_wrap=True)
+
+
+@app.command("bench-report")
+def bench_report_cmd(
+    out: Path = typer.Argument(..., help="A `faceloop bench-accept` output folder (rounds.csv, reference.json)"),
+):
+    """Rewrite a bench-accept folder's report (summary.json, acceptance.png, labels_to_target.{json,md})
+    from its rounds.csv, with its reference.json when present."""
+    from ml_worker.bench import bench_report
+
+    try:
+        files = bench_report(out)
+    except (FileNotFoundError, ValueError) as e:
+        console.print(f"[red]cannot report:[/] {e}")
+        raise typer.Exit(1) from None
+    console.print(files["labels_to_target_md"].read_text(), soft_wrap=True)
+    for name, p in files.items():
         console.print(f"{name}: {p}")
 
 

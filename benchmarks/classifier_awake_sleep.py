@@ -100,6 +100,31 @@ def linear_probe(clf: FaceClassifier, train, val: ValSet, margin: float, C: floa
     return val.score(lr.predict(xva))
 
 
+def self_train(init, model, train, tr, val: ValSet, seed: int, k: int, epochs: int, met: dict, over: dict) -> dict:
+    """Pseudo-label the unlabelled train faces with ``model``, keep the ``k`` most confident per
+    predicted class, fine-tune again from ``init`` on labelled + pseudo-labelled faces."""
+    t = time.perf_counter()
+    chosen = {f.image for f in train}
+    rest = [f for f in faces("awake_sleep", "train") if f.image not in chosen]
+    x = torch.from_numpy(np.concatenate([face_batch(load_rgb(f.image), np.array([f.box]), model.crop_margin,
+                                                    model.input_size) for f in rest]))
+    with torch.no_grad():
+        p = torch.cat([model.net(x[i:i + 64]).softmax(1) for i in range(0, len(x), 64)]).numpy()
+    pred, conf = p.argmax(1), p.max(1)
+    keep = []
+    for c in range(len(CLASSES)):
+        idx = np.where(pred == c)[0]
+        keep += list(idx[np.argsort(-conf[idx])][:k])
+    truth = np.array([CLASSES.index(rest[i].label) for i in keep])
+    pseudo = [(load_rgb(rest[i].image), np.array(rest[i].box), int(pred[i])) for i in keep]
+    model2, met2 = fine_tune(init, tr + pseudo, CLASSES, seed=seed, **dict(over, epochs=epochs))
+    r = val.evaluate(model2)
+    r["s"] = met["train_seconds"] + time.perf_counter() - t
+    r["pseudo_acc"] = float((truth == pred[keep]).mean())
+    r["pseudo_n"] = len(keep)
+    return r
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -108,6 +133,11 @@ def main() -> None:
                     help="'default' or comma-separated key=value overrides of facemodels.classifier.RECIPE (repeatable)")
     ap.add_argument("--probe", action="store_true", help="also the linear-probe baseline")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--self-train", type=int, default=0, metavar="K",
+                    help="also self-training: after each config's fine-tune, pseudo-label the rest of the train pool "
+                         "(ground-truth boxes, no labels), keep the K most confident faces per class and fine-tune "
+                         "again from the port on labelled + pseudo-labelled faces (--self-train-epochs)")
+    ap.add_argument("--self-train-epochs", type=int, default=15)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     configs = args.config or ["default"]
@@ -135,6 +165,12 @@ def main() -> None:
             r = val.evaluate(model)
             r["s"] = met["train_seconds"]
             rows.setdefault(cfg, []).append(r)
+            if args.self_train:
+                rs = self_train(init, model, train, tr, val, seed, args.self_train, args.self_train_epochs, met, over)
+                rows.setdefault(f"{cfg} + self-training (K={args.self_train}, {args.self_train_epochs} epochs)", []).append(rs)
+                print(f"seed {seed} [{cfg} + self-training]: all {rs['all']:.3f} unseen {rs['unseen']:.3f} seen "
+                      f"{rs['seen']:.3f} (pseudo-labels right: {rs['pseudo_acc']:.3f} of {rs['pseudo_n']}) train "
+                      f"{rs['s']:.1f} s in all", flush=True)
             print(f"seed {seed} n={len(tr)} (awake {counts[0]}, sleep {counts[1]}) [{cfg}]: all {r['all']:.3f} "
                   f"unseen {r['unseen']:.3f} seen {r['seen']:.3f} (flip TTA: {r['all_tta']:.3f} / {r['unseen_tta']:.3f} / "
                   f"{r['seen_tta']:.3f}) train {r['s']:.1f} s; loss {met['loss'][0]:.3f}->{met['loss'][-1]:.3f}",

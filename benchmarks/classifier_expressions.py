@@ -29,7 +29,16 @@ from facemodels.classifier import (FACEAPI_TO_DATASET, FaceClassifier, default_c
                                    fine_tune)
 
 
-def day0(clf: FaceClassifier, val, margins) -> None:
+def _proba(clf: FaceClassifier, image, boxes, flip: bool) -> np.ndarray:
+    """Softmax of the crops, averaged with their horizontal mirror images when ``flip``."""
+    if not flip:
+        return clf.predict_proba(image, boxes)
+    x = torch.from_numpy(clf.inputs(image, boxes))
+    with torch.no_grad():
+        return ((clf.net(x).softmax(1) + clf.net(x.flip(3)).softmax(1)) / 2).numpy()
+
+
+def day0(clf: FaceClassifier, val, margins, flip: bool = False) -> None:
     ds_names = [FACEAPI_TO_DATASET[c] for c in clf.classes]
     y = np.array([ds_names.index(f.label) for f in val])
     by_img: dict = {}
@@ -40,12 +49,12 @@ def day0(clf: FaceClassifier, val, margins) -> None:
         t = time.perf_counter()
         pred = np.empty(len(val), dtype=int)
         for img, idx in by_img.items():
-            p = clf.predict_proba(load_rgb(img), np.array([val[i].box for i in idx]))
+            p = _proba(clf, load_rgb(img), np.array([val[i].box for i in idx]), flip)
             pred[idx] = p.argmax(1)
         dt = time.perf_counter() - t
         acc = (pred == y).mean()
         per = {ds_names[c]: round(float((pred[y == c] == c).mean()), 3) for c in np.unique(y)}
-        print(f"day0 margin={m:.2f} acc={acc:.3f} n={len(y)} ({dt:.1f} s, {1000 * dt / len(y):.1f} ms/face incl. decode)")
+        print(f"day0 margin={m:.2f}{' flip TTA' if flip else ''} acc={acc:.3f} n={len(y)} ({dt:.1f} s, {1000 * dt / len(y):.1f} ms/face incl. decode)")
         print(f"   per class: {per}")
         src = np.array([f.source for f in val])
         print("   per source (file-name prefix):", {s_: f"{(pred[src == s_] == y[src == s_]).mean():.3f} (n={int((src == s_).sum())})"
@@ -65,13 +74,14 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--margin", type=float, default=None, help="crop margin for fine-tuning")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--flip", action="store_true", help="day 0 with horizontal-flip test-time averaging")
     ap.add_argument("--max-train", type=int, default=0, help="use at most this many train faces (0: all)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     clf = FaceClassifier.load(default_classifier_path())
     val = faces("expressions", "val")
     print(f"expressions val: {len(val)} faces, {len({f.image for f in val})} images")
-    day0(clf, val, args.margins)
+    day0(clf, val, args.margins, args.flip)
     if args.epochs <= 0:
         return
     classes = [c for c in class_names("expressions") if c != "contempt"]

@@ -181,7 +181,8 @@ class FaceClassifier:
 #: The recipe: ``fine_tune``'s defaults (measured in docs/classifier.md, benchmarks/classifier_awake_sleep.py).
 RECIPE = dict(epochs=40, lr=1e-3, backbone_lr_scale=1.0, train_blocks=4, weight_decay=1e-4, batch_size=16,
               crop_margin=-0.1, head_init="mean", flip=True, scale_jitter=0.15, shift_jitter=0.08,
-              brightness=0.3, contrast=0.3, label_smoothing=0.1, input_size=112, mixup=0.0)
+              brightness=0.3, contrast=0.3, label_smoothing=0.1, input_size=112, mixup=0.0,
+              balanced=False, grayscale=0.0, rotate=0.0, swa_epochs=0, head_epochs=0)
 
 
 class _Patch:
@@ -232,6 +233,15 @@ def _augmented_batch(patches: list[_Patch], rng: np.random.Generator, margin: fl
             px = _pixels(p.img, p.box, margin, size)
         if cfg["flip"] and rng.random() < 0.5:
             px = px[:, ::-1]
+        if cfg["rotate"]:  # in-plane rotation about the crop centre, degrees uniform in ±rotate
+            import cv2
+
+            a = rng.uniform(-cfg["rotate"], cfg["rotate"])
+            m = cv2.getRotationMatrix2D(((size - 1) / 2, (size - 1) / 2), a, 1.0)
+            px = cv2.warpAffine(np.ascontiguousarray(px), m, (size, size), flags=cv2.INTER_LINEAR,
+                                borderMode=cv2.BORDER_REFLECT_101)
+        if cfg["grayscale"] and rng.random() < cfg["grayscale"]:  # ITU-R BT.601 luma, as in IR/night cameras
+            px = np.repeat((px @ np.float32([0.299, 0.587, 0.114]))[..., None], 3, axis=2)
         if cfg["brightness"] or cfg["contrast"]:
             b = 1.0 + rng.uniform(-cfg["brightness"], cfg["brightness"])
             c = 1.0 + rng.uniform(-cfg["contrast"], cfg["contrast"])
@@ -369,9 +379,31 @@ def fine_tune(init: FaceClassifier, samples: list[tuple[np.ndarray, np.ndarray, 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
 
     losses = []
+    counts = np.bincount([p.label for p in patches], minlength=len(classes)).astype(np.float64)
+    draw_p = (1.0 / counts[[p.label for p in patches]]) if cfg["balanced"] else None
+    if draw_p is not None:
+        draw_p /= draw_p.sum()
+    swa_n, swa_state = 0, None
+    if cfg["head_epochs"]:
+        # linear probe, then fine-tune ("LP-FT", Kumar et al. 2022): the head alone first, on
+        # augmented crops through the frozen backbone, so the backbone's update starts from a fitted head
+        opt_h = torch.optim.AdamW(net.fc.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+        for _ in range(int(cfg["head_epochs"])):
+            order = rng.permutation(len(patches))
+            for k in range(0, len(order), bs):
+                idx = order[k:k + bs]
+                x = torch.from_numpy(_augmented_batch([patches[i] for i in idx], rng, margin, cfg)).to(dev)
+                with torch.no_grad():
+                    f = net.features(x)
+                loss = F.cross_entropy(net.fc(f), labels[idx], label_smoothing=cfg["label_smoothing"])
+                opt_h.zero_grad()
+                loss.backward()
+                opt_h.step()
     for ep in range(cfg["epochs"]):
         net.train()
-        order = rng.permutation(len(patches))
+        # class-balanced: an epoch draws len(patches) crops with replacement, each class equally likely
+        order = (rng.choice(len(patches), size=len(patches), p=draw_p) if draw_p is not None
+                 else rng.permutation(len(patches)))
         tot, n = 0.0, 0
         for k in range(0, len(order), bs):
             idx = order[k:k + bs]
@@ -392,8 +424,16 @@ def fine_tune(init: FaceClassifier, samples: list[tuple[np.ndarray, np.ndarray, 
             tot += float(loss.detach()) * len(idx)
             n += len(idx)
         losses.append(tot / n)
+        if cfg["swa_epochs"] and ep >= cfg["epochs"] - int(cfg["swa_epochs"]):
+            # stochastic weight averaging (Izmailov et al. 2018) of the last swa_epochs epochs' weights
+            cur = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            swa_state = cur if swa_state is None else {k: swa_state[k] + (cur[k] - swa_state[k]) / (swa_n + 1)
+                                                       for k in cur}
+            swa_n += 1
         if on_epoch:
             on_epoch(ep + 1, cfg["epochs"], losses[-1])
+    if swa_state is not None:
+        net.load_state_dict(swa_state)
     net.eval()
     for p in net.parameters():
         p.requires_grad_(True)

@@ -10,6 +10,15 @@
   :func:`ml_worker.training.train_two_stage`) from the shipped default, then predicts the held-out
   images and counts what a person does with each face (:mod:`ml_worker.evaluation`).
 
+- :func:`bench_reference` retrains once on every pool image: the reference of the labels-to-target
+  figure.
+- :func:`labels_to_target` is active learning's headline figure, with the definition of
+  :mod:`ml_worker.simulate` (``summarise``): the fewest labelled images whose figure (acceptance
+  rate, or mAP50) reaches ``TARGET`` (95%) of the reference, on the mean curve over seeds and per
+  seed, and its ratio to random's. The reference is the figure of the full-pool retrain
+  (``reference.json``) or, without one, the best mean over every strategy and size of the run
+  (then a strategy's labels-to-target only says which size reaches 95% of the best one).
+
 On awake_sleep the pool is the train split and the test set is the val split, whose people are
 never seen in the pool (../shared/data/README.md).
 """
@@ -244,9 +253,167 @@ def bench_accept(data: Path, sizes: list[int], seeds: list[int], out: Path, sett
     return {"rows": rows, "files": _write(rows, out)}
 
 
+#: Share of the reference a strategy must reach (``ml_worker.simulate``'s ``SimConfig.target``).
+TARGET = 0.95
+#: Figures the labels-to-target is computed for (keys of the rounds' rows).
+TARGET_METRICS = ("acceptance_rate", "mAP50")
+
+
+def bench_reference(data: Path, out: Path, settings: Settings, seed: int = 0, init: Path | None = None,
+                    test_limit: int | None = None) -> dict:
+    """Retrain once on every image of ``data``'s train split (the whole pool) and evaluate on val.
+
+    The same path as a round of :func:`bench_accept` (the worker's dataset split, both stages from
+    ``init``). Writes ``out/reference.json``: ``{"labels", "seed", "train_seconds", <evaluate_model
+    figures>}``, and the bundle under ``out/models/reference``. Returns that dict.
+    Raises: FileNotFoundError / ValueError for a missing folder or model.
+    """
+    from facemodels.detector import ModelCache
+    from ml_worker.dataset import build_dataset
+    from ml_worker.evaluation import evaluate_model
+    from ml_worker.training import train_two_stage
+
+    data = Path(data).resolve()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = folder_names(data)
+    schema = schema_for(names)
+    init = Path(init or settings.default_model_path)
+    settings = settings.model_copy(update={"local_files_document_root": str(data), "seed": seed})
+    pool = read_split(data, "train")
+    test = _samples(read_split(data, "val", test_limit), names)
+    work = out / "work" / "reference"
+    ds = build_dataset(_tasks(pool, data, schema, first_id=1), schema, work / "dataset", settings)
+    t0 = time.time()
+    trained = train_two_stage(ds, schema, init, settings, work, seed=seed)
+    train_s = time.time() - t0
+    dest = out / "models" / "reference"
+    if dest.exists():
+        import shutil
+
+        shutil.rmtree(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    trained["bundle"].parent.rename(dest)
+    r = evaluate_model(ModelCache(settings.device).get(dest / "bundle.json"), test, schema, settings)
+    ref = {"labels": len(pool), "seed": seed, "train_seconds": round(train_s, 1),
+           **{k: v for k, v in r.items() if not isinstance(v, dict)}}
+    (out / "reference.json").write_text(json.dumps(ref, indent=2))
+    return ref
+
+
+def labels_to_target(rows: list[dict], reference: dict | None = None, target: float = TARGET) -> dict:
+    """Labels to reach ``target`` x the reference, per figure of :data:`TARGET_METRICS` and strategy.
+
+    Args:
+        rows: :func:`bench_accept` rows (``strategy``, ``seed``, ``labels`` and the figures).
+        reference: the full-pool figures (:func:`bench_reference`); None = the best mean over
+            strategies and sizes of ``rows``.
+    Returns: ``{metric: {"reference", "reference_source" ("full pool (N labels)" or "best size"),
+        "goal", "strategies": [...]}}``; each strategy's dict is
+        :func:`ml_worker.simulate.summarise`'s (its ``*mAP50*`` keys hold the figure named by
+        ``metric``): ``labels_to_target`` on the mean curve, ``labels_to_target_per_seed``,
+        ``labels_mean``/``labels_std`` over the seeds that reach it, ``ratio_to_random`` (mean
+        curve) and ``ratio_per_seed_mean``/``_std`` (seeds where both reach it). None where the
+        target is not reached within the sizes run.
+    """
+    from ml_worker.simulate import summarise
+
+    out = {}
+    for metric in TARGET_METRICS:
+        if reference is not None and metric in reference:
+            ref, source = float(reference[metric]), f"full pool ({reference.get('labels', '?')} labels)"
+        else:
+            means: dict[tuple, list[float]] = {}
+            for r in rows:
+                means.setdefault((r["strategy"], int(r["labels"])), []).append(float(r[metric]))
+            ref = max((float(np.mean(v)) for v in means.values()), default=0.0)
+            source = "best size"
+        mapped = [{"strategy": r["strategy"], "seed": int(r["seed"]), "n_labelled": int(r["labels"]),
+                   "mAP50": float(r[metric])} for r in rows]
+        out[metric] = {"reference": ref, "reference_source": source, "goal": target * ref,
+                       "strategies": summarise(mapped, ref, target)}
+    return out
+
+
+def _labels_md(lt: dict, target: float = TARGET) -> str:
+    """Markdown tables of :func:`labels_to_target`'s result."""
+    na = lambda v: "not reached" if v is None else str(v)  # noqa: E731
+    lines = []
+    for metric, m in lt.items():
+        lines += [f"**{metric}**: reference {m['reference']:.3f} ({m['reference_source']}); target = {target:.0%} "
+                  f"of it = {m['goal']:.3f}.", "",
+                  f"| picked by | labels to {target:.0%} (mean curve) | ratio to random | per seed | "
+                  "mean ± std (seeds reaching) | ratio to random per seed (mean ± std, seeds where both reach) | "
+                  f"{metric} at the largest size | mean over sizes, ratio to random |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for o in m["strategies"]:
+            ms = "-" if o["labels_mean"] is None else f"{o['labels_mean']} ± {o['labels_std']} ({o['seeds_reaching_target']})"
+            rs = ("-" if o.get("ratio_per_seed_mean") is None
+                  else f"{o['ratio_per_seed_mean']} ± {o['ratio_per_seed_std']} ({o['seeds_with_ratio']})")
+            rr = "n/a" if o["ratio_to_random"] is None else str(o["ratio_to_random"])
+            ar = "n/a" if o["auc_ratio_to_random"] is None else str(o["auc_ratio_to_random"])
+            lines.append(f"| {o['strategy']} | {na(o['labels_to_target'])} | {rr} | {o['labels_to_target_per_seed']} | "
+                         f"{ms} | {rs} | {o['final_mAP50_mean']:.3f} ± {o['final_mAP50_std']:.3f} | "
+                         f"{o['mean_mAP50_over_rounds']:.3f}, {ar} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _summary_md(agg: dict) -> str:
+    """Markdown table of summary.json: one row per size and strategy, mean ± std over seeds."""
+    cols = [("acceptance_rate", "accepted as is", 3), ("edits_per_image", "edits / image", 2), ("mAP50", "mAP50", 3),
+            ("class_accuracy", "class accuracy (found faces)", 3), ("boxes_per_face", "boxes / face", 2),
+            ("recall_iou30", "faces found (IoU ≥ 0.3)", 3), ("false_boxes_per_image", "false boxes / image", 2),
+            ("train_seconds", "retrain (s)", 0)]
+    lines = ["| labels | picked by | seeds | " + " | ".join(c[1] for c in cols) + " |",
+             "|---|---|---|" + "---|" * len(cols)]
+    sizes = sorted({int(n) for by in agg.values() for n in by})
+    for n in sizes:
+        for strat, by in agg.items():
+            if str(n) not in by:
+                continue
+            a = by[str(n)]
+            cells = [f"{a[k]['mean']:.{d}f} ± {a[k]['std']:.{d}f}" for k, _, d in cols]
+            lines.append(f"| {n} | {strat} | {a['acceptance_rate']['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def read_rounds(path: Path) -> list[dict]:
+    """Rows of a ``rounds.csv`` written by :func:`bench_accept` (numbers parsed).
+
+    Raises: FileNotFoundError when missing; ValueError when it lacks the columns of the report.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no rounds.csv at {path} (run faceloop bench-accept first)")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    need = {"strategy", "seed", "labels", *TARGET_METRICS}
+    if not rows or not need <= set(rows[0]):
+        raise ValueError(f"{path} is not a bench-accept rounds.csv (needs columns {sorted(need)})")
+    out = []
+    for r in rows:
+        d = {}
+        for k, v in r.items():
+            try:
+                d[k] = int(v) if k in ("seed", "labels") else (v if k == "strategy" else float(v))
+            except ValueError:
+                d[k] = v
+        out.append(d)
+    return out
+
+
+def bench_report(out: Path) -> dict:
+    """Rewrite the report of a bench-accept folder from its ``rounds.csv`` (and ``reference.json``
+    when present): summary.json, labels_to_target.{json,md}, acceptance.png. Returns the files."""
+    return _write(read_rounds(Path(out) / "rounds.csv"), Path(out))
+
+
 def _write(rows: list[dict], out: Path) -> dict:
-    """rounds.csv, summary.json (mean and spread over seeds per strategy and size), acceptance.png."""
-    files = {"rounds_csv": out / "rounds.csv", "summary_json": out / "summary.json", "plot": out / "acceptance.png"}
+    """rounds.csv, summary.json / summary.md (mean and spread over seeds per strategy and size), acceptance.png,
+    labels_to_target.json / .md (:func:`labels_to_target`, with ``out/reference.json`` if present)."""
+    files = {"rounds_csv": out / "rounds.csv", "summary_json": out / "summary.json", "plot": out / "acceptance.png",
+             "labels_to_target_json": out / "labels_to_target.json", "labels_to_target_md": out / "labels_to_target.md"}
     keys = list(rows[0])
     with open(files["rounds_csv"], "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
@@ -265,6 +432,13 @@ def _write(rows: list[dict], out: Path) -> dict:
                                           "class_accuracy", "boxes_per_face", "recall_iou30",
                                           "false_boxes_per_image", "train_seconds")}
     files["summary_json"].write_text(json.dumps(agg, indent=2))
+    files["summary_md"] = out / "summary.md"
+    files["summary_md"].write_text(_summary_md(agg))
+    ref_file = out / "reference.json"
+    reference = json.loads(ref_file.read_text()) if ref_file.is_file() else None
+    lt = labels_to_target(rows, reference)
+    files["labels_to_target_json"].write_text(json.dumps(lt, indent=2))
+    files["labels_to_target_md"].write_text(_labels_md(lt))
     try:
         import matplotlib
 
@@ -278,6 +452,10 @@ def _write(rows: list[dict], out: Path) -> dict:
                 m = [by_size[x][k]["mean"] for x in xs]
                 sd = [by_size[x][k]["std"] for x in xs]
                 ax.errorbar([int(x) for x in xs], m, yerr=sd, marker="o", capsize=3, label=strat)
+        acc = lt["acceptance_rate"]
+        if acc["reference"] > 0:
+            axes[0].axhline(acc["reference"], color="grey", lw=1, label=f"{acc['reference_source']} {acc['reference']:.3f}")
+            axes[0].axhline(acc["goal"], color="grey", lw=1, ls=":", label=f"{TARGET:.0%} of it")
         axes[0].set_ylabel("pre-labels accepted as is (share of faces)")
         axes[1].set_ylabel("edits per image")
         for ax in axes:

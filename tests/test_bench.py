@@ -49,3 +49,52 @@ def test_bench_accept_tiny(tmp_path):
     assert summary["random"]["6"]["acceptance_rate"]["n"] == 1
     assert (tmp_path / "out" / "models" / "random_s0_n6" / "bundle.json").exists()
     assert res["files"]["plot"].exists()
+
+
+def _rows(strategy, seed, curve):
+    return [{"strategy": strategy, "seed": seed, "labels": n, "acceptance_rate": v, "mAP50": v / 2}
+            for n, v in curve.items()]
+
+
+def test_labels_to_target_full_pool_reference():
+    """Labels to 95% of the full-pool figure, per seed and on the mean curve (simulate's definition)."""
+    from ml_worker.bench import labels_to_target
+
+    rows = (_rows("random", 0, {0: 0.0, 10: 0.5, 20: 0.7, 40: 0.8}) + _rows("random", 1, {0: 0.0, 10: 0.5, 20: 0.8, 40: 0.8})
+            + _rows("cluster_margin", 0, {0: 0.0, 10: 0.8, 20: 0.8, 40: 0.8})
+            + _rows("cluster_margin", 1, {0: 0.0, 10: 0.6, 20: 0.6, 40: 0.7}))
+    lt = labels_to_target(rows, {"labels": 725, "acceptance_rate": 0.8, "mAP50": 0.4})
+    acc = lt["acceptance_rate"]
+    assert acc["goal"] == pytest.approx(0.76) and acc["reference_source"] == "full pool (725 labels)"
+    by = {o["strategy"]: o for o in acc["strategies"]}
+    assert [o["strategy"] for o in acc["strategies"]][0] == "random"
+    assert by["random"]["labels_to_target"] == 40  # mean curve 0.75 at 20 < 0.76
+    assert by["random"]["labels_to_target_per_seed"] == "0:40 1:20"
+    assert by["cluster_margin"]["labels_to_target_per_seed"] == "0:10 1:-"
+    assert by["cluster_margin"]["labels_to_target"] is None  # its mean curve peaks at 0.75
+    assert by["cluster_margin"]["ratio_per_seed_mean"] == 0.25 and by["cluster_margin"]["seeds_with_ratio"] == "1/2"
+    assert lt["mAP50"]["goal"] == pytest.approx(0.38)
+
+
+def test_labels_to_target_best_size_and_report(tmp_path):
+    """Without a reference the best mean size is the reference; bench-report rewrites the report."""
+    from typer.testing import CliRunner
+
+    from backend.cli import app
+    from ml_worker.bench import _write, labels_to_target
+
+    rows = _rows("random", 0, {0: 0.0, 20: 0.5, 40: 0.9}) + _rows("cluster_margin", 0, {0: 0.0, 20: 0.9, 40: 0.9})
+    lt = labels_to_target(rows)
+    by = {o["strategy"]: o for o in lt["acceptance_rate"]["strategies"]}
+    assert lt["acceptance_rate"]["reference_source"] == "best size" and lt["acceptance_rate"]["reference"] == 0.9
+    assert by["random"]["labels_to_target"] == 40 and by["cluster_margin"]["labels_to_target"] == 20
+    assert by["cluster_margin"]["ratio_to_random"] == 0.5
+    full = [dict(r, train_seconds=1.0, edits_per_image=0.1, face_mAP50=0.9, class_accuracy=0.9, boxes_per_face=1.0,
+                 recall_iou30=1.0, false_boxes_per_image=0.0) for r in rows]
+    _write(full, tmp_path)
+    (tmp_path / "reference.json").write_text(json.dumps({"labels": 725, "acceptance_rate": 1.0, "mAP50": 0.5}))
+    res = CliRunner().invoke(app, ["bench-report", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    md = (tmp_path / "labels_to_target.md").read_text()
+    assert "full pool (725 labels)" in md and "not reached" in md
+    assert CliRunner().invoke(app, ["bench-report", str(tmp_path / "nothing")]).exit_code == 1

@@ -163,3 +163,17 @@ def test_fine_tune_with_a_class_without_crops_and_one_crop_per_class(clf):
     assert np.isfinite(met["loss"]).all()
     p = m.predict_proba(*one[0][:2])
     assert p.shape == (1, 3) and p[0, 2] < 0.01  # 'yawn' has no crop: not predicted
+
+
+def test_fine_tune_optional_recipe_settings(clf):
+    """The options tried in docs/classifier.md (off in the recipe) run and change the result; with
+    swa_epochs=1 the averaged weights are the last epoch's."""
+    s = _synthetic_samples(6)
+    base, _ = fine_tune(clf, s, ["awake", "sleep"], epochs=2, seed=0)
+    swa1, _ = fine_tune(clf, s, ["awake", "sleep"], epochs=2, seed=0, swa_epochs=1)
+    for a, b in zip(base.net.parameters(), swa1.net.parameters()):
+        assert torch.allclose(a, b)
+    for over in ({"balanced": True}, {"grayscale": 1.0}, {"rotate": 20.0}, {"swa_epochs": 2}, {"head_epochs": 1}):
+        m, met = fine_tune(clf, s, ["awake", "sleep"], epochs=2, seed=0, **over)
+        assert np.isfinite(met["loss"]).all() and met["recipe"][next(iter(over))] == next(iter(over.values()))
+        assert any(not torch.allclose(a, b) for a, b in zip(base.net.parameters(), m.net.parameters())), over
