@@ -303,11 +303,16 @@ def _link_status_page(client, pid: int, status_url: str, entry: dict) -> bool:
 
 
 def _stop_on_signals() -> None:
-    """SIGTERM and SIGHUP stop like Ctrl-C: the services are stopped, not left behind."""
+    """SIGINT (Ctrl-C), SIGTERM and SIGHUP stop the stack: the services are stopped, not left behind.
+
+    SIGINT is set explicitly: a process started in the background by a non-interactive shell
+    (``nohup faceloop up &`` in a script) inherits SIGINT ignored, and Python then keeps it
+    ignored, so ``kill -INT`` would do nothing and the services would outlive a later SIGKILL.
+    """
     def _interrupt(*_):
         raise KeyboardInterrupt
 
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
 
 

@@ -69,7 +69,7 @@ def test_choices_project_end_to_end(stack):
     from backend.models import ModelVersion, TrainingJob
 
     t0 = time.time()
-    db_url = f"sqlite:///{stack.var_dir / 'faceloop.db'}"
+    db_url = stack.database_url  # the stack's own database (PostgreSQL in CI)
     client = LabelStudio(base_url=stack.ls_url, api_key=stack.api_key)
     xml = (REPO / "label_config" / "awake_sleep_choices.xml").read_text()
     schema = ProjectSchema.parse(xml)

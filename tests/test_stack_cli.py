@@ -9,6 +9,7 @@ import json
 import os
 import socket
 import stat
+from pathlib import Path
 
 import pytest
 from sqlmodel import select
@@ -220,3 +221,26 @@ def test_up_turns_on_show_before_labeling_once_for_an_existing_project(stack):
     assert client.projects.get(id=old.id).show_instruction is False
     new = create_project(client, "made now", EXAMPLE_CONFIG)
     assert _link_status_page(client, new, url, {}) is False  # on since creation: nothing to say
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM", "SIGHUP"])
+def test_up_stops_on_signals_even_when_started_with_sigint_ignored(sig):
+    """A script that starts ``faceloop up`` in the background (``nohup faceloop up &``) hands it
+    SIGINT ignored; ``_stop_on_signals`` must still turn SIGINT, SIGTERM and SIGHUP into the
+    clean stop (KeyboardInterrupt -> ``Stack.stop``)."""
+    import signal as _signal
+    import subprocess
+    import sys
+
+    code = ("import time\nfrom backend.cli import _stop_on_signals\n_stop_on_signals()\n"
+            "try:\n    print('ready', flush=True)\n    time.sleep(30)\nexcept KeyboardInterrupt:\n"
+            "    print('stopped', flush=True)\n")
+    p = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: _signal.signal(_signal.SIGINT, _signal.SIG_IGN))
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        p.send_signal(getattr(_signal, sig))
+        out, _ = p.communicate(timeout=20)
+    finally:
+        p.kill()
+    assert out.strip() == "stopped" and p.returncode == 0
