@@ -101,13 +101,20 @@ def load_secrets(root: Path) -> tuple[dict, bool]:
     """The install's secrets (``root/secrets.json``, mode 0600), generated on first use.
 
     Returns: ``(secrets, created)``; keys ``ls_user``, ``ls_password``, ``basic_auth_user``,
-    ``basic_auth_pass``, ``webhook_secret``. Values come from :func:`secrets.token_urlsafe`.
+    ``basic_auth_pass``, ``webhook_secret``, ``ls_secret_key``. Values come from
+    :func:`secrets.token_urlsafe`; a key missing from an older file is added.
     """
     path = Path(root) / SECRETS_FILE
     data = read_json(path)
     wanted = {"ls_user": lambda: LS_USER, "ls_password": lambda: secrets.token_urlsafe(18),
               "basic_auth_user": lambda: "labelstudio", "basic_auth_pass": lambda: secrets.token_urlsafe(24),
-              "webhook_secret": lambda: secrets.token_urlsafe(32)}
+              "webhook_secret": lambda: secrets.token_urlsafe(32),
+              # Label Studio's SECRET_KEY (signs sessions and its JWT tokens, the PAT included).
+              # Left to Label Studio 1.23.2 it is a random key appended to its data dir's .env,
+              # which django-environ re-reads wrongly when the key holds "$" (taken as a reference
+              # to another variable): a new key at the next start, every token invalid (seen in CI).
+              # token_urlsafe has no such character.
+              "ls_secret_key": lambda: secrets.token_urlsafe(48)}
     created = not data
     missing = [k for k in wanted if not data.get(k)]
     for k in missing:
@@ -115,6 +122,20 @@ def load_secrets(root: Path) -> tuple[dict, bool]:
     if missing or (path.exists() and path.stat().st_mode & 0o077):
         write_private(path, json.dumps(data, indent=1))
     return data, created
+
+
+def _token_accepted(ls_url: str, pat: str) -> bool:
+    """True when Label Studio still accepts the personal access token ``pat`` (a legacy key is
+    taken as is): ``POST /api/token/refresh/`` answers 200 (protocol doc, section 5). A PAT signed
+    with an earlier ``SECRET_KEY`` is refused with 401."""
+    if pat.count(".") != 2:  # not a JWT: a legacy token, nothing to refresh
+        return True
+    try:
+        import httpx
+
+        return httpx.post(f"{ls_url}/api/token/refresh/", json={"refresh": pat}, timeout=30).status_code == 200
+    except Exception:  # noqa: BLE001 - Label Studio unreachable: keep the stored token
+        return True
 
 
 def pid_alive(pid) -> bool:
@@ -360,6 +381,7 @@ class Stack:
             "LABEL_STUDIO_BASE_DATA_DIR": str(data), "XDG_DATA_HOME": str(data / "xdg"),
             "XDG_CONFIG_HOME": str(data / "xdg"), "XDG_CACHE_HOME": str(data / "xdg"), "HOME": str(data),
             "LABEL_STUDIO_USERNAME": self.ls_user, "LABEL_STUDIO_PASSWORD": self.ls_password,
+            "SECRET_KEY": self.secrets["ls_secret_key"],
             "LABEL_STUDIO_ML_BLOCK_LOCAL_IP": "false", "ML_BLOCK_LOCAL_IP": "false",
             "SSRF_PROTECTION_ENABLED": "false", "USE_DEFAULT_BANNED_SUBNETS": "false",
             "SENTRY_DSN": "", "FRONTEND_SENTRY_DSN": "",
@@ -380,10 +402,10 @@ class Stack:
         for db in data.glob("*.sqlite3"):
             os.chmod(db, 0o600)
         token_file = data / "faceloop-pat.txt"
-        if token_file.exists():
+        if token_file.exists() and _token_accepted(self.ls_url, token_file.read_text().strip()):
             self.api_key = token_file.read_text().strip()
             os.chmod(token_file, 0o600)
-        else:
+        else:  # first start, or a PAT signed with an earlier SECRET_KEY: a new one
             self.api_key = get_personal_access_token(self.ls_url, self.ls_user, self.ls_password)
             write_private(token_file, self.api_key)
 

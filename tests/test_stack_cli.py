@@ -38,8 +38,11 @@ def _mode(p) -> int:
 def test_secrets_are_random_private_and_kept(tmp_path):
     a, created = stack.load_secrets(tmp_path)
     assert created and _mode(tmp_path / "secrets.json") == 0o600
-    assert set(a) == {"ls_user", "ls_password", "basic_auth_user", "basic_auth_pass", "webhook_secret"}
+    assert set(a) == {"ls_user", "ls_password", "basic_auth_user", "basic_auth_pass", "webhook_secret",
+                      "ls_secret_key"}
     assert len(a["ls_password"]) >= 20 and len(a["webhook_secret"]) >= 32
+    # Label Studio's SECRET_KEY: long, and without "$" or "#", which its .env reader misreads
+    assert len(a["ls_secret_key"]) >= 50 and not set(a["ls_secret_key"]) & set("$# '\"")
     b, created = stack.load_secrets(tmp_path)
     assert b == a and not created  # the next start keeps them
     c, _ = stack.load_secrets(tmp_path / "other")
@@ -244,3 +247,33 @@ def test_up_stops_on_signals_even_when_started_with_sigint_ignored(sig):
     finally:
         p.kill()
     assert out.strip() == "stopped" and p.returncode == 0
+
+
+def test_stored_pat_is_checked_against_label_studio():
+    """A PAT that Label Studio refuses (signed with an earlier SECRET_KEY) is not reused:
+    ``_token_accepted`` asks ``/api/token/refresh/`` (a loopback stand-in answering 200 or 401)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    seen = []
+
+    class H(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append((self.path, body["refresh"]))
+            self.send_response(200 if body["refresh"] == "a.good.jwt" else 401)
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    srv = HTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    try:
+        assert stack._token_accepted(url, "a.good.jwt")
+        assert not stack._token_accepted(url, "an.old.jwt")
+        assert stack._token_accepted(url, "legacytoken40hex")  # legacy keys are not JWTs: kept, not sent
+    finally:
+        srv.shutdown()
+    assert seen == [("/api/token/refresh/", "a.good.jwt"), ("/api/token/refresh/", "an.old.jwt")]
