@@ -13,7 +13,7 @@ from tests.conftest import REPO
 
 
 SECRETS = {"LABEL_STUDIO_PASSWORD": "p" * 24, "BASIC_AUTH_USER": "u", "BASIC_AUTH_PASS": "b" * 24,
-           "WEBHOOK_SECRET": "w" * 32, "POSTGRES_PASSWORD": "g" * 24}
+           "WEBHOOK_SECRET": "w" * 32, "POSTGRES_PASSWORD": "g" * 24, "LABEL_STUDIO_SECRET_KEY": "k" * 64}
 
 
 def _config(env: dict, *args) -> subprocess.CompletedProcess:
@@ -153,3 +153,14 @@ def test_compose_secrets_script_writes_the_postgres_password(tmp_path):
     pw = lines[0].split("=", 1)[1]
     assert len(pw) >= 24 and all(c.isalnum() or c in "-_" for c in pw)
     assert (root / ".env").stat().st_mode & 0o777 == 0o600
+    # Label Studio's SECRET_KEY, once, without the "$" or "#" its own .env reader misreads
+    keys = [ln.split("=", 1)[1] for ln in (root / ".env").read_text().splitlines()
+            if ln.startswith("LABEL_STUDIO_SECRET_KEY=")]
+    assert len(keys) == 1 and len(keys[0]) >= 50 and all(c.isalnum() or c in "-_" for c in keys[0])
+
+
+def test_label_studio_gets_a_fixed_secret_key():
+    env = yaml.safe_load(_config(SECRETS).stdout)["services"]["label-studio"]["environment"]
+    assert env["SECRET_KEY"] == SECRETS["LABEL_STUDIO_SECRET_KEY"]
+    missing = _config({k: v for k, v in SECRETS.items() if k != "LABEL_STUDIO_SECRET_KEY"})
+    assert missing.returncode != 0 and "LABEL_STUDIO_SECRET_KEY" in missing.stderr
