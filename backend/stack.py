@@ -381,13 +381,14 @@ class Stack:
             "LABEL_STUDIO_BASE_DATA_DIR": str(data), "XDG_DATA_HOME": str(data / "xdg"),
             "XDG_CONFIG_HOME": str(data / "xdg"), "XDG_CACHE_HOME": str(data / "xdg"), "HOME": str(data),
             "LABEL_STUDIO_USERNAME": self.ls_user, "LABEL_STUDIO_PASSWORD": self.ls_password,
-            "SECRET_KEY": self.secrets["ls_secret_key"],
             "LABEL_STUDIO_ML_BLOCK_LOCAL_IP": "false", "ML_BLOCK_LOCAL_IP": "false",
             "SSRF_PROTECTION_ENABLED": "false", "USE_DEFAULT_BANNED_SUBNETS": "false",
             "SENTRY_DSN": "", "FRONTEND_SENTRY_DSN": "",
             "COLLECT_ANALYTICS": "false", "LATEST_VERSION_CHECK": "false",
             "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
         })
+        if self.secrets.get("ls_secret_key"):  # see load_secrets: a key Label Studio keeps across restarts
+            env["SECRET_KEY"] = self.secrets["ls_secret_key"]
         if self.document_root:
             env.update({"LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
                         "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(self.document_root)})
