@@ -49,7 +49,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from typing import Any, Iterable, Optional
 
@@ -67,21 +66,17 @@ ROTATION_TOLERANCE_DEG = 0.5
 REFRESH_INTERVAL_S = 30.0
 
 
-class PrelabelAcceptance(SQLModel, table=True):
-    """What people did with one model version's pre-labels in one project.
+class Counts(SQLModel):
+    """Counts of one or many annotations (see the module docstring for each field).
 
-    ``annotations``: annotations started from a prediction of this version; ``predicted``: boxes
-    in those predictions = accepted + relabelled + moved + deleted; ``drawn``: boxes drawn by hand
-    in those annotations. ``choices_predicted``: image-level choices in those predictions (one per
-    prediction and Choices control) = ``choices_accepted + choices_changed + choices_removed``;
-    ``choices_by_hand``: choices made where the prediction had none (columns added by revision
-    ``0003_choice_acceptance``). ``project_id`` = Label Studio project id.
+    ``predicted`` boxes = accepted + relabelled + moved + deleted (``moved_relabelled`` is the part
+    of ``moved`` whose label changed too); ``drawn``: boxes drawn by hand. ``choices_predicted``:
+    image-level choices in predictions (one per prediction and Choices control) =
+    ``choices_accepted + choices_changed + choices_removed``; ``choices_by_hand``: choices made
+    where the prediction had none. The stored table :class:`PrelabelAcceptance` has these columns
+    (the ``choices_*`` ones added by revision ``0003_choice_acceptance``, hence their server default).
     """
 
-    __table_args__ = (UniqueConstraint("project_id", "model_version"),)
-    id: Optional[int] = Field(default=None, primary_key=True)
-    project_id: int = Field(index=True)
-    model_version: str
     annotations: int = 0
     predicted: int = 0
     accepted: int = 0
@@ -95,30 +90,15 @@ class PrelabelAcceptance(SQLModel, table=True):
     choices_changed: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     choices_removed: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     choices_by_hand: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
-    updated_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
-
-
-@dataclass
-class Counts:
-    """Counts of one or many annotations (see the module docstring for each field)."""
-
-    annotations: int = 0
-    predicted: int = 0
-    accepted: int = 0
-    relabelled: int = 0
-    moved: int = 0
-    moved_relabelled: int = 0
-    deleted: int = 0
-    drawn: int = 0
-    choices_predicted: int = 0
-    choices_accepted: int = 0
-    choices_changed: int = 0
-    choices_removed: int = 0
-    choices_by_hand: int = 0
 
     def add(self, other: "Counts") -> None:
-        for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+        """Add ``other``'s counts to these, field by field."""
+        for name in Counts.model_fields:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def counts(self) -> "Counts":
+        """The counts alone (a stored row without its key columns)."""
+        return Counts(**{name: getattr(self, name) for name in Counts.model_fields})
 
     @property
     def acceptance_rate(self) -> float:
@@ -129,6 +109,18 @@ class Counts:
     def choice_acceptance_rate(self) -> float:
         """Choices accepted unchanged / choices predicted (0-1); 0 when none were predicted."""
         return self.choices_accepted / self.choices_predicted if self.choices_predicted else 0.0
+
+
+class PrelabelAcceptance(Counts, table=True):
+    """What people did with one model version's pre-labels in one project: the :class:`Counts`
+    of the annotations started from its predictions. ``project_id`` = Label Studio project id.
+    """
+
+    __table_args__ = (UniqueConstraint("project_id", "model_version"),)
+    id: Optional[int] = Field(default=None, primary_key=True)
+    project_id: int = Field(index=True)
+    model_version: str
+    updated_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
 
 
 # --- pure comparison ---------------------------------------------------------------------------
@@ -349,7 +341,7 @@ def store(settings, project_id: int, counts: dict[str, Counts]) -> None:
         s.flush()
         now = datetime.now(timezone.utc)
         for version, c in sorted(counts.items()):
-            s.add(PrelabelAcceptance(project_id=project_id, model_version=version, updated_at=now, **asdict(c)))
+            s.add(PrelabelAcceptance(project_id=project_id, model_version=version, updated_at=now, **c.counts().model_dump()))
 
 
 def stored(settings, project_id: int | None = None) -> list[PrelabelAcceptance]:
