@@ -529,6 +529,20 @@ class Stack:
             write_private(self.state_path, json.dumps(state, indent=1))
 
 
+def terminate_group(p: subprocess.Popen, timeout: float = 20) -> None:
+    """Stop ``p`` and its children: SIGTERM to its process group (``p`` must have been started
+    with ``start_new_session=True``), SIGKILL after ``timeout`` seconds; reaped either way."""
+    if p.poll() is not None:
+        return
+    try:
+        os.killpg(p.pid, signal.SIGTERM)
+        p.wait(timeout)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        _kill_group(p)
+
+
 def _kill_group(p: subprocess.Popen) -> None:
     """SIGKILL ``p``'s process group (its children too) and reap it."""
     try:

@@ -97,13 +97,9 @@ class Worker:
         return out
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        from backend.stack import terminate_group
+
+        terminate_group(self.proc)
 
 
 def _wait(cond, what: str, timeout: float = WAIT_S, poll: float = 0.5):

@@ -192,10 +192,7 @@ def _accept_box(page, ls_url: str, pid: int, tid: int, index: int, cls: str, hot
         others.first.click()
         page.keyboard.press("Backspace")
         page.wait_for_timeout(200)
-    page.get_by_role("button", name="Submit").click()
-    page.wait_for_function(f"""async () => {{
-        const r = await fetch('/api/tasks/{tid}'); const t = await r.json();
-        return (t.annotations || []).length > 0; }}""", timeout=30_000)
+    _submit(page, tid)
     if shot:
         shot(page, "submitted")
 
@@ -209,6 +206,14 @@ def _main_image(page) -> dict:
         imgs.sort((a, b) => b.shown - a.shown);
         return imgs[0] || {src: '', w: 0, shown: 0};
     }""")
+
+
+def _submit(page, tid: int) -> None:
+    """Press Submit and wait until Label Studio has stored the task's annotation (its API)."""
+    page.get_by_role("button", name="Submit").click()
+    page.wait_for_function(f"""async () => {{
+        const r = await fetch('/api/tasks/{tid}'); const t = await r.json();
+        return (t.annotations || []).length > 0; }}""", timeout=30_000)
 
 
 def _open_task(page, ls_url: str, pid: int, task_id: int, regions: bool = True):
@@ -255,10 +260,7 @@ def _delete_regions_and_submit(page, ls_url: str, pid: int, tid: int, keep: int)
         items.nth(keep).click()
         page.keyboard.press("Backspace")
         page.wait_for_timeout(200)
-    page.get_by_role("button", name="Submit").click()
-    page.wait_for_function(f"""async () => {{
-        const r = await fetch('/api/tasks/{tid}'); const t = await r.json();
-        return (t.annotations || []).length > 0; }}""", timeout=30_000)
+    _submit(page, tid)
 
 
 def test_person_up_label_train_restart(image_folder, out_dir, browser, tmp_path):

@@ -160,16 +160,9 @@ class LabelStudio:
             raise
 
     def stop(self) -> None:
-        import os
-        import signal
+        from backend.stack import terminate_group
 
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        terminate_group(self.proc)
 
 
 @pytest.fixture(scope="session")
