@@ -407,6 +407,26 @@ def _db():
 
 
 @app.command()
+def prune(project: Optional[int] = typer.Option(None, help="Only this Label Studio project (default: all)"),
+          keep_retired: int = typer.Option(2, min=0, help="Retired versions per project whose weights are kept"),
+          yes: bool = typer.Option(False, "--yes", help="Delete; without it, only list what would go")):
+    """Free the database space of weights no one serves: rejected versions, and retired ones older
+    than the newest --keep-retired. Metrics, plots and version rows stay (see modelstore.prune)."""
+    import modelstore
+
+    _use_running_stack()
+    rows = modelstore.prune(get_settings(), keep_retired=keep_retired, dry_run=not yes, project_id=project)
+    t = Table(title="weights deleted" if yes else "weights that --yes would delete")
+    for c in ("project", "version", "status", "files", "MB"):
+        t.add_column(c)
+    for r in rows:
+        t.add_row(str(r["project_id"]), r["version"], r["status"], ", ".join(r["files"]), f"{r['bytes'] / 1e6:.1f}")
+    console.print(t)
+    total = sum(r["bytes"] for r in rows) / 1e6
+    console.print(f"{len(rows)} versions, {total:.1f} MB {'freed' if yes else 'to free (run again with --yes)'}")
+
+
+@app.command()
 def queue(project: int = typer.Argument(..., help="Label Studio project id"),
           limit: int = typer.Option(20, help="Rows to show")):
     """Print the head of the review queue: most informative unlabelled tasks first."""

@@ -285,3 +285,66 @@ def adopt_local_versions(settings: Settings) -> list[str]:
 
             logging.getLogger(__name__).warning("model version %s not stored in the database: %s", version, e)
     return done
+
+
+#: File name endings of weights (what :func:`prune` removes); plots, CSVs and bundle JSONs stay.
+WEIGHT_SUFFIXES = (".pt", ".onnx", ".onnx.data")
+
+
+def prune(settings: Settings, keep_retired: int = 2, dry_run: bool = True,
+          project_id: int | None = None) -> list[dict]:
+    """Free the space of weights no process will load again (each version holds about 18 MB).
+
+    Per project, the weight files (:data:`WEIGHT_SUFFIXES`) of ``rejected`` versions and of
+    ``retired`` versions older than the newest ``keep_retired`` (by promotion time) are deleted
+    from the database and from this machine's ``MODEL_DIR``. Never touched: the ``promoted``
+    version, ``candidate`` versions (a training may be evaluating them), the shipped default, and
+    every version's rows, metrics, plots and bundle JSON (the status page keeps showing them).
+    PostgreSQL returns the space to the database after (auto)vacuum; SQLite's file shrinks only
+    after ``VACUUM``.
+
+    Args:
+        keep_retired: retired versions whose weights are kept per project (0 or more).
+        dry_run: True lists what would go and deletes nothing.
+        project_id: one Label Studio project, or None for all.
+    Returns: one dict per version pruned (or to prune): ``project_id``, ``version``, ``status``,
+        ``files`` (names), ``bytes``.
+    Raises: ValueError when ``keep_retired`` is negative.
+    """
+    if keep_retired < 0:
+        raise ValueError(f"keep_retired must be 0 or more, not {keep_retired}")
+    from sqlalchemy import delete
+
+    out = []
+    with session_scope(settings.database_url) as s:
+        q = select(ModelVersion).where(ModelVersion.status.in_(("rejected", "retired")))
+        if project_id is not None:
+            q = q.where(ModelVersion.project_id == project_id)
+        versions = s.exec(q).all()
+        retired: dict[int, list[ModelVersion]] = {}
+        for v in versions:
+            if v.status == "retired":
+                retired.setdefault(v.project_id, []).append(v)
+        kept = set()
+        for vs in retired.values():
+            vs.sort(key=lambda v: (v.promoted_at or v.created_at, v.id), reverse=True)
+            kept.update(v.id for v in vs[:keep_retired])
+        for v in sorted(versions, key=lambda v: (v.project_id, v.id)):
+            if v.id in kept:
+                continue
+            files = [(name, size) for name, _sha, size in listing(s, v.project_id, v.version)
+                     if name.endswith(WEIGHT_SUFFIXES)]
+            if not files:
+                continue
+            names = [n for n, _ in files]
+            out.append({"project_id": v.project_id, "version": v.version, "status": v.status,
+                        "files": names, "bytes": sum(size for _, size in files)})
+            if dry_run:
+                continue
+            s.exec(delete(ModelArtifact).where(ModelArtifact.project_id == v.project_id,
+                                               ModelArtifact.version == v.version,
+                                               ModelArtifact.name.in_(names)))
+            folder = version_dir(settings, v.project_id, v.version)
+            for name in names:
+                (folder / name).unlink(missing_ok=True)
+    return out

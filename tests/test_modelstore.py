@@ -205,3 +205,52 @@ def test_versions_trained_before_the_store_are_adopted(tmp_path, db_url):
     p = modelstore.model_path(b, rows[0])
     assert p == Path(b.model_dir) / "project_7" / "p7-v1" / "bundle.json" and p.read_bytes() == (old / "bundle.json").read_bytes()
     assert modelstore.model_path(b, rows[1]).read_bytes() == b"weights of the first release"
+
+
+def test_prune_deletes_only_weights_no_one_serves(tmp_path, db_url):
+    """Rejected versions and retired ones beyond the newest ``keep_retired`` lose their weights
+    (database and local copy); the promoted and candidate versions, and every version's plots and
+    bundle JSON, stay."""
+    from datetime import datetime, timedelta, timezone
+
+    a = _machine(tmp_path, "a", db_url)
+    src = tmp_path / "src"
+    _trained_version(src)
+    t0 = datetime(2026, 11, 1, tzinfo=timezone.utc)
+    plan = {"p7-v1": "retired", "p7-v2": "retired", "p7-v3": "rejected", "p7-v4": "retired",
+            "p7-v5": "promoted", "p7-v6": "candidate"}
+    with session_scope(db_url) as s:
+        s.add(Project(id=PID, title="faces"))
+        s.flush()
+        for i, (name, status) in enumerate(plan.items()):
+            modelstore.store_folder(s, PID, name, src)
+            s.add(ModelVersion(project_id=PID, version=name, path=str(src / "bundle.json"), sha256="0", status=status,
+                               promoted_at=t0 + timedelta(days=i) if status in ("retired", "promoted") else None))
+    for name in plan:
+        modelstore.materialise(a, PID, name)
+
+    def names(version):
+        with session_scope(db_url) as s:
+            return {n for n, _sha, _size in modelstore.listing(s, PID, version)}
+
+    everything = names("p7-v1")
+    weights = {n for n in everything if n.endswith((".pt", ".onnx"))}
+    assert weights and everything - weights
+
+    listed = modelstore.prune(a, keep_retired=1)  # dry run: nothing deleted
+    assert [(r["version"], r["status"]) for r in listed] == [("p7-v1", "retired"), ("p7-v2", "retired"),
+                                                            ("p7-v3", "rejected")]
+    assert all(set(r["files"]) == weights and r["bytes"] > 0 for r in listed)
+    assert names("p7-v1") == everything
+
+    assert modelstore.prune(a, keep_retired=1, dry_run=False) == listed
+    for name in ("p7-v1", "p7-v2", "p7-v3"):
+        assert names(name) == everything - weights
+        folder = modelstore.version_dir(a, PID, name)
+        assert not any((folder / w).exists() for w in weights)
+        assert (folder / "bundle.json").is_file() and (folder / "detector_results.png").is_file()
+    for name in ("p7-v4", "p7-v5", "p7-v6"):  # newest retired, promoted, candidate
+        assert names(name) == everything
+    assert modelstore.prune(a, keep_retired=1, dry_run=False) == []  # once
+    with pytest.raises(ValueError):
+        modelstore.prune(a, keep_retired=-1)

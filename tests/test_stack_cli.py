@@ -277,3 +277,27 @@ def test_stored_pat_is_checked_against_label_studio():
     finally:
         srv.shutdown()
     assert seen == [("/api/token/refresh/", "a.good.jwt"), ("/api/token/refresh/", "an.old.jwt")]
+
+
+def test_prune_lists_first_and_deletes_with_yes(cli_env, tmp_path):
+    """`faceloop prune` shows what it would free; `--yes` frees it (a rejected version's weights)."""
+    import modelstore
+
+    app, db = cli_env
+    w = tmp_path / "w"
+    w.mkdir()
+    (w / "detector.pt").write_bytes(b"w" * 2_000_000)
+    (w / "bundle.json").write_text("{}")
+    with session_scope(db) as s:
+        upsert_project(s, 5)
+        modelstore.store_folder(s, 5, "p5-v2", w)
+        s.add(ModelVersion(project_id=5, version="p5-v2", path=str(w / "bundle.json"), sha256="0", status="rejected"))
+    r = runner.invoke(app, ["prune"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert "p5-v2" in r.output and "detector.pt" in r.output and "2.0 MB to free" in r.output
+    with session_scope(db) as s:
+        assert [n for n, *_ in modelstore.listing(s, 5, "p5-v2")] == ["bundle.json", "detector.pt"]
+    r = runner.invoke(app, ["prune", "--yes"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0 and "2.0 MB freed" in r.output, r.output
+    with session_scope(db) as s:
+        assert [n for n, *_ in modelstore.listing(s, 5, "p5-v2")] == ["bundle.json"]
