@@ -426,6 +426,33 @@ def prune(project: Optional[int] = typer.Option(None, help="Only this Label Stud
     console.print(f"{len(rows)} versions, {total:.1f} MB {'freed' if yes else 'to free (run again with --yes)'}")
 
 
+@app.command("db-copy")
+def db_copy(target: str = typer.Argument(..., help="URL of the new, empty database, e.g. "
+                                         "postgresql+psycopg://USER:PASSWORD@HOST:5432/faceloop"),
+            source: Optional[str] = typer.Option(None, "--from", help="URL to copy from (default: DATABASE_URL, "
+                                                 "i.e. var/faceloop.db)")):
+    """Copy every faceloop row (projects, versions and their files, jobs, scores, counts) into an
+    empty database, e.g. from the default SQLite file to PostgreSQL when a second machine joins.
+    Stop faceloop first; then point DATABASE_URL at the target."""
+    from sqlalchemy.engine import make_url
+
+    from backend.db import CopyError, copy_database
+
+    src = source or get_settings().database_url
+
+    def shown(url: str) -> str:
+        return make_url(url).render_as_string(hide_password=True)
+
+    console.print(f"copying {shown(src)} -> {shown(target)}")
+    try:
+        counts = copy_database(src, target, on_table=lambda name, n: console.print(f"  {name}: {n} rows"))
+    except CopyError as e:
+        console.print(f"[red]not copied:[/] {e}")
+        raise typer.Exit(1)
+    console.print(f"copied {sum(counts.values())} rows; now set DATABASE_URL={shown(target)} "
+                  "for the backend and every worker")
+
+
 @app.command()
 def queue(project: int = typer.Argument(..., help="Label Studio project id"),
           limit: int = typer.Option(20, help="Rows to show")):

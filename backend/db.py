@@ -229,3 +229,88 @@ def forget_engine(url: str) -> None:
         eng = _engines.pop(url, None)
     if eng is not None:
         eng.dispose()
+
+
+class CopyError(RuntimeError):
+    """:func:`copy_database` refused: the target already holds faceloop rows, or both URLs are one."""
+
+
+def _tables():
+    """faceloop's tables (``backend.models`` and the acceptance counts), from the metadata."""
+    import backend.acceptance  # noqa: F401  (registers PrelabelAcceptance)
+    import backend.models  # noqa: F401
+    from sqlmodel import SQLModel
+
+    return list(SQLModel.metadata.sorted_tables)
+
+
+def copy_database(source: str, target: str, batch: int = 200, on_table=None) -> dict[str, int]:
+    """Copy every faceloop row from database ``source`` to database ``target`` (e.g. the default
+    SQLite file to a new PostgreSQL database, when a second machine joins). Both are upgraded to
+    the newest schema first (:func:`get_engine`); the target must hold no faceloop row.
+
+    Rows keep their ids. Foreign keys that may be empty (``project.promoted_version_id``,
+    ``modelversion.parent_id``) are written after every row is in, so the cycle project ⇄ model
+    version needs no deferred constraints; PostgreSQL's id sequences are moved past the copied ids.
+    Rows are read ``batch`` at a time (model files are a few MB each). One transaction on the
+    target: a failure leaves it empty.
+
+    Args:
+        on_table: called ``(table name, rows copied)`` after each table (progress).
+    Returns: rows copied per table.
+    Raises: CopyError when ``target`` already holds rows or is ``source``; SQLAlchemy's errors
+        when either database cannot be reached.
+    """
+    from sqlalchemy import func, or_, select, update
+
+    if source == target:
+        raise CopyError("the source and the target are the same database")
+    tables = _tables()
+    src, dst = get_engine(source), get_engine(target)
+    with dst.connect() as c:
+        full = [t.name for t in tables if c.execute(select(func.count()).select_from(t)).scalar()]
+    if full:
+        raise CopyError(f"the target already holds faceloop rows (tables {', '.join(full)}); "
+                        "copy into a new, empty database")
+    # insert order: tables only after those their NOT NULL foreign keys point to
+    later = {t.name: [c for c in t.columns if c.foreign_keys and c.nullable] for t in tables}
+    order, done = [], set()
+    while len(order) < len(tables):
+        before = len(order)
+        for t in tables:
+            needs = {fk.column.table.name for c in t.columns if not c.nullable for fk in c.foreign_keys}
+            if t.name not in done and needs <= done:
+                order.append(t)
+                done.add(t.name)
+        if len(order) == before:  # a cycle of NOT NULL foreign keys: not in faceloop's schema
+            raise CopyError(f"no insert order for tables {sorted(set(x.name for x in tables) - done)}")
+    counts: dict[str, int] = {}
+    with src.connect() as r, dst.begin() as w:
+        for t in order:
+            deferred = later[t.name]
+            pk = list(t.primary_key.columns)
+            n = 0
+            result = r.execution_options(yield_per=batch).execute(select(t).order_by(*pk))
+            for rows in result.partitions(batch):
+                w.execute(t.insert(), [{**row._mapping, **{c.name: None for c in deferred}} for row in rows])
+                n += len(rows)
+            counts[t.name] = n
+            if on_table:
+                on_table(t.name, n)
+        for t in order:
+            if not later[t.name]:
+                continue
+            pk = list(t.primary_key.columns)
+            cols = pk + later[t.name]
+            for row in r.execute(select(*cols).where(or_(*[c.is_not(None) for c in later[t.name]]))).all():
+                m = row._mapping
+                w.execute(update(t).where(*[c == m[c.name] for c in pk])
+                          .values({c.name: m[c.name] for c in later[t.name]}))
+        if dst.dialect.name == "postgresql":
+            for t in order:
+                for c in t.primary_key.columns:
+                    if c.autoincrement is True or (c.autoincrement == "auto" and c.type.python_type is int):
+                        w.execute(text(f"SELECT setval(pg_get_serial_sequence('{t.name}', '{c.name}'), "
+                                       f"GREATEST(COALESCE((SELECT MAX({c.name}) FROM {t.name}), 0), 1), "
+                                       f"(SELECT MAX({c.name}) FROM {t.name}) IS NOT NULL)"))
+    return counts

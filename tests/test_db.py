@@ -284,3 +284,52 @@ def test_baseline_is_the_schema_create_all_made(db_url, request, tmp_path):
         eng.dispose()
         snap.write_text(json.dumps(_schema(other), indent=1) + "\n")
     assert json.loads(json.dumps(migrated)) == json.loads(snap.read_text())
+
+
+def test_copy_database_moves_an_install_to_another_database(tmp_path, db_url):
+    """`faceloop db-copy`: a SQLite install's rows (the project ⇄ model version cycle, a version's
+    parent, stored files, scores, acceptance counts) reach an empty database (SQLite, then
+    PostgreSQL) with their ids; new rows get new ids there; a second copy is refused."""
+    from backend.acceptance import Counts, store
+    from backend.db import CopyError, copy_database, session_scope
+    from backend.models import ModelArtifact, ModelVersion, Project, TaskScore, TrainingJob
+    from tests.helpers_unit import make_settings
+
+    src = f"sqlite:///{tmp_path / 'old.db'}"
+    with session_scope(src) as s:
+        s.add(Project(id=3, title="faces"))
+        s.flush()
+        v1 = ModelVersion(project_id=3, version="p3-v1", path="/x/a.json", sha256="a", status="retired")
+        s.add(v1)
+        s.flush()
+        v2 = ModelVersion(project_id=3, version="p3-v2", path="/x/b.json", sha256="b", status="promoted",
+                          parent_id=v1.id, metrics_json='{"mAP50": 0.7}')
+        s.add(v2)
+        s.flush()
+        s.get(Project, 3).promoted_version_id = v2.id
+        s.add(TrainingJob(project_id=3, trigger="manual", state="succeeded"))
+        s.add(ModelArtifact(project_id=3, version="p3-v2", name="detector.pt", sha256="c", size=3, data=b"\x00\xff\x01"))
+        s.add(TaskScore(project_id=3, task_id=11, model_version="p3-v2", uncertainty=0.4, least_confidence=0.4,
+                        margin=0.2, entropy=0.5, in_query_batch=True))
+    store(make_settings(tmp_path / "v", database_url=src), 3, {"p3-v2": Counts(annotations=2, predicted=2, accepted=1)})
+
+    seen = []
+    counts = copy_database(src, db_url, on_table=lambda name, n: seen.append((name, n)))
+    assert counts["project"] == 1 and counts["modelversion"] == 2 and counts["modelartifact"] == 1
+    assert counts["taskscore"] == 1 and counts["trainingjob"] == 1 and counts["prelabelacceptance"] == 1
+    assert [name for name, _ in seen] == list(counts)
+    with session_scope(db_url) as s:
+        p = s.get(Project, 3)
+        v = s.get(ModelVersion, p.promoted_version_id)
+        assert v.version == "p3-v2" and s.get(ModelVersion, v.parent_id).version == "p3-v1"
+        assert v.metrics == {"mAP50": 0.7}
+        assert bytes(s.exec(select(ModelArtifact)).one().data) == b"\x00\xff\x01"
+        assert s.exec(select(TaskScore)).one().in_query_batch is True
+        v3 = ModelVersion(project_id=3, version="p3-v3", path="/x/c.json", sha256="d")
+        s.add(v3)
+        s.flush()
+        assert v3.id == 3  # the id sequence continues after the copied ids
+    with pytest.raises(CopyError, match="already holds"):
+        copy_database(src, db_url)
+    with pytest.raises(CopyError, match="same database"):
+        copy_database(src, src)

@@ -19,7 +19,7 @@ from backend import stack
 from backend.config import get_settings
 from backend.db import session_scope
 from backend.lsapi import api_error_text
-from backend.models import ModelVersion, TrainingJob
+from backend.models import ModelVersion, Project, TrainingJob
 from backend.registry import upsert_project
 from tests.helpers_unit import DEAD_BROKER
 
@@ -301,3 +301,17 @@ def test_prune_lists_first_and_deletes_with_yes(cli_env, tmp_path):
     assert r.exit_code == 0 and "2.0 MB freed" in r.output, r.output
     with session_scope(db) as s:
         assert [n for n, *_ in modelstore.listing(s, 5, "p5-v2")] == ["bundle.json"]
+
+
+def test_db_copy_copies_into_an_empty_database_and_refuses_a_full_one(cli_env, tmp_path):
+    app, db = cli_env
+    with session_scope(db) as s:
+        upsert_project(s, 5)
+    target = f"sqlite:///{tmp_path / 'new.db'}"
+    r = runner.invoke(app, ["db-copy", target], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert "project: 1 rows" in r.output and "copied" in r.output
+    with session_scope(target) as s:
+        assert s.get(Project, 5) is not None
+    r = runner.invoke(app, ["db-copy", target], env={"COLUMNS": "200"})
+    assert r.exit_code == 1 and "already holds" in r.output, r.output
