@@ -8,6 +8,9 @@ One model version of a project is one *bundle*: a small JSON file that names its
      "classifier": "classifier.pt", "classifier_sha256": "...",
      "classes": ["awake", "sleep"], "imgsz": 256, "nms_iou": 0.3, "face_threshold": 0.3}
 
+Optional ``classifier_init`` (+ ``classifier_init_sha256``): the classifier weights a retrain for
+classes the served classifier does not know starts from (:func:`classifier_init_path`).
+
 ``nms_iou`` (the detector's NMS IoU) and ``face_threshold`` (the face confidence at which a box is
 shown) are optional; trained versions get a threshold tuned on the project's labelled images.
 A version written by :func:`write_bundle` also holds both stages exported to ONNX (``detector.onnx``,
@@ -16,7 +19,8 @@ A version written by :func:`write_bundle` also holds both stages exported to ONN
 (:mod:`facemodels.onnx_runtime`; ``INFERENCE_BACKEND=torch`` serves the ``.pt`` files instead).
 
 The shipped default is ``models/faceloop-default.json`` (``models/faceloop-face.pt`` +
-``models/face_expression.pt``; provenance in ``models/MODEL_CARD.md``). A version written by the
+``models/face_expression_ft.pt``, with ``models/face_expression.pt`` as ``classifier_init``;
+provenance in ``models/MODEL_CARD.md``). A version written by the
 worker lives in its own folder of the model store (``<model_dir>/project_<id>/<version>/``).
 
 :class:`TwoStageModel` has the same ``detect()`` and ``names`` as :class:`facemodels.detector.FaceModel`,
@@ -65,12 +69,40 @@ def read_bundle(path: str | Path) -> dict:
         raise ValueError(f"{p} is not a model bundle: {e}") from None
     if not isinstance(b, dict) or b.get("format") != FORMAT:
         raise ValueError(f"{p} is not a {FORMAT} bundle")
-    for key in ("detector", "classifier"):
+    for key in ("detector", "classifier", "classifier_init"):
+        if key == "classifier_init" and not b.get(key):
+            continue
         w = (p.parent / b[key]).resolve()
         if not w.is_file():
             raise FileNotFoundError(f"{key} weights of {p.name} not found: {w}")
         b[f"{key}_path"] = str(w)
     return b
+
+
+def classifier_init_path(bundle: dict, labels) -> str:
+    """The classifier weights a retrain's stage 2 starts from, for a project with ``labels``.
+
+    ``bundle``: as returned by :func:`read_bundle`. A bundle may name, besides the ``classifier`` it
+    serves, a ``classifier_init`` (the shipped default does: it serves ``face_expression_ft.pt``,
+    the expression net fine-tuned on posed expressions, and names the original face-api.js port
+    ``face_expression.pt`` as the start for new classes, which measured better there:
+    ``docs/classifier.md``, "Fine-tuned default for expression projects"). The served classifier is
+    the start when it knows at least one of ``labels`` by name (:func:`facemodels.classifier.canonical_class`:
+    an expression project, whose config may add classes such as ``contempt``; the known classes keep
+    its head rows), else ``classifier_init`` (only classes it does not know, e.g. awake/sleep).
+    Without ``classifier_init`` it is always the served classifier.
+
+    Returns: an absolute path (``classifier_path`` or ``classifier_init_path``).
+    """
+    init = bundle.get("classifier_init_path")
+    if not init:
+        return bundle["classifier_path"]
+    from facemodels.classifier import canonical_class
+
+    known = {canonical_class(c) for c in bundle.get("classes", [])}
+    if any(canonical_class(x) in known for x in labels):
+        return bundle["classifier_path"]
+    return init
 
 
 def write_bundle(folder: Path, detector: Path, classifier: Path, classes: list[str], onnx: bool = True,

@@ -339,6 +339,11 @@ def train_two_stage(ds, schema, init: str | Path, settings: Settings, work: Path
 
     seed = settings.seed if seed is None else seed
     det_init, clf_init = _parts(init, settings)
+    # stage 2 starts from the bundle's classifier_init for classes the served classifier does not know
+    # (the shipped default: the original face-api.js port, not the expression fine-tune; docs/classifier.md)
+    from facemodels.two_stage import classifier_init_path
+
+    clf_init = Path(classifier_init_path(_parent_bundle(init, settings), list(schema.labels)))
     crops = [(s.image, np.asarray(b[:4], float), int(b[4])) for s in ds.samples if s.split == "train" for b in s.boxes]
     if not crops:
         raise ValueError("the train split has no labelled face (Choices projects: no face found in its images): "

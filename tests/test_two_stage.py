@@ -28,6 +28,25 @@ def test_shipped_default_is_a_bundle_whose_files_match():
     assert "happy" in b["classes"]
 
 
+def test_shipped_default_serves_the_expression_fine_tune_and_starts_new_classes_from_the_port():
+    """Expression projects are served by face_expression_ft.pt from day 0; a retrain for classes it does
+    not know (awake/sleep) starts stage 2 from the original port, which measured better on unseen people
+    (docs/classifier.md); a retrain of an expression project continues from the fine-tune."""
+    from backend.hashing import file_sha256
+    from facemodels.two_stage import classifier_init_path
+
+    b = read_bundle(DEFAULT_MODEL_PATH)
+    assert Path(b["classifier_path"]).name == "face_expression_ft.pt"
+    assert Path(b["classifier_init_path"]).name == "face_expression.pt"
+    assert file_sha256(b["classifier_init_path"]) == b["classifier_init_sha256"]
+    assert b["classes"] == ["neutral", "happy", "sad", "angry", "fearful", "disgusted", "surprised"]
+    assert classifier_init_path(b, ["awake", "sleep"]) == b["classifier_init_path"]
+    expressions = ["neutral", "happy", "sad", "surprise", "fear", "disgust", "angry", "contempt"]
+    assert classifier_init_path(b, expressions) == b["classifier_path"]
+    no_init = {k: v for k, v in b.items() if not k.startswith("classifier_init")}
+    assert classifier_init_path(no_init, ["awake", "sleep"]) == b["classifier_path"]
+
+
 def test_bundle_errors_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         read_bundle(tmp_path / "nope.json")
