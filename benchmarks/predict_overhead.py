@@ -263,7 +263,8 @@ def main() -> None:
     if "onnx, baseline tree" in clients and "onnx" in clients:
         base = "onnx, baseline tree"
         print(f"\nthis tree ÷ baseline tree (ONNX, per-repeat medians): single task wall {ratio(B['onnx'], B[base]):.3f}, "
-              f"CPU {ratio(cpu[('B', 'onnx')], cpu[('B', base)]):.3f}")
+              f"CPU {ratio(cpu[('B', 'onnx')], cpu[('B', base)]):.3f}; per repeat, CPU ms/image this tree / baseline: "
+              + ", ".join(f"{1000 * x:.1f}/{1000 * y:.1f}" for x, y in zip(cpu[("B", "onnx")], cpu[("B", base)])))
     if "single-stage torch" in clients and "torch" in clients and "onnx" in clients and C["onnx"]:
         s = "single-stage torch"
         print(f"\ntwo-stage ÷ single-stage (issue 10, ≤ 1.3): single task onnx {ratio(B['onnx'], B[s]):.2f}, "
