@@ -140,7 +140,8 @@ def main() -> None:
     ap.add_argument("--single-stage", default=str(REPO / "models" / "faceloop-base.pt"),
                     help="single-stage reference model ('' to skip)")
     ap.add_argument("--backends", default="torch,onnx",
-                    help="two-stage backends of B and C, comma-separated (default torch,onnx)")
+                    help="two-stage backends of B and C, comma-separated (default torch,onnx; "
+                         "onnx-spinning: ONNX with INFERENCE_SPINNING=1)")
     ap.add_argument("--baseline-tree", type=Path, default=None,
                     help="also serve ONNX from this other checkout (e.g. a `git worktree` of the commit before a "
                          "change): before and after, interleaved in one run")
@@ -166,7 +167,8 @@ def main() -> None:
     base_env = dict(os.environ, LOCAL_FILES_DOCUMENT_ROOT=str(args.images), LABEL_STUDIO_API_KEY="unused",
                     CELERY_BROKER_URL="redis://127.0.0.1:1/0", DEFAULT_MODEL_PATH=str(weights),
                     VAR_DIR=str(work / "var"))
-    servers = {b: dict(INFERENCE_BACKEND=b) for b in args.backends.split(",") if b}
+    servers = {b: dict(INFERENCE_BACKEND=b.split("-")[0], INFERENCE_SPINNING="1" if b.endswith("-spinning") else "0")
+               for b in args.backends.split(",") if b}
     trees = {}
     if args.baseline_tree:
         servers["onnx, baseline tree"] = dict(INFERENCE_BACKEND="onnx")

@@ -167,6 +167,25 @@ def test_inference_backend_setting(monkeypatch, version):
         ox.intra_op_threads()
 
 
+def test_spinning_setting_gives_the_same_outputs(monkeypatch, version):
+    """INFERENCE_SPINNING=1 (spin during a run, stop when it returns) changes speed, not results."""
+    monkeypatch.setenv("INFERENCE_SPINNING", "yes")
+    assert ox.inference_spinning()
+    b = json.loads(version.read_text())
+    det = version.parent / b["detector_onnx"]
+    x = np.random.default_rng(0).random((1, 3, 192, 256), dtype=np.float32)
+    spun, still = ox.make_session(det, 2), ox.make_session(det, 2, spinning=False)
+    assert still.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert spun.get_session_options().get_session_config_entry("session.force_spinning_stop") == "1"
+    np.testing.assert_allclose(spun.run(["output0"], {"images": x})[0], still.run(["output0"], {"images": x})[0],
+                               rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("INFERENCE_SPINNING", "fast")
+    with pytest.raises(ValueError, match="INFERENCE_SPINNING"):
+        ox.inference_spinning()
+    monkeypatch.delenv("INFERENCE_SPINNING")
+    assert not ox.inference_spinning()
+
+
 def test_a_broken_onnx_file_falls_back_to_torch_with_a_warning(version, tmp_path, caplog):
     folder = tmp_path / "broken"
     shutil.copytree(version.parent, folder)
