@@ -5,8 +5,8 @@ error rows with two SQL Core queries (``backend.app.serving_state``), and writes
 something changed. These tests check that nothing is served stale or lost with it: a version
 promoted by another process (a worker) is served by the next request, a new label config is
 stored, a per-task error is recorded and cleared (also one the scoring worker wrote), and the
-answer is the JSON Label Studio reads. Real backend app (FastAPI TestClient), real SQLite
-database, the shipped model.
+answer is the JSON Label Studio reads. Real backend app (FastAPI TestClient), real SQLite and
+PostgreSQL databases, the shipped model.
 """
 
 from __future__ import annotations
@@ -28,12 +28,22 @@ LOOPBACK = ("127.0.0.1", 50000)
 PID = 7
 
 
-@pytest.fixture(scope="module")
-def settings(tmp_path_factory):
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def settings(request, tmp_path_factory):
+    """Once on SQLite, once on the session's throwaway PostgreSQL (skipped without its binaries,
+    except in CI)."""
     root = tmp_path_factory.mktemp("docroot")
     write_jpeg(root / "good.jpg", width=96, height=64)
     (root / "broken.jpg").write_text("not an image")
-    return make_settings(tmp_path_factory.mktemp("var"), local_files_document_root=str(root))
+    var = tmp_path_factory.mktemp("var")
+    server = request.getfixturevalue("postgres") if request.param == "postgres" else None
+    url = server.create_database() if server else f"sqlite:///{var.resolve() / 'faceloop.db'}"
+    yield make_settings(var, local_files_document_root=str(root), database_url=url)
+    from backend.db import forget_engine
+
+    forget_engine(url)
+    if server is not None:
+        server.drop_database(url)
 
 
 @pytest.fixture(scope="module")
