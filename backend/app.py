@@ -19,12 +19,15 @@ import secrets
 import threading
 import time
 from contextlib import asynccontextmanager
-from typing import Any
+from functools import lru_cache
+from typing import Any, NamedTuple
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import bindparam
+from sqlalchemy import select as sa_select
 from sqlmodel import select
 
 import modelstore
@@ -33,7 +36,7 @@ from backend.registry import valid_id
 from backend.config import Settings, get_settings
 from backend.db import session_scope
 from backend.labels import LabelConfigError, ProjectSchema
-from backend.models import ModelVersion, Project
+from backend.models import ModelVersion, Project, TaskScore
 
 log = logging.getLogger("faceloop.backend")
 
@@ -112,6 +115,58 @@ def refusal_path(message: str, limit: int = 400) -> str:
     text = f"{CANNOT_SERVE}: {message}".replace('"', "'")
     keep = "".join(ch if (ch.isascii() and (ch.isalnum() or ch in " -_.~!$&'()*,;:=@")) else " " for ch in text)
     return REFUSED_PREFIX + "+".join(keep.split())[:limit]
+
+
+class ServingState(NamedTuple):
+    """What ``/predict`` needs of a project's rows (:func:`serving_state`)."""
+
+    label_config: str
+    version: ModelVersion | None  # the promoted version (a detached copy), None when none is set
+    error_tasks: frozenset[int]  # the asked-for tasks that have an error row of that version
+
+
+_STATE = (sa_select(Project.label_config, ModelVersion.id, ModelVersion.project_id, ModelVersion.version,
+                    ModelVersion.path, ModelVersion.sha256)
+          .select_from(Project)
+          .outerjoin(ModelVersion, ModelVersion.id == Project.promoted_version_id)
+          .where(Project.id == bindparam("pid")))
+_ERROR_TASKS = (sa_select(TaskScore.task_id)
+                .where(TaskScore.project_id == bindparam("pid"), TaskScore.model_version == bindparam("version"),
+                       TaskScore.error != "", TaskScore.task_id.in_(bindparam("ids", expanding=True))))
+
+
+def serving_state(url: str, pid: int, task_ids: list[int]) -> ServingState | None:
+    """Project ``pid``'s label config and promoted version, and which of ``task_ids`` have an
+    error row (:class:`backend.models.TaskScore` with ``error``) of that version, read in one
+    connection with two SQL Core queries (no ORM session: this runs on every ``/predict``).
+
+    Nothing is cached between requests, so a version promoted by a worker on another machine, or
+    a label config changed by another backend, is seen by the next request.
+
+    Returns: None when the project has no row (it was never set up).
+    Raises: SQLAlchemy errors when the database cannot be read.
+    """
+    from backend.db import get_engine
+
+    with get_engine(url).connect() as conn:
+        row = conn.execute(_STATE, {"pid": pid}).first()
+        if row is None:
+            return None
+        version, errors = None, frozenset()
+        if row[1] is not None:
+            version = ModelVersion(id=row[1], project_id=row[2], version=row[3], path=row[4], sha256=row[5])
+            if task_ids:
+                errors = frozenset(r[0] for r in conn.execute(
+                    _ERROR_TASKS, {"pid": pid, "version": version.version, "ids": list(task_ids)}))
+        return ServingState(row[0] or "", version, errors)
+
+
+@lru_cache(maxsize=64)
+def parse_schema(label_config: str) -> ProjectSchema:
+    """:meth:`ProjectSchema.parse`, remembered for the last 64 configs (``/predict`` gets the
+    project's config with every request). Callers must not change the returned schema.
+    Raises: LabelConfigError as :meth:`ProjectSchema.parse` (not remembered)."""
+    return ProjectSchema.parse(label_config)
 
 
 def _is_loopback(request: Request) -> bool:
@@ -333,40 +388,53 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                      "(MAX_TASKS_PER_REQUEST): send them in smaller batches")
         pid = req.tasks[0].get("project")
         pid = parse_project_id(pid if pid is not None else req.project)
-        with session_scope(settings.database_url) as s:
-            proj = s.get(Project, pid)
-            config = req.label_config or (proj.label_config if proj else "")
-            try:
-                schema = ProjectSchema.parse(config)
-            except LabelConfigError as e:
-                raise HTTPException(422, f"{CANNOT_SERVE}: {e}")
-            if proj is None:
-                raise not_set_up(pid)
-            registry.upsert_project(s, pid, label_config=config)
-            try:
-                version = registry.promoted_version(s, pid, settings)
-            except FileNotFoundError as e:
-                raise HTTPException(503, str(e))
+        ids = [t.get("id") for t in req.tasks if isinstance(t, dict) and valid_id(t.get("id"))]
+        state = serving_state(settings.database_url, pid, ids)  # one connection, two reads, no ORM
+        config = req.label_config or (state.label_config if state else "")
+        try:
+            schema = parse_schema(config)
+        except LabelConfigError as e:
+            raise HTTPException(422, f"{CANNOT_SERVE}: {e}")
+        if state is None:
+            raise not_set_up(pid)
+        if state.version is not None and config == state.label_config:
+            version = state.version  # served as is: nothing to write
+        else:  # a new label config, or no version served yet (the shipped default is registered)
+            with session_scope(settings.database_url) as s:
+                registry.upsert_project(s, pid, label_config=config)
+                try:
+                    version = registry.promoted_version(s, pid, settings)
+                except FileNotFoundError as e:
+                    raise HTTPException(503, str(e))
+            state = None  # the error rows below are looked up after the predictions (as before)
         try:
             model = models().get(modelstore.model_path(settings, version))  # from the database's model store
         except (FileNotFoundError, modelstore.ArtifactError) as e:
             raise HTTPException(503, f"model version {version.version} cannot be loaded: {e}")
         preds = predict_tasks(req.tasks, schema, model, settings)
         results = [to_ls_prediction(p, schema, version.version, settings.uncertainty_measure) for p in preds]
+        failed = {}
         for p in preds:
             m_tasks.labels("error" if p.error else "ok").inc()
             if p.error:
                 log.warning("task %s: %s", p.task_id, p.error)
-        try:  # Label Studio shows the person no per-task error: the status page lists them
-            from backend.status import record_predict_errors
+                if valid_id(p.task_id):
+                    failed[p.task_id] = p.error
+        ok = [p.task_id for p in preds if not p.error and valid_id(p.task_id)]
+        if state is not None:  # only tasks that had an error row of this version need clearing
+            ok = [t for t in ok if t in state.error_tasks]
+        if failed or ok:
+            try:  # Label Studio shows the person no per-task error: the status page lists them
+                from backend.status import record_predict_errors
 
-            record_predict_errors(settings, pid, version.version,
-                                  {p.task_id: p.error for p in preds if p.error and valid_id(p.task_id)},
-                                  [p.task_id for p in preds if not p.error and valid_id(p.task_id)])
-        except Exception as e:  # noqa: BLE001 - the predictions still go back to Label Studio
-            log.warning("per-task errors of project %s not recorded: %s", pid, e)
+                record_predict_errors(settings, pid, version.version, failed, ok)
+            except Exception as e:  # noqa: BLE001 - the predictions still go back to Label Studio
+                log.warning("per-task errors of project %s not recorded: %s", pid, e)
         m_predict.observe(time.perf_counter() - t0)
-        return {"results": results}
+        # encoded here as Starlette's JSONResponse does, without FastAPI's jsonable_encoder walk
+        # (the results are plain dicts, lists, strings and floats)
+        return Response(json.dumps({"results": results}, ensure_ascii=False, allow_nan=False,
+                                   separators=(",", ":")).encode("utf-8"), media_type="application/json")
 
     def check_webhook_auth(request: Request):
         if settings.webhook_secret or settings.basic_auth_user:

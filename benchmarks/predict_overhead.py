@@ -28,6 +28,9 @@ load changes much less; for one pinned worker, images per CPU-second is its rate
 Prints Markdown tables.
 
 Run: PYTHONPATH=. .venv/bin/python benchmarks/predict_overhead.py [--n 40] [--repeats 5] [--pool-n 96]
+Only what a change touches: ``--backends onnx --single-stage '' --no-bulk --pool-n 0``; before and
+after in one run: ``--baseline-tree DIR`` (a checkout of the commit before, e.g. from ``git worktree
+add`` or ``git archive``; it uses this checkout's venv) adds a backend served from DIR.
 """
 
 from __future__ import annotations
@@ -136,10 +139,18 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=None, help="bundle .json or YOLO .pt (default: the shipped one)")
     ap.add_argument("--single-stage", default=str(REPO / "models" / "faceloop-base.pt"),
                     help="single-stage reference model ('' to skip)")
+    ap.add_argument("--backends", default="torch,onnx",
+                    help="two-stage backends of B and C, comma-separated (default torch,onnx; "
+                         "onnx-spinning: ONNX with INFERENCE_SPINNING=1)")
+    ap.add_argument("--baseline-tree", type=Path, default=None,
+                    help="also serve ONNX from this other checkout (e.g. a `git worktree` of the commit before a "
+                         "change): before and after, interleaved in one run")
+    ap.add_argument("--no-bulk", action="store_true", help="skip C (all tasks in one request)")
     ap.add_argument("--pool-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.pool_worker:
         return pool_worker(args)
+    load0 = os.getloadavg()
     files = sorted(args.images.glob("*.jpg"))[: args.n]
     if not files:
         sys.exit(f"no images under {args.images} (is ../shared/data there?)")
@@ -156,7 +167,12 @@ def main() -> None:
     base_env = dict(os.environ, LOCAL_FILES_DOCUMENT_ROOT=str(args.images), LABEL_STUDIO_API_KEY="unused",
                     CELERY_BROKER_URL="redis://127.0.0.1:1/0", DEFAULT_MODEL_PATH=str(weights),
                     VAR_DIR=str(work / "var"))
-    servers = {"torch": dict(INFERENCE_BACKEND="torch"), "onnx": dict(INFERENCE_BACKEND="onnx")}
+    servers = {b: dict(INFERENCE_BACKEND=b.split("-")[0], INFERENCE_SPINNING="1" if b.endswith("-spinning") else "0")
+               for b in args.backends.split(",") if b}
+    trees = {}
+    if args.baseline_tree:
+        servers["onnx, baseline tree"] = dict(INFERENCE_BACKEND="onnx")
+        trees["onnx, baseline tree"] = args.baseline_tree.resolve()
     if args.single_stage:
         servers["single-stage torch"] = dict(INFERENCE_BACKEND="torch", DEFAULT_MODEL_PATH=args.single_stage)
     procs, clients = {}, {}
@@ -165,9 +181,11 @@ def main() -> None:
             port = free_port()
             var = work / f"var-{name.replace(' ', '-')}"
             env = dict(base_env, **extra, VAR_DIR=str(var))
+            if name in trees:
+                env["PYTHONPATH"] = str(trees[name])
             log = open(work / f"backend-{name.replace(' ', '-')}.log", "wb")
             procs[name] = subprocess.Popen([sys.executable, "-m", "uvicorn", "backend.main:app", "--host", "127.0.0.1",
-                                            "--port", str(port), "--log-level", "warning"], cwd=REPO, env=env,
+                                            "--port", str(port), "--log-level", "warning"], cwd=trees.get(name, REPO), env=env,
                                            stdout=log, stderr=log)
             url = f"http://127.0.0.1:{port}"
             wait_http(url + "/health", 90, procs[name], work / "backend.log")
@@ -200,6 +218,8 @@ def main() -> None:
                     c.post("/predict", json={"tasks": [task], "label_config": XML}).raise_for_status()
                 B[name].append((time.perf_counter() - t) / len(files))
                 cpu.setdefault(("B", name), []).append((proc_cpu(pid) - c0) / len(files))
+                if args.no_bulk:
+                    continue
                 t, c0 = time.perf_counter(), proc_cpu(pid)
                 r = c.post("/predict", json={"tasks": tasks, "label_config": XML})
                 r.raise_for_status()
@@ -211,15 +231,15 @@ def main() -> None:
             p.terminate()
             p.wait(10)
 
+    pool_cfgs = [(b, k) for b in ("onnx", "torch") for k in (1, 2)] if args.pool_n > 0 else []
+    D: dict[tuple, list[float]] = {cfg: [] for cfg in pool_cfgs}
+    Dcpu: dict[tuple, list[float]] = {cfg: [] for cfg in pool_cfgs}
     pool_env = dict(base_env, VAR_DIR=str(work / "var-onnx"))  # reuse the ONNX export made above
-    workers = {b: PoolWorkers(args, b, [0, 1], pool_env) for b in ("onnx", "torch")}
+    workers = {b: PoolWorkers(args, b, [0, 1], pool_env) for b in ("onnx", "torch")} if pool_cfgs else {}
     try:
         for w in workers.values():
             w.wait_ready()
-        pool_cfgs = [(b, k) for b in ("onnx", "torch") for k in (1, 2)]
-        D: dict[tuple, list[float]] = {cfg: [] for cfg in pool_cfgs}
-        Dcpu: dict[tuple, list[float]] = {cfg: [] for cfg in pool_cfgs}
-        for rep in range(args.repeats):
+        for rep in range(args.repeats if pool_cfgs else 0):
             for b, k in pool_cfgs[rep % len(pool_cfgs):] + pool_cfgs[: rep % len(pool_cfgs)]:
                 rate, per_cpu = workers[b].score(args.pool_n, k)
                 D[(b, k)].append(rate)
@@ -233,26 +253,32 @@ def main() -> None:
     ratio = lambda xs, ys: med([x / y for x, y in zip(xs, ys)])  # noqa: E731 - per-repeat ratios
     print(f"\n{len(files)} images from {args.images} ({args.pool_n} for pool scoring), imgsz {settings.imgsz}, "
           f"model {weights.name}, {args.repeats} interleaved repeats, {os.cpu_count()} cores, "
-          f"load average {os.getloadavg()[0]:.1f} at the end")
+          f"load average {load0[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
     print("\n| | ms/image (median) | ÷ plain ultralytics (A) | CPU ms/image | CPU ÷ A |")
     print("|---|---|---|---|---|")
     print(f"| A plain ultralytics predict (torch, detector alone) | {ms(A):.1f} | 1.00 | {ms(cpu['A']):.1f} | 1.00 |")
     for k, X in (("B", B), ("C", C)):
-        for name in clients:
+        for name in clients if X[next(iter(clients))] else []:
             what = "one task per request" if k == "B" else f"all {len(files)} in one request"
             print(f"| {k} `/predict` {what}, {name} | {ms(X[name]):.1f} | {ratio(X[name], A):.2f} "
                   f"| {ms(cpu[(k, name)]):.1f} | {ratio(cpu[(k, name)], cpu['A']):.2f} |")
-    if "single-stage torch" in clients:
+    if "onnx, baseline tree" in clients and "onnx" in clients:
+        base = "onnx, baseline tree"
+        print(f"\nthis tree ÷ baseline tree (ONNX, per-repeat medians): single task wall {ratio(B['onnx'], B[base]):.3f}, "
+              f"CPU {ratio(cpu[('B', 'onnx')], cpu[('B', base)]):.3f}; per repeat, CPU ms/image this tree / baseline: "
+              + ", ".join(f"{1000 * x:.1f}/{1000 * y:.1f}" for x, y in zip(cpu[("B", "onnx")], cpu[("B", base)])))
+    if "single-stage torch" in clients and "torch" in clients and "onnx" in clients and C["onnx"]:
         s = "single-stage torch"
         print(f"\ntwo-stage ÷ single-stage (issue 10, ≤ 1.3): single task onnx {ratio(B['onnx'], B[s]):.2f}, "
               f"torch {ratio(B['torch'], B[s]):.2f}; bulk onnx {ratio(C['onnx'], C[s]):.2f}, torch {ratio(C['torch'], C[s]):.2f}")
-    print("\n| pool scoring (D) | images/s (median) | per-repeat values | images per CPU-second of a worker |")
-    print("|---|---|---|---|")
-    for (b, k), xs in D.items():
-        print(f"| {b}, {k} worker(s) pinned to {k} core(s) | {med(xs):.1f} | {', '.join(f'{x:.0f}' for x in xs)} "
-              f"| {med(Dcpu[(b, k)]):.1f} |")
-    for b in ("onnx", "torch"):
-        print(f"two pinned workers ÷ one ({b}): {ratio(D[(b, 2)], D[(b, 1)]):.2f}")
+    if D:
+        print("\n| pool scoring (D) | images/s (median) | per-repeat values | images per CPU-second of a worker |")
+        print("|---|---|---|---|")
+        for (b, k), xs in D.items():
+            print(f"| {b}, {k} worker(s) pinned to {k} core(s) | {med(xs):.1f} | {', '.join(f'{x:.0f}' for x in xs)} "
+                  f"| {med(Dcpu[(b, k)]):.1f} |")
+        for b in ("onnx", "torch"):
+            print(f"two pinned workers ÷ one ({b}): {ratio(D[(b, 2)], D[(b, 1)]):.2f}")
     shutil.rmtree(work, ignore_errors=True)  # kept when the run fails: backend logs are there
 
 
