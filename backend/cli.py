@@ -9,6 +9,7 @@ from ground-truth labels), ``queue`` (head of the review queue), ``versions``, `
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import time
@@ -85,13 +86,17 @@ def _fail(msg: str, code: int = 1):
 
 
 def _use_running_stack() -> dict | None:
-    """Point the settings at the stack ``faceloop up`` runs (``var/stack/stack.json``): its Redis,
+    """Point the settings at the stack ``faceloop up`` runs (``VAR_DIR/stack/stack.json``, or
+    ``DIR/stack.json`` for ``VAR_DIR=DIR/var`` of an ``up --root DIR``): its Redis,
     Label Studio URL and token. Variables set in the environment win. Returns the state or None."""
     from backend.stack import running_stack
 
     st = running_stack(_stack_root())
-    if not st:
-        return None
+    if not st:  # a stack started with `up --root DIR` keeps its VAR_DIR in DIR/var
+        var_dir = get_settings().var_dir
+        st = running_stack(var_dir.parent)
+        if not st or Path(st.get("var_dir") or "") != var_dir:
+            return None
     env = {"LABEL_STUDIO_URL": st.get("ls_url"), "CELERY_BROKER_URL": st.get("redis_url")}
     tok = Path(st.get("token_file") or "")
     if tok.is_file():
@@ -142,19 +147,79 @@ def _broker_reachable(url: str) -> str | None:
         return f"{e.__class__.__name__}: {e}"
 
 
-def _choose_document_root(folder: Path, asked: Path | None, recorded: str | None) -> Path:
-    """Label Studio's LOCAL_FILES_DOCUMENT_ROOT: asked, else the one of the first ``up`` (task
-    URLs are relative to it, so it stays), else the folder's parent. The folder must be strictly
-    below it (Label Studio refuses a storage on the root itself)."""
-    root = Path(asked).resolve() if asked else Path(recorded) if recorded else folder.parent
-    if root not in folder.parents:
+def _stack_var_dir(root: Path, state: dict, default: Path) -> Path:
+    """faceloop's state folder (VAR_DIR: database, models) for the stack at ``root``.
+
+    VAR_DIR set in the environment wins; else the one recorded by this stack's earlier runs
+    (``stack.json``); else ``default`` for the default stack (``VAR_DIR/stack``) and
+    ``root/var`` for any other root (``--root``): two stacks never share a database unless told to.
+    """
+    if os.environ.get("VAR_DIR"):
+        return default
+    if state.get("var_dir"):
+        return Path(state["var_dir"])
+    return default if root == (default / "stack").resolve() else root / "var"
+
+
+#: Folder under the stack root that Label Studio serves local files from (stacks made since
+#: several folders per stack): one symlink per image folder, see :func:`_media_link`.
+MEDIA_DIR = "media"
+
+
+def _choose_document_root(folder: Path, asked: Path | None, recorded: str | None, root: Path) -> Path:
+    """Label Studio's LOCAL_FILES_DOCUMENT_ROOT for this ``up``.
+
+    ``asked`` (--document-root) wins; it must be a strict parent of ``folder``. Else the recorded
+    one of this stack (task URLs are relative to it, so it never changes). A new stack gets
+    ``root/media``, a folder faceloop owns, where each image folder is linked
+    (:func:`_media_link`): any number of folders, anywhere, on one stack. A stack made before
+    (recorded root = a folder of the user's) serves only folders inside that root; another folder
+    is refused with what to do (exit 2), the stack's projects are left as they are.
+    """
+    media = root / MEDIA_DIR
+    if asked:
+        doc = Path(asked).resolve()
+        if doc not in folder.parents:
+            raise typer.BadParameter(f"{folder} is not inside --document-root {doc}: give a parent folder of it "
+                                     f"(or leave --document-root out: faceloop then links each folder into "
+                                     f"{media})")
+        return doc
+    if not recorded or Path(recorded) == media:
+        return media
+    doc = Path(recorded)
+    if doc not in folder.parents:
         raise typer.BadParameter(
-            f"{folder} is not inside {root}, the folder Label Studio serves local files from"
-            + (" (chosen at the first `faceloop up` of this stack; the tasks of earlier projects point into it)"
-               if recorded and not asked else "")
-            + ". Pass --document-root with a common parent of your image folders (earlier projects' images "
-              "then stop showing if it changes), or --root for a separate stack.")
-    return root
+            f"{folder} is not inside {doc}, the only folder this stack's Label Studio serves images from "
+            f"(chosen at its first `faceloop up`, by a faceloop before stacks served any folder; the tasks "
+            f"of its projects point into it, so it cannot change without their images breaking). Either "
+            f"move or copy the images into a folder under {doc} and run `faceloop up` on that, or start a "
+            f"separate stack for this folder: `faceloop up {folder} --root <new empty folder>` (its own "
+            f"Label Studio, login, database and models; a new stack serves any number of folders).")
+    return doc
+
+
+def _media_link(media: Path, folder: Path) -> Path:
+    """The link ``media/<folder name>-<8 hex of sha256(folder path)>`` -> ``folder`` (made if
+    missing): the Local Files storage path of ``folder`` in a stack whose document root is
+    ``media``. Label Studio 1.23.2 checks storage paths and serves ``/data/local-files/?d=``
+    lexically (``Path.parents``, Django's ``safe_join``: no ``realpath``), so files behind the
+    link are served; the name is stable (same folder, same link) and unique per folder.
+
+    Raises: typer.BadParameter when that name is taken by something else than a link to ``folder``.
+    """
+    import hashlib
+
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", folder.name).strip("._")[:40] or "images"
+    link = media / f"{name}-{hashlib.sha256(str(folder).encode()).hexdigest()[:8]}"
+    media.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink():
+        if Path(os.readlink(link)) == folder:
+            return link
+        raise typer.BadParameter(f"{link} links to {os.readlink(link)}, not {folder}: remove that link")
+    if link.exists():
+        raise typer.BadParameter(f"{link} exists and is not a link to {folder}: move it away")
+    link.symlink_to(folder, target_is_directory=True)
+    return link
 
 
 @app.command()
@@ -191,7 +256,13 @@ def up(
     settings = get_settings()
     root = (root or _stack_root()).resolve()
     state = read_json(root / "stack.json")
-    doc_root = _choose_document_root(folder, document_root, state.get("document_root"))
+    var_dir = _stack_var_dir(root, state, settings.var_dir)
+    if var_dir != settings.var_dir:  # this stack's own database and models, for every service
+        os.environ["VAR_DIR"] = str(var_dir)
+        get_settings.cache_clear()
+        settings = get_settings()
+    doc_root = _choose_document_root(folder, document_root, state.get("document_root"), root)
+    storage_folder = _media_link(doc_root, folder) if doc_root == root / MEDIA_DIR else folder
     asked = {k: v for k, v in (("label-studio", ls_port), ("backend", backend_port), ("redis", redis_port)) if v}
     console.print(f"[bold]starting[/] redis-server, Label Studio, backend, worker under {root} ...")
     t0 = time.time()
@@ -223,7 +294,7 @@ def up(
             projects.append(entry)
             st.save_state(running=True, projects=projects)  # reopened next time even if a later step fails
         try:
-            sid, n_new = sync_local_storage(client, pid, folder, entry.get("storage_id"))
+            sid, n_new = sync_local_storage(client, pid, storage_folder, entry.get("storage_id"))
         except Exception as e:  # noqa: BLE001
             _fail(f"Label Studio did not accept the folder as a Local Files storage: {api_error_text(e)}")
         entry["storage_id"] = sid

@@ -36,6 +36,7 @@ import io
 import ipaddress
 import logging
 import math
+import os
 import re
 import socket
 import sys
@@ -595,8 +596,20 @@ def _timeout(url: str, settings: Settings, on_ls: bool) -> ImageError:
 
 def _read_local(rel: str, settings: Settings) -> bytes:
     """Read ``rel`` (the already URL-decoded ``?d=`` value, as Label Studio decodes it: once)."""
-    root = Path(settings.local_files_document_root).resolve()
-    p = (root / rel.lstrip("/")).resolve()
+    # The file, symlinks resolved, must lie under the root, or under the target of a symlink
+    # to a folder directly in the root: `faceloop up` serves each image folder through such a link
+    # (root/<name>-<hash> -> the folder; backend.cli._media_link). A link deeper down that points
+    # out of its folder is refused.
+    base = Path(settings.local_files_document_root)
+    root = base.resolve()
+    rel_n = os.path.normpath(rel.lstrip("/"))
+    if rel_n == ".." or rel_n.startswith("../"):
+        raise ImageError(f"local file {rel!r} is outside LOCAL_FILES_DOCUMENT_ROOT")
+    parts = Path(rel_n).parts if rel_n != "." else ()
+    if len(parts) > 1 and (base / parts[0]).is_symlink() and (base / parts[0]).is_dir():
+        root = (base / parts[0]).resolve()
+        parts = parts[1:]
+    p = root.joinpath(*parts).resolve()
     if root not in p.parents and p != root:
         raise ImageError(f"local file {rel!r} is outside LOCAL_FILES_DOCUMENT_ROOT")
     if not p.is_file():

@@ -168,14 +168,17 @@ def sync_local_storage(client, project_id: int, folder, storage_id: int | None =
     running it again after images were added creates only the new tasks.
 
     Args:
-        folder: absolute folder of images (must be under Label Studio's document root).
+        folder: folder of images, or a symlink to one (must be under Label Studio's document root;
+            kept as given, not resolved).
         storage_id: the storage made earlier for this folder, if known (else looked up by path).
     Returns: ``(storage_id, tasks_created)``.
     Raises: label_studio_sdk ApiError when Label Studio refuses the storage (e.g. outside the root).
     """
-    from pathlib import Path
+    import os
 
-    path = str(Path(folder).resolve())
+    # absolute, symlinks kept: a link under the document root is a valid storage path
+    # (Label Studio checks it lexically), its real target may lie outside the root
+    path = os.path.abspath(folder)
     sid = None
     for stg in client.import_storage.local.list(project=project_id):
         if (storage_id is not None and int(stg.id) == int(storage_id)) or (storage_id is None and _get(stg, "path") == path):

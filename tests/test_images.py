@@ -188,3 +188,18 @@ def test_decode_not_an_image_after_ultralytics_is_imported():
     with pytest.raises(ImageError, match="not a readable image"):
         decode_image(b"plain text, not an image", BIG)
     assert decode_image(jpeg_bytes(8, 6), BIG).width == 8
+
+
+def test_local_file_through_a_folder_link_in_the_root(settings, root, tmp_path):
+    # `faceloop up` links each image folder into its document root (root/<name>-<hash> -> folder)
+    folder = tmp_path / "elsewhere" / "faces"
+    folder.mkdir(parents=True)
+    write_jpeg(folder / "a.jpg", width=21, height=18)
+    (root / "faces-0123abcd").symlink_to(folder, target_is_directory=True)
+    assert load_image(local_url("faces-0123abcd/a.jpg"), settings).width == 21
+    # a link deeper down that leaves the linked folder stays refused
+    (folder / "out.jpg").symlink_to(tmp_path / "secret.jpg")
+    with pytest.raises(ImageError, match="outside LOCAL_FILES_DOCUMENT_ROOT"):
+        fetch_image_bytes(local_url("faces-0123abcd/out.jpg"), settings)
+    with pytest.raises(ImageError, match="outside LOCAL_FILES_DOCUMENT_ROOT"):
+        fetch_image_bytes(local_url("faces-0123abcd/../../secret.jpg"), settings)
