@@ -97,11 +97,13 @@ def parse_project_id(value) -> int:
 
 #: Prefix of every refusal of a label config (``/setup``, ``/predict``).
 CANNOT_SERVE = "faceloop cannot serve this label config"
+#: Prefix of the refusal of a project that belongs to another Label Studio (``/setup``).
+REFUSED_PROJECT = "faceloop refuses this project"
 #: Where ``/setup`` sends Label Studio when it refuses a label config (see :func:`refusal_path`).
 REFUSED_PREFIX = "/setup/refused/"
 
 
-def refusal_path(message: str, limit: int = 400) -> str:
+def refusal_path(message: str, limit: int = 400, prefix: str = CANNOT_SERVE) -> str:
     """The URL path that spells a refusal ``message`` for Label Studio to show.
 
     Label Studio 1.23.2 shows a person only ``str(requests.HTTPError)`` of a failed ``/setup``:
@@ -112,7 +114,7 @@ def refusal_path(message: str, limit: int = 400) -> str:
     with ``+`` and characters that would be percent-encoded in a URL are dropped, so it reads as
     text; cut to ``limit`` characters.
     """
-    text = f"{CANNOT_SERVE}: {message}".replace('"', "'")
+    text = f"{prefix}: {message}".replace('"', "'")
     keep = "".join(ch if (ch.isascii() and (ch.isalnum() or ch in " -_.~!$&'()*,;:=@")) else " " for ch in text)
     return REFUSED_PREFIX + "+".join(keep.split())[:limit]
 
@@ -357,7 +359,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                 headers={"Location": refusal_path(str(e))})
         with session_scope(settings.database_url) as s:
             # req.hostname is NOT stored: credentials go to LABEL_STUDIO_URL only (issue 9)
-            registry.upsert_project(s, pid, label_config=req.schema_)
+            try:
+                registry.upsert_project(s, pid, label_config=req.schema_, ls_instance=settings.label_studio_instance)
+            except registry.ProjectOfAnotherLabelStudio as e:  # shown as the URL, as a refused config
+                log.warning("/setup of project %s refused: %s", pid, e)
+                return JSONResponse({"detail": f"{REFUSED_PROJECT}: {e}"}, status_code=303,
+                                    headers={"Location": refusal_path(str(e), prefix=REFUSED_PROJECT)})
             try:
                 v = registry.promoted_version(s, pid, settings)
             except FileNotFoundError as e:
@@ -368,7 +375,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def setup_refused(reason: str, _=Depends(require_auth)):
         """Where /setup sends Label Studio for a label config it cannot serve (see refusal_path)."""
         text = reason.replace("+", " ")[:1000]
-        if not text.startswith(CANNOT_SERVE):
+        if not text.startswith((CANNOT_SERVE, REFUSED_PROJECT)):
             text = f"{CANNOT_SERVE}: {text}"
         return JSONResponse({"detail": text}, status_code=422)
 
@@ -401,7 +408,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             version = state.version  # served as is: nothing to write
         else:  # a new label config, or no version served yet (the shipped default is registered)
             with session_scope(settings.database_url) as s:
-                registry.upsert_project(s, pid, label_config=config)
+                try:
+                    registry.upsert_project(s, pid, label_config=config, ls_instance=settings.label_studio_instance)
+                except registry.ProjectOfAnotherLabelStudio as e:
+                    raise HTTPException(409, str(e))
                 try:
                     version = registry.promoted_version(s, pid, settings)
                 except FileNotFoundError as e:
@@ -479,7 +489,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         def run():
             if pid is not None:
                 with session_scope(settings.database_url) as s:
-                    known = s.get(Project, pid) is not None
+                    row = s.get(Project, pid)
+                    known = row is not None
+                    try:
+                        registry.check_instance(row, settings.label_studio_instance)
+                    except registry.ProjectOfAnotherLabelStudio as e:
+                        if action == "START_TRAINING":
+                            raise HTTPException(409, str(e))
+                        return {"status": "ignored", "reason": str(e)}
                 if not known:
                     if action == "START_TRAINING":
                         raise not_set_up(pid)

@@ -298,6 +298,7 @@ def up(
         except Exception as e:  # noqa: BLE001
             _fail(f"Label Studio did not accept the folder as a Local Files storage: {api_error_text(e)}")
         entry["storage_id"] = sid
+        _check_project_instance(pid, st.secrets.get("instance_id"))
         ml_id = connect_backend(client, pid, st.backend_url, basic_auth=st.basic_auth, webhook_secret=st.webhook_secret)
         from backend.status import status_link
 
@@ -349,6 +350,20 @@ def up(
     if failed:
         console.print("every service stopped", soft_wrap=True)
         raise typer.Exit(1)
+
+
+def _check_project_instance(pid: int, instance: str | None) -> None:
+    """Exit 1 with what to do when faceloop's database holds project ``pid`` of another Label
+    Studio (two stacks on one VAR_DIR or DATABASE_URL); the backend's ``/setup`` refuses it too."""
+    from backend.models import Project
+    from backend.registry import ProjectOfAnotherLabelStudio, check_instance
+
+    with _db() as s:
+        try:
+            check_instance(s.get(Project, pid), instance)
+        except ProjectOfAnotherLabelStudio as e:
+            _fail(f"{e} (this database: {get_settings().database_url.split('@')[-1]}). Nothing of that project "
+                  "was changed.")
 
 
 def _link_status_page(client, pid: int, status_url: str, entry: dict) -> bool:

@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     label_studio_url_aliases: str = Field(
         "", description="Comma-separated other base URLs of the same Label Studio (e.g. http://localhost:8080 "
         "beside http://127.0.0.1:8080). Credentials go only to LABEL_STUDIO_URL and these; never to /setup's hostname")
+    label_studio_instance: str = Field(
+        "", description="Identity of the Label Studio this backend serves (`faceloop up` sets one per stack): "
+        "a project row of another instance in the database is refused, never mixed; empty = no check")
     local_files_document_root: str = Field(
         "", description="If set, /data/local-files/?d=... URLs are read from this folder on disk"
     )

@@ -21,16 +21,40 @@ from facemodels.detector_meta import read_class_names
 from backend.hashing import file_sha256
 
 
+class ProjectOfAnotherLabelStudio(ValueError):
+    """A project id whose row in faceloop's database belongs to another Label Studio instance."""
+
+
+def check_instance(p: Project | None, ls_instance: str | None) -> None:
+    """Raise :class:`ProjectOfAnotherLabelStudio` when row ``p`` belongs to a Label Studio
+    instance other than ``ls_instance`` (both known, i.e. non-empty); else nothing."""
+    if p is not None and ls_instance and p.ls_instance and p.ls_instance != ls_instance:
+        raise ProjectOfAnotherLabelStudio(
+            f"project {p.id} in this faceloop database belongs to another Label Studio: two Label Studios "
+            f"must not share one database (project ids are theirs). Give each stack its own VAR_DIR "
+            f"(faceloop up --root DIR keeps it in DIR/var) or DATABASE_URL")
+
+
 def upsert_project(s: Session, project_id: int, label_config: str | None = None, title: str | None = None,
-                   ls_url: str | None = None, min_annotations: int | None = None) -> Project:
-    """Create or update the row of a Label Studio project; label config is parsed by the caller."""
+                   ls_url: str | None = None, min_annotations: int | None = None,
+                   ls_instance: str | None = None) -> Project:
+    """Create or update the row of a Label Studio project; label config is parsed by the caller.
+
+    ``ls_instance``: identity of the Label Studio asking (``Settings.label_studio_instance``);
+    recorded on a row that has none, and checked against one it has.
+    Raises: ProjectOfAnotherLabelStudio (nothing written) when the row belongs to another instance.
+    """
     p = s.get(Project, project_id)
+    check_instance(p, ls_instance)
     changed = p is None
     if p is None:  # first requests of a project may come at once (webhooks, /predict): made once, none fails
         from backend.db import insert_missing
 
-        insert_missing(s, Project(id=project_id))
+        insert_missing(s, Project(id=project_id, ls_instance=ls_instance or ""))
         p = s.get(Project, project_id)
+        check_instance(p, ls_instance)  # another instance's request inserted it first
+    if ls_instance and not p.ls_instance:
+        p.ls_instance, changed = ls_instance, True
     if label_config is not None and label_config != p.label_config:
         from backend.labels import ProjectSchema
 

@@ -101,7 +101,7 @@ def load_secrets(root: Path) -> tuple[dict, bool]:
     """The install's secrets (``root/secrets.json``, mode 0600), generated on first use.
 
     Returns: ``(secrets, created)``; keys ``ls_user``, ``ls_password``, ``basic_auth_user``,
-    ``basic_auth_pass``, ``webhook_secret``, ``ls_secret_key``. Values come from
+    ``basic_auth_pass``, ``webhook_secret``, ``ls_secret_key``, ``instance_id``. Values come from
     :func:`secrets.token_urlsafe`; a key missing from an older file is added.
     """
     path = Path(root) / SECRETS_FILE
@@ -114,7 +114,10 @@ def load_secrets(root: Path) -> tuple[dict, bool]:
               # which django-environ re-reads wrongly when the key holds "$" (taken as a reference
               # to another variable): a new key at the next start, every token invalid (seen in CI).
               # token_urlsafe has no such character.
-              "ls_secret_key": lambda: secrets.token_urlsafe(48)}
+              "ls_secret_key": lambda: secrets.token_urlsafe(48),
+              # identity of this stack's Label Studio (LABEL_STUDIO_INSTANCE of its backend and
+              # worker): the same across restarts and port changes, another for another stack
+              "instance_id": lambda: secrets.token_hex(8)}
     created = not data
     missing = [k for k in wanted if not data.get(k)]
     for k in missing:
@@ -418,7 +421,7 @@ class Stack:
             "LABEL_STUDIO_URL": self.ls_url, "LABEL_STUDIO_API_KEY": self.api_key,
             "CELERY_BROKER_URL": self.redis_url, "VAR_DIR": str(self.var_dir),
             "BASIC_AUTH_USER": user, "BASIC_AUTH_PASS": pw, "WEBHOOK_SECRET": self.webhook_secret,
-            "PYTHONUNBUFFERED": "1",
+            "LABEL_STUDIO_INSTANCE": self.secrets.get("instance_id", ""), "PYTHONUNBUFFERED": "1",
         })
         if self.document_root:
             env["LOCAL_FILES_DOCUMENT_ROOT"] = str(self.document_root)

@@ -39,7 +39,7 @@ def test_secrets_are_random_private_and_kept(tmp_path):
     a, created = stack.load_secrets(tmp_path)
     assert created and _mode(tmp_path / "secrets.json") == 0o600
     assert set(a) == {"ls_user", "ls_password", "basic_auth_user", "basic_auth_pass", "webhook_secret",
-                      "ls_secret_key"}
+                      "ls_secret_key", "instance_id"}
     assert len(a["ls_password"]) >= 20 and len(a["webhook_secret"]) >= 32
     # Label Studio's SECRET_KEY: long, and without "$" or "#", which its .env reader misreads
     assert len(a["ls_secret_key"]) >= 50 and not set(a["ls_secret_key"]) & set("$# '\"")
@@ -315,3 +315,59 @@ def test_db_copy_copies_into_an_empty_database_and_refuses_a_full_one(cli_env, t
         assert s.get(Project, 5) is not None
     r = runner.invoke(app, ["db-copy", target], env={"COLUMNS": "200"})
     assert r.exit_code == 1 and "already holds" in r.output, r.output
+
+
+def test_document_root_new_stack_is_its_media_folder_and_links_each_folder(tmp_path):
+    from typer import BadParameter
+
+    from backend.cli import _choose_document_root, _media_link
+
+    root = tmp_path / "stack"
+    a, b = tmp_path / "shared" / "faces", tmp_path / "elsewhere" / "faces"
+    a.mkdir(parents=True)
+    b.mkdir(parents=True)
+    media = root / "media"
+    assert _choose_document_root(a, None, None, root) == media  # new stack
+    assert _choose_document_root(b, None, str(media), root) == media  # any later folder, same root
+    la, lb = _media_link(media, a), _media_link(media, b)
+    assert la.parent == lb.parent == media and la != lb and la.name.startswith("faces-")
+    assert la.resolve() == a and lb.resolve() == b
+    assert _media_link(media, a) == la  # stable: the same link next time
+    # a stack made before: its recorded root (a folder of the user's) stays; another folder is
+    # refused with what to do, naming --root
+    assert _choose_document_root(a, None, str(tmp_path / "shared"), root) == tmp_path / "shared"
+    with pytest.raises(BadParameter, match="--root"):
+        _choose_document_root(b, None, str(tmp_path / "shared"), root)
+    with pytest.raises(BadParameter, match="not inside --document-root"):
+        _choose_document_root(b, tmp_path / "shared", None, root)
+
+
+def test_stack_var_dir_own_for_root_unless_set(tmp_path, monkeypatch):
+    from backend.cli import _stack_var_dir
+
+    default = tmp_path / "var"
+    monkeypatch.delenv("VAR_DIR", raising=False)
+    assert _stack_var_dir(tmp_path / "other", {}, default) == tmp_path / "other" / "var"
+    assert _stack_var_dir((default / "stack").resolve(), {}, default) == default
+    assert _stack_var_dir(tmp_path / "other", {"var_dir": "/x/y"}, default) == Path("/x/y")  # as recorded
+    monkeypatch.setenv("VAR_DIR", str(default))
+    assert _stack_var_dir(tmp_path / "other", {"var_dir": "/x/y"}, default) == default  # explicit wins
+
+
+def test_project_of_another_label_studio_is_refused(tmp_path):
+    from backend.registry import ProjectOfAnotherLabelStudio
+
+    db = f"sqlite:///{tmp_path / 'f.db'}"
+    with session_scope(db) as s:
+        upsert_project(s, 1, title="awake", ls_instance="aaaa")
+    with session_scope(db) as s:
+        with pytest.raises(ProjectOfAnotherLabelStudio, match="belongs to another Label Studio"):
+            upsert_project(s, 1, title="expressions", ls_instance="bbbb")
+        upsert_project(s, 1, title="awake 2", ls_instance="aaaa")  # the same instance (a restart)
+        upsert_project(s, 2, title="legacy")  # no instance known: no check, no claim
+    with session_scope(db) as s:
+        assert s.get(Project, 1).title == "awake 2" and s.get(Project, 1).ls_instance == "aaaa"
+        assert s.get(Project, 2).ls_instance == ""
+        upsert_project(s, 2, ls_instance="bbbb")  # the first instance that sets it up claims it
+    with session_scope(db) as s:
+        assert s.get(Project, 2).ls_instance == "bbbb"
