@@ -26,7 +26,7 @@ class Project(SQLModel, table=True):
     #: Identity of the Label Studio instance the project belongs to (LABEL_STUDIO_INSTANCE of the
     #: backend that set it up: ``faceloop up`` gives each stack one, kept across restarts and port
     #: changes); "" = not known yet (claimed by the first one). See registry.upsert_project.
-    ls_instance: str = ""
+    ls_instance: str = Field(default="", sa_column_kwargs={"server_default": text("''")})
     promoted_version_id: Optional[int] = Field(default=None, foreign_key="modelversion.id")
     min_annotations_to_start_training: int = 0
     updated_at: datetime = Field(default_factory=utcnow)

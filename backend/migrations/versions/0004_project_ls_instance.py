@@ -26,7 +26,7 @@ def upgrade() -> None:
     if "ls_instance" not in have:  # a database made by create_all with this model
         with op.batch_alter_table("project") as b:
             b.add_column(sa.Column("ls_instance", sa.String(), nullable=False,
-                                   server_default=""))
+                                   server_default=sa.text("''")))
 
 
 def downgrade() -> None:
