@@ -147,18 +147,14 @@ def _broker_reachable(url: str) -> str | None:
         return f"{e.__class__.__name__}: {e}"
 
 
-def _stack_var_dir(root: Path, state: dict, default: Path) -> Path:
-    """faceloop's state folder (VAR_DIR: database, models) for the stack at ``root``.
-
-    VAR_DIR set in the environment wins; else the one recorded by this stack's earlier runs
-    (``stack.json``); else ``default`` for the default stack (``VAR_DIR/stack``) and
+def _stack_var_dir(root: Path, default: Path) -> Path:
+    """faceloop's state folder (VAR_DIR: database, models) for the stack at ``root``: VAR_DIR set
+    in the environment wins; else ``default`` for the default stack (``VAR_DIR/stack``) and
     ``root/var`` for any other root (``--root``): two stacks never share a database unless told to.
     """
-    if os.environ.get("VAR_DIR"):
+    if os.environ.get("VAR_DIR") or root == (default / "stack").resolve():
         return default
-    if state.get("var_dir"):
-        return Path(state["var_dir"])
-    return default if root == (default / "stack").resolve() else root / "var"
+    return root / "var"
 
 
 #: Folder under the stack root that Label Studio serves local files from (stacks made since
@@ -256,7 +252,11 @@ def up(
     settings = get_settings()
     root = (root or _stack_root()).resolve()
     state = read_json(root / "stack.json")
-    var_dir = _stack_var_dir(root, state, settings.var_dir)
+    var_dir = _stack_var_dir(root, settings.var_dir)
+    if state.get("var_dir") and Path(state["var_dir"]) != var_dir:
+        console.print(f"[yellow]note: this stack kept its database and models in {state['var_dir']} before; "
+                      f"now in {var_dir} (a stack started with --root has its own). Set VAR_DIR="
+                      f"{state['var_dir']} to go on with the old ones.[/]", soft_wrap=True)
     if var_dir != settings.var_dir:  # this stack's own database and models, for every service
         os.environ["VAR_DIR"] = str(var_dir)
         get_settings.cache_clear()

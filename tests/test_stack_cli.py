@@ -158,6 +158,7 @@ def test_up_refuses_a_folder_outside_the_document_root(cli_env, tmp_path):
     (tmp_path / "b" / "x.jpg").write_bytes(b"x")
     r = runner.invoke(app, ["up", str(tmp_path / "b")])
     assert r.exit_code == 2 and "is not inside" in _flat(r.output), r.output
+    assert "--root" in _flat(r.output)  # what to do: a separate stack
 
 
 def test_api_error_text_drops_headers_and_cookies():
@@ -347,11 +348,10 @@ def test_stack_var_dir_own_for_root_unless_set(tmp_path, monkeypatch):
 
     default = tmp_path / "var"
     monkeypatch.delenv("VAR_DIR", raising=False)
-    assert _stack_var_dir(tmp_path / "other", {}, default) == tmp_path / "other" / "var"
-    assert _stack_var_dir((default / "stack").resolve(), {}, default) == default
-    assert _stack_var_dir(tmp_path / "other", {"var_dir": "/x/y"}, default) == Path("/x/y")  # as recorded
+    assert _stack_var_dir(tmp_path / "other", default) == tmp_path / "other" / "var"  # --root DIR: DIR/var
+    assert _stack_var_dir((default / "stack").resolve(), default) == default
     monkeypatch.setenv("VAR_DIR", str(default))
-    assert _stack_var_dir(tmp_path / "other", {"var_dir": "/x/y"}, default) == default  # explicit wins
+    assert _stack_var_dir(tmp_path / "other", default) == default  # set explicitly: it wins
 
 
 def test_project_of_another_label_studio_is_refused(tmp_path):
