@@ -225,17 +225,20 @@ def up(
     config: str = typer.Option("awake_sleep", help="Label config in label_config/ (name) or an XML path"),
     title: Optional[str] = typer.Option(None, help="Project title (default: faces: <folder name>)"),
     new: bool = typer.Option(False, "--new", help="Create a new project even if one exists for this folder + config"),
-    root: Optional[Path] = typer.Option(None, help="Folder for the services' data, secrets and logs "
-                                                   "(default VAR_DIR/stack; kept between runs)"),
-    document_root: Optional[Path] = typer.Option(None, help="Label Studio's local-files root: a parent of IMAGES "
-                                                            "(default: the first run's, else IMAGES' parent)"),
+    root: Optional[Path] = typer.Option(None, help="Folder of the stack: services' data, secrets, logs (default "
+                                                   "VAR_DIR/stack; kept between runs). Another folder: a separate "
+                                                   "stack, its database and models in ROOT/var unless VAR_DIR is set"),
+    document_root: Optional[Path] = typer.Option(None, help="Label Studio's local-files root, a parent of IMAGES "
+                                                            "(default: the stack's; a new stack's is ROOT/media, "
+                                                            "where each image folder is linked)"),
     ls_port: Optional[int] = typer.Option(None, help="Label Studio port (default: last run's, else 8080, else free)"),
     backend_port: Optional[int] = typer.Option(None, help="Backend port (default: last run's, else 9090, else free)"),
     redis_port: Optional[int] = typer.Option(None, help="Redis port (default: last run's, else 6379, else free)"),
     exit_after_setup: bool = typer.Option(False, help="Stop the services once the project is ready"),
 ):
     """Start Redis, Label Studio, the backend and a worker; open (or create) the project of IMAGES
-    and CONFIG with the images as a Local Files storage; connect the backend with auth on.
+    and CONFIG with the images as a Local Files storage (any number of folders on one stack:
+    each is linked into ROOT/media, Label Studio's document root); connect the backend with auth on.
     A service that dies is restarted (backoff 1-16 s); one that keeps dying (5 restarts within
     10 minutes) stops everything, exit code 1."""
     import hashlib
