@@ -16,7 +16,7 @@ from backend.app import create_app
 from backend.config import DEFAULT_MODEL_PATH, REPO_ROOT
 from backend.db import session_scope
 from backend.hashing import file_sha256
-from backend.models import TrainingJob, WebhookEvent
+from backend.models import Project, TrainingJob, WebhookEvent
 from tests.helpers_unit import POLYGON_CONFIG, config_text, jpeg_bytes, local_url, make_settings, write_jpeg
 
 PROJECT = "1.1795968202"  # Label Studio's "<id>.<created_ts>"
@@ -377,3 +377,29 @@ def test_webhook_needs_auth_when_basic_auth_is_set(tmp_path):
     hook = {"action": "PROJECT_UPDATED", "project": {"id": 1}}
     assert c.post("/webhook", json=hook).status_code == 401
     assert c.post("/webhook", json=hook, headers=_basic("ls", "pw")).status_code == 200
+
+
+def test_two_label_studios_on_one_database_never_mix(tmp_path):
+    # two stacks' backends (LABEL_STUDIO_INSTANCE a, b) on one database: both Label Studios have a
+    # project 7; the second one's /setup, webhooks and Start Training are refused, the row is kept
+    a = make_settings(tmp_path, label_studio_instance="aaaa")
+    b = make_settings(tmp_path, label_studio_instance="bbbb")
+    ca = TestClient(create_app(a), client=LOOPBACK, raise_server_exceptions=False)
+    cb = TestClient(create_app(b), client=LOOPBACK, raise_server_exceptions=False)
+    assert _setup(ca, project=7, schema=config_text("awake_sleep")).status_code == 200
+    r = _setup(cb, project=7)  # Label Studio follows the 303 to a URL that spells the reason
+    assert r.status_code == 422 and "faceloop refuses this project" in r.json()["detail"], r.text
+    assert "another+Label+Studio" in str(r.url) and "VAR_DIR" in r.json()["detail"]
+    hook = {"action": "ANNOTATION_CREATED", "project": {"id": 7, "title": "expressions",
+                                                        "label_config": config_text("face_expressions")}}
+    r = cb.post("/webhook", json=hook)
+    assert r.status_code == 200 and r.json()["status"] == "ignored" and "another Label Studio" in r.json()["reason"]
+    assert cb.post("/webhook", json={**hook, "action": "START_TRAINING"}).status_code == 409
+    with session_scope(a.database_url) as s:
+        row = s.get(Project, 7)
+        assert row.ls_instance == "aaaa" and "awake" in row.labels_json and row.title != "expressions"
+    assert _jobs(a, 7) == []
+    # the same Label Studio after a restart (same instance, any port): served as before
+    ca2 = TestClient(create_app(make_settings(tmp_path, label_studio_instance="aaaa",
+                                              label_studio_url="http://127.0.0.1:8181")), client=LOOPBACK)
+    assert _setup(ca2, project=7, schema=config_text("awake_sleep")).status_code == 200
