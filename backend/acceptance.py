@@ -548,7 +548,7 @@ class AcceptanceCollector:
 
     Gauges (counts can go down when annotations are deleted or edited), labelled by
     ``project`` and ``model_version``:
-    ``faceloop_prelabel_boxes{outcome=predicted|accepted|relabelled|moved|deleted|drawn}``,
+    ``faceloop_prelabel_boxes{outcome=predicted|accepted|relabelled|class_picked|moved|deleted|drawn}``,
     ``faceloop_prelabel_choices{outcome=predicted|accepted|changed|removed|by_hand}`` (image-level
     choices of Choices projects) and ``faceloop_prelabel_annotations`` (annotations started from a
     prediction).
@@ -573,7 +573,7 @@ class AcceptanceCollector:
             log.warning("acceptance metrics not read: %s", e)
             rows = []
         for r in rows:
-            for outcome in ("predicted", "accepted", "relabelled", "moved", "deleted", "drawn"):
+            for outcome in ("predicted", "accepted", "relabelled", "class_picked", "moved", "deleted", "drawn"):
                 boxes.add_metric([str(r.project_id), r.model_version, outcome], getattr(r, outcome))
             for outcome in ("predicted", "accepted", "changed", "removed", "by_hand"):
                 choices.add_metric([str(r.project_id), r.model_version, outcome], getattr(r, f"choices_{outcome}"))
