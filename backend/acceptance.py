@@ -15,7 +15,8 @@ For each box of the parent prediction (regions with ``x, y, width, height``; the
 the ``rectanglelabels``/``labels``/``choices`` values of the result items sharing the region id):
 
 - **accepted**: still there, same box (every side within :data:`BOX_TOLERANCE_PCT`) and labels;
-- **relabelled**: same box, other labels;
+- **relabelled**: same box, other labels; **class picked** counts those whose predicted box had
+  no label (a face found without a class, shown grey: the box was right, the class was added);
 - **moved**: moved or resized (its labels may have changed too; ``moved_relabelled`` counts those);
 - **deleted**: not in the annotation.
 
@@ -70,7 +71,8 @@ class Counts(SQLModel):
     """Counts of one or many annotations (see the module docstring for each field).
 
     ``predicted`` boxes = accepted + relabelled + moved + deleted (``moved_relabelled`` is the part
-    of ``moved`` whose label changed too); ``drawn``: boxes drawn by hand. ``choices_predicted``:
+    of ``moved`` whose label changed too; ``class_picked`` the part of ``relabelled`` predicted
+    without a label: revision ``0004_class_picked``); ``drawn``: boxes drawn by hand. ``choices_predicted``:
     image-level choices in predictions (one per prediction and Choices control) =
     ``choices_accepted + choices_changed + choices_removed``; ``choices_by_hand``: choices made
     where the prediction had none. The stored table :class:`PrelabelAcceptance` has these columns
@@ -81,6 +83,7 @@ class Counts(SQLModel):
     predicted: int = 0
     accepted: int = 0
     relabelled: int = 0
+    class_picked: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     moved: int = 0
     moved_relabelled: int = 0
     deleted: int = 0
@@ -104,6 +107,12 @@ class Counts(SQLModel):
     def acceptance_rate(self) -> float:
         """Accepted / predicted boxes (0-1); 0 when none were predicted."""
         return self.accepted / self.predicted if self.predicted else 0.0
+
+    @property
+    def box_kept_rate(self) -> float:
+        """Boxes kept where they were (accepted + relabelled) / predicted boxes (0-1): the share
+        of boxes a person did not move, delete or redraw; 0 when none were predicted."""
+        return (self.accepted + self.relabelled) / self.predicted if self.predicted else 0.0
 
     @property
     def choice_acceptance_rate(self) -> float:
@@ -260,6 +269,8 @@ def compare(prediction_result: list | None, annotation_result: list | None,
                 c.accepted += 1
             else:
                 c.relabelled += 1
+                if not pred[p]["labels"]:  # a grey box (face without a class) kept, class picked
+                    c.class_picked += 1
         else:
             c.moved += 1
             if not same_labels:
@@ -537,7 +548,7 @@ class AcceptanceCollector:
 
     Gauges (counts can go down when annotations are deleted or edited), labelled by
     ``project`` and ``model_version``:
-    ``faceloop_prelabel_boxes{outcome=predicted|accepted|relabelled|moved|deleted|drawn}``,
+    ``faceloop_prelabel_boxes{outcome=predicted|accepted|relabelled|class_picked|moved|deleted|drawn}``,
     ``faceloop_prelabel_choices{outcome=predicted|accepted|changed|removed|by_hand}`` (image-level
     choices of Choices projects) and ``faceloop_prelabel_annotations`` (annotations started from a
     prediction).
@@ -562,7 +573,7 @@ class AcceptanceCollector:
             log.warning("acceptance metrics not read: %s", e)
             rows = []
         for r in rows:
-            for outcome in ("predicted", "accepted", "relabelled", "moved", "deleted", "drawn"):
+            for outcome in ("predicted", "accepted", "relabelled", "class_picked", "moved", "deleted", "drawn"):
                 boxes.add_metric([str(r.project_id), r.model_version, outcome], getattr(r, outcome))
             for outcome in ("predicted", "accepted", "changed", "removed", "by_hand"):
                 choices.add_metric([str(r.project_id), r.model_version, outcome], getattr(r, f"choices_{outcome}"))

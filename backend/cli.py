@@ -340,7 +340,8 @@ def up(
                 time.sleep(1)
                 sup.check()
         except KeyboardInterrupt:
-            pass
+            console.print("\nstopping: the worker, the backend and Label Studio, then Redis (at most 30 s)...",
+                          soft_wrap=True, markup=False, highlight=False)
         except ServiceFailed as e:
             console.print(f"error: {e}", soft_wrap=True, markup=False, highlight=False)
             failed = True
@@ -350,8 +351,8 @@ def up(
         _fail(f"Label Studio answered {api_error_text(e)}; see {root / 'logs'}")  # no headers, no cookies
     finally:
         st.stop()
+    console.print("every service stopped", soft_wrap=True)
     if failed:
-        console.print("every service stopped", soft_wrap=True)
         raise typer.Exit(1)
 
 

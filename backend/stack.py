@@ -510,20 +510,30 @@ class Stack:
         return [ln.rstrip() for ln in text.splitlines() if ln.strip()][-lines:]
 
     def stop(self):
-        """Stop every process (SIGTERM to its process group, then SIGKILL after 15 s) and mark the
-        state file as not running (the recorded ports and projects stay for the next start)."""
-        for name, p in reversed(list(self.procs.items())):
-            if p.poll() is None:
+        """Stop every process and mark the state file as not running (the recorded ports and
+        projects stay for the next start).
+
+        Redis goes last: the worker, the backend and Label Studio get SIGTERM (to their process
+        groups) first, SIGKILL after 15 s, and only then Redis (SIGTERM, SIGKILL after 15 s). A
+        worker stopped in the middle of a training keeps its broker until it is gone, so the job
+        is not failed by a refused Redis connection; a training killed at 15 s is found by the
+        next start's recovery sweep (``ml_worker.tasks.recover_lost_jobs``), which queues it again.
+        """
+        names = list(self.procs)
+        for group in ([n for n in names if n != "redis"], [n for n in names if n == "redis"]):
+            for name in reversed(group):
+                p = self.procs[name]
+                if p.poll() is None:
+                    try:
+                        os.killpg(p.pid, signal.SIGTERM)
+                    except ProcessLookupError:
+                        pass
+            deadline = time.time() + 15
+            for name in group:
                 try:
-                    os.killpg(p.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        deadline = time.time() + 15
-        for p in self.procs.values():
-            try:
-                p.wait(max(0.1, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                _kill_group(p)  # and reap it: gone before we return, not an orphan
+                    self.procs[name].wait(max(0.1, deadline - time.time()))
+                except subprocess.TimeoutExpired:
+                    _kill_group(self.procs[name])  # and reap it: gone before we return, not an orphan
         had = bool(self.procs)
         self.procs.clear()
         if had and self.state_path.exists():

@@ -343,6 +343,8 @@ def _acc_view(r: acceptance.PrelabelAcceptance) -> dict:
     return {"version": r.model_version, "annotations": r.annotations, "predicted": r.predicted,
             "accepted": r.accepted, "relabelled": r.relabelled, "moved": r.moved, "deleted": r.deleted,
             "drawn": r.drawn, "rate": _fmt(r.accepted / r.predicted, "pct") if r.predicted else "–",
+            "class_picked": r.class_picked,
+            "kept_rate": _fmt(r.box_kept_rate, "pct") if r.predicted else "–",
             "boxes": bool(r.predicted or r.drawn), "choices": bool(r.choices_predicted or r.choices_by_hand),
             "choices_predicted": r.choices_predicted, "choices_accepted": r.choices_accepted,
             "choices_changed": r.choices_changed, "choices_removed": r.choices_removed,

@@ -133,8 +133,13 @@ def train(self, job_id: int) -> dict:
                 s.get(TrainingJob, job_id).celery_id = self.request.id
 
         def progress(fields):
+            # Celery's PROGRESS state is a courtesy (the job row holds the progress): a broker
+            # that is gone for a moment (stopping, restarting) must not fail the training
             if self.request.id:
-                self.update_state(state="PROGRESS", meta={k: v for k, v in fields.items() if k != "metrics"})
+                try:
+                    self.update_state(state="PROGRESS", meta={k: v for k, v in fields.items() if k != "metrics"})
+                except (redis.RedisError, OSError) as e:
+                    log.warning("job %s: progress not sent to the result backend: %s", job_id, e)
 
         try:
             outcome = run_training(settings, job_id, progress)

@@ -69,6 +69,17 @@ def test_editor_suffix_on_region_ids_is_ignored():
     assert compare(pred, ann).accepted == 1
 
 
+def test_grey_box_given_its_class_counts_as_class_picked():
+    """Day 0 of a project with new classes: faces are found without a class (grey boxes). A person
+    who keeps the box and picks its class relabelled it, and its box was right: class_picked."""
+    grey = PRED[3]
+    ann = [region(grey["id"], 5, 60, 10, 12, ["sleep"], origin="prediction-changed")]
+    c = compare([grey, PRED[0]], ann)
+    assert (c.predicted, c.accepted, c.relabelled, c.class_picked, c.deleted) == (2, 0, 1, 1, 1)
+    assert c.acceptance_rate == 0.0 and c.box_kept_rate == pytest.approx(0.5)
+    assert compare(PRED[1:2], [region(PRED[1]["id"], 40, 12, 18, 22, ["sleep"])]).class_picked == 0  # had a class
+
+
 def test_moved_and_relabelled_box_counts_as_moved_and_in_moved_relabelled():
     ann = [region(PRED[0]["id"], 12, 10, 20, 25, ["sleep"])]
     c = compare(PRED[:1], ann)

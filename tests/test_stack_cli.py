@@ -371,3 +371,34 @@ def test_project_of_another_label_studio_is_refused(tmp_path):
         upsert_project(s, 2, ls_instance="bbbb")  # the first instance that sets it up claims it
     with session_scope(db) as s:
         assert s.get(Project, 2).ls_instance == "bbbb"
+
+
+def test_stop_stops_redis_after_the_other_services(tmp_path):
+    """Ctrl-C under `faceloop up`: the worker, the backend and Label Studio are gone before Redis
+    gets its SIGTERM, so a worker that stops in the middle of a training still reaches its broker
+    (a new user's job was failed with "Error 111 connecting to 127.0.0.1:6379")."""
+    import subprocess
+    import sys
+    import time
+
+    from backend.stack import Stack
+
+    prog = ("import signal, sys, time\n"
+            "def term(*_):\n"
+            "    time.sleep(float(sys.argv[2]))\n"
+            "    open(sys.argv[1], 'a').write(f'{time.time():.6f}\\n')\n"
+            "    sys.exit(0)\n"
+            "signal.signal(signal.SIGTERM, term)\n"
+            "open(sys.argv[1] + '.ready', 'w').close()\n"
+            "while True: time.sleep(0.05)\n")
+    st = Stack(root=tmp_path)
+    for name, linger in (("redis", 0.0), ("label-studio", 0.2), ("backend", 0.2), ("worker", 1.0)):
+        st.procs[name] = subprocess.Popen([sys.executable, "-c", prog, str(tmp_path / name), str(linger)],
+                                          start_new_session=True)
+    deadline = time.time() + 30
+    while not all((tmp_path / f"{n}.ready").exists() for n in st.procs) and time.time() < deadline:
+        time.sleep(0.05)
+    st.stop()
+    ended = {n: float((tmp_path / n).read_text()) for n in ("redis", "label-studio", "backend", "worker")}
+    assert ended["redis"] > max(ended["worker"], ended["backend"], ended["label-studio"]), ended
+    assert not st.procs

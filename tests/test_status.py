@@ -99,8 +99,8 @@ def populated(settings, tmp_path):
         s.add(TaskScore(project_id=PID, task_id=104, model_version="v2", uncertainty=1, least_confidence=1,
                         margin=1, entropy=1, error="image is truncated (0 of 5120 bytes)"))
         ids = {"v2": v2.id, "v3": v3.id}
-    store(settings, PID, {"v2": Counts(annotations=5, predicted=12, accepted=9, relabelled=1, moved=1, deleted=1,
-                                       drawn=3)})
+    store(settings, PID, {"v2": Counts(annotations=5, predicted=12, accepted=9, relabelled=1, class_picked=1, moved=1,
+                                       deleted=1, drawn=3)})
     return ids
 
 
@@ -124,6 +124,7 @@ def test_project_page_shows_job_versions_acceptance_queue_and_errors(client, pop
     assert "mAP50 0.712 &gt; 0.650 (+0.062)" in html and "kept v2" in html
     assert "0.712" in html and "0.650" in html and "64.0%" in html  # candidate and current figures
     assert 'id="acceptance-v2"' in html and "75.0%" in html  # 9 of 12 boxes accepted
+    assert "83.3%" in html and "grey box given its class" in html  # 9 + 1 of 12 boxes kept where they were
     assert html.index("task 105") < html.index("task 101") < html.index("task 103")  # queue by rank
     assert f'src="{PID}/tasks/105/thumb.jpg"' in html and "task 106" not in html
     assert "image is truncated (0 of 5120 bytes)" in html

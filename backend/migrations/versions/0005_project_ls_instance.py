@@ -1,7 +1,7 @@
 """The Label Studio instance a project belongs to.
 
-Revision ID: 0004_project_ls_instance
-Revises: 0003_choice_acceptance
+Revision ID: 0005_project_ls_instance
+Revises: 0004_class_picked
 Create Date: 2026-11-30
 
 Adds ``project.ls_instance`` (string, "" for rows made before: the first Label Studio that sets
@@ -15,8 +15,8 @@ from typing import Sequence, Union
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0004_project_ls_instance"
-down_revision: Union[str, Sequence[str], None] = "0003_choice_acceptance"
+revision: str = "0005_project_ls_instance"
+down_revision: Union[str, Sequence[str], None] = "0004_class_picked"
 branch_labels: Union[str, Sequence[str], None] = None
 depends_on: Union[str, Sequence[str], None] = None
 
