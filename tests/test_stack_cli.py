@@ -402,3 +402,28 @@ def test_stop_stops_redis_after_the_other_services(tmp_path):
     ended = {n: float((tmp_path / n).read_text()) for n in ("redis", "label-studio", "backend", "worker")}
     assert ended["redis"] > max(ended["worker"], ended["backend"], ended["label-studio"]), ended
     assert not st.procs
+
+
+def test_other_commands_find_a_root_stack_by_its_var_dir(tmp_path, monkeypatch):
+    # `faceloop up --root DIR` keeps its state in DIR/var: `VAR_DIR=DIR/var faceloop queue 1`
+    # finds its Label Studio and Redis in DIR/stack.json
+    from backend.cli import _use_running_stack
+
+    for k in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "CELERY_BROKER_URL"):
+        monkeypatch.delenv(k, raising=False)
+    d = tmp_path / "second"
+    (d / "var").mkdir(parents=True)
+    state = {"running": True, "pids": {"redis": os.getpid(), "label-studio": os.getpid()},
+             "ls_url": "http://127.0.0.1:18080", "redis_url": "redis://127.0.0.1:16379/0", "var_dir": str(d / "var")}
+    (d / "stack.json").write_text(json.dumps(state))
+    monkeypatch.setenv("VAR_DIR", str(d / "var"))
+    get_settings.cache_clear()
+    try:
+        assert _use_running_stack()["ls_url"] == "http://127.0.0.1:18080"
+        assert os.environ["LABEL_STUDIO_URL"] == "http://127.0.0.1:18080"
+        monkeypatch.delenv("LABEL_STUDIO_URL")
+        state["var_dir"] = str(tmp_path / "elsewhere")  # a stack whose state is not this VAR_DIR
+        (d / "stack.json").write_text(json.dumps(state))
+        assert _use_running_stack() is None
+    finally:
+        get_settings.cache_clear()
