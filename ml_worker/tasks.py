@@ -9,7 +9,11 @@
   (e.g. Label Studio down) is visible on the run and never fails the training whose version is
   already promoted and served (issue 9 §6).
 - ``faceloop.score(project_id, run_id=None)``: score the whole unlabelled pool (scoring run
-  ``run_id``, or a new ``manual`` one) (:func:`run_scoring`).
+  ``run_id``, or a new ``manual`` one) (:func:`run_scoring`). A pool of more than
+  ``SCORE_CHUNK_SIZE`` tasks is split: a Celery chord of ``faceloop.score_chunk`` (one chunk each,
+  plain results, retried; any worker of the ``score`` queue) whose callback ``faceloop.score_finish``
+  stores the scores, ranks the queue and writes back once; ``faceloop.score_failed`` fails the run
+  when a chunk fails for good and queues one ``recovery`` run (:func:`send_chunks`).
 - ``faceloop.preannotate(project_id, task_ids)``: pre-annotate new tasks in bulk (a ``new_tasks`` run).
 
 Worker faults (issue 9 §6): the lock has a short TTL (``JOB_HEARTBEAT_TTL_S``, 45 s) and a
