@@ -10,6 +10,11 @@ queue ranked, write-back queued). Label Studio is not involved: the pool is give
 ``read_pool`` would return, and the write-back stays in the outbox (nothing listens at the
 Label Studio URL).
 
+Each worker runs in a session of its own (``setsid``): with the kernel's autogroup scheduling
+(``/proc/sys/kernel/sched_autogroup_enabled`` = 1) all processes of one session share one
+group's CPU share, so two workers started from one shell get no more CPU than one on a machine
+busy with other sessions; two machines, or two sessions, do not share it.
+
 One worker vs two: both workers run throughout; for "one worker" the second stops consuming the
 ``score`` queue (Celery remote control ``cancel_consumer``), so the configurations are interleaved
 (1, 2, 1, 2, ...) on a machine whose load changes. Reports each run and the median ratio.
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import socket
 import statistics
@@ -105,7 +111,7 @@ def main() -> None:
                  "-Q", "score", "-c", "1", "-n", names[k], "--loglevel", "INFO", "--without-gossip",
                  "--without-mingle", "--without-heartbeat"],
                 env={**env, "VAR_DIR": str(tmp / f"var{k}")}, cwd=tmp, stdout=open(logs[k], "wb"),
-                stderr=subprocess.STDOUT))
+                stderr=subprocess.STDOUT, start_new_session=True))  # own session: own autogroup (below)
         for log in logs:
             _wait_for(log, "ready.")
         capp = make_celery(settings)
@@ -123,6 +129,27 @@ def main() -> None:
                         return time.time() - t0
                 time.sleep(0.05)
 
+        def times(log: Path, task: str) -> list[float]:  # seconds of each finished task, from Celery's INFO line
+            return [float(x) for x in re.findall(rf"Task faceloop\.{task}\[[0-9a-f-]+\] succeeded in ([0-9.]+)s",
+                                                  log.read_text(errors="replace"))]
+
+        def cpu_s(pid: int) -> float:  # user + system CPU seconds of a worker and its pool processes (/proc)
+            pids = [pid] + [int(c) for c in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True,
+                                                           text=True).stdout.split()]
+            total = 0
+            for p in pids:
+                try:
+                    fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+                    total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
+                except (OSError, IndexError, ValueError):
+                    pass
+            return total / os.sysconf("SC_CLK_TCK")
+
+        workers = procs[1:]
+
+        def done(log: Path) -> int:  # chunks this worker finished so far
+            return len(times(log, "score_chunk"))
+
         # warm-up: every worker loads the model (more chunks than workers)
         run({**plan, "todo": todo[: 4 * args.chunk], "pool": plan["pool"][: 4 * args.chunk],
              "n_unlabelled": 4 * args.chunk})
@@ -135,9 +162,20 @@ def main() -> None:
                     capp.control.add_consumer("score", destination=[names[1]], reply=True, timeout=5)
                 time.sleep(1.0)
                 load = os.getloadavg()[0]
+                before = [done(log) for log in logs]
+                fin0 = [len(times(log, "score_finish")) for log in logs]
+                cpu0 = [cpu_s(w.pid) for w in workers]
                 sec = run(plan)
+                time.sleep(0.5)  # the finish step's INFO line follows its database write
+                cpu = sum(cpu_s(w.pid) for w in workers) - sum(cpu0)
                 rows.append({"rep": rep, "workers": n, "seconds": round(sec, 2),
-                             "images_per_s": round(len(todo) / sec, 1), "load1": round(load, 2)})
+                             "images_per_s": round(len(todo) / sec, 1), "load1": round(load, 2),
+                             "chunks_by_worker": [done(log) - b for log, b in zip(logs, before)],
+                             "chunk_busy_s_by_worker": [round(sum(times(log, "score_chunk")[b:]), 2)
+                                                        for log, b in zip(logs, before)],
+                             "worker_cpu_s": round(cpu, 2), "images_per_cpu_s": round(len(todo) / cpu, 1),
+                             "finish_s": round(sum(t for log, f in zip(logs, fin0)
+                                                   for t in times(log, "score_finish")[f:]), 2)})
                 print(json.dumps(rows[-1]), flush=True)
         ones = [r["images_per_s"] for r in rows if r["workers"] == 1]
         twos = [r["images_per_s"] for r in rows if r["workers"] == 2]
