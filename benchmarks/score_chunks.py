@@ -134,7 +134,7 @@ def main() -> None:
                                                   log.read_text(errors="replace"))]
 
         def cpu_s(pid: int) -> float:  # user + system CPU seconds of a worker and its pool processes (/proc)
-            pids = [pid] + [int(c) for c in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True,
+            pids = [pid] + [int(c) for c in subprocess.run(["pgrep", "-P", str(pid)], check=False, capture_output=True,
                                                            text=True).stdout.split()]
             total = 0
             for p in pids:

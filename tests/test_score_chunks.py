@@ -9,6 +9,7 @@ queued). The Celery chord itself runs in ``tests/test_score_workers.py``.
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -111,7 +112,7 @@ def test_chunked_scoring_stores_what_one_pass_stores(setup, tmp_path):
     assert ranks == list(range(N_TASKS + 1))  # every scored task ranked once, the failed one last
     assert chunked[100 + N_TASKS][5] == N_TASKS and chunked[100 + N_TASKS][7]
     good_rows = sorted((v for v in chunked.values() if not v[7]), key=lambda v: v[5])
-    assert all(a[0] >= b[0] for a, b in zip(good_rows, good_rows[1:]))  # monotone: most uncertain first
+    assert all(a[0] >= b[0] for a, b in itertools.pairwise(good_rows))  # monotone: most uncertain first
     assert sum(v[6] for v in chunked.values()) == BATCH
     assert set(chunked_preds) == {r["task_id"] for r in good}
 
@@ -125,7 +126,7 @@ def test_chunked_scoring_stores_what_one_pass_stores(setup, tmp_path):
             db.delete(r)
         for r in db.exec(select(OutboxWrite)).all():
             db.delete(r)
-    import ml_worker.scoring as scoring
+    from ml_worker import scoring
 
     saved = scoring.SCORE_CHUNK
     scoring.SCORE_CHUNK = CHUNK  # the same forward batches as the chunks
@@ -160,8 +161,8 @@ def test_finish_refuses_results_that_do_not_match_the_plan(setup):
 def test_a_chunk_that_fails_for_good_fails_the_run_and_queues_a_recovery(setup, monkeypatch):
     """The chord's error callback (``faceloop.score_failed``, called as Celery calls it: request,
     exception, traceback, then its own argument)."""
-    s, plan = setup
-    import ml_worker.tasks as tasks
+    s, _ = setup
+    from ml_worker import tasks
 
     monkeypatch.setattr(tasks, "get_settings", lambda: s)
     run_id = tasks.new_scoring_run(s, PID, "manual")
@@ -184,7 +185,7 @@ def test_finish_task_orders_chunk_results_by_the_plan(setup, monkeypatch):
     """``faceloop.score_finish`` (the chord's callback) matches results to tasks by id, records
     the run, and refuses a missing chunk without storing anything."""
     s, plan = setup
-    import ml_worker.tasks as tasks
+    from ml_worker import tasks
 
     monkeypatch.setattr(tasks, "get_settings", lambda: s)
     meta = {k: v for k, v in plan.items() if k != "todo"} | {"todo_ids": [t["id"] for t in plan["todo"]]}

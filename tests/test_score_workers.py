@@ -16,6 +16,7 @@ of 4 ``faceloop.score_chunk`` tasks and ``faceloop.score_finish``. Checked:
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import signal
@@ -72,13 +73,14 @@ def _kill_pool_process_mid_chunk(w: Worker, run_id: int, timeout: float = 300) -
     process stays, as when the kernel kills a child out of memory)."""
     mark = f"scoring run {run_id}: chunk of"
     _wait(lambda: mark in w.text(), f"a chunk of run {run_id} on {w.name}", timeout=timeout, poll=0.05)
-    children = subprocess.run(["pgrep", "-P", str(w.proc.pid)], capture_output=True, text=True).stdout.split()
+    children = subprocess.run(["pgrep", "-P", str(w.proc.pid)], check=False, capture_output=True,
+                              text=True).stdout.split()
     assert children, "the worker has no pool process"
     for c in children:
         os.kill(int(c), signal.SIGKILL)
 
 
-def test_two_workers_score_one_pool_in_chunks(ls_stack, tmp_path):
+def test_two_workers_score_one_pool_in_chunks(ls_stack, tmp_path):  # noqa: F811 (the imported fixture)
     data = require_data()
     from label_studio_sdk import LabelStudio
 
@@ -118,7 +120,7 @@ def test_two_workers_score_one_pool_in_chunks(ls_stack, tmp_path):
         assert sorted(two) == sorted(ids)
         assert sorted(v[6] for v in two.values()) == list(range(N_POOL))
         queue = sorted(two.values(), key=lambda v: v[6])
-        assert all(x[1] >= y[1] for x, y in zip(queue, queue[1:]))
+        assert all(x[1] >= y[1] for x, y in itertools.pairwise(queue))
         assert sum(v[7] for v in two.values()) == BATCH
         _wait(lambda: _run(url, run.id).write_state == "done", "the write-back to Label Studio", timeout=120)
         for tid in ids:
