@@ -1,7 +1,8 @@
 """Two workers score ONE project's pool in chunks (issue 12: "scoring chunks in parallel").
 
 Real parts, as in ``tests/test_workers.py`` (whose ``Worker`` and stack this reuses): redis-server
-(broker and Celery result backend), Label Studio, a SQLite file shared by two ``faceloop worker``
+(broker and Celery result backend), Label Studio, one database (a SQLite file, and PostgreSQL when
+its binaries are here) shared by two ``faceloop worker``
 processes with different ``VAR_DIR``s, the shipped default model, awake/sleep images uploaded to
 Label Studio. ``SCORE_CHUNK_SIZE=16`` over a pool of 64 tasks: ``faceloop.score`` sends a chord
 of 4 ``faceloop.score_chunk`` tasks and ``faceloop.score_finish``. Checked:
@@ -27,7 +28,7 @@ import pytest
 from sqlmodel import select
 
 from tests.conftest import require_data
-from tests.test_workers import Worker, _restart_backend, _wait, ls_stack  # noqa: F401 (fixture)
+from tests.test_workers import Worker, _restart_backend, _wait, ls_stack, shared_db  # noqa: F401 (fixtures)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -80,7 +81,7 @@ def _kill_pool_process_mid_chunk(w: Worker, run_id: int, timeout: float = 300) -
         os.kill(int(c), signal.SIGKILL)
 
 
-def test_two_workers_score_one_pool_in_chunks(ls_stack, tmp_path):  # noqa: F811 (the imported fixture)
+def test_two_workers_score_one_pool_in_chunks(ls_stack, shared_db, tmp_path):  # noqa: F811 (imported fixtures)
     data = require_data()
     from label_studio_sdk import LabelStudio
 
@@ -89,8 +90,9 @@ def test_two_workers_score_one_pool_in_chunks(ls_stack, tmp_path):  # noqa: F811
     from tests.helpers_unit import make_settings
 
     st = ls_stack
-    url = f"sqlite:///{(tmp_path / 'db').resolve() / 'faceloop.db'}"
-    (tmp_path / "db").mkdir()
+    url = shared_db
+    if url.startswith("sqlite"):
+        (tmp_path / "db").mkdir(exist_ok=True)
     _restart_backend(st, url)
     env = {"DATABASE_URL": url, "CELERY_BROKER_URL": st.redis_url, "LABEL_STUDIO_URL": st.ls_url,
            "LABEL_STUDIO_API_KEY": st.api_key, **ENV}
@@ -149,7 +151,7 @@ def test_two_workers_score_one_pool_in_chunks(ls_stack, tmp_path):  # noqa: F811
         assert run.state == "succeeded", run.error
         assert len(_chunks(a)) - before == N_POOL // CHUNK
         assert _scores(url, pid) == two
-        print(f"\nSCORE CHUNKS: {N_POOL} tasks in chunks of {CHUNK}: two workers {two_s:.1f} s "
+        print(f"\nSCORE CHUNKS ({url.split(':')[0]}): {N_POOL} tasks in chunks of {CHUNK}: two workers {two_s:.1f} s "
               f"(chunks {[len(v) for v in by.values()]}), one worker {one_s:.1f} s (not a benchmark: the "
               f"workers share 2 loaded cores), chunk {killed} killed mid-way and scored again")
     finally:
