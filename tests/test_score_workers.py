@@ -12,7 +12,9 @@ of 4 ``faceloop.score_chunk`` tasks and ``faceloop.score_finish``. Checked:
   reached Label Studio;
 - a worker's pool process killed (SIGKILL) in the middle of a chunk loses nothing: the chunk is
   redelivered (``task_acks_late``, ``task_reject_on_worker_lost``) and the run succeeds;
-- the stored scores, ranks and query batch equal those of a run by one worker alone.
+- the stored scores, ranks and query batch equal those of a run by one worker alone;
+- chunks that fail for good (retried 3 times) fail the run with the reason, through the chord's
+  error callback, and one ``recovery`` run is queued and sent by the recovery pass.
 """
 
 from __future__ import annotations
@@ -151,6 +153,30 @@ def test_two_workers_score_one_pool_in_chunks(ls_stack, shared_db, tmp_path):  #
         assert run.state == "succeeded", run.error
         assert len(_chunks(a)) - before == N_POOL // CHUNK
         assert _scores(url, pid) == two
+        # 4. chunks that fail for good (the promoted version's files are nowhere): each chunk is
+        # retried, then the chord's error callback fails the run with the reason and queues one
+        # recovery run, which the recovery pass sends and which is not re-run when it fails too
+        from backend.db import session_scope
+        from backend.models import ModelVersion, Project, ScoringRun
+
+        with session_scope(url) as s:
+            lost = ModelVersion(project_id=pid, version=f"p{pid}-lost", path="/nonexistent/lost/best.pt",
+                                sha256="0" * 64, status="promoted")
+            s.add(lost)
+            s.flush()
+            s.get(Project, pid).promoted_version_id = lost.id
+        run = _score(settings, url, pid)
+        assert run.state == "failed" and "a scoring chunk failed for good" in run.error, run.error
+        assert "attempt 4" in a.text()  # three retries before giving up
+
+        def later():
+            with session_scope(url) as s:
+                return s.exec(select(ScoringRun).where(ScoringRun.id > run.id)).all()
+
+        rec = _wait(lambda: (r := later()) and r[0].state in ("succeeded", "failed") and r, "the recovery run")
+        assert [(r.trigger, r.state) for r in rec] == [("recovery", "failed")], [(r.trigger, r.state) for r in rec]
+        time.sleep(12)  # two more recovery passes: nothing else is queued
+        assert len(later()) == 1
         print(f"\nSCORE CHUNKS ({url.split(':')[0]}): {N_POOL} tasks in chunks of {CHUNK}: two workers {two_s:.1f} s "
               f"(chunks {[len(v) for v in by.values()]}), one worker {one_s:.1f} s (not a benchmark: the "
               f"workers share 2 loaded cores), chunk {killed} killed mid-way and scored again")
