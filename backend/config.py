@@ -116,6 +116,9 @@ class Settings(BaseSettings):
     query_strategy: str = Field(
         "", description="Query-batch strategy (ml_worker.sampler.STRATEGIES); '' = ml_worker.sampler.DEFAULT_QUERY_STRATEGY")
     review_view_title: str = "Review queue"
+    score_chunk_size: int = Field(
+        64, ge=0, description="Tasks per chunk when a scoring run of the whole pool is split over workers (Celery chord, "
+        "ml_worker.tasks); a pool of at most this many tasks is scored by one task; 0 = never split")
 
     @field_validator("uncertainty_measure", "aggregation", "query_strategy")
     @classmethod

@@ -30,7 +30,7 @@ from backend.db import session_scope
 from backend.images import ls_client
 from backend.labels import ProjectSchema
 from backend.lsapi import snapshot
-from backend.models import Project, TaskScore, utcnow
+from backend.models import ModelVersion, Project, TaskScore, utcnow
 from backend.predict import predict_tasks, to_ls_prediction
 from ml_worker.outbox import deliver, enqueue_write_back, pending_writes
 from ml_worker.sampler import DEFAULT_QUERY_STRATEGY, TIE_DECIMALS, USES_LABELLED, queue_order
@@ -55,10 +55,212 @@ class ScoreOutcome:
     pending_writes: int = 0
 
 
+def read_pool(settings: Settings, project_id: int, task_ids: list[int] | None = None) -> dict:
+    """Step 1 of a scoring: what to score, read once from the database and Label Studio.
+
+    Args:
+        project_id: Label Studio project id.
+        task_ids: only these tasks (new tasks); default every unlabelled task.
+    Returns: the plan, a JSON-serialisable dict (it travels in Celery messages):
+        ``project_id``, ``version`` (the promoted version's name, fixed for the whole run),
+        ``ls_url``, ``label_config``, ``measure`` (the uncertainty measure), ``todo`` (``[{"id",
+        "data"}]``: the tasks to score, the unlabelled ones first), ``n_unlabelled`` (how many of
+        ``todo`` are unlabelled; the rest are labelled tasks that strategies of
+        :data:`ml_worker.sampler.USES_LABELLED` embed), ``pool`` (ids of every unlabelled task),
+        ``existing`` (ids of tasks to score that already hold a prediction of ``version``),
+        ``has_version`` (some task holds one), ``partial`` (``task_ids`` was given).
+    Raises: Label Studio errors while reading the project or its tasks (nothing is stored then).
+    """
+    with session_scope(settings.database_url) as s:
+        proj = s.get(Project, project_id) or registry.upsert_project(s, project_id)
+        ls_url = proj.ls_url or settings.label_studio_url
+        vname = registry.promoted_version(s, project_id, settings).version
+    client = ls_client(settings, ls_url)
+    config = client.projects.get(id=project_id).label_config
+    everything = snapshot(client, project_id)
+    tasks = [t for t in everything if t.result is None]
+    if task_ids is not None:
+        wanted = set(task_ids)
+        tasks = [t for t in tasks if t.id in wanted]
+    strategy = settings.query_strategy or DEFAULT_QUERY_STRATEGY
+    # strategies that place the batch relative to what is labelled need the labelled images too
+    labelled = [t for t in everything if t.result is not None] if strategy in USES_LABELLED else []
+    return {"project_id": project_id, "version": vname, "ls_url": ls_url, "label_config": config,
+            "measure": settings.uncertainty_measure,
+            "todo": [{"id": t.id, "data": t.data} for t in tasks + labelled], "n_unlabelled": len(tasks),
+            "pool": [t.id for t in everything if t.result is None],
+            "existing": [t.id for t in tasks if vname in t.prediction_versions],
+            "has_version": any(vname in t.prediction_versions for t in everything), "partial": task_ids is not None}
+
+
+def _version_model(settings: Settings, project_id: int, version: str, model_cache=None):
+    """The loaded model of ``version`` (by name: the one the plan fixed, even if another was
+    promoted since), materialised from the model store. Raises LookupError for an unknown version."""
+    import modelstore
+    from facemodels.detector import ModelCache
+
+    with session_scope(settings.database_url) as s:
+        v = s.exec(select(ModelVersion).where(ModelVersion.project_id == project_id,
+                                              ModelVersion.version == version)).first()
+        if v is None:
+            raise LookupError(f"project {project_id} has no model version {version!r}")
+        s.expunge(v)
+    return (model_cache or ModelCache(settings.device)).get(modelstore.model_path(settings, v))
+
+
+def score_chunk(settings: Settings, plan: dict, tasks: list[dict], model_cache=None) -> list[dict]:
+    """Step 2 of a scoring: predict one chunk of the plan's tasks, into plain results.
+
+    Pure: it writes nothing (a chunk run twice, e.g. redelivered after its worker died, gives the
+    same results). Forward batches of :data:`SCORE_CHUNK` tasks.
+
+    Args:
+        plan: from :func:`read_pool` (``todo`` is not needed here).
+        tasks: ``[{"id", "data"}]``, a slice of ``plan["todo"]``.
+    Returns: one JSON-serialisable dict per task, in order: ``task_id``, ``error`` (None, or why
+        the image failed), ``uncertainty`` (``{"least_confidence", "margin", "entropy"}`` 0-1 and
+        ``n_boxes``; None on error), ``embedding`` (list of floats or None) and ``prediction``
+        (the Label Studio prediction dict of :func:`backend.predict.to_ls_prediction`; None on error).
+    Raises: LookupError (unknown version), model store errors; a bad image never raises.
+    """
+    model = _version_model(settings, plan["project_id"], plan["version"], model_cache)
+    schema = ProjectSchema.parse(plan["label_config"])
+    out = []
+    for i in range(0, len(tasks), SCORE_CHUNK):
+        for p in predict_tasks(tasks[i : i + SCORE_CHUNK], schema, model, settings, ls_url=plan["ls_url"], embed=True):
+            ok = p.error is None
+            u = p.uncertainty
+            out.append({
+                "task_id": p.task_id, "error": p.error,
+                "uncertainty": {"least_confidence": float(u.least_confidence), "margin": float(u.margin),
+                                "entropy": float(u.entropy), "n_boxes": int(u.n_boxes)} if ok else None,
+                "embedding": [float(x) for x in np.asarray(p.embedding).ravel()] if ok and p.embedding is not None
+                else None,
+                "prediction": to_ls_prediction(p, schema, plan["version"], plan["measure"]) if ok else None})
+    return out
+
+
+def finish_scoring(settings: Settings, plan: dict, results: list[dict], run_id: int | None = None,
+                   t0: float | None = None) -> ScoreOutcome:
+    """Step 3 of a scoring: store the scores, rank the queue, write back to Label Studio once.
+
+    Writes a :class:`backend.models.TaskScore` per scored task, chooses the query batch
+    (``settings.query_strategy``; diversity over the embeddings), ranks the review queue
+    (:func:`rerank`) and queues the write-back through the outbox in the same transaction, then
+    tries to deliver it. Idempotent: run again with the same results it leaves the same rows.
+
+    Args:
+        plan: from :func:`read_pool`; without ``todo`` it needs ``todo_ids`` (the ids of ``todo``).
+        results: :func:`score_chunk`'s results for the whole of ``plan["todo"]``, in its order
+            (the chunks' results concatenated).
+        run_id: the :class:`backend.models.ScoringRun` this is; its outbox rows name it.
+        t0: when the run started (Unix seconds), for ``seconds``.
+    Returns: :class:`ScoreOutcome` (see :func:`score_pool`).
+    Raises: ValueError when ``results`` do not match ``plan["todo"]`` (nothing is stored then).
+    """
+    t0 = time.time() if t0 is None else t0
+    project_id, vname, measure = plan["project_id"], plan["version"], plan["measure"]
+    want = [t["id"] for t in plan["todo"]] if "todo" in plan else plan["todo_ids"]
+    got = [r["task_id"] for r in results]
+    if got != want:
+        raise ValueError(f"scoring results for {len(got)} tasks do not match the plan's {len(want)} tasks")
+    n = plan["n_unlabelled"]
+    preds = results[:n]
+    lab_emb = [np.asarray(r["embedding"]) for r in results[n:] if r["error"] is None and r["embedding"] is not None]
+    good = [p for p in preds if p["error"] is None]
+
+    def unc_of(p, m):
+        v = p["uncertainty"].get(m)
+        return float("nan") if v is None else v
+
+    strategy = settings.query_strategy or DEFAULT_QUERY_STRATEGY
+    unc = {m: np.array([unc_of(p, m) for p in good]) for m in ("least_confidence", "margin", "entropy")}
+    batch: list[int] = []
+    order: list[int] = []  # task ids in review-queue order (ties of uncertainty broken by diversity)
+    if good:
+        dim = next((len(p["embedding"]) for p in good if p["embedding"] is not None), 1)
+        emb = np.stack([np.asarray(p["embedding"]) if p["embedding"] is not None else np.zeros(dim) for p in good])
+        picks = select_batch(strategy, unc, settings.query_batch_size, embeddings=emb,
+                             rng=np.random.default_rng(settings.seed),
+                             labelled_embeddings=np.stack(lab_emb) if lab_emb else None)
+        batch = [good[i]["task_id"] for i in picks]
+        order = [good[i]["task_id"] for i in queue_order(np.array([_unit(unc_of(p, measure)) for p in good]), emb)]
+    with session_scope(settings.database_url) as s:
+        for p in preds:
+            row = s.exec(select(TaskScore).where(TaskScore.project_id == project_id,
+                                                 TaskScore.task_id == p["task_id"],
+                                                 TaskScore.model_version == vname)).first()
+            if row is None:
+                row = TaskScore(project_id=project_id, task_id=p["task_id"], model_version=vname, uncertainty=1.0,
+                                least_confidence=1.0, margin=1.0, entropy=1.0)
+                s.add(row)
+            if p["error"] is None:
+                u = p["uncertainty"]
+                row.uncertainty, row.least_confidence, row.margin, row.entropy = (
+                    _unit(u.get(measure)), _unit(u["least_confidence"]), _unit(u["margin"]), _unit(u["entropy"]))
+                row.n_boxes, row.error = u["n_boxes"], ""
+            else:
+                row.error = p["error"]
+            row.scored_at = utcnow()
+        s.flush()
+        batch = rerank(s, project_id, vname, set(plan["pool"]), settings.query_batch_size,
+                       picks=None if plan["partial"] else batch, order=order)
+        existing = set(plan["existing"])
+        tie_break = tie_offsets(order, {p["task_id"]: _unit(unc_of(p, measure)) for p in good})
+        payload = []
+        for p in good:
+            if p["task_id"] in existing:
+                continue
+            d = p["prediction"]
+            score = round(d["score"] + tie_break.get(p["task_id"], 0.0), 9)
+            payload.append({"task": p["task_id"], "model_version": vname, "score": score, "result": d["result"]})
+        # Label Studio refuses a project model_version no prediction has (400): set it only when one will
+        has_predictions = bool(payload) or plan["has_version"]
+        enqueue_write_back(s, project_id, vname, payload, settings.review_view_title, run_id=run_id,
+                           set_version=has_predictions)
+    # the scores and the writes are committed together; now try to deliver (the recovery pass retries)
+    stats = deliver(settings, project_id)
+    pending = len(pending_writes(settings, project_id))
+    if pending:
+        log.warning("project %s: %d Label Studio writes pending (retried every RECOVERY_INTERVAL_S)", project_id,
+                    pending)
+    for p in preds:
+        if p["error"]:
+            log.warning("project %s task %s not scored: %s", project_id, p["task_id"], p["error"])
+    return ScoreOutcome(vname, len(good), stats["acknowledged"], len(preds) - len(good), round(time.time() - t0, 2),
+                        batch, pending)
+
+
+def chunks_of(plan: dict, size: int) -> list[list[dict]]:
+    """The plan's ``todo`` cut into chunks of ``size`` tasks (the last one shorter); one chunk
+    when ``size`` is 0 or the pool is no larger."""
+    todo = plan["todo"]
+    if size <= 0 or len(todo) <= size:
+        return [todo]
+    return [todo[i : i + size] for i in range(0, len(todo), size)]
+
+
+def score_plan(settings: Settings, plan: dict, progress: Callable[[int, int], None] | None = None,
+               model_cache=None, run_id: int | None = None, t0: float | None = None) -> ScoreOutcome:
+    """Steps 2 and 3 in this process: score the plan's tasks :data:`SCORE_CHUNK` at a time, then
+    :func:`finish_scoring`. ``progress`` is called with ``(done, total)`` after each chunk."""
+    from facemodels.detector import ModelCache
+
+    cache = model_cache or ModelCache(settings.device)
+    todo, results = plan["todo"], []
+    for i in range(0, len(todo), SCORE_CHUNK):
+        results.extend(score_chunk(settings, plan, todo[i : i + SCORE_CHUNK], cache))
+        if progress:
+            progress(min(i + SCORE_CHUNK, len(todo)), len(todo))
+    return finish_scoring(settings, plan, results, run_id=run_id, t0=t0)
+
+
 def score_pool(settings: Settings, project_id: int, task_ids: list[int] | None = None,
                progress: Callable[[int, int], None] | None = None, model_cache=None,
                run_id: int | None = None) -> ScoreOutcome:
-    """Score unlabelled tasks with the promoted version and queue them for review.
+    """Score unlabelled tasks with the promoted version and queue them for review, in this process
+    (:func:`read_pool`, :func:`score_chunk` per :data:`SCORE_CHUNK` tasks, :func:`finish_scoring`;
+    ``faceloop.score`` spreads the chunks of a large pool over the workers instead).
 
     The query batch is chosen by ``settings.query_strategy`` (default
     :data:`ml_worker.sampler.DEFAULT_QUERY_STRATEGY`); strategies that use the labelled images
@@ -75,97 +277,9 @@ def score_pool(settings: Settings, project_id: int, task_ids: list[int] | None =
         delivered (Label Studio unreachable: the recovery pass retries them).
     Raises: Label Studio errors while reading the project or its tasks (nothing is stored then).
     """
-    from facemodels.detector import ModelCache
-
     t0 = time.time()
-    with session_scope(settings.database_url) as s:
-        proj = s.get(Project, project_id) or registry.upsert_project(s, project_id)
-        ls_url = proj.ls_url or settings.label_studio_url
-        version = registry.promoted_version(s, project_id, settings)
-        vname = version.version
-    import modelstore
-
-    vpath = modelstore.model_path(settings, version)  # from the database's model store
-    client = ls_client(settings, ls_url)
-    config = client.projects.get(id=project_id).label_config
-    schema = ProjectSchema.parse(config)
-    everything = snapshot(client, project_id)
-    tasks = [t for t in everything if t.result is None]
-    if task_ids is not None:
-        wanted = set(task_ids)
-        tasks = [t for t in tasks if t.id in wanted]
-    model = (model_cache or ModelCache(settings.device)).get(vpath)
-    strategy = settings.query_strategy or DEFAULT_QUERY_STRATEGY
-    # strategies that place the batch relative to what is labelled need the labelled images too
-    labelled = [t for t in everything if t.result is not None] if strategy in USES_LABELLED else []
-    todo = tasks + labelled
-    preds = []
-    for i in range(0, len(todo), SCORE_CHUNK):
-        chunk = todo[i : i + SCORE_CHUNK]
-        preds.extend(predict_tasks([{"id": t.id, "data": t.data} for t in chunk], schema, model, settings,
-                                   ls_url=ls_url, embed=True))
-        if progress:
-            progress(min(i + SCORE_CHUNK, len(todo)), len(todo))
-    lab_emb = [p.embedding for p in preds[len(tasks):] if p.error is None and p.embedding is not None]
-    preds = preds[: len(tasks)]
-    good = [p for p in preds if p.error is None]
-    measure = settings.uncertainty_measure
-    unc = {m: np.array([p.uncertainty.get(m) for p in good]) for m in ("least_confidence", "margin", "entropy")}
-    batch: list[int] = []
-    order: list[int] = []  # task ids in review-queue order (ties of uncertainty broken by diversity)
-    if good:
-        dim = next((len(p.embedding) for p in good if p.embedding is not None), 1)
-        emb = np.stack([p.embedding if p.embedding is not None else np.zeros(dim) for p in good])
-        picks = select_batch(strategy, unc, settings.query_batch_size, embeddings=emb,
-                             rng=np.random.default_rng(settings.seed),
-                             labelled_embeddings=np.stack(lab_emb) if lab_emb else None)
-        batch = [good[i].task_id for i in picks]
-        order = [good[i].task_id for i in queue_order(
-            np.array([_unit(p.uncertainty.get(measure)) for p in good]), emb)]
-    with session_scope(settings.database_url) as s:
-        for p in preds:
-            row = s.exec(select(TaskScore).where(TaskScore.project_id == project_id, TaskScore.task_id == p.task_id,
-                                                 TaskScore.model_version == vname)).first()
-            if row is None:
-                row = TaskScore(project_id=project_id, task_id=p.task_id, model_version=vname, uncertainty=1.0,
-                                least_confidence=1.0, margin=1.0, entropy=1.0)
-                s.add(row)
-            if p.error is None:
-                u = p.uncertainty
-                row.uncertainty, row.least_confidence, row.margin, row.entropy = (
-                    _unit(u.get(measure)), _unit(u.least_confidence), _unit(u.margin), _unit(u.entropy))
-                row.n_boxes, row.error = u.n_boxes, ""
-            else:
-                row.error = p.error
-            row.scored_at = utcnow()
-        s.flush()
-        pool = {t.id for t in everything if t.result is None}
-        batch = rerank(s, project_id, vname, pool, settings.query_batch_size,
-                       picks=batch if task_ids is None else None, order=order)
-        existing = {t.id for t in tasks if vname in t.prediction_versions}
-        tie_break = tie_offsets(order, {p.task_id: _unit(p.uncertainty.get(measure)) for p in good})
-        payload = []
-        for p in good:
-            if p.task_id in existing:
-                continue
-            d = to_ls_prediction(p, schema, vname, measure)
-            score = round(d["score"] + tie_break.get(p.task_id, 0.0), 9)
-            payload.append({"task": p.task_id, "model_version": vname, "score": score, "result": d["result"]})
-        # Label Studio refuses a project model_version no prediction has (400): set it only when one will
-        has_predictions = bool(payload) or any(vname in t.prediction_versions for t in everything)
-        enqueue_write_back(s, project_id, vname, payload, settings.review_view_title, run_id=run_id,
-                           set_version=has_predictions)
-    # the scores and the writes are committed together; now try to deliver (the recovery pass retries)
-    stats = deliver(settings, project_id)
-    pending = len(pending_writes(settings, project_id))
-    if pending:
-        log.warning("project %s: %d Label Studio writes pending (retried every RECOVERY_INTERVAL_S)", project_id,
-                    pending)
-    for p in preds:
-        if p.error:
-            log.warning("project %s task %s not scored: %s", project_id, p.task_id, p.error)
-    return ScoreOutcome(vname, len(good), stats["acknowledged"], len(preds) - len(good), round(time.time() - t0, 2),
-                        batch, pending)
+    plan = read_pool(settings, project_id, task_ids)
+    return score_plan(settings, plan, progress=progress, model_cache=model_cache, run_id=run_id, t0=t0)
 
 
 def _unit(x) -> float:

@@ -9,7 +9,11 @@
   (e.g. Label Studio down) is visible on the run and never fails the training whose version is
   already promoted and served (issue 9 §6).
 - ``faceloop.score(project_id, run_id=None)``: score the whole unlabelled pool (scoring run
-  ``run_id``, or a new ``manual`` one) (:func:`run_scoring`).
+  ``run_id``, or a new ``manual`` one) (:func:`run_scoring`). A pool of more than
+  ``SCORE_CHUNK_SIZE`` tasks is split: a Celery chord of ``faceloop.score_chunk`` (one chunk each,
+  plain results, retried; any worker of the ``score`` queue) whose callback ``faceloop.score_finish``
+  stores the scores, ranks the queue and writes back once; ``faceloop.score_failed`` fails the run
+  when a chunk fails for good and queues one ``recovery`` run (:func:`send_chunks`).
 - ``faceloop.preannotate(project_id, task_ids)``: pre-annotate new tasks in bulk (a ``new_tasks`` run).
 
 Worker faults (issue 9 §6): the lock has a short TTL (``JOB_HEARTBEAT_TTL_S``, 45 s) and a
@@ -185,13 +189,37 @@ def claim_scoring(settings, run_id: int) -> bool:
         return res.rowcount == 1
 
 
-def run_scoring(settings, run_id: int, task_ids: list[int] | None = None, progress=None) -> dict:
+def _fail_run(settings, run_id: int, e: Exception, what: str = "") -> None:
+    with session_scope(settings.database_url) as s:
+        r = s.get(ScoringRun, run_id)
+        r.state, r.stage, r.finished_at = "failed", "failed", utcnow()
+        # the message only (an SDK ApiError's str() holds response headers and cookies)
+        r.error = what + api_error_text(e) + "\n" + "".join(traceback.format_tb(e.__traceback__, limit=5))
+
+
+def _succeed_run(settings, run_id: int, o) -> dict:
+    with session_scope(settings.database_url) as s:
+        r = s.get(ScoringRun, run_id)
+        r.state, r.stage, r.finished_at = "succeeded", "done", utcnow()
+        r.model_version, r.scored, r.failed = o.model_version, o.scored, o.failed
+    return {"run": run_id, "state": "succeeded", "version": o.model_version, "scored": o.scored,
+            "written": o.written, "pending_writes": o.pending_writes, "failed": o.failed}
+
+
+def run_scoring(settings, run_id: int, task_ids: list[int] | None = None, progress=None,
+                chunked: bool = False) -> dict:
     """Score the pool for scoring run ``run_id`` and record the outcome on the run.
 
+    Args:
+        chunked: split a pool of more than ``settings.score_chunk_size`` tasks into chunks that
+            any worker of the ``score`` queue scores (a Celery chord of ``faceloop.score_chunk``
+            with ``faceloop.score_finish`` as its callback: :func:`send_chunks`); the run stays
+            ``running`` until the callback records it. Only inside a worker (it sends messages).
     Returns: ``{"run", "state", ...}``; a failure is stored as ``state = failed`` with the error
-    (one line, no response headers) and returned, never raised.
+        (one line, no response headers) and returned, never raised. A chunked run returns
+        ``state = running`` with ``chunks`` (how many were sent).
     """
-    from ml_worker.scoring import score_pool
+    from ml_worker.scoring import chunks_of, read_pool, score_plan
 
     with session_scope(settings.database_url) as s:
         run = s.get(ScoringRun, run_id)
@@ -200,21 +228,126 @@ def run_scoring(settings, run_id: int, task_ids: list[int] | None = None, progre
         pid = run.project_id
     if not claim_scoring(settings, run_id):
         return {"run": run_id, "state": "not queued (already run)"}
+    t0 = time.time()
     try:
-        o = score_pool(settings, pid, task_ids=task_ids, progress=progress, run_id=run_id)
+        plan = read_pool(settings, pid, task_ids)
+        parts = chunks_of(plan, settings.score_chunk_size) if chunked else [plan["todo"]]
+        if len(parts) > 1:
+            send_chunks(settings, run_id, plan, parts, t0)
+            return {"run": run_id, "state": "running", "version": plan["version"], "tasks": len(plan["todo"]),
+                    "chunks": len(parts)}
+        o = score_plan(settings, plan, progress=progress, run_id=run_id, t0=t0)
     except Exception as e:
         log.exception("scoring run %s of project %s failed", run_id, pid)
-        with session_scope(settings.database_url) as s:
-            r = s.get(ScoringRun, run_id)
-            r.state, r.stage, r.finished_at = "failed", "failed", utcnow()
-            r.error = api_error_text(e) + "\n" + "".join(traceback.format_tb(e.__traceback__, limit=5))
+        _fail_run(settings, run_id, e)
         return {"run": run_id, "state": "failed", "error": api_error_text(e)}
+    return _succeed_run(settings, run_id, o)
+
+
+def send_chunks(settings, run_id: int, plan: dict, parts: list[list[dict]], t0: float) -> list[str]:
+    """Send a scoring run's chunks as a Celery chord on the ``score`` queue.
+
+    Header: one ``faceloop.score_chunk(run_id, plan, tasks)`` per part (pure, retried on error,
+    redelivered when its worker dies: ``task_acks_late``); callback: ``faceloop.score_finish``
+    (results through the Redis result backend, in header order); error callback of the chord:
+    ``faceloop.score_failed`` (a chunk that failed for good fails the run). The plan travels
+    without the tasks' data (each chunk carries its own). Records the stage on the run.
+
+    Returns: the chunks' Celery ids. Raises: broker errors (the caller fails the run).
+    """
+    from celery import chord
+
+    meta = {k: v for k, v in plan.items() if k != "todo"}
+    meta["todo_ids"] = [t["id"] for t in plan["todo"]]
+    chunk_meta = {k: meta[k] for k in ("project_id", "version", "ls_url", "label_config", "measure")}
+    header = [score_chunk.s(run_id, chunk_meta, part).set(queue="score") for part in parts]
+    ids = [str(sig.freeze().id) for sig in header]
+    body = score_finish.s(run_id, meta, t0, ids).set(queue="score")
+    body.link_error(score_failed.s(run_id))
     with session_scope(settings.database_url) as s:
         r = s.get(ScoringRun, run_id)
-        r.state, r.stage, r.finished_at = "succeeded", "done", utcnow()
-        r.model_version, r.scored, r.failed = o.model_version, o.scored, o.failed
-    return {"run": run_id, "state": "succeeded", "version": o.model_version, "scored": o.scored,
-            "written": o.written, "pending_writes": o.pending_writes, "failed": o.failed}
+        r.model_version = plan["version"]
+        r.stage = f"scoring {len(plan['todo'])} tasks in {len(parts)} chunks"
+    chord(header, app=app)(body)
+    log.info("scoring run %s: %d tasks sent in %d chunks of at most %d", run_id, len(plan["todo"]), len(parts),
+             max(len(p) for p in parts))
+    return ids
+
+
+_MODELS = None  # this worker process's loaded models (a chunk after another one of the same version loads nothing)
+
+
+def _model_cache(settings):
+    global _MODELS
+    if _MODELS is None:
+        from facemodels.detector import ModelCache
+
+        _MODELS = ModelCache(settings.device)
+    return _MODELS
+
+
+@app.task(bind=True, name="faceloop.score_chunk", autoretry_for=(Exception,), max_retries=3, retry_backoff=2,
+          retry_backoff_max=30, retry_jitter=False)
+def score_chunk(self, run_id: int, plan: dict, tasks: list[dict]) -> list[dict]:
+    """Score one chunk of scoring run ``run_id`` (:func:`ml_worker.scoring.score_chunk`): plain
+    results, nothing written. Retried 3 times (2, 4, 8 s apart) on any error; a bad image is a
+    result (its error), not an error."""
+    from ml_worker.scoring import score_chunk as score_tasks
+
+    settings = get_settings()
+    log.info("scoring run %s: chunk of %d tasks (%s..%s), attempt %d", run_id, len(tasks),
+             tasks[0]["id"] if tasks else "-", tasks[-1]["id"] if tasks else "-", self.request.retries + 1)
+    return score_tasks(settings, plan, tasks, _model_cache(settings))
+
+
+@app.task(bind=True, name="faceloop.score_finish")
+def score_finish(self, results: list[list[dict]], run_id: int, plan: dict, t0: float,
+                 chunk_ids: list[str]) -> dict:
+    """The chord's callback: store the scores of every chunk, rank the queue and write back once
+    (:func:`ml_worker.scoring.finish_scoring`), then record the run and forget the chunks' results."""
+    from ml_worker.scoring import finish_scoring
+
+    settings = get_settings()
+    with session_scope(settings.database_url) as s:
+        r = s.get(ScoringRun, run_id)
+        if r is None or r.state != "running":
+            return {"run": run_id, "state": f"not running ({r.state if r else 'unknown scoring run'})"}
+        pid = r.project_id
+    try:
+        by_id = {x["task_id"]: x for part in results for x in part}
+        missing = [t for t in plan["todo_ids"] if t not in by_id]
+        if missing:
+            raise ValueError(f"chunks returned no result for {len(missing)} tasks (first {missing[:5]})")
+        o = finish_scoring(settings, plan, [by_id[t] for t in plan["todo_ids"]], run_id=run_id, t0=t0)
+    except Exception as e:
+        log.exception("scoring run %s of project %s failed while finishing", run_id, pid)
+        _fail_run(settings, run_id, e)
+        return {"run": run_id, "state": "failed", "error": api_error_text(e)}
+    out = _succeed_run(settings, run_id, o)
+    for cid in chunk_ids:  # the chunks' results (embeddings) need not stay in Redis for result_expires
+        try:
+            app.AsyncResult(cid).forget()
+        except Exception as e:
+            log.warning("could not forget chunk result %s: %s", cid, e.__class__.__name__)
+    return {**out, "chunks": len(chunk_ids)}
+
+
+@app.task(name="faceloop.score_failed")
+def score_failed(request, exc, tb, run_id: int) -> None:
+    """Error callback of a chunked run's chord: a chunk failed for good (after its retries) or the
+    callback could not run. Fails the run with the reason and records a ``recovery`` scoring run of
+    the project (unless this one was a recovery run), which the recovery pass (:func:`sweep`) sends."""
+    settings = get_settings()
+    with session_scope(settings.database_url) as s:
+        r = s.get(ScoringRun, run_id)
+        if r is None or r.state != "running":
+            return
+        pid, again = r.project_id, r.trigger != RECOVERY_TRIGGER
+    _fail_run(settings, run_id, exc if isinstance(exc, BaseException) else RuntimeError(str(exc)),
+              what="a scoring chunk failed for good: ")
+    if again:
+        new = new_scoring_run(settings, pid, RECOVERY_TRIGGER)
+        log.error("scoring run %s failed (%s); recovery scoring run %s queued", run_id, exc, new)
 
 
 def new_scoring_run(settings, project_id: int, trigger: str) -> int:
@@ -243,7 +376,8 @@ def score(self, project_id: int, run_id: int | None = None) -> dict:
             r = s.get(ScoringRun, run_id)
             if r is not None and not r.celery_id:
                 r.celery_id = self.request.id
-    return run_scoring(settings, run_id, progress=progress)
+    # a pool larger than SCORE_CHUNK_SIZE is split over the score queue's workers
+    return run_scoring(settings, run_id, progress=progress, chunked=bool(self.request.id))
 
 
 @app.task(bind=True, name="faceloop.preannotate")
