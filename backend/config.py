@@ -100,6 +100,14 @@ class Settings(BaseSettings):
     detector_epochs: int = Field(10, description="Epochs of the face detector (stage 1) per retrain")
     classifier_epochs: int = Field(0, description="Epochs of the face-crop classifier (stage 2) per retrain; "
                                    "0 = the recipe's default (facemodels.classifier.RECIPE)")
+    classifier_refit_epochs: int = Field(
+        0, description="After the promotion gate, fine-tune the promoted version's classifier this many more "
+        "epochs on ALL labelled face crops (train + validation split; 0 = off; docs/training.md)")
+    self_train_per_class: int = Field(
+        0, description="Self-training in that second pass: pseudo-label the faces the candidate finds in "
+        "unlabelled tasks and add the K most confident per predicted class (0 = off; docs/training.md)")
+    self_train_pool: int = Field(
+        200, description="Unlabelled tasks read (a random sample) for self-training's pseudo-labels")
     retrain_min_annotations: int = Field(
         10, description="New annotations that trigger a retrain (project setting wins if > 0)"
     )

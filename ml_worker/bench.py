@@ -233,6 +233,8 @@ def bench_accept(data: Path, sizes: list[int], seeds: list[int], out: Path, sett
                     s_seed = settings.model_copy(update={"seed": seed})
                     t1 = time.time()
                     trained = train_two_stage(ds, schema, init, s_seed, work, seed=seed)
+                    refined = _refine(trained, ds, schema, s_seed, [pool[i] for i in range(len(pool))
+                                                                    if i not in set(labelled)], data, seed)
                     train_s = time.time() - t1
                     dest = out / "models" / f"{how}_s{seed}_n{size}"
                     if dest.exists():
@@ -243,6 +245,8 @@ def bench_accept(data: Path, sizes: list[int], seeds: list[int], out: Path, sett
                     trained["bundle"].parent.rename(dest)
                     model_path = dest / "bundle.json"
                     r = evaluate_model(cache.get(model_path), test, schema, settings)
+                    if refined:
+                        r = dict(r, refit_seconds=refined["seconds"], n_pseudo=refined["n_pseudo"])
                 row = {"strategy": how if how == "random" else strategy, "seed": seed, "labels": size,
                        "train_seconds": round(train_s, 1), "seconds": round(time.time() - t0, 1),
                        **{k: v for k, v in r.items() if not isinstance(v, dict)}}
@@ -251,6 +255,25 @@ def bench_accept(data: Path, sizes: list[int], seeds: list[int], out: Path, sett
                     on_row(row)
                 _write(rows, out)
     return {"rows": rows, "files": _write(rows, out)}
+
+
+def _refine(trained: dict, ds, schema: ProjectSchema, settings: Settings, unlabelled: list[LabelledImage],
+            folder: Path, seed: int) -> dict | None:
+    """The worker's second classifier pass after a promotion (:func:`ml_worker.training.refine_classifier`),
+    as if the round's candidate were promoted, with the unlabelled pool images as the project's
+    unlabelled tasks (read as ``/data/local-files`` tasks). None when ``CLASSIFIER_REFIT_EPOCHS`` = 0."""
+    from backend.lsapi import SnapshotTask
+    from ml_worker.training import pool_images, refine_classifier, refine_enabled
+
+    if not refine_enabled(settings):
+        return None
+    images = []
+    if settings.self_train_per_class > 0:
+        tasks = [SnapshotTask(id=100000 + i, data={"image": "/data/local-files/?d="
+                                                   + quote(str(li.path.resolve().relative_to(Path(folder).resolve())))},
+                              result=None) for i, li in enumerate(unlabelled)]
+        images, _ = pool_images(tasks, schema, settings, seed=seed)
+    return refine_classifier(trained, ds, schema, settings, pool=images)
 
 
 #: Share of the reference a strategy must reach (``ml_worker.simulate``'s ``SimConfig.target``).
@@ -414,7 +437,7 @@ def _write(rows: list[dict], out: Path) -> dict:
     labels_to_target.json / .md (:func:`labels_to_target`, with ``out/reference.json`` if present)."""
     files = {"rounds_csv": out / "rounds.csv", "summary_json": out / "summary.json", "plot": out / "acceptance.png",
              "labels_to_target_json": out / "labels_to_target.json", "labels_to_target_md": out / "labels_to_target.md"}
-    keys = list(rows[0])
+    keys = list(dict.fromkeys(k for r in rows for k in r))  # rows of a refit run carry refit figures
     with open(files["rounds_csv"], "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
