@@ -103,6 +103,9 @@ class Settings(BaseSettings):
     classifier_refit_epochs: int = Field(
         0, description="After the promotion gate, fine-tune the promoted version's classifier this many more "
         "epochs on ALL labelled face crops (train + validation split; 0 = off; docs/training.md)")
+    classifier_refit_from: str = Field(
+        "candidate", description="Start of that pass: 'candidate' (continue from the gated classifier) or "
+        "'parent' (the classifier the retrain started from, i.e. the whole recipe again on every face)")
     self_train_per_class: int = Field(
         0, description="Self-training in that second pass: pseudo-label the faces the candidate finds in "
         "unlabelled tasks and add the K most confident per predicted class (0 = off; docs/training.md)")

@@ -313,6 +313,19 @@ def tune_face_threshold(detector, samples, imgsz: int, grid: np.ndarray | None =
     return next((t, f) for t, f in fits if f["f1"] >= top - F1_TOLERANCE)
 
 
+def _init_classifier(path: str | Path, schema):
+    """The classifier a fine-tune starts from, its known classes renamed to the project's labels
+    (:meth:`backend.labels.ProjectSchema.label_map`; kept as they are when two would get one name)."""
+    from facemodels.classifier import FaceClassifier
+
+    clf = FaceClassifier.load(path)
+    lmap = schema.label_map(clf.classes)  # rename known classes to the project's labels
+    clf.classes = [lmap.get(i, c) for i, c in enumerate(clf.classes)]
+    if len(set(clf.classes)) != len(clf.classes):  # two old classes map to one label: keep old names
+        clf = FaceClassifier.load(path)
+    return clf
+
+
 def train_two_stage(ds, schema, init: str | Path, settings: Settings, work: Path,
                     progress: ProgressFn | None = None, seed: int | None = None) -> dict:
     """Fine-tune both stages of ``init`` on a built dataset and write a candidate bundle.
@@ -371,11 +384,7 @@ def train_two_stage(ds, schema, init: str | Path, settings: Settings, work: Path
                                                f"{len(ds.samples)} labelled images)")
     det_s = time.time() - t0
 
-    clf = FaceClassifier.load(clf_init)
-    lmap = schema.label_map(clf.classes)  # rename known classes to the project's labels
-    clf.classes = [lmap.get(i, c) for i, c in enumerate(clf.classes)]
-    if len(set(clf.classes)) != len(clf.classes):  # two old classes map to one label: keep old names
-        clf = FaceClassifier.load(clf_init)
+    clf = _init_classifier(clf_init, schema)
     t1 = time.time()
 
     def on_clf_epoch(epoch, epochs, loss):
@@ -393,7 +402,7 @@ def train_two_stage(ds, schema, init: str | Path, settings: Settings, work: Path
     bundle = write_bundle(cand_dir, best_det, work / "classifier.pt", list(schema.labels), imgsz=settings.imgsz,
                           face_threshold=face_thr, face_threshold_fit=thr_fit, nms_iou=nms_iou)
     return {"bundle": bundle, "detector_seconds": round(det_s, 1), "classifier_seconds": round(clf_s, 1),
-            "seed": seed,
+            "seed": seed, "classifier_init": str(clf_init),
             "face_threshold": face_thr, "face_threshold_fit": thr_fit, "nms_iou": nms_iou,
             "classifier": {k: v for k, v in cm.items() if k in ("loss", "train_seconds", "n_train", "recipe",
                                                                    "kept_classes")}}
@@ -488,7 +497,10 @@ def refine_classifier(trained: dict, ds, schema, settings: Settings, pool: list 
         pool: decoded unlabelled images (:func:`pool_images`); None or empty = no self-training.
     Returns: ``{"epochs", "n_labelled", "n_pseudo", "pseudo", "seconds"}``, or None when off
         (``CLASSIFIER_REFIT_EPOCHS`` = 0) or for a Choices dataset without labelled crops.
-    Raises: nothing for bad pool images (skipped); ValueError from ``fine_tune`` for bad labelled crops.
+    ``CLASSIFIER_REFIT_FROM`` = ``parent`` instead runs the recipe again from the classifier the
+    retrain started from (the candidate's start), on the same crops.
+    Raises: nothing for bad pool images (skipped); ValueError for an unknown ``CLASSIFIER_REFIT_FROM``,
+        and from ``fine_tune`` for bad labelled crops.
     """
     from facemodels.classifier import FaceClassifier
     from facemodels.classifier import fine_tune as fine_tune_classifier
@@ -514,8 +526,16 @@ def refine_classifier(trained: dict, ds, schema, settings: Settings, pool: list 
     if progress:
         progress({"stage": "refine classifier", "message": f"classifier: {epochs} more epochs on all {len(crops)} "
                                                           f"labelled faces + {len(pseudo)} pseudo-labelled"})
-    clf = FaceClassifier.load(b["classifier_path"])
-    tuned, _ = fine_tune_classifier(clf, crops + pseudo, list(clf.classes), epochs=epochs,
+    cand = FaceClassifier.load(b["classifier_path"])
+    start = settings.classifier_refit_from
+    if start not in ("candidate", "parent"):
+        raise ValueError(f"CLASSIFIER_REFIT_FROM must be 'candidate' or 'parent', got {start!r}")
+    if start == "parent" and trained.get("classifier_init"):
+        # the same recipe from the same start as the candidate, on every face: a full second fine-tune
+        clf = _init_classifier(trained["classifier_init"], schema)
+    else:  # "candidate": continue from the gated classifier, a fresh cosine schedule
+        clf, start = cand, "candidate"
+    tuned, _ = fine_tune_classifier(clf, crops + pseudo, list(cand.classes), epochs=epochs,
                                     seed=int(trained.get("seed", settings.seed)))
     work = bundle_path.parent.parent
     tuned.save(work / "classifier.pt")
@@ -528,7 +548,7 @@ def refine_classifier(trained: dict, ds, schema, settings: Settings, pool: list 
                  face_threshold_fit=b.get("face_threshold_fit"), nms_iou=b.get("nms_iou"))
     shutil.rmtree(bundle_path.parent)
     tmp.rename(bundle_path.parent)
-    out = {"epochs": epochs, "n_labelled": len(crops), "n_pseudo": len(pseudo), "pseudo": info,
+    out = {"epochs": epochs, "from": start, "n_labelled": len(crops), "n_pseudo": len(pseudo), "pseudo": info,
            "seconds": round(time.time() - t0, 1)}
     trained["refined"] = out
     return out
