@@ -154,7 +154,14 @@ def test_refine_classifier_on_every_labelled_face_and_pseudo_labels(tmp_path):
     assert after["classifier_sha256"] == file_sha256(after["classifier_path"])
     assert after["detector_sha256"] == before["detector_sha256"] and after["face_threshold"] == before["face_threshold"]
     assert FaceClassifier.load(after["classifier_path"]).classes == ["awake", "sleep"]
-    assert seen and seen[0]["stage"] == "refine classifier"
+    assert seen and seen[0]["stage"] == "refine classifier" and r["from"] == "candidate"
+    # the whole recipe again from the retrain's start, on every labelled face
+    r = refine_classifier(out, ds, schema, s2.model_copy(update={"classifier_refit_from": "parent",
+                                                                 "self_train_per_class": 0}), pool=images)
+    assert r["from"] == "parent" and r["n_pseudo"] == 0
+    with pytest.raises(ValueError, match="CLASSIFIER_REFIT_FROM"):
+        refine_classifier(out, ds, schema, s2.model_copy(update={"classifier_refit_from": "scratch"}))
+    assert read_bundle(out["bundle"])["classes"] == ["awake", "sleep"], "a failed refit keeps the candidate"
     # a pool that cannot be pseudo-labelled (not images) only skips self-training
     r = refine_classifier(out, ds, schema, s2, pool=[np.zeros((0, 0, 3), np.uint8)])
     assert r["n_pseudo"] == 0 and "error" in r["pseudo"]
