@@ -509,6 +509,8 @@ def refine_classifier(trained: dict, ds, schema, settings: Settings, pool: list 
     epochs = int(settings.classifier_refit_epochs or 0)
     if epochs <= 0:
         return None
+    if settings.classifier_refit_from not in ("candidate", "parent"):
+        raise ValueError(f"CLASSIFIER_REFIT_FROM must be 'candidate' or 'parent', got {settings.classifier_refit_from!r}")
     t0 = time.time()
     crops = [(s.image, np.asarray(b[:4], float), int(b[4])) for s in ds.samples for b in s.boxes]
     if not crops:
@@ -528,8 +530,6 @@ def refine_classifier(trained: dict, ds, schema, settings: Settings, pool: list 
                                                           f"labelled faces + {len(pseudo)} pseudo-labelled"})
     cand = FaceClassifier.load(b["classifier_path"])
     start = settings.classifier_refit_from
-    if start not in ("candidate", "parent"):
-        raise ValueError(f"CLASSIFIER_REFIT_FROM must be 'candidate' or 'parent', got {start!r}")
     if start == "parent" and trained.get("classifier_init"):
         # the same recipe from the same start as the candidate, on every face: a full second fine-tune
         clf = _init_classifier(trained["classifier_init"], schema)
