@@ -106,11 +106,6 @@ class Settings(BaseSettings):
     classifier_refit_from: str = Field(
         "candidate", description="Start of that pass: 'candidate' (continue from the gated classifier) or "
         "'parent' (the classifier the retrain started from, i.e. the whole recipe again on every face)")
-    self_train_per_class: int = Field(
-        0, description="Self-training in that second pass: pseudo-label the faces the candidate finds in "
-        "unlabelled tasks and add the K most confident per predicted class (0 = off; docs/training.md)")
-    self_train_pool: int = Field(
-        200, description="Unlabelled tasks read (a random sample) for self-training's pseudo-labels")
     retrain_min_annotations: int = Field(
         10, description="New annotations that trigger a retrain (project setting wins if > 0)"
     )

@@ -189,7 +189,7 @@ def bench_accept(data: Path, sizes: list[int], seeds: list[int], out: Path, sett
     from ml_worker.evaluation import evaluate_model
     from ml_worker.sampler import DEFAULT_QUERY_STRATEGY
     from ml_worker.sampler import select as select_batch
-    from ml_worker.training import train_two_stage
+    from ml_worker.training import refine_classifier, train_two_stage
 
     data = Path(data).resolve()
     out = Path(out)
@@ -233,8 +233,9 @@ def bench_accept(data: Path, sizes: list[int], seeds: list[int], out: Path, sett
                     s_seed = settings.model_copy(update={"seed": seed})
                     t1, c1 = time.time(), time.process_time()
                     trained = train_two_stage(ds, schema, init, s_seed, work, seed=seed)
-                    refined = _refine(trained, ds, schema, s_seed, [pool[i] for i in range(len(pool))
-                                                                    if i not in set(labelled)], data, seed)
+                    # the worker's second classifier pass after a promotion, as if this candidate were
+                    # promoted (ml_worker.training.refine_classifier; None when CLASSIFIER_REFIT_EPOCHS=0)
+                    refined = refine_classifier(trained, ds, schema, s_seed)
                     train_s = time.time() - t1
                     # CPU seconds of this process (all its threads): the retrain's cost with less
                     # dependence on what else loads a shared machine than the wall-clock seconds
@@ -249,7 +250,7 @@ def bench_accept(data: Path, sizes: list[int], seeds: list[int], out: Path, sett
                     model_path = dest / "bundle.json"
                     r = evaluate_model(cache.get(model_path), test, schema, settings)
                     if refined:
-                        r = dict(r, refit_seconds=refined["seconds"], n_pseudo=refined["n_pseudo"])
+                        r = dict(r, refit_seconds=refined["seconds"])
                 row = {"strategy": how if how == "random" else strategy, "seed": seed, "labels": size,
                        "train_seconds": round(train_s, 1), "train_cpu_seconds": round(train_cpu, 1),
                        "seconds": round(time.time() - t0, 1),
@@ -259,25 +260,6 @@ def bench_accept(data: Path, sizes: list[int], seeds: list[int], out: Path, sett
                     on_row(row)
                 _write(rows, out)
     return {"rows": rows, "files": _write(rows, out)}
-
-
-def _refine(trained: dict, ds, schema: ProjectSchema, settings: Settings, unlabelled: list[LabelledImage],
-            folder: Path, seed: int) -> dict | None:
-    """The worker's second classifier pass after a promotion (:func:`ml_worker.training.refine_classifier`),
-    as if the round's candidate were promoted, with the unlabelled pool images as the project's
-    unlabelled tasks (read as ``/data/local-files`` tasks). None when ``CLASSIFIER_REFIT_EPOCHS`` = 0."""
-    from backend.lsapi import SnapshotTask
-    from ml_worker.training import pool_images, refine_classifier, refine_enabled
-
-    if not refine_enabled(settings):
-        return None
-    images = []
-    if settings.self_train_per_class > 0:
-        tasks = [SnapshotTask(id=100000 + i, data={"image": "/data/local-files/?d="
-                                                   + quote(str(li.path.resolve().relative_to(Path(folder).resolve())))},
-                              result=None) for i, li in enumerate(unlabelled)]
-        images, _ = pool_images(tasks, schema, settings, seed=seed)
-    return refine_classifier(trained, ds, schema, settings, pool=images)
 
 
 #: Share of the reference a strategy must reach (``ml_worker.simulate``'s ``SimConfig.target``).

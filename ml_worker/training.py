@@ -413,129 +413,54 @@ def refine_enabled(settings: Settings) -> bool:
     return int(settings.classifier_refit_epochs or 0) > 0
 
 
-def pool_images(tasks: list, schema, settings: Settings, ls_url: str | None = None, seed: int = 0) -> tuple[list, int]:
-    """Decoded images of a random sample of unlabelled tasks, for self-training's pseudo-labels.
-
-    At most ``SELF_TRAIN_POOL`` tasks (a random sample drawn with ``seed``) are read the way the
-    backend reads images (:func:`backend.predict.load_images`); a task without an image URL or
-    whose image fails to load or decode is skipped, never raised.
-
-    Args:
-        tasks: :class:`backend.lsapi.SnapshotTask` (or dicts with ``data``) of unlabelled tasks.
-    Returns: ``(images, skipped)``: (H, W, 3) uint8 RGB arrays, and how many sampled tasks were skipped.
-    """
-    from backend.images import ImageError
-    from backend.predict import load_images
-
-    limit = max(0, int(settings.self_train_pool))
-    if not tasks or limit == 0:
-        return [], 0
-    rng = np.random.default_rng(seed)
-    pick = sorted(rng.choice(len(tasks), size=min(limit, len(tasks)), replace=False).tolist())
-    urls = []
-    for i in pick:
-        data = tasks[i].data if hasattr(tasks[i], "data") else (tasks[i] or {}).get("data")
-        url = (data or {}).get(schema.value_key) if isinstance(data, dict) else None
-        if isinstance(url, str) and url:
-            urls.append(url)
-    skipped = len(pick) - len(urls)
-    images = []
-    for img in load_images(urls, settings, ls_url):
-        if isinstance(img, ImageError) or getattr(img, "array", None) is None:
-            skipped += 1
-        else:
-            images.append(img.array)
-    return images, skipped
-
-
-def pseudo_labels(model, images: list, per_class: int, schema, settings: Settings) -> tuple[list, dict]:
-    """The ``per_class`` most confident faces of each predicted class in unlabelled images.
-
-    ``model`` (the candidate :class:`facemodels.two_stage.TwoStageModel`) finds the faces at its
-    tuned face threshold (what a pre-annotation shows); each face's pseudo-label is the
-    classifier's top class and its confidence the top class probability (0-1). Self-training with
-    confidence selection (Lee 2013, "Pseudo-Label"; Yarowsky 1995); measured in docs/training.md.
-
-    Returns: ``(crops, info)``: crops ``[(image, box (4,) x1,y1,x2,y2 pixels, class index), ...]``
-    and ``{"faces", "kept", "kept_per_class"}``.
-    """
-    from backend.predict import pre_annotation_threshold
-
-    thr = pre_annotation_threshold(schema, settings, model)
-    found = []  # (confidence, image index, box, class)
-    for start in range(0, len(images), 32):
-        chunk = images[start:start + 32]
-        for j, det in enumerate(model.detect(chunk, conf=float(thr), imgsz=settings.imgsz)):
-            for x in det.detections:
-                p = np.asarray(x.class_scores, float)
-                found.append((float(p.max()), start + j, np.asarray(x.box[:4], float), int(p.argmax())))
-    kept: list = []
-    per: dict[str, int] = {}
-    for c, name in enumerate(model.names):
-        mine = sorted((f for f in found if f[3] == c), key=lambda f: -f[0])[:per_class]
-        kept += mine
-        per[name] = len(mine)
-    return [(images[i], box, c) for _, i, box, c in kept], {"faces": len(found), "kept": len(kept),
-                                                            "kept_per_class": per}
-
-
-def refine_classifier(trained: dict, ds, schema, settings: Settings, pool: list | None = None,
-                      progress: ProgressFn | None = None) -> dict | None:
-    """Second pass of stage 2, for the version that will serve: more epochs on every labelled crop.
+def refine_classifier(trained: dict, ds, schema, settings: Settings, progress: ProgressFn | None = None) -> dict | None:
+    """Second pass of stage 2, for the version that will serve: more epochs on every labelled face.
 
     The classifier of :func:`train_two_stage` learnt from the train split only (the validation
-    split is held out for the gate); with 40 labels that is ~32 images. This continues fine-tuning
-    the candidate's classifier for ``CLASSIFIER_REFIT_EPOCHS`` epochs (the recipe, a fresh cosine
-    schedule) on the crops of **both** splits, plus, with ``SELF_TRAIN_PER_CLASS`` = K > 0 and
-    ``pool`` images, the K most confident pseudo-labelled faces per class
-    (:func:`pseudo_labels`). The candidate's ``classifier.pt`` and ``bundle.json`` are rewritten
-    in place (same detector and face threshold). Call it after the gate, so that the gate's
-    figures stay those of a model that never saw the validation images.
+    split is held out for the gate); with 40 labels that is ~32 images. This continues
+    fine-tuning the candidate's classifier for ``CLASSIFIER_REFIT_EPOCHS`` epochs (the recipe's
+    settings, a fresh cosine schedule) on the face crops of **both** splits. With
+    ``CLASSIFIER_REFIT_FROM=parent`` it instead runs the recipe again, for that many epochs, from
+    the classifier the retrain started from. The candidate's ``classifier.pt`` and ``bundle.json``
+    are rewritten (same detector, face threshold and NMS; the new folder is written beside the
+    old one and swapped in). Call it after the gate, so that the gate's figures stay those of a
+    model that never saw the validation images. Measured in docs/training.md.
 
     Args:
-        trained: :func:`train_two_stage`'s result (its ``bundle`` is rewritten).
-        pool: decoded unlabelled images (:func:`pool_images`); None or empty = no self-training.
-    Returns: ``{"epochs", "n_labelled", "n_pseudo", "pseudo", "seconds"}``, or None when off
-        (``CLASSIFIER_REFIT_EPOCHS`` = 0) or for a Choices dataset without labelled crops.
-    ``CLASSIFIER_REFIT_FROM`` = ``parent`` instead runs the recipe again from the classifier the
-    retrain started from (the candidate's start), on the same crops.
-    Raises: nothing for bad pool images (skipped); ValueError for an unknown ``CLASSIFIER_REFIT_FROM``,
-        and from ``fine_tune`` for bad labelled crops.
+        trained: :func:`train_two_stage`'s result (its ``bundle`` is rewritten in place).
+        ds: the :class:`ml_worker.dataset.DatasetInfo` the candidate was trained from.
+        progress: called with ``{"stage": "refine classifier", "message"}``.
+    Returns: ``{"epochs", "from" ("candidate" | "parent"), "n_faces", "seconds"}``, or None when
+        off (``CLASSIFIER_REFIT_EPOCHS`` = 0) or when the dataset has no labelled face.
+    Raises: ValueError for an unknown ``CLASSIFIER_REFIT_FROM`` (before any work), and from
+        ``fine_tune`` for bad crops; FileNotFoundError when the candidate bundle is gone.
     """
     from facemodels.classifier import FaceClassifier
     from facemodels.classifier import fine_tune as fine_tune_classifier
-    from facemodels.two_stage import TwoStageModel, read_bundle, write_bundle
+    from facemodels.two_stage import read_bundle, write_bundle
 
     epochs = int(settings.classifier_refit_epochs or 0)
     if epochs <= 0:
         return None
-    if settings.classifier_refit_from not in ("candidate", "parent"):
-        raise ValueError(f"CLASSIFIER_REFIT_FROM must be 'candidate' or 'parent', got {settings.classifier_refit_from!r}")
+    start = settings.classifier_refit_from
+    if start not in ("candidate", "parent"):
+        raise ValueError(f"CLASSIFIER_REFIT_FROM must be 'candidate' or 'parent', got {start!r}")
     t0 = time.time()
     crops = [(s.image, np.asarray(b[:4], float), int(b[4])) for s in ds.samples for b in s.boxes]
     if not crops:
         return None
     bundle_path = Path(trained["bundle"])
     b = read_bundle(bundle_path)
-    pseudo, info = [], {"faces": 0, "kept": 0, "kept_per_class": {}}
-    k = int(settings.self_train_per_class or 0)
-    if k > 0 and pool:
-        try:
-            pseudo, info = pseudo_labels(TwoStageModel(bundle_path, settings.device), pool, k, schema, settings)
-        except Exception as e:  # noqa: BLE001 - self-training is a bonus: never fail the retrain for it
-            log.warning("self-training skipped: pseudo-labelling the pool failed (%s: %s)", e.__class__.__name__, e)
-            pseudo, info = [], {"faces": 0, "kept": 0, "kept_per_class": {}, "error": str(e)[:200]}
     if progress:
-        progress({"stage": "refine classifier", "message": f"classifier: {epochs} more epochs on all {len(crops)} "
-                                                          f"labelled faces + {len(pseudo)} pseudo-labelled"})
+        progress({"stage": "refine classifier",
+                  "message": f"stage 2 (face classifier): {epochs} more epochs on all {len(crops)} labelled faces"})
     cand = FaceClassifier.load(b["classifier_path"])
-    start = settings.classifier_refit_from
     if start == "parent" and trained.get("classifier_init"):
         # the same recipe from the same start as the candidate, on every face: a full second fine-tune
         clf = _init_classifier(trained["classifier_init"], schema)
     else:  # "candidate": continue from the gated classifier, a fresh cosine schedule
         clf, start = cand, "candidate"
-    tuned, _ = fine_tune_classifier(clf, crops + pseudo, list(cand.classes), epochs=epochs,
+    tuned, _ = fine_tune_classifier(clf, crops, list(cand.classes), epochs=epochs,
                                     seed=int(trained.get("seed", settings.seed)))
     work = bundle_path.parent.parent
     tuned.save(work / "classifier.pt")
@@ -548,8 +473,7 @@ def refine_classifier(trained: dict, ds, schema, settings: Settings, pool: list 
                  face_threshold_fit=b.get("face_threshold_fit"), nms_iou=b.get("nms_iou"))
     shutil.rmtree(bundle_path.parent)
     tmp.rename(bundle_path.parent)
-    out = {"epochs": epochs, "from": start, "n_labelled": len(crops), "n_pseudo": len(pseudo), "pseudo": info,
-           "seconds": round(time.time() - t0, 1)}
+    out = {"epochs": epochs, "from": start, "n_faces": len(crops), "seconds": round(time.time() - t0, 1)}
     trained["refined"] = out
     return out
 
@@ -612,8 +536,7 @@ def run_training(settings: Settings, job_id: int, progress: ProgressFn | None = 
     schema = ProjectSchema.parse(project.label_config)
     with session_scope(settings.database_url) as s:
         registry.upsert_project(s, pid, label_config=project.label_config, title=project.title)
-    all_tasks = snapshot(client, pid)
-    tasks = [t for t in all_tasks if t.result is not None]
+    tasks = [t for t in snapshot(client, pid) if t.result is not None]
     if len(tasks) < 2:
         raise ValueError(f"need at least 2 annotated tasks to train, project {pid} has {len(tasks)}")
 
@@ -666,18 +589,10 @@ def run_training(settings: Settings, job_id: int, progress: ProgressFn | None = 
     refined = None
     if promote_it and not schema.is_choices and refine_enabled(settings):
         # the gate judged a classifier that never saw the validation split; the version that serves
-        # learns from every labelled face (and, with self-training, the pool's confident faces)
+        # learns from every labelled face (docs/training.md: +0.04 accepted at 40 labels)
         t1 = time.time()
         try:
-            pool = []
-            if settings.self_train_per_class > 0:
-                update(stage="refine classifier", message="reading unlabelled tasks for self-training")
-                pool, skipped = pool_images([t for t in all_tasks if t.result is None], schema, settings, ls_url,
-                                            seed=settings.seed)
-                if skipped:
-                    log.warning("job %s: self-training skipped %d unlabelled tasks whose image did not load",
-                                job_id, skipped)
-            refined = refine_classifier(trained, ds, schema, settings, pool=pool, progress=on_progress)
+            refined = refine_classifier(trained, ds, schema, settings, progress=on_progress)
         except Exception as e:  # noqa: BLE001 - the gated candidate stays as it is
             log.warning("job %s: classifier refit failed, the gated candidate is kept: %s: %s", job_id,
                         e.__class__.__name__, e)

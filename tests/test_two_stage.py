@@ -113,55 +113,47 @@ def test_train_two_stage_on_real_faces(tmp_path):
 
 
 @pytest.mark.slow
-def test_refine_classifier_on_every_labelled_face_and_pseudo_labels(tmp_path):
-    """The second classifier pass (CLASSIFIER_REFIT_EPOCHS, SELF_TRAIN_PER_CLASS): it learns from both
-    splits' faces plus the pool's most confident faces; unlabelled tasks whose image is missing, not
-    an image, or has no URL are skipped, never fail the retrain."""
+def test_refine_classifier_on_every_labelled_face(tmp_path):
+    """The second classifier pass after the gate (CLASSIFIER_REFIT_EPOCHS): it learns from the faces
+    of both splits and rewrites the candidate's classifier only; off, or with a bad setting, the
+    candidate stays as it is."""
     from backend.hashing import file_sha256
     from facemodels.classifier import FaceClassifier
     from ml_worker.dataset import build_dataset
-    from ml_worker.training import pool_images, refine_classifier, refine_enabled, train_two_stage
+    from ml_worker.training import refine_classifier, refine_enabled, train_two_stage
 
     tasks, schema, data = _tasks(8)
     settings = make_settings(tmp_path, local_files_document_root=str(data), imgsz=160, train_batch=4,
-                             detector_epochs=1, classifier_epochs=2)
-    assert not refine_enabled(settings), "off by default in this configuration"
+                             detector_epochs=1, classifier_epochs=2, classifier_refit_epochs=0)
+    assert not refine_enabled(settings)
     ds = build_dataset(tasks, schema, tmp_path / "ds", settings)
     out = train_two_stage(ds, schema, DEFAULT_MODEL_PATH, settings, tmp_path / "job")
-    assert refine_classifier(out, ds, schema, settings) is None, "CLASSIFIER_REFIT_EPOCHS=0: nothing done"
-
-    labelled = {t.data["image"] for t in tasks}
-    files = [f for f in sorted((data / "images" / "train").glob("*.jpg"))[1::40]
-             if f"/data/local-files/?d={quote(str(f.relative_to(data)))}" not in labelled][:4]
-    pool = [SnapshotTask(id=900 + i, data={"image": f"/data/local-files/?d={quote(str(f.relative_to(data)))}"})
-            for i, f in enumerate(files)]
-    pool += [SnapshotTask(id=990, data={"image": "/data/local-files/?d=images/train/no_such_image.jpg"}),
-             SnapshotTask(id=991, data={"image": "/data/local-files/?d=data.yaml"}),  # not an image
-             SnapshotTask(id=992, data={})]
-    s2 = settings.model_copy(update={"classifier_refit_epochs": 1, "self_train_per_class": 1, "self_train_pool": 50})
-    images, skipped = pool_images(pool, schema, s2, seed=0)
-    assert len(images) == len(files) and skipped == 3
-    assert pool_images([], schema, s2) == ([], 0)
-
     before = read_bundle(out["bundle"])
+    assert refine_classifier(out, ds, schema, settings) is None, "CLASSIFIER_REFIT_EPOCHS=0: nothing done"
+    assert read_bundle(out["bundle"])["classifier_sha256"] == before["classifier_sha256"]
+
+    s2 = settings.model_copy(update={"classifier_refit_epochs": 1})
+    with pytest.raises(ValueError, match="CLASSIFIER_REFIT_FROM"):
+        refine_classifier(out, ds, schema, s2.model_copy(update={"classifier_refit_from": "scratch"}))
+    assert read_bundle(out["bundle"])["classifier_sha256"] == before["classifier_sha256"], "a bad setting changes nothing"
+
     seen = []
-    r = refine_classifier(out, ds, schema, s2, pool=images, progress=seen.append)
+    r = refine_classifier(out, ds, schema, s2, progress=seen.append)
     after = read_bundle(out["bundle"])
-    assert r["epochs"] == 1 and r["n_labelled"] == sum(len(s.boxes) for s in ds.samples), "train + val faces"
-    assert r["n_labelled"] > sum(len(s.boxes) for s in ds.samples if s.split == "train")
-    assert 1 <= r["n_pseudo"] <= 2 and r["pseudo"]["faces"] >= r["n_pseudo"]
+    n_all = sum(len(s.boxes) for s in ds.samples)
+    assert r["epochs"] == 1 and r["from"] == "candidate" and r["n_faces"] == n_all, "train + val faces"
+    assert n_all > sum(len(s.boxes) for s in ds.samples if s.split == "train")
     assert after["classifier_sha256"] != before["classifier_sha256"]
     assert after["classifier_sha256"] == file_sha256(after["classifier_path"])
     assert after["detector_sha256"] == before["detector_sha256"] and after["face_threshold"] == before["face_threshold"]
+    assert after["nms_iou"] == before["nms_iou"] and after["classes"] == ["awake", "sleep"]
     assert FaceClassifier.load(after["classifier_path"]).classes == ["awake", "sleep"]
-    assert seen and seen[0]["stage"] == "refine classifier" and r["from"] == "candidate"
+    assert seen and seen[0]["stage"] == "refine classifier"
+    assert not (tmp_path / "job" / "candidate_refit").exists()
     # the whole recipe again from the retrain's start, on every labelled face
-    r = refine_classifier(out, ds, schema, s2.model_copy(update={"classifier_refit_from": "parent",
-                                                                 "self_train_per_class": 0}), pool=images)
-    assert r["from"] == "parent" and r["n_pseudo"] == 0
-    with pytest.raises(ValueError, match="CLASSIFIER_REFIT_FROM"):
-        refine_classifier(out, ds, schema, s2.model_copy(update={"classifier_refit_from": "scratch"}))
-    assert read_bundle(out["bundle"])["classes"] == ["awake", "sleep"], "a failed refit keeps the candidate"
-    # a pool that cannot be pseudo-labelled (not images) only skips self-training
-    r = refine_classifier(out, ds, schema, s2, pool=[np.zeros((0, 0, 3), np.uint8)])
-    assert r["n_pseudo"] == 0 and "error" in r["pseudo"]
+    r = refine_classifier(out, ds, schema, s2.model_copy(update={"classifier_refit_from": "parent"}))
+    assert r["from"] == "parent" and r["n_faces"] == n_all
+    from facemodels.detector import ModelCache
+
+    det = ModelCache().get(out["bundle"]).detect([ds.samples[0].image], conf=0.01, imgsz=160)[0]
+    assert all(np.isclose(d.class_scores.sum(), 1.0, atol=1e-4) for d in det.detections), "the refit version serves"
