@@ -11,6 +11,8 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
+from typing import Literal
+
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -101,9 +103,9 @@ class Settings(BaseSettings):
     classifier_epochs: int = Field(0, description="Epochs of the face-crop classifier (stage 2) per retrain; "
                                    "0 = the recipe's default (facemodels.classifier.RECIPE)")
     classifier_refit_epochs: int = Field(
-        0, description="After the promotion gate, fine-tune the promoted version's classifier this many more "
+        0, ge=0, description="After the promotion gate, fine-tune the promoted version's classifier this many more "
         "epochs on ALL labelled face crops (train + validation split; 0 = off; docs/training.md)")
-    classifier_refit_from: str = Field(
+    classifier_refit_from: Literal["candidate", "parent"] = Field(
         "candidate", description="Start of that pass: 'candidate' (continue from the gated classifier) or "
         "'parent' (the classifier the retrain started from, i.e. the whole recipe again on every face)")
     retrain_min_annotations: int = Field(
