@@ -345,7 +345,6 @@ def train_two_stage(ds, schema, init: str | Path, settings: Settings, work: Path
     Returns: ``{"bundle": path, "detector_seconds", "classifier_seconds", "classifier": metrics}``.
     Raises: ValueError when the train split has no labelled face.
     """
-    from facemodels.classifier import FaceClassifier
     from facemodels.classifier import fine_tune as fine_tune_classifier
     from facemodels.two_stage import write_bundle
     from ml_worker.dataset import write_face_dataset
@@ -589,7 +588,7 @@ def run_training(settings: Settings, job_id: int, progress: ProgressFn | None = 
     refined = None
     if promote_it and not schema.is_choices and refine_enabled(settings):
         # the gate judged a classifier that never saw the validation split; the version that serves
-        # learns from every labelled face (docs/training.md: +0.04 accepted at 40 labels)
+        # learns from every labelled face (docs/training.md: +0.03 accepted at 40 labels)
         t1 = time.time()
         try:
             refined = refine_classifier(trained, ds, schema, settings, progress=on_progress)
