@@ -103,10 +103,9 @@ class Settings(BaseSettings):
     classifier_epochs: int = Field(0, description="Epochs of the face-crop classifier (stage 2) per retrain; "
                                    "0 = the recipe's default (facemodels.classifier.RECIPE)")
     classifier_refit_epochs: int = Field(
-        0, ge=0, description="After the promotion gate, fine-tune the promoted version's classifier this many more "
-        "epochs on ALL labelled face crops (train + validation split; 0 = off; 20 measured best in "
-        "docs/training.md, off by default because the next gate then compares against a version that saw "
-        "the validation faces)")
+        20, ge=0, description="After the promotion gate, fine-tune the promoted version's classifier this many more "
+        "epochs on ALL labelled face crops (train + validation split; 0 = off; measured in docs/training.md). "
+        "The next gate judges such a version by the classifier it had at its own gate")
     classifier_refit_from: Literal["candidate", "parent"] = Field(
         "candidate", description="Start of that pass: 'candidate' (continue from the gated classifier) or "
         "'parent' (the classifier the retrain started from, i.e. the whole recipe again on every face)")

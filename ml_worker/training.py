@@ -407,6 +407,33 @@ def train_two_stage(ds, schema, init: str | Path, settings: Settings, work: Path
                                                                    "kept_classes")}}
 
 
+#: The classifier a refit version had when its gate passed, kept in its version folder.
+GATED_CLASSIFIER = "classifier_gated.pt"
+
+
+def gate_view(path: str | Path, work: Path) -> Path:
+    """The model a gate should evaluate for the version at ``path`` (a bundle ``.json``).
+
+    A version whose classifier was refit after its gate (:func:`refine_classifier`) has trained
+    on the validation faces that the next gate uses (the split is fixed by task id), so it would
+    score too well there and keep better candidates out. For such a version (its folder holds
+    :data:`GATED_CLASSIFIER`) this writes, under ``work``, a bundle of its detector with the
+    classifier it had when its own gate passed, and returns that; otherwise ``path`` itself.
+    """
+    from facemodels.two_stage import is_bundle, read_bundle, write_bundle
+
+    p = Path(path)
+    gated = p.parent / GATED_CLASSIFIER
+    if not is_bundle(p) or not gated.is_file():
+        return p
+    b = read_bundle(p)
+    if work.exists():
+        shutil.rmtree(work)
+    return write_bundle(work, Path(b["detector_path"]), gated, list(b["classes"]), onnx=False,
+                        imgsz=b.get("imgsz"), face_threshold=b.get("face_threshold"),
+                        face_threshold_fit=b.get("face_threshold_fit"), nms_iou=b.get("nms_iou"))
+
+
 def refine_enabled(settings: Settings) -> bool:
     """True when :func:`refine_classifier` has something to do (``CLASSIFIER_REFIT_EPOCHS`` > 0)."""
     return int(settings.classifier_refit_epochs or 0) > 0
@@ -576,7 +603,8 @@ def run_training(settings: Settings, job_id: int, progress: ProgressFn | None = 
         evaluate = evaluate_model
     cand = evaluate(cache.get(trained["bundle"]), val, schema, settings)
     try:
-        cur = evaluate(cache.get(current_info[2]), val, schema, settings)
+        # a version refit after its gate trained on these validation faces: judge it by its gated classifier
+        cur = evaluate(cache.get(gate_view(current_info[2], job_dir / "current_gated")), val, schema, settings)
     except (FileNotFoundError, ValueError) as e:
         log.warning("job %s: current version %s not evaluated: %s", job_id, current_info[1], e)
         cur = None
@@ -591,6 +619,7 @@ def run_training(settings: Settings, job_id: int, progress: ProgressFn | None = 
         # learns from every labelled face (docs/training.md: +0.03 accepted at 40 labels)
         t1 = time.time()
         try:
+            shutil.copyfile(Path(trained["bundle"]).parent / "classifier.pt", job_dir / GATED_CLASSIFIER)
             refined = refine_classifier(trained, ds, schema, settings, progress=on_progress)
         except Exception as e:  # noqa: BLE001 - the gated candidate stays as it is
             log.warning("job %s: classifier refit failed, the gated candidate is kept: %s: %s", job_id,
@@ -611,6 +640,9 @@ def run_training(settings: Settings, job_id: int, progress: ProgressFn | None = 
     bundle = write_bundle(folder, b.parent / "detector.pt", b.parent / "classifier.pt", list(schema.labels),
                           imgsz=settings.imgsz, trained_by_job=job_id, face_threshold=trained["face_threshold"],
                           face_threshold_fit=trained["face_threshold_fit"], nms_iou=trained["nms_iou"])
+    if refined and "error" not in refined:
+        # kept beside the served classifier, for the next retrain's gate (gate_view)
+        shutil.copyfile(job_dir / GATED_CLASSIFIER, folder / GATED_CLASSIFIER)
     from backend.hashing import file_sha256
 
     sha = file_sha256(bundle)

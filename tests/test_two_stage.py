@@ -130,6 +130,8 @@ def test_refine_classifier_on_every_labelled_face(tmp_path):
     out = train_two_stage(ds, schema, DEFAULT_MODEL_PATH, settings, tmp_path / "job")
     before = read_bundle(out["bundle"])
     assert refine_classifier(out, ds, schema, settings) is None, "CLASSIFIER_REFIT_EPOCHS=0: nothing done"
+    gated_copy = tmp_path / "gated.pt"
+    gated_copy.write_bytes(Path(before["classifier_path"]).read_bytes())
     assert read_bundle(out["bundle"])["classifier_sha256"] == before["classifier_sha256"]
 
     s2 = settings.model_copy(update={"classifier_refit_epochs": 1})
@@ -150,6 +152,15 @@ def test_refine_classifier_on_every_labelled_face(tmp_path):
     assert FaceClassifier.load(after["classifier_path"]).classes == ["awake", "sleep"]
     assert seen and seen[0]["stage"] == "refine classifier"
     assert not (tmp_path / "job" / "candidate_refit").exists()
+    # the next gate judges a refit version by the classifier it had at its own gate
+    from ml_worker.training import GATED_CLASSIFIER, gate_view
+
+    assert gate_view(out["bundle"], tmp_path / "view") == Path(out["bundle"]), "no gated classifier: the version itself"
+    (Path(out["bundle"]).parent / GATED_CLASSIFIER).write_bytes(gated_copy.read_bytes())
+    view = read_bundle(gate_view(out["bundle"], tmp_path / "view"))
+    assert view["classifier_sha256"] == before["classifier_sha256"] and view["detector_sha256"] == after["detector_sha256"]
+    assert view["face_threshold"] == after["face_threshold"] and view["classes"] == after["classes"]
+    (Path(out["bundle"]).parent / GATED_CLASSIFIER).unlink()
     # the whole recipe again from the retrain's start, on every labelled face
     r = refine_classifier(out, ds, schema, s2.model_copy(update={"classifier_refit_from": "parent"}))
     assert r["from"] == "parent" and r["n_faces"] == n_all
