@@ -11,6 +11,8 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
+from typing import Literal
+
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -103,6 +105,13 @@ class Settings(BaseSettings):
     detector_epochs: int = Field(10, description="Epochs of the face detector (stage 1) per retrain")
     classifier_epochs: int = Field(0, description="Epochs of the face-crop classifier (stage 2) per retrain; "
                                    "0 = the recipe's default (facemodels.classifier.RECIPE)")
+    classifier_refit_epochs: int = Field(
+        20, ge=0, description="After the promotion gate, fine-tune the promoted version's classifier this many more "
+        "epochs on ALL labelled face crops (train + validation split; 0 = off; measured in docs/training.md). "
+        "The next gate judges such a version by the classifier it had at its own gate")
+    classifier_refit_from: Literal["candidate", "parent"] = Field(
+        "candidate", description="Start of that pass: 'candidate' (continue from the gated classifier) or "
+        "'parent' (the classifier the retrain started from, i.e. the whole recipe again on every face)")
     retrain_min_annotations: int = Field(
         10, description="New annotations that trigger a retrain (project setting wins if > 0)"
     )

@@ -36,9 +36,12 @@ def test_bench_accept_tiny(tmp_path):
     from ml_worker.bench import bench_accept
 
     data = require_data(AWAKE_SLEEP)
-    settings = make_settings(tmp_path, imgsz=160, train_batch=4, detector_epochs=1, classifier_epochs=2)
+    settings = make_settings(tmp_path, imgsz=160, train_batch=4, detector_epochs=1, classifier_epochs=2,
+                             classifier_refit_epochs=1)
     res = bench_accept(data, [0, 6], [0], tmp_path / "out", settings, strategies=("random", "sampler"), test_limit=6)
     rows = res["rows"]
+    assert all(r["refit_seconds"] > 0 and r["train_cpu_seconds"] > 0 for r in rows if r["labels"] == 6), \
+        "each round's candidate gets the worker's refit on every labelled face"
     assert [(r["strategy"], r["labels"]) for r in rows] == [("random", 0), ("random", 6), ("cluster_margin", 0),
                                                           ("cluster_margin", 6)]
     assert rows[0]["acceptance_rate"] == 0.0, "day 0 knows no awake/sleep class: nothing is accepted as is"

@@ -129,3 +129,61 @@ def test_train_two_stage_on_real_faces(tmp_path):
     det = model.detect([ds.samples[0].image], conf=0.01, imgsz=160)[0]
     for d in det.detections:
         assert d.face_conf is not None and np.isclose(d.class_scores.sum(), 1.0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_refine_classifier_on_every_labelled_face(tmp_path):
+    """The second classifier pass after the gate (CLASSIFIER_REFIT_EPOCHS): it learns from the faces
+    of both splits and rewrites the candidate's classifier only; off, or with a bad setting, the
+    candidate stays as it is."""
+    from backend.hashing import file_sha256
+    from facemodels.classifier import FaceClassifier
+    from ml_worker.dataset import build_dataset
+    from ml_worker.training import refine_classifier, refine_enabled, train_two_stage
+
+    tasks, schema, data = _tasks(8)
+    settings = make_settings(tmp_path, local_files_document_root=str(data), imgsz=160, train_batch=4,
+                             detector_epochs=1, classifier_epochs=2, classifier_refit_epochs=0)
+    assert not refine_enabled(settings)
+    ds = build_dataset(tasks, schema, tmp_path / "ds", settings)
+    out = train_two_stage(ds, schema, DEFAULT_MODEL_PATH, settings, tmp_path / "job")
+    before = read_bundle(out["bundle"])
+    assert refine_classifier(out, ds, schema, settings) is None, "CLASSIFIER_REFIT_EPOCHS=0: nothing done"
+    gated_copy = tmp_path / "gated.pt"
+    gated_copy.write_bytes(Path(before["classifier_path"]).read_bytes())
+    assert read_bundle(out["bundle"])["classifier_sha256"] == before["classifier_sha256"]
+
+    s2 = settings.model_copy(update={"classifier_refit_epochs": 1})
+    with pytest.raises(ValueError, match="CLASSIFIER_REFIT_FROM"):
+        refine_classifier(out, ds, schema, s2.model_copy(update={"classifier_refit_from": "scratch"}))
+    assert read_bundle(out["bundle"])["classifier_sha256"] == before["classifier_sha256"], "a bad setting changes nothing"
+
+    seen = []
+    r = refine_classifier(out, ds, schema, s2, progress=seen.append)
+    after = read_bundle(out["bundle"])
+    n_all = sum(len(s.boxes) for s in ds.samples)
+    assert r["epochs"] == 1 and r["from"] == "candidate" and r["n_faces"] == n_all, "train + val faces"
+    assert n_all > sum(len(s.boxes) for s in ds.samples if s.split == "train")
+    assert after["classifier_sha256"] != before["classifier_sha256"]
+    assert after["classifier_sha256"] == file_sha256(after["classifier_path"])
+    assert after["detector_sha256"] == before["detector_sha256"] and after["face_threshold"] == before["face_threshold"]
+    assert after["nms_iou"] == before["nms_iou"] and after["classes"] == ["awake", "sleep"]
+    assert FaceClassifier.load(after["classifier_path"]).classes == ["awake", "sleep"]
+    assert seen and seen[0]["stage"] == "refine classifier"
+    assert not (tmp_path / "job" / "candidate_refit").exists()
+    # the next gate judges a refit version by the classifier it had at its own gate
+    from ml_worker.training import GATED_CLASSIFIER, gate_view
+
+    assert gate_view(out["bundle"], tmp_path / "view") == Path(out["bundle"]), "no gated classifier: the version itself"
+    (Path(out["bundle"]).parent / GATED_CLASSIFIER).write_bytes(gated_copy.read_bytes())
+    view = read_bundle(gate_view(out["bundle"], tmp_path / "view"))
+    assert view["classifier_sha256"] == before["classifier_sha256"] and view["detector_sha256"] == after["detector_sha256"]
+    assert view["face_threshold"] == after["face_threshold"] and view["classes"] == after["classes"]
+    (Path(out["bundle"]).parent / GATED_CLASSIFIER).unlink()
+    # the whole recipe again from the retrain's start, on every labelled face
+    r = refine_classifier(out, ds, schema, s2.model_copy(update={"classifier_refit_from": "parent"}))
+    assert r["from"] == "parent" and r["n_faces"] == n_all
+    from facemodels.detector import ModelCache
+
+    det = ModelCache().get(out["bundle"]).detect([ds.samples[0].image], conf=0.01, imgsz=160)[0]
+    assert all(np.isclose(d.class_scores.sum(), 1.0, atol=1e-4) for d in det.detections), "the refit version serves"
