@@ -14,6 +14,13 @@ flip / box scale-shift / brightness-contrast augmentation: ``RECIPE``) with ``--
 instead of the new-class recipe's -0.1. The class names and their order stay face-api's, so the
 bundle's ``classes`` contract is unchanged.
 
+Choosing a recipe without val: ``--holdout 0.15`` trains on train minus ~15% of its images,
+taken as whole source subjects (``subject_groups``: BU-3DFE/Bosphorus/Dartmouth/``s##`` subject
+ids from ``manifest.csv``'s original file names), and scores the held-out faces instead of val
+(``holdout_train`` in the ``.json``). ``--set KEY=VALUE`` overrides any ``fine_tune`` RECIPE entry
+(``balanced``, ``mixup``, ``label_smoothing``, ...); ``--init`` an earlier output continues its
+fine-tune (the earlier run's provenance is kept under ``parent.fine_tune``).
+
 Output: the ``.pt`` (our classifier format, provenance in its metadata) and a ``.json`` beside it
 with the source data (file list SHA-256), parent weights' SHA-256, recipe, seed, per-epoch loss,
 train time and the ``.pt``'s SHA-256.
@@ -186,10 +193,14 @@ def main() -> None:
     prov = {
         "description": "face-api.js expression net (the port, models/face_expression.pt) fine-tuned on "
                        "../shared/data/expressions train (ground-truth face boxes); the day-0 classifier of "
-                       "expression projects",
+                       "expression projects"
+                       + (f"; this run continues from {args.init.name} (parent.fine_tune)"
+                          if init.meta.get("fine_tune") else ""),
         "trained_by": "scripts/train_expression_default.py",
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "parent": {"file": args.init.name, "sha256": parent_sha, "source": init.meta.get("source")},
+        "parent": {"file": args.init.name, "sha256": parent_sha, "source": init.meta.get("source"),
+                   # a continued fine-tune (--init an earlier output): keep the earlier run's provenance
+                   **({"fine_tune": init.meta["fine_tune"]} if init.meta.get("fine_tune") else {})},
         "data": {"dataset": "../shared/data/expressions", "split": "train", "n_faces": met["n_train"],
                  "boxes_per_class": train_counts,
                  "files_sha256": train_fp,
