@@ -14,6 +14,13 @@ flip / box scale-shift / brightness-contrast augmentation: ``RECIPE``) with ``--
 instead of the new-class recipe's -0.1. The class names and their order stay face-api's, so the
 bundle's ``classes`` contract is unchanged.
 
+Choosing a recipe without val: ``--holdout 0.15`` trains on train minus ~15% of its images,
+taken as whole source subjects (``subject_groups``: BU-3DFE/Bosphorus/Dartmouth/``s##`` subject
+ids from ``manifest.csv``'s original file names), and scores the held-out faces instead of val
+(``holdout_train`` in the ``.json``). ``--set KEY=VALUE`` overrides any ``fine_tune`` RECIPE entry
+(``balanced``, ``mixup``, ``label_smoothing``, ...); ``--init`` an earlier output continues its
+fine-tune (the earlier run's provenance is kept under ``parent.fine_tune``).
+
 Output: the ``.pt`` (our classifier format, provenance in its metadata) and a ``.json`` beside it
 with the source data (file list SHA-256), parent weights' SHA-256, recipe, seed, per-epoch loss,
 train time and the ``.pt``'s SHA-256.
@@ -27,9 +34,11 @@ were 4x slower per epoch):
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
 import json
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -56,10 +65,49 @@ def class_names(root: Path) -> list[str]:
     return [names[i] for i in sorted(names)] if isinstance(names, dict) else list(names)
 
 
-def load_split(root: Path, split: str, classes: list[str]):
+def subject_groups(root: Path) -> dict[str, str]:
+    """``{image file name: source subject key}`` from ``manifest.csv``'s ``original_path``.
+
+    The key is the source repository plus the first token of the original file name (split at
+    ``_``, ``.`` or ``-``): the subject id of BU-3DFE (``F0040``/``M0006``), Bosphorus (``bs045``),
+    Dartmouth children (``S105``), the ``s##`` posed set (``s22``), JAFFE (``KA``); for the other
+    pictures a coarser bucket (``pixiz`` collages, Roboflow web photos ``1``/``2``/``3``, the
+    Tneuron webcam person's ``angry``/``happy``/``sad`` frames), which keeps near-identical
+    pictures together (see ``../shared/data/expressions/SOURCE.md``). Files missing from the
+    manifest are their own group."""
+    groups = {}
+    mf = root / "manifest.csv"
+    if mf.is_file():
+        with mf.open(newline="") as f:
+            for r in csv.DictReader(f):
+                base = Path(r["original_path"]).name
+                groups[Path(r["file"]).name] = r["source_repo"] + ":" + re.split(r"[_.\-]", base)[0]
+    return groups
+
+
+def holdout_images(root: Path, split: str, fraction: float, seed: int) -> set[str]:
+    """Image names of a held-out part of ``split``: whole subject groups (:func:`subject_groups`)
+    drawn in a seeded random order until at least ``fraction`` of the split's labelled images."""
+    groups = subject_groups(root)
+    imgs = sorted(p.name for p in (root / "images" / split).glob("*.jpg")
+                  if (root / "labels" / split / (p.stem + ".txt")).exists())
+    by_group: dict[str, list[str]] = {}
+    for n in imgs:
+        by_group.setdefault(groups.get(n, "file:" + n), []).append(n)
+    keys = sorted(by_group)
+    out: set[str] = set()
+    for i in np.random.default_rng(seed).permutation(len(keys)):
+        if len(out) >= fraction * len(imgs):
+            break
+        out.update(by_group[keys[i]])
+    return out
+
+
+def load_split(root: Path, split: str, classes: list[str], names_out: list | None = None):
     """``(samples, fingerprint, counts)``: samples ``[(image RGB uint8, box x1,y1,x2,y2 px, index into
     classes)]`` of every labelled box whose class maps by name onto ``classes``; fingerprint = SHA-256
-    over the sorted ``name, sha256(image), sha256(label file)`` lines; counts per dataset class."""
+    over the sorted ``name, sha256(image), sha256(label file)`` lines; counts per dataset class.
+    ``names_out``: if given, the image file name of each sample is appended to it."""
     names = class_names(root)
     col = {canonical_class(c): i for i, c in enumerate(classes)}
     out, lines, counts = [], [], {}
@@ -82,6 +130,8 @@ def load_split(root: Path, split: str, classes: list[str]):
                 continue
             xc, yc, w, h = map(float, p[1:])
             out.append((rgb, np.array([(xc - w / 2) * W, (yc - h / 2) * H, (xc + w / 2) * W, (yc + h / 2) * H]), j))
+            if names_out is not None:
+                names_out.append(img.name)
     return out, hashlib.sha256("".join(lines).encode()).hexdigest(), counts
 
 
@@ -96,25 +146,46 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-val", action="store_true", help="skip the after-training score on val")
+    ap.add_argument("--holdout", type=float, default=0.0,
+                    help="choose a recipe: train on all but this fraction of train's images (whole source "
+                         "subjects, subject_groups) and score the held-out part; val is not touched")
+    ap.add_argument("--holdout-seed", type=int, default=0)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a fine_tune RECIPE entry, e.g. --set balanced=True --set mixup=0.2")
     ap.add_argument("--max-faces", type=int, default=0, help="smoke test: only the first N faces of each split")
     args = ap.parse_args()
     if not (args.data / "data.yaml").is_file():
         raise SystemExit(f"dataset not found: {args.data}")
     torch.set_num_threads(args.threads)
+    overrides = {}
+    for kv in args.set:
+        k, _, v = kv.partition("=")
+        try:
+            overrides[k] = json.loads(v.lower() if v in ("True", "False") else v)
+        except json.JSONDecodeError:
+            overrides[k] = v
 
     init = FaceClassifier.load(args.init)
     classes = list(init.classes)
     if [canonical_class(c) for c in classes] != [canonical_class(c) for c in FACEAPI_CLASSES]:
         raise SystemExit(f"{args.init} does not have face-api's 7 classes: {classes}")
     t0 = time.perf_counter()
-    train, train_fp, train_counts = load_split(args.data, "train", classes)
+    img_names: list[str] = []
+    train, train_fp, train_counts = load_split(args.data, "train", classes, img_names)
     if args.max_faces:
-        train = train[:args.max_faces]
+        train, img_names = train[:args.max_faces], img_names[:args.max_faces]
+    held: list = []
+    if args.holdout:
+        out_imgs = holdout_images(args.data, "train", args.holdout, args.holdout_seed)
+        held = [s for s, n in zip(train, img_names) if n in out_imgs]
+        train = [s for s, n in zip(train, img_names) if n not in out_imgs]
+        print(f"holdout: {len(out_imgs)} images / {len(held)} faces held out (whole subjects), "
+              f"{len(train)} faces to fit", flush=True)
     print(f"train: {len(train)} faces ({train_counts}), loaded in {time.perf_counter() - t0:.0f} s", flush=True)
 
     t = time.perf_counter()
     model, met = fine_tune(init, train, classes, epochs=args.epochs, seed=args.seed, lr=args.lr,
-                           crop_margin=args.margin,
+                           crop_margin=args.margin, **overrides,
                            on_epoch=lambda e, n, l: print(f"epoch {e}/{n} loss {l:.4f} ({time.perf_counter() - t:.0f} s)",
                                                           flush=True))
     del train
@@ -122,10 +193,14 @@ def main() -> None:
     prov = {
         "description": "face-api.js expression net (the port, models/face_expression.pt) fine-tuned on "
                        "../shared/data/expressions train (ground-truth face boxes); the day-0 classifier of "
-                       "expression projects",
+                       "expression projects"
+                       + (f"; this run continues from {args.init.name} (parent.fine_tune)"
+                          if init.meta.get("fine_tune") else ""),
         "trained_by": "scripts/train_expression_default.py",
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "parent": {"file": args.init.name, "sha256": parent_sha, "source": init.meta.get("source")},
+        "parent": {"file": args.init.name, "sha256": parent_sha, "source": init.meta.get("source"),
+                   # a continued fine-tune (--init an earlier output): keep the earlier run's provenance
+                   **({"fine_tune": init.meta["fine_tune"]} if init.meta.get("fine_tune") else {})},
         "data": {"dataset": "../shared/data/expressions", "split": "train", "n_faces": met["n_train"],
                  "boxes_per_class": train_counts,
                  "files_sha256": train_fp,
@@ -144,7 +219,19 @@ def main() -> None:
             "crop_margin": model.crop_margin, "input_size": model.input_size,
             "n_parameters": sum(p.numel() for p in model.net.parameters()),
             "preprocessing": init.meta.get("preprocessing"), **prov}
-    if not args.no_val:
+    if held:
+        ev = evaluate(model, held)
+        ev0 = evaluate(init, held)
+        info["data"]["holdout"] = {"fraction": args.holdout, "seed": args.holdout_seed, "n_faces_fit": met["n_train"],
+                                   "grouping": "whole source subjects (subject_groups)"}
+        info["holdout_train"] = {
+            "note": "held-out part of train (whole source subjects), used to choose the recipe",
+            "n_faces": ev["n"], "accuracy": round(ev["accuracy"], 4),
+            "per_class": {k: round(v, 3) for k, v in ev["per_class"].items()},
+            "init_accuracy": round(ev0["accuracy"], 4)}
+        print(f"held-out train ({ev['n']} faces): accuracy {ev['accuracy']:.4f} (init {ev0['accuracy']:.4f}); "
+              f"per class {info['holdout_train']['per_class']}", flush=True)
+    elif not args.no_val:
         val, val_fp, val_counts = load_split(args.data, "val", classes)
         if args.max_faces:
             val = val[:args.max_faces]
