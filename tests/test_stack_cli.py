@@ -392,13 +392,21 @@ def test_stop_stops_redis_after_the_other_services(tmp_path):
             "open(sys.argv[1] + '.ready', 'w').close()\n"
             "while True: time.sleep(0.05)\n")
     st = Stack(root=tmp_path)
-    for name, linger in (("redis", 0.0), ("label-studio", 0.2), ("backend", 0.2), ("worker", 1.0)):
-        st.procs[name] = subprocess.Popen([sys.executable, "-c", prog, str(tmp_path / name), str(linger)],
-                                          start_new_session=True)
-    deadline = time.time() + 30
-    while not all((tmp_path / f"{n}.ready").exists() for n in st.procs) and time.time() < deadline:
-        time.sleep(0.05)
-    st.stop()
+    started = []
+    try:
+        for name, linger in (("redis", 0.0), ("label-studio", 0.2), ("backend", 0.2), ("worker", 1.0)):
+            st.procs[name] = subprocess.Popen([sys.executable, "-c", prog, str(tmp_path / name), str(linger)],
+                                              start_new_session=True)
+            started.append(st.procs[name])
+        deadline = time.time() + 30
+        while not all((tmp_path / f"{n}.ready").exists() for n in st.procs) and time.time() < deadline:
+            time.sleep(0.05)
+        st.stop()
+    finally:
+        for p in started:  # nothing left behind if the test fails before or in stop()
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
     ended = {n: float((tmp_path / n).read_text()) for n in ("redis", "label-studio", "backend", "worker")}
     assert ended["redis"] > max(ended["worker"], ended["backend"], ended["label-studio"]), ended
     assert not st.procs
