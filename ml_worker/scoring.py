@@ -185,6 +185,8 @@ def finish_scoring(settings: Settings, plan: dict, results: list[dict], run_id: 
                              labelled_embeddings=np.stack(lab_emb) if lab_emb else None)
         batch = [good[i]["task_id"] for i in picks]
         order = [good[i]["task_id"] for i in queue_order(np.array([_unit(unc_of(p, measure)) for p in good]), emb)]
+        if not plan["partial"]:
+            order = batch_first(order, batch, {p["task_id"]: _unit(unc_of(p, measure)) for p in good})
     with session_scope(settings.database_url) as s:
         for p in preds:
             row = s.exec(select(TaskScore).where(TaskScore.project_id == project_id,
@@ -289,6 +291,29 @@ def _unit(x) -> float:
     except (TypeError, ValueError):
         return 1.0
     return 1.0 if math.isnan(x) else min(max(x, 0.0), 1.0)
+
+
+def batch_first(order: list[int], batch: list[int], uncertainty: dict[int, float]) -> list[int]:
+    """``order`` with the query batch's tasks first within each group of tied uncertainty (to
+    :data:`ml_worker.sampler.TIE_DECIMALS` decimals), otherwise unchanged.
+
+    The query batch (the sampler's picks, e.g. ``cluster_margin``) and the queue order (ties broken
+    by :func:`ml_worker.sampler.queue_order`) are chosen separately; at day 0 every task ties, and
+    without this the flagged tasks were scattered over ranks 5-198 of a 238-task Review queue.
+    Ranks stay monotone in uncertainty: only tasks of equal (rounded) uncertainty change places.
+
+    Args:
+        order: task ids in queue order (uncertainty not increasing).
+        batch: the query batch's task ids.
+        uncertainty: ``{task id: uncertainty 0-1}``.
+    Returns: the task ids of ``order``, reordered.
+    """
+    flagged = set(batch)
+    first_of: dict[float, int] = {}
+    for i, t in enumerate(order):
+        first_of.setdefault(round(uncertainty[t], TIE_DECIMALS), i)
+    pos = {t: i for i, t in enumerate(order)}
+    return sorted(order, key=lambda t: (first_of[round(uncertainty[t], TIE_DECIMALS)], t not in flagged, pos[t]))
 
 
 def tie_offsets(order: list[int], uncertainty: dict[int, float]) -> dict[int, float]:

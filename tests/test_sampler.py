@@ -320,6 +320,14 @@ def test_day0_queue_on_the_default_folder_spreads_over_people(tmp_path):
                    embeddings=emb, rng=np.random.default_rng(0))
     print(f"day-0 query batch of 12 ({DEFAULT_QUERY_STRATEGY}): {dict(zip(*np.unique(person[batch], return_counts=True)))}")
     assert len(set(person[batch])) == n_people
+    # the Review queue shows the query batch first (every task ties), and its head still spreads
+    from ml_worker.scoring import batch_first
+
+    batch20 = select(DEFAULT_QUERY_STRATEGY, {m: u for m in ("least_confidence", "margin", "entropy")}, 20,
+                     embeddings=emb, rng=np.random.default_rng(0))
+    final = batch_first(list(order), list(batch20), {i: 1.0 for i in range(len(order))})
+    assert set(final[:20]) == set(batch20) and sorted(final) == sorted(order)
+    assert len(set(person[final[:12]])) == n_people
 
 
 def test_rerank_follows_the_queue_order_on_ties(tmp_path):
@@ -350,3 +358,14 @@ def test_rerank_follows_the_queue_order_on_ties(tmp_path):
     with session_scope(s.database_url) as db:
         rows = sorted(db.exec(sql_select(TaskScore).where(TaskScore.project_id == 1)).all(), key=lambda r: r.rank)
         assert [r.task_id for r in rows] == [3, 1, 2, 5, 4]
+
+
+def test_batch_first_moves_the_query_batch_ahead_only_within_ties():
+    from ml_worker.scoring import batch_first
+
+    unc = {1: 0.9, 2: 0.9, 3: 0.9, 4: 0.5, 5: 0.5, 6: 0.1}
+    order = [1, 2, 3, 4, 5, 6]
+    assert batch_first(order, [3, 5], unc) == [3, 1, 2, 5, 4, 6]
+    assert batch_first(order, [6], unc) == order  # a lone pick with less uncertainty stays where it is
+    out = batch_first(order, [2, 6, 4], unc)
+    assert [unc[t] for t in out] == sorted((unc[t] for t in out), reverse=True)  # ranks stay monotone
