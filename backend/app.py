@@ -123,11 +123,12 @@ class ServingState(NamedTuple):
     """What ``/predict`` needs of a project's rows (:func:`serving_state`)."""
 
     label_config: str
+    ls_instance: str  # the Label Studio instance the project row belongs to ("" when unclaimed)
     version: ModelVersion | None  # the promoted version (a detached copy), None when none is set
     error_tasks: frozenset[int]  # the asked-for tasks that have an error row of that version
 
 
-_STATE = (sa_select(Project.label_config, ModelVersion.id, ModelVersion.project_id, ModelVersion.version,
+_STATE = (sa_select(Project.label_config, Project.ls_instance, ModelVersion.id, ModelVersion.project_id, ModelVersion.version,
                     ModelVersion.path, ModelVersion.sha256)
           .select_from(Project)
           .outerjoin(ModelVersion, ModelVersion.id == Project.promoted_version_id)
@@ -155,12 +156,12 @@ def serving_state(url: str, pid: int, task_ids: list[int]) -> ServingState | Non
         if row is None:
             return None
         version, errors = None, frozenset()
-        if row[1] is not None:
-            version = ModelVersion(id=row[1], project_id=row[2], version=row[3], path=row[4], sha256=row[5])
+        if row[2] is not None:
+            version = ModelVersion(id=row[2], project_id=row[3], version=row[4], path=row[5], sha256=row[6])
             if task_ids:
                 errors = frozenset(r[0] for r in conn.execute(
                     _ERROR_TASKS, {"pid": pid, "version": version.version, "ids": list(task_ids)}))
-        return ServingState(row[0] or "", version, errors)
+        return ServingState(row[0] or "", row[1] or "", version, errors)
 
 
 @lru_cache(maxsize=64)
@@ -404,6 +405,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise HTTPException(422, f"{CANNOT_SERVE}: {e}")
         if state is None:
             raise not_set_up(pid)
+        try:  # before either path: the fast one below writes nothing and would skip upsert's check
+            registry.check_instance(Project(id=pid, ls_instance=state.ls_instance), settings.label_studio_instance)
+        except registry.ProjectOfAnotherLabelStudio as e:
+            raise HTTPException(409, str(e))
         if state.version is not None and config == state.label_config:
             version = state.version  # served as is: nothing to write
         else:  # a new label config, or no version served yet (the shipped default is registered)

@@ -395,6 +395,11 @@ def test_two_label_studios_on_one_database_never_mix(tmp_path):
     r = cb.post("/webhook", json=hook)
     assert r.status_code == 200 and r.json()["status"] == "ignored" and "another Label Studio" in r.json()["reason"]
     assert cb.post("/webhook", json={**hook, "action": "START_TRAINING"}).status_code == 409
+    # /predict too, also when the config is the one stored and a version is served (its fast path)
+    body = {"tasks": [{"id": 1, "project": 7, "data": {"image": "http://127.0.0.1:9/x.jpg"}}], "project": 7,
+            "label_config": config_text("awake_sleep")}
+    r = cb.post("/predict", json=body)
+    assert r.status_code == 409 and "another Label Studio" in r.json()["detail"], r.text
     with session_scope(a.database_url) as s:
         row = s.get(Project, 7)
         assert row.ls_instance == "aaaa" and "awake" in row.labels_json and row.title != "expressions"
