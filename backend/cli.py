@@ -416,8 +416,10 @@ def _reconnect_projects(client, st, exclude: set) -> list[int]:
     this install's auth and webhook (their backend showed "Disconnected" after a port change)."""
     from backend.lsapi import api_error_text, connect_backend
 
+    from backend.lsapi import all_pages
+
     done = []
-    for p in client.projects.list():
+    for p in all_pages(client.projects.list):
         if int(p.id) in exclude:
             continue
         try:
