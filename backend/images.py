@@ -324,7 +324,7 @@ def drop_transparent(det, alpha: np.ndarray | None, min_visible: float = MIN_VIS
     kept = []
     for d in det.detections:
         x1, y1 = max(0, int(d.box[0])), max(0, int(d.box[1]))
-        x2, y2 = min(w, max(x1 + 1, int(math.ceil(d.box[2])))), min(h, max(y1 + 1, int(math.ceil(d.box[3]))))
+        x2, y2 = min(w, max(x1 + 1, math.ceil(d.box[2]))), min(h, max(y1 + 1, math.ceil(d.box[3])))
         patch = alpha[y1:y2, x1:x2]
         if patch.size and patch.mean() / 255.0 >= min_visible:
             kept.append(d)

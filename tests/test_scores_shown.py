@@ -81,5 +81,5 @@ def test_label_studio_keeps_each_box_score_and_shows_the_task_score(stack, tmp_p
         pred = stored if isinstance(stored, dict) else stored.dict()
         assert [r["score"] for r in pred["result"]] == [r["score"] for r in d["result"]]
         assert all(r["score"] > 0 for r in pred["result"])
-        shown = [x for x in all_pages(client.tasks.list, project=pid, fields="all") if x.id == t][0]
+        shown = next(x for x in all_pages(client.tasks.list, project=pid, fields="all") if x.id == t)
         assert shown.predictions_score == pytest.approx(d["score"], abs=1e-6)
