@@ -32,6 +32,7 @@ def var_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("VAR_DIR", str(tmp_path / "var"))  # the lazy export cache goes there
     monkeypatch.delenv("INFERENCE_BACKEND", raising=False)
     monkeypatch.delenv("INFERENCE_THREADS", raising=False)
+    monkeypatch.delenv("INFERENCE_CLASSIFIER_THREADS", raising=False)
 
 
 def test_a_written_version_holds_both_onnx_files_with_their_sha256(version):
@@ -165,6 +166,49 @@ def test_inference_backend_setting(monkeypatch, version):
     monkeypatch.setenv("INFERENCE_THREADS", "zero")
     with pytest.raises(ValueError, match="INFERENCE_THREADS"):
         ox.intra_op_threads()
+
+
+def test_the_classifier_runs_on_one_thread_unless_told(monkeypatch, version):
+    """One face is too small a pass to split (docs/benchmarks.md, run 10): one intra-op thread by
+    default, whatever the detector uses; INFERENCE_CLASSIFIER_THREADS overrides it."""
+    def threads(m):
+        return int(m.classifier.session.get_session_options().intra_op_num_threads)
+
+    assert threads(TwoStageModel(version)) == 1
+    monkeypatch.setenv("INFERENCE_CLASSIFIER_THREADS", "2")
+    assert threads(TwoStageModel(version)) == 2
+    monkeypatch.setenv("INFERENCE_CLASSIFIER_THREADS", "-1")
+    with pytest.raises(ValueError, match="INFERENCE_CLASSIFIER_THREADS"):
+        ox.classifier_threads()
+
+
+def test_letterbox_is_bitwise_ultralytics_letterbox():
+    """The detector's input is ultralytics' LetterBox (rectangular for a batch of one shape, square
+    for mixed shapes; padding 114) then / 255, to the bit, on real photos and odd shapes."""
+    from PIL import Image
+    from ultralytics.data.augment import LetterBox
+    from ultralytics.utils.checks import check_imgsz
+
+    def reference(images, imgsz, stride=32):
+        lb = LetterBox(check_imgsz(imgsz, stride=stride, min_dim=2), auto=len({i.shape for i in images}) == 1,
+                       stride=stride)
+        x = np.stack([lb(image=im) for im in images])
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255.0)
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+              for h, w in [(1, 1), (1, 500), (500, 1), (3, 7), (255, 256), (640, 480), (480, 640), (1000, 37), (97, 389)]]
+    if SHARED_DATA.is_dir():
+        images += [np.asarray(Image.open(f).convert("RGB"))
+                   for f in sorted((AWAKE_SLEEP / "images" / "val").glob("*.jpg"))[:8]]
+    det = ox.OnnxDetector.__new__(ox.OnnxDetector)
+    det.stride = 32
+    for imgsz in (256, 320, 640):
+        batches = [[im] for im in images] + [images[:4], [images[5]] * 3]
+        for batch in batches:
+            want, got = reference(batch, imgsz), det._letterbox(batch, imgsz)
+            assert got.dtype == np.float32 and got.shape == want.shape
+            assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), (imgsz, [b.shape for b in batch])
 
 
 def test_spinning_setting_gives_the_same_outputs(monkeypatch, version):
