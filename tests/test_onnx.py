@@ -253,6 +253,57 @@ def test_a_stale_or_missing_export_is_made_again_in_the_cache(version, tmp_path)
     assert ox._metadata(m.classifier.path)[ox.SOURCE_KEY] == file_sha256(folder / "classifier.pt")
 
 
+def test_the_classifier_export_has_its_paddings_in_its_convolutions(version):
+    """Export format 2: no Pad node left (each TF 'same' padding is in its Conv's pads), the same
+    outputs as the plain TorchScript export within 1e-5, and 16 paddings merged."""
+    import onnx
+    import torch
+
+    from facemodels.classifier import FaceClassifier
+
+    b = json.loads(version.read_text())
+    f = version.parent / b["classifier_onnx"]
+    meta = ox._metadata(f)
+    assert meta[ox.FORMAT_KEY] == "2"
+    graph = onnx.load(str(f)).graph
+    assert not [n for n in graph.node if n.op_type == "Pad"]
+    assert sum(any(a.name == "pads" and list(a.ints) in ([0, 0, 1, 1],) for a in n.attribute)
+               for n in graph.node if n.op_type == "Conv") >= 1  # the stride-2 'same' paddings: 0 before, 1 after
+    clf = FaceClassifier.load(version.parent / "classifier.pt")
+    x = np.random.default_rng(0).normal(0, 0.3, (5, 3, clf.input_size, clf.input_size)).astype(np.float32)
+    with torch.no_grad():
+        f_t = clf.net.eval().features(torch.from_numpy(x))
+        p_t = torch.softmax(clf.net.fc(f_t), dim=1).numpy()
+    probs, feats = ox.make_session(f, 1).run(["probs", "features"], {"input": x})
+    assert np.abs(probs - p_t).max() <= 1e-5
+    assert np.abs(feats - torch.nn.functional.normalize(f_t, dim=1).numpy()).max() <= 1e-5
+
+
+def test_a_classifier_export_of_an_older_format_is_made_again(version, tmp_path, caplog):
+    """A version written before export format 2 (its recorded classifier.onnx carries no format) is
+    served from a fresh export in the cache; a candidate's old export is not copied either."""
+    import onnx
+
+    folder = tmp_path / "old-format"
+    shutil.copytree(version.parent, folder)
+    model = onnx.load(str(folder / "classifier.onnx"))
+    props = {p.key: p.value for p in model.metadata_props if p.key != ox.FORMAT_KEY}
+    del model.metadata_props[:]
+    ox._set_metadata(model, props)
+    (folder / "classifier.onnx").write_bytes(model.SerializeToString())
+    b = json.loads((folder / "bundle.json").read_text())
+    b["classifier_onnx_sha256"] = file_sha256(folder / "classifier.onnx")
+    (folder / "bundle.json").write_text(json.dumps(b))
+    assert ox.reusable_onnx(folder, "classifier", b["classifier_sha256"]) is None
+    assert ox.reusable_onnx(folder, "detector", b["detector_sha256"]) == folder / "detector.onnx"
+    with caplog.at_level(logging.INFO, logger="faceloop.onnx"):
+        m = TwoStageModel(folder / "bundle.json")
+    assert m.backend == "onnx" and "older export format" in caplog.text
+    assert ox.cache_dir() in __import__("pathlib").Path(m.classifier.path).parents
+    assert ox._metadata(m.classifier.path)[ox.FORMAT_KEY] == "2"
+    assert m.detector.path == str((folder / "detector.onnx").resolve())  # the detector's format did not change
+
+
 def test_classifying_only_the_faces_a_prediction_uses_changes_no_prediction(version, tmp_path):
     """predict_tasks classifies the shown faces and each image's best candidate only
     (``classify_min_conf``); boxes, labels, scores and uncertainty are those of classifying all."""
