@@ -73,8 +73,10 @@ FORMAT_KEY = "faceloop_export_format"
 #: The export format each ONNX file must have to be served; an older one is exported again
 #: (:func:`onnx_files`). Classifier "2": paddings merged into the convolutions (:func:`_fold_and_fuse_pads`).
 EXPORT_FORMATS = {"detector": "1", "classifier": "2"}
-#: Boxes per classifier forward pass (as :data:`facemodels.classifier.INFER_BATCH`).
-INFER_BATCH = 64
+#: Faces per classifier forward pass on ONNX Runtime. Small: up to 8 faces a pass cost about the
+#: same CPU a face as one (0.63-0.66 ms), 16 cost 0.78 and 32-64 cost 1.1 (one thread; the
+#: activations of a large batch no longer stay in cache; docs/benchmarks.md, run 10).
+INFER_BATCH = 8
 #: Opset of the classifier export.
 CLASSIFIER_OPSET = 17
 BACKENDS = ("onnx", "torch")
