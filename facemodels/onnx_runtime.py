@@ -110,10 +110,9 @@ def intra_op_threads() -> int:
 
 def classifier_threads() -> int:
     """ONNX Runtime intra-op threads of the face-crop classifier: ``INFERENCE_CLASSIFIER_THREADS``
-    if set (> 0), else 1. One face is a 112×112 forward pass of about 1 ms, too small to split: on 2
-    cores one thread took 1.05 ms of wall and of CPU a face against 1.26 ms of wall and 1.65 ms of
-    CPU with two (docs/benchmarks.md, run 10); batches of 16-40 faces cost the same CPU a face with
-    either. ValueError for a bad value."""
+    if set (> 0), else 1. One face is a 112×112 forward pass of about 0.5 ms, too small to split:
+    on the 2 shared cores one thread took 0.56 ms of CPU a face against 0.67 with two, and no
+    shorter wall time was seen with two (docs/benchmarks.md, run 10). ValueError for a bad value."""
     v = os.environ.get("INFERENCE_CLASSIFIER_THREADS", "").strip()
     if not v:
         return 1
@@ -237,7 +236,7 @@ def _fold_and_fuse_pads(model):
     ``Conv``'s ``pads`` (``[top, left, bottom, right]``; ONNX ``Pad`` gives
     ``[n0, c0, top, left, n1, c1, bottom, right]``). The same function (zero padding then
     convolution); ONNX Runtime then runs the convolutions in its blocked layout without a
-    reorder around each ``Pad``: one face 0.65 ms of CPU instead of 1.55 (one thread, loaded
+    reorder around each ``Pad``: one face 0.56 ms of CPU instead of 1.14 (one thread, loaded
     machine; docs/benchmarks.md, run 10), outputs within 4e-7 of the unfused export.
     """
     import onnx
