@@ -67,6 +67,21 @@ def _tasks(files):
     return [{"id": i + 1, "project": 1, "data": {"image": f"/data/local-files/?d={f.name}"}} for i, f in enumerate(files)]
 
 
+def backend_env(name: str) -> dict:
+    """Settings of a ``--backends`` entry: ``torch`` or ``onnx``, then optional ``-spinning``
+    (``INFERENCE_SPINNING=1``) and ``-clfN`` (``INFERENCE_CLASSIFIER_THREADS=N``), e.g. ``onnx-clf2``."""
+    kind, *opts = name.split("-")
+    env = dict(INFERENCE_BACKEND=kind, INFERENCE_SPINNING="0")
+    for o in opts:
+        if o == "spinning":
+            env["INFERENCE_SPINNING"] = "1"
+        elif o.startswith("clf") and o[3:].isdigit():
+            env["INFERENCE_CLASSIFIER_THREADS"] = o[3:]
+        else:
+            raise SystemExit(f"unknown backend option {o!r} in {name!r} (spinning, clfN)")
+    return env
+
+
 def pool_worker(args) -> None:
     """One pool-scoring process: load and warm up, print ``ready``, then for each ``START COUNT``
     line on stdin score those images and print one JSON line ``{"n", "seconds", ...}``."""
@@ -141,7 +156,7 @@ def main() -> None:
                     help="single-stage reference model ('' to skip)")
     ap.add_argument("--backends", default="torch,onnx",
                     help="two-stage backends of B and C, comma-separated (default torch,onnx; "
-                         "onnx-spinning: ONNX with INFERENCE_SPINNING=1)")
+                         "onnx-spinning: ONNX with INFERENCE_SPINNING=1; onnx-clf2: the classifier on 2 threads)")
     ap.add_argument("--baseline-tree", type=Path, default=None,
                     help="also serve ONNX from this other checkout (e.g. a `git worktree` of the commit before a "
                          "change): before and after, interleaved in one run")
@@ -167,8 +182,7 @@ def main() -> None:
     base_env = dict(os.environ, LOCAL_FILES_DOCUMENT_ROOT=str(args.images), LABEL_STUDIO_API_KEY="unused",
                     CELERY_BROKER_URL="redis://127.0.0.1:1/0", DEFAULT_MODEL_PATH=str(weights),
                     VAR_DIR=str(work / "var"))
-    servers = {b: dict(INFERENCE_BACKEND=b.split("-")[0], INFERENCE_SPINNING="1" if b.endswith("-spinning") else "0")
-               for b in args.backends.split(",") if b}
+    servers = {b: backend_env(b) for b in args.backends.split(",") if b}
     trees = {}
     if args.baseline_tree:
         servers["onnx, baseline tree"] = dict(INFERENCE_BACKEND="onnx")

@@ -44,7 +44,8 @@ INPUT_SIZE = 112
 def _tf_same_pad(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
     """Pad (N, C, H, W) as TensorFlow's ``padding='same'`` does (extra pixel after, not before)."""
     pads = []
-    for size in (x.shape[-1], x.shape[-2]):  # F.pad order: last dim first
+    # F.pad order: last dim first; int(): the amounts are constants in an ONNX export (the input size is fixed)
+    for size in (int(x.shape[-1]), int(x.shape[-2])):
         out = math.ceil(size / stride)
         total = max((out - 1) * stride + kernel - size, 0)
         pads += [total // 2, total - total // 2]

@@ -12,7 +12,9 @@ Each two-stage version (:mod:`facemodels.two_stage`) gets two ONNX files beside 
 * ``classifier.onnx``: the face-crop classifier (:class:`facemodels.classifier.FaceClassifier`)
   exported with ``torch.onnx.export`` (TorchScript exporter, opset 17, dynamic batch), outputs
   ``probs`` ``(N, K)`` softmax probabilities and ``features`` ``(N, 256)`` L2-normalised pooled
-  features. Its classes, crop margin and input size are stored in the file's metadata.
+  features, its TF 'same' paddings merged into its convolutions (:func:`_fold_and_fuse_pads`;
+  export format "2", :data:`EXPORT_FORMATS`: a classifier file of an older format is exported
+  again on load). Its classes, crop margin and input size are stored in the file's metadata.
 
 Both files carry ``faceloop_source_sha256`` (the SHA-256 of the ``.pt`` they were exported from) in
 their metadata, so a stale export is never served. The bundle JSON records them with their own
@@ -37,6 +39,8 @@ Settings (environment):
   worker pinned to one core (``taskset -c 0``) uses one thread. Parallel pool scoring runs several
   worker processes (``faceloop worker --concurrency N`` or one worker per core, each pinned); set
   ``INFERENCE_THREADS=1`` when N unpinned processes share N cores.
+* ``INFERENCE_CLASSIFIER_THREADS``: intra-op threads of the classifier's session; default 1
+  (:func:`classifier_threads`: one face is too small a pass to split over threads).
 * ``INFERENCE_SPINNING``: ``1`` lets the intra-op threads spin during a run (shorter single
   images, more CPU; :func:`make_session`); default ``0``.
 """
@@ -44,6 +48,7 @@ Settings (environment):
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import logging
 import os
@@ -63,8 +68,15 @@ log = logging.getLogger("faceloop.onnx")
 
 #: Metadata key holding the SHA-256 of the ``.pt`` an ONNX file was exported from.
 SOURCE_KEY = "faceloop_source_sha256"
-#: Boxes per classifier forward pass (as :data:`facemodels.classifier.INFER_BATCH`).
-INFER_BATCH = 64
+#: Metadata key holding how the file was exported (:data:`EXPORT_FORMATS`); a file without it is format "1".
+FORMAT_KEY = "faceloop_export_format"
+#: The export format each ONNX file must have to be served; an older one is exported again
+#: (:func:`onnx_files`). Classifier "2": paddings merged into the convolutions (:func:`_fold_and_fuse_pads`).
+EXPORT_FORMATS = {"detector": "1", "classifier": "2"}
+#: Faces per classifier forward pass on ONNX Runtime. Small: up to 8 faces a pass cost about the
+#: same CPU a face as one (0.63-0.66 ms), 16 cost 0.78 and 32-64 cost 1.1 (one thread; the
+#: activations of a large batch no longer stay in cache; docs/benchmarks.md, run 10).
+INFER_BATCH = 8
 #: Opset of the classifier export.
 CLASSIFIER_OPSET = 17
 BACKENDS = ("onnx", "torch")
@@ -94,6 +106,23 @@ def intra_op_threads() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - not Linux
         return max(1, os.cpu_count() or 1)
+
+
+def classifier_threads() -> int:
+    """ONNX Runtime intra-op threads of the face-crop classifier: ``INFERENCE_CLASSIFIER_THREADS``
+    if set (> 0), else 1. One face is a 112×112 forward pass of about 0.5 ms, too small to split:
+    on the 2 shared cores one thread took 0.56 ms of CPU a face against 0.67 with two, and no
+    shorter wall time was seen with two (docs/benchmarks.md, run 10). ValueError for a bad value."""
+    v = os.environ.get("INFERENCE_CLASSIFIER_THREADS", "").strip()
+    if not v:
+        return 1
+    try:
+        n = int(v)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"INFERENCE_CLASSIFIER_THREADS must be a whole number >= 1, got {v!r}")
+    return n
 
 
 def inference_spinning() -> bool:
@@ -195,11 +224,84 @@ def export_detector(pt: str | Path, out: str | Path, imgsz: int = 256) -> Path:
     return out
 
 
+def _fold_and_fuse_pads(model):
+    """The classifier's exported graph with its shape arithmetic folded and each TF 'same' ``Pad``
+    merged into the ``Conv`` it feeds (ONNX ``Conv`` takes asymmetric ``pads``).
+
+    The TorchScript export writes each of the 16 paddings as a ``Pad`` fed by a chain of small
+    nodes (``ConstantOfShape``, ``Concat``, ``Reshape``, ``Slice``, ``Transpose``, ``Cast``);
+    ONNX Runtime's basic level (constant folding only; no layout or hardware-specific rewrite) folds
+    them into constants, then a ``Pad`` in ``constant`` mode with value 0 that pads only the spatial
+    axes and feeds one ``Conv`` (``auto_pad`` ``NOTSET``) is removed and its amounts added to the
+    ``Conv``'s ``pads`` (``[top, left, bottom, right]``; ONNX ``Pad`` gives
+    ``[n0, c0, top, left, n1, c1, bottom, right]``). The same function (zero padding then
+    convolution); ONNX Runtime then runs the convolutions in its blocked layout without a
+    reorder around each ``Pad``: one face 0.56 ms of CPU instead of 1.14 (one thread, loaded
+    machine; docs/benchmarks.md, run 10), outputs within 4e-7 of the unfused export.
+    """
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    with tempfile.TemporaryDirectory(prefix="faceloop-onnx-") as tmp:
+        src, dst = Path(tmp) / "in.onnx", Path(tmp) / "basic.onnx"
+        src.write_bytes(model.SerializeToString())
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        so.optimized_model_filepath = str(dst)
+        so.log_severity_level = 3
+        ort.InferenceSession(str(src), sess_options=so, providers=["CPUExecutionProvider"])
+        model = onnx.load(str(dst))
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
+    outputs = {o.name for o in g.output}
+
+    def const(name):
+        return numpy_helper.to_array(inits[name]) if name in inits else None
+
+    def attr(node, name, default):
+        for a in node.attribute:
+            if a.name == name:
+                return helper.get_attribute_value(a)
+        return default
+
+    fused = []
+    for n in g.node:
+        if n.op_type != "Pad" or attr(n, "mode", b"constant") not in (b"constant", "constant"):
+            continue
+        pads = const(n.input[1]) if len(n.input) > 1 else None
+        value = const(n.input[2]) if len(n.input) > 2 and n.input[2] else np.zeros(1)
+        users = consumers.get(n.output[0], [])
+        if (pads is None or value is None or np.any(value != 0) or len(n.input) > 3 and n.input[3]
+                or len(users) != 1 or users[0].op_type != "Conv" or n.output[0] in outputs):
+            continue
+        pads, conv = [int(v) for v in pads], users[0]
+        if (len(pads) != 8 or any(pads[k] for k in (0, 1, 4, 5)) or min(pads) < 0
+                or attr(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or conv.input[0] != n.output[0]):
+            continue
+        old = list(attr(conv, "pads", [0, 0, 0, 0]))
+        for a in [a for a in conv.attribute if a.name == "pads"]:
+            conv.attribute.remove(a)
+        conv.attribute.append(helper.make_attribute("pads", [old[0] + pads[2], old[1] + pads[3],
+                                                             old[2] + pads[6], old[3] + pads[7]]))
+        conv.input[0] = n.input[0]
+        fused.append(n)
+    for n in fused:
+        g.node.remove(n)
+    return model
+
+
 def export_classifier(pt: str | Path, out: str | Path) -> Path:
-    """Export a face classifier ``.pt`` (:meth:`FaceClassifier.load`) to ``out`` with ``torch.onnx``.
+    """Export a face classifier ``.pt`` (:meth:`FaceClassifier.load`) to ``out`` with ``torch.onnx``,
+    its paddings folded into the convolutions (:func:`_fold_and_fuse_pads`).
 
     Input ``input`` ``(N, 3, S, S)`` (S = the model's input size, 112), outputs ``probs`` ``(N, K)``
-    and ``features`` ``(N, 256)``; dynamic N. Classes, crop margin and input size go to the metadata.
+    and ``features`` ``(N, 256)``; dynamic N. Classes, crop margin, input size and the export format
+    (:data:`EXPORT_FORMATS`) go to the metadata.
     Raises FileNotFoundError / ValueError as :meth:`FaceClassifier.load`.
     """
     import onnx
@@ -227,8 +329,9 @@ def export_classifier(pt: str | Path, out: str | Path) -> Path:
         torch.onnx.export(_Head(clf.net.cpu()).eval(), (torch.zeros(2, 3, s, s),), str(f), input_names=["input"],
                           output_names=["probs", "features"], opset_version=CLASSIFIER_OPSET, dynamo=False,
                           dynamic_axes={"input": {0: "batch"}, "probs": {0: "batch"}, "features": {0: "batch"}})
-        model = onnx.load(str(f))
-    _set_metadata(model, {SOURCE_KEY: file_sha256(pt), "faceloop_classes": json.dumps(clf.classes),
+        model = _fold_and_fuse_pads(onnx.load(str(f)))
+    _set_metadata(model, {SOURCE_KEY: file_sha256(pt), FORMAT_KEY: EXPORT_FORMATS["classifier"],
+                          "faceloop_classes": json.dumps(clf.classes),
                           "faceloop_crop_margin": repr(clf.crop_margin), "faceloop_input_size": str(s),
                           "description": "faceloop face-crop classifier (face-api.js expression net, fine-tuned)"})
     onnx.checker.check_model(model)
@@ -265,11 +368,17 @@ def reusable_onnx(src_folder: Path, key: str, source_sha: str) -> Path | None:
         if b.get(f"{key}_sha256") != source_sha or not b.get(f"{key}_onnx"):
             return None
         p = src_folder / b[f"{key}_onnx"]
-        if p.is_file() and file_sha256(p) == b.get(f"{key}_onnx_sha256"):
+        if p.is_file() and file_sha256(p) == b.get(f"{key}_onnx_sha256") and _current(_metadata(p), key):
             return p
-    except (OSError, ValueError, TypeError):
+    except Exception:  # noqa: BLE001 - unreadable bundle or ONNX file: export again
         pass
     return None
+
+
+def _current(meta: dict[str, str], key: str) -> bool:
+    """Whether ONNX metadata ``meta`` of a ``key`` (detector/classifier) file is of the export
+    format served now (:data:`EXPORT_FORMATS`)."""
+    return meta.get(FORMAT_KEY, "1") == EXPORT_FORMATS[key]
 
 
 def cache_dir() -> Path:
@@ -285,9 +394,10 @@ _export_lock = threading.Lock()
 def onnx_files(bundle: dict) -> tuple[Path, Path]:
     """The detector and classifier ONNX files of a bundle read by :func:`facemodels.two_stage.read_bundle`.
 
-    The files the bundle records are used when their SHA-256 matches the bundle and their
-    ``faceloop_source_sha256`` matches the ``.pt`` files; otherwise the ``.pt`` files are exported
-    into :func:`cache_dir` (``<cache>/<pt sha256>/{detector,classifier}.onnx``), once.
+    The files the bundle records are used when their SHA-256 matches the bundle, their
+    ``faceloop_source_sha256`` matches the ``.pt`` files and their export format is the current
+    one (:data:`EXPORT_FORMATS`); otherwise the ``.pt`` files are exported into :func:`cache_dir`
+    (``<cache>/<pt sha256>/{detector,classifier}.onnx``), once.
     """
     out = []
     for key, fn in (("detector", export_detector), ("classifier", export_classifier)):
@@ -296,14 +406,18 @@ def onnx_files(bundle: dict) -> tuple[Path, Path]:
         rec = bundle.get(f"{key}_onnx")
         if rec:
             p = (pt.parent / rec).resolve()
-            if (p.is_file() and file_sha256(p) == bundle.get(f"{key}_onnx_sha256")
-                    and _metadata(p).get(SOURCE_KEY) == src_sha):
+            meta = _metadata(p) if p.is_file() and file_sha256(p) == bundle.get(f"{key}_onnx_sha256") else {}
+            if meta.get(SOURCE_KEY) == src_sha and _current(meta, key):
                 out.append(p)
                 continue
-            log.warning("%s ONNX file %s is missing or does not match its bundle; exporting again", key, p)
+            if meta.get(SOURCE_KEY) == src_sha:
+                log.info("%s ONNX file %s is of an older export format; exporting again", key, p)
+            else:
+                log.warning("%s ONNX file %s is missing or does not match its bundle; exporting again", key, p)
         cached = cache_dir() / src_sha / f"{key}.onnx"
         with _export_lock:
-            if not (cached.is_file() and _metadata(cached).get(SOURCE_KEY) == src_sha):
+            meta = _metadata(cached) if cached.is_file() else {}
+            if not (meta.get(SOURCE_KEY) == src_sha and _current(meta, key)):
                 log.info("exporting %s %s to ONNX (%s)", key, pt.name, cached)
                 fn(pt, cached)
         out.append(cached)
@@ -371,6 +485,34 @@ def nms_numpy(raw: np.ndarray, conf: float, iou: float, max_det: int = 300) -> l
 
 
 
+#: The letterbox padding (ultralytics' 114 of 255) as the float32 the network sees.
+_PAD = np.float32(114) / np.float32(255.0)
+
+
+@functools.lru_cache(maxsize=16)
+def _check_imgsz(imgsz: int, stride: int) -> tuple[int, int]:
+    """``(h, w)`` network input size of ``imgsz`` as ultralytics' ``check_imgsz(imgsz, stride, min_dim=2)``
+    (a multiple of ``stride``, warning once when it is rounded up)."""
+    from ultralytics.utils.checks import check_imgsz
+
+    h, w = check_imgsz(imgsz, stride=stride, min_dim=2)
+    return int(h), int(w)
+
+
+def _letterbox_plan(shape: tuple[int, int], new_shape: tuple[int, int], auto: bool, stride: int):
+    """ultralytics ``LetterBox.get_params`` (center, scaleup): ``((h, w) padded size, (uw, uh)
+    resized size, top, left)`` in pixels, for an image of ``shape`` ``(h, w)``."""
+    r = min(new_shape[0] / shape[0], new_shape[1] / shape[1])
+    uw, uh = max(round(shape[1] * r), 1), max(round(shape[0] * r), 1)
+    dw, dh = new_shape[1] - uw, new_shape[0] - uh
+    if auto:
+        dw, dh = np.mod(dw, stride), np.mod(dh, stride)
+    dw, dh = dw / 2, dh / 2
+    top, bottom = round(dh - 0.1), round(dh + 0.1)
+    left, right = round(dw - 0.1), round(dw + 0.1)
+    return (uh + top + bottom, uw + left + right), (uw, uh), top, left
+
+
 class OnnxDetector:
     """The YOLO face detector on ONNX Runtime; same ``detect()`` as :class:`facemodels.detector.FaceModel`.
 
@@ -395,14 +537,28 @@ class OnnxDetector:
         self.max_det = 300  # ultralytics' predictor default
 
     def _letterbox(self, images: list[np.ndarray], imgsz: int) -> np.ndarray:
-        from ultralytics.data.augment import LetterBox
-        from ultralytics.utils.checks import check_imgsz
+        """``(B, 3, h, w)`` float32 0-1 network input of RGB ``images``: ultralytics' ``LetterBox``
+        (``ultralytics/data/augment.py``: ``cv2.resize`` ``INTER_LINEAR`` to the scaled size, padding
+        114 centred, rectangular ``auto`` when all images of the batch share one shape, as its
+        predictor does), written straight into the float array (no per-call ``LetterBox`` object,
+        no padded uint8 copy). Bitwise the same array as ``LetterBox`` then ``/ 255``
+        (``tests/test_onnx.py``)."""
+        import cv2
 
-        size = check_imgsz(imgsz, stride=self.stride, min_dim=2)
-        same = len({im.shape for im in images}) == 1
-        lb = LetterBox(size, auto=same, stride=self.stride)  # as ultralytics' predictor (rect=True)
-        x = np.stack([lb(image=im) for im in images])  # (B, h, w, 3) RGB uint8; pad 114 on every channel
-        return np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255.0)
+        nh, nw = _check_imgsz(imgsz, self.stride)
+        auto = len({im.shape for im in images}) == 1
+        plans = [_letterbox_plan(im.shape[:2], (nh, nw), auto, self.stride) for im in images]
+        h, w = plans[0][0]
+        if any(p[0] != (h, w) for p in plans):  # cannot happen: not auto means every image gets (nh, nw)
+            raise ValueError("letterboxed images of one batch differ in size")
+        x = np.empty((len(images), 3, h, w), dtype=np.float32)
+        x.fill(_PAD)
+        for k, (im, (_, (uw, uh), top, left)) in enumerate(zip(images, plans)):
+            if im.shape[:2] != (uh, uw):
+                im = cv2.resize(im, (uw, uh), interpolation=cv2.INTER_LINEAR)
+            for c, plane in enumerate(cv2.split(im)):  # HWC -> CHW a plane at a time (contiguous reads)
+                np.divide(plane, np.float32(255.0), out=x[k, c, top : top + uh, left : left + uw], dtype=np.float32)
+        return x
 
     def detect(self, images: list[np.ndarray], conf: float, imgsz: int = 320, batch: int = 16, embed: bool = False,
                iou: float | None = None):
@@ -438,7 +594,8 @@ class OnnxClassifier:
     :class:`facemodels.classifier.FaceClassifier` (``predict_proba``, ``embed``,
     ``predict_proba_many``, ``embed_many``; same crops, :func:`facemodels.preprocess.face_batch`).
 
-    Args: ``path`` (written by :func:`export_classifier`), ``threads`` (intra-op threads).
+    Args: ``path`` (written by :func:`export_classifier`), ``threads`` (intra-op threads; default
+        :func:`classifier_threads`, 1).
     Attributes: ``classes``, ``crop_margin``, ``input_size`` (from the file's metadata).
     """
 
@@ -451,7 +608,7 @@ class OnnxClassifier:
             self.input_size = int(meta["faceloop_input_size"])
         except (KeyError, ValueError) as e:
             raise ValueError(f"{path} is not a faceloop classifier export (metadata {e})") from None
-        self.session = make_session(path, threads)
+        self.session = make_session(path, threads or classifier_threads())
 
     def inputs(self, image: np.ndarray, boxes) -> np.ndarray:
         """(n, 3, S, S) float32 input of the boxes of one image (ValueError for bad boxes)."""

@@ -32,6 +32,7 @@ def var_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("VAR_DIR", str(tmp_path / "var"))  # the lazy export cache goes there
     monkeypatch.delenv("INFERENCE_BACKEND", raising=False)
     monkeypatch.delenv("INFERENCE_THREADS", raising=False)
+    monkeypatch.delenv("INFERENCE_CLASSIFIER_THREADS", raising=False)
 
 
 def test_a_written_version_holds_both_onnx_files_with_their_sha256(version):
@@ -167,6 +168,49 @@ def test_inference_backend_setting(monkeypatch, version):
         ox.intra_op_threads()
 
 
+def test_the_classifier_runs_on_one_thread_unless_told(monkeypatch, version):
+    """One face is too small a pass to split (docs/benchmarks.md, run 10): one intra-op thread by
+    default, whatever the detector uses; INFERENCE_CLASSIFIER_THREADS overrides it."""
+    def threads(m):
+        return int(m.classifier.session.get_session_options().intra_op_num_threads)
+
+    assert threads(TwoStageModel(version)) == 1
+    monkeypatch.setenv("INFERENCE_CLASSIFIER_THREADS", "2")
+    assert threads(TwoStageModel(version)) == 2
+    monkeypatch.setenv("INFERENCE_CLASSIFIER_THREADS", "-1")
+    with pytest.raises(ValueError, match="INFERENCE_CLASSIFIER_THREADS"):
+        ox.classifier_threads()
+
+
+def test_letterbox_is_bitwise_ultralytics_letterbox():
+    """The detector's input is ultralytics' LetterBox (rectangular for a batch of one shape, square
+    for mixed shapes; padding 114) then / 255, to the bit, on real photos and odd shapes."""
+    from PIL import Image
+    from ultralytics.data.augment import LetterBox
+    from ultralytics.utils.checks import check_imgsz
+
+    def reference(images, imgsz, stride=32):
+        lb = LetterBox(check_imgsz(imgsz, stride=stride, min_dim=2), auto=len({i.shape for i in images}) == 1,
+                       stride=stride)
+        x = np.stack([lb(image=im) for im in images])
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255.0)
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+              for h, w in [(1, 1), (1, 500), (500, 1), (3, 7), (255, 256), (640, 480), (480, 640), (1000, 37), (97, 389)]]
+    if SHARED_DATA.is_dir():
+        images += [np.asarray(Image.open(f).convert("RGB"))
+                   for f in sorted((AWAKE_SLEEP / "images" / "val").glob("*.jpg"))[:8]]
+    det = ox.OnnxDetector.__new__(ox.OnnxDetector)
+    det.stride = 32
+    for imgsz in (256, 320, 640):
+        batches = [[im] for im in images] + [images[:4], [images[5]] * 3]
+        for batch in batches:
+            want, got = reference(batch, imgsz), det._letterbox(batch, imgsz)
+            assert got.dtype == np.float32 and got.shape == want.shape
+            assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), (imgsz, [b.shape for b in batch])
+
+
 def test_spinning_setting_gives_the_same_outputs(monkeypatch, version):
     """INFERENCE_SPINNING=1 (spin during a run, stop when it returns) changes speed, not results."""
     monkeypatch.setenv("INFERENCE_SPINNING", "yes")
@@ -207,6 +251,57 @@ def test_a_stale_or_missing_export_is_made_again_in_the_cache(version, tmp_path)
     assert m.backend == "onnx"
     assert ox.cache_dir() in __import__("pathlib").Path(m.classifier.path).parents
     assert ox._metadata(m.classifier.path)[ox.SOURCE_KEY] == file_sha256(folder / "classifier.pt")
+
+
+def test_the_classifier_export_has_its_paddings_in_its_convolutions(version):
+    """Export format 2: no Pad node left (each TF 'same' padding is in its Conv's pads), the same
+    outputs as the plain TorchScript export within 1e-5, and 16 paddings merged."""
+    import onnx
+    import torch
+
+    from facemodels.classifier import FaceClassifier
+
+    b = json.loads(version.read_text())
+    f = version.parent / b["classifier_onnx"]
+    meta = ox._metadata(f)
+    assert meta[ox.FORMAT_KEY] == "2"
+    graph = onnx.load(str(f)).graph
+    assert not [n for n in graph.node if n.op_type == "Pad"]
+    assert sum(any(a.name == "pads" and list(a.ints) in ([0, 0, 1, 1],) for a in n.attribute)
+               for n in graph.node if n.op_type == "Conv") >= 1  # the stride-2 'same' paddings: 0 before, 1 after
+    clf = FaceClassifier.load(version.parent / "classifier.pt")
+    x = np.random.default_rng(0).normal(0, 0.3, (5, 3, clf.input_size, clf.input_size)).astype(np.float32)
+    with torch.no_grad():
+        f_t = clf.net.eval().features(torch.from_numpy(x))
+        p_t = torch.softmax(clf.net.fc(f_t), dim=1).numpy()
+    probs, feats = ox.make_session(f, 1).run(["probs", "features"], {"input": x})
+    assert np.abs(probs - p_t).max() <= 1e-5
+    assert np.abs(feats - torch.nn.functional.normalize(f_t, dim=1).numpy()).max() <= 1e-5
+
+
+def test_a_classifier_export_of_an_older_format_is_made_again(version, tmp_path, caplog):
+    """A version written before export format 2 (its recorded classifier.onnx carries no format) is
+    served from a fresh export in the cache; a candidate's old export is not copied either."""
+    import onnx
+
+    folder = tmp_path / "old-format"
+    shutil.copytree(version.parent, folder)
+    model = onnx.load(str(folder / "classifier.onnx"))
+    props = {p.key: p.value for p in model.metadata_props if p.key != ox.FORMAT_KEY}
+    del model.metadata_props[:]
+    ox._set_metadata(model, props)
+    (folder / "classifier.onnx").write_bytes(model.SerializeToString())
+    b = json.loads((folder / "bundle.json").read_text())
+    b["classifier_onnx_sha256"] = file_sha256(folder / "classifier.onnx")
+    (folder / "bundle.json").write_text(json.dumps(b))
+    assert ox.reusable_onnx(folder, "classifier", b["classifier_sha256"]) is None
+    assert ox.reusable_onnx(folder, "detector", b["detector_sha256"]) == folder / "detector.onnx"
+    with caplog.at_level(logging.INFO, logger="faceloop.onnx"):
+        m = TwoStageModel(folder / "bundle.json")
+    assert m.backend == "onnx" and "older export format" in caplog.text
+    assert ox.cache_dir() in __import__("pathlib").Path(m.classifier.path).parents
+    assert ox._metadata(m.classifier.path)[ox.FORMAT_KEY] == "2"
+    assert m.detector.path == str((folder / "detector.onnx").resolve())  # the detector's format did not change
 
 
 def test_classifying_only_the_faces_a_prediction_uses_changes_no_prediction(version, tmp_path):
