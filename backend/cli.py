@@ -260,6 +260,8 @@ def up(
         console.print(f"[yellow]note: this stack kept its database and models in {state['var_dir']} before; "
                       f"now in {var_dir} (a stack started with --root has its own). Set VAR_DIR="
                       f"{state['var_dir']} to go on with the old ones.[/]", soft_wrap=True)
+    # how the other commands reach this stack (README, "A separate stack")
+    env_hint = "" if var_dir == settings.var_dir else f"VAR_DIR={var_dir} "
     if var_dir != settings.var_dir:  # this stack's own database and models, for every service
         os.environ["VAR_DIR"] = str(var_dir)
         get_settings.cache_clear()
@@ -310,6 +312,10 @@ def up(
             console.print(f"project {pid}: its instructions, with the status page's link, now open when a person "
                           "starts labeling (Settings -> Instructions -> 'Show before labeling' turned on; "
                           "switch it off there if you prefer, faceloop leaves it then)", soft_wrap=True)
+        if _follow_review_queue(client, pid, entry):
+            console.print(f"project {pid}: Label All Tasks now serves the review queue's order (Settings -> "
+                          "Annotation -> Task Sampling: 'Uncertainty sampling'; pick another there if you prefer, "
+                          "faceloop leaves it then)", soft_wrap=True)
         others = _reconnect_projects(client, st, exclude={pid})
         st.save_state(running=True, projects=projects)
         n_tasks = int(client.projects.get(id=pid).task_number or 0)
@@ -326,8 +332,9 @@ def up(
                       f"  status page   {status_url}\n"
                       f"  backend       {st.backend_url}\n  logs          {root / 'logs'}\n"
                       f"  state         {settings.var_dir}\n", soft_wrap=True)
-        console.print(f"Label some faces, then Settings -> Model -> Start Training (or `faceloop train {pid}`)."
-                      f"\nThe review queue: view '{settings.review_view_title}', or `faceloop queue {pid}`.")
+        console.print(f"Label some faces, then Settings -> Model -> Start Training (or `{env_hint}faceloop train "
+                      f"{pid}`).\nThe review queue: view '{settings.review_view_title}' (Label All Tasks follows it), "
+                      f"or `{env_hint}faceloop queue {pid}`.", soft_wrap=True)
         console.print(f"UP {time.time() - t0:.1f} s project={pid} ls={st.ls_url}")  # one line for scripts/tests
         if exit_after_setup:
             return
@@ -390,6 +397,24 @@ def _link_status_page(client, pid: int, status_url: str, entry: dict) -> bool:
         client.projects.update(id=pid, show_instruction=True)
     entry["show_instruction_set"] = True
     return turned_on
+
+
+def _follow_review_queue(client, pid: int, entry: dict) -> bool:
+    """Once per project (``entry["sampling_set"]`` in ``stack.json``), set its task sampling to
+    ``backend.lsapi.QUEUE_SAMPLING``, so that *Label All Tasks* serves the review queue's order, also
+    for projects made before faceloop set it at creation. A person who picks another sampling later
+    keeps it.
+
+    Returns: True when this call changed the sampling.
+    Raises: the SDK's ApiError when Label Studio refuses.
+    """
+    from backend.lsapi import use_queue_sampling
+
+    if entry.get("sampling_set"):
+        return False
+    changed = use_queue_sampling(client, pid)
+    entry["sampling_set"] = True
+    return changed
 
 
 def _stop_on_signals() -> None:
