@@ -223,7 +223,7 @@ def up(
     images: Path = typer.Argument(DEFAULT_IMAGES, help="Folder of face images to label (stays in place; "
                                                        "subfolders included)"),
     config: str = typer.Option("awake_sleep", help="Label config in label_config/ (name) or an XML path"),
-    title: Optional[str] = typer.Option(None, help="Project title (default: faces: <folder name>)"),
+    title: Optional[str] = typer.Option(None, help="Project title (default: faces: and the folder's last three path parts)"),
     new: bool = typer.Option(False, "--new", help="Create a new project even if one exists for this folder + config"),
     root: Optional[Path] = typer.Option(None, help="Folder of the stack: services' data, secrets, logs (default "
                                                    "VAR_DIR/stack; kept between runs). Another folder: a separate "
@@ -294,7 +294,7 @@ def up(
                 projects.remove(entry)
                 entry = None
         if entry is None:
-            pid = create_project(client, title or f"faces: {folder.name}"[:50], xml)
+            pid = create_project(client, title or default_title(folder), xml)
             entry = {"id": pid, **key, "config": str(xml_path), "storage_id": None}
             projects.append(entry)
             st.save_state(running=True, projects=projects)  # reopened next time even if a later step fails
@@ -397,6 +397,19 @@ def _link_status_page(client, pid: int, status_url: str, entry: dict) -> bool:
         client.projects.update(id=pid, show_instruction=True)
     entry["show_instruction_set"] = True
     return turned_on
+
+
+def default_title(folder: Path, limit: int = 50) -> str:
+    """A new project's title: ``faces: `` and the folder's last three path parts, e.g. ``faces:
+    awake_sleep/images/val`` and ``faces: expressions/images/val`` (by its name alone both were
+    ``faces: val`` in Label Studio's project list). Longer than ``limit`` characters (Label Studio
+    1.23's title limit is 50): the leading parts are cut, marked with ``…``."""
+    parts = [x for x in folder.parts if x != folder.anchor]
+    tail = "/".join(parts[-3:]) or str(folder)
+    room = limit - len("faces: ")
+    if len(tail) > room:
+        tail = "…" + tail[-(room - 1):]
+    return f"faces: {tail}"
 
 
 def _follow_review_queue(client, pid: int, entry: dict) -> bool:

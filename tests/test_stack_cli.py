@@ -435,3 +435,16 @@ def test_other_commands_find_a_root_stack_by_its_var_dir(tmp_path, monkeypatch):
         assert _use_running_stack() is None
     finally:
         get_settings.cache_clear()
+
+
+def test_default_title_tells_folders_of_the_same_name_apart():
+    """Two projects of `faceloop up` on awake_sleep/images/val and expressions/images/val were both
+    "faces: val" in Label Studio's project list (found by trying faceloop as a new user)."""
+    from backend.cli import default_title
+
+    a = default_title(Path("/work/shared/data/awake_sleep/images/val"))
+    b = default_title(Path("/work/shared/data/expressions/images/val"))
+    assert (a, b) == ("faces: awake_sleep/images/val", "faces: expressions/images/val")
+    assert default_title(Path("/photos")) == "faces: photos"
+    long = default_title(Path("/data/" + "x" * 80 + "/day 2/my faces ü"))
+    assert len(long) == 50 and long.startswith("faces: …") and long.endswith("/day 2/my faces ü")
