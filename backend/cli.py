@@ -588,15 +588,21 @@ def queue(project: int = typer.Argument(..., help="Label Studio project id"),
     from sqlmodel import select
 
     from backend import registry
-    from backend.models import TaskScore
+    from backend.models import TaskScore, WebhookEvent
 
     _use_running_stack()
     _require_project(project)
     settings = get_settings()
     with _db() as s:
         v = registry.promoted_version(s, project, settings)
+        # tasks annotated since they were scored leave the queue, as in Label Studio's Review queue
+        # view and the status page (backend.status)
+        labelled = select(WebhookEvent.task_id).where(WebhookEvent.project_id == project,
+                                                      WebhookEvent.action.in_(registry.ANNOTATION_ACTIONS),
+                                                      WebhookEvent.task_id.is_not(None))
         rows = s.exec(select(TaskScore).where(TaskScore.project_id == project, TaskScore.model_version == v.version,
-                                              TaskScore.error == "").order_by(TaskScore.rank).limit(limit)).all()
+                                              TaskScore.error == "", TaskScore.task_id.not_in(labelled))
+                      .order_by(TaskScore.rank, TaskScore.task_id).limit(limit)).all()
         errs = s.exec(select(TaskScore).where(TaskScore.project_id == project, TaskScore.model_version == v.version,
                                               TaskScore.error != "")).all()
     t = Table(title=f"project {project} review queue ({v.version}, measure {settings.uncertainty_measure})")
