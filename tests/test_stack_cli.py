@@ -89,6 +89,19 @@ def test_running_stack_needs_live_processes(tmp_path):
     assert stack.running_stack(tmp_path / "none") is None
 
 
+def test_start_on_a_running_stack_says_what_to_do(tmp_path):
+    """A second `faceloop up FOLDER` while the first runs (the README's "Several folders, one
+    stack") is refused, saying how to get both projects served: stop the first, run this again."""
+    state = {"running": True, "ls_url": "http://127.0.0.1:8080",
+             "pids": {"redis": os.getpid(), "label-studio": os.getpid()}}
+    (tmp_path / "stack.json").write_text(json.dumps(state))
+    with pytest.raises(stack.StackError) as e:
+        stack.Stack.start(tmp_path)
+    msg = str(e.value)
+    assert "already running" in msg and "Ctrl-C" in msg and "run this command again" in msg
+    assert "earlier ones" in msg
+
+
 @pytest.fixture()
 def cli_env(tmp_path, monkeypatch):
     """A VAR_DIR of our own, Label Studio unreachable, Redis down."""
