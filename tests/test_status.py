@@ -357,3 +357,21 @@ def test_new_projects_show_their_instructions_and_keep_the_default_tab(stack):
     client.views.delete(id=default.id)  # the person closed the Default tab: it stays closed
     refresh_review_view(client, pid, "Review queue")
     assert titles() == ["Review queue"]
+
+
+def test_queue_numbers_tasks_from_its_head(client, settings):
+    """The review queue on the status page numbers the tasks left in it from 1: after a person labelled
+    the first 25 of a scoring's ranking, its head read "#26 · task 133" (tried as a new user); and
+    one face is "1 face"."""
+    pid = PID + 1
+    with session_scope(settings.database_url) as s:
+        s.add(Project(id=pid, title="awake", label_config=""))
+        for rank, tid in enumerate([11, 12, 13, 14]):
+            s.add(TaskScore(project_id=pid, task_id=tid, model_version="v1", uncertainty=0.9 - rank / 10,
+                            least_confidence=0.5, margin=0.5, entropy=0.5, n_boxes=1 + (rank == 3), rank=rank))
+        for aid, tid in enumerate([11, 12]):  # labelled since the scoring
+            s.add(WebhookEvent(project_id=pid, action="ANNOTATION_CREATED", task_id=tid, annotation_id=aid))
+    html = client.get(f"/status/{pid}").text
+    assert "#1 · task 13<br>" in html and "#2 · task 14<br>" in html and "task 11<" not in html, html
+    assert "· 1 face<" in html or "· 1 face " in html
+    assert "· 2 faces" in html and "1 faces" not in html
