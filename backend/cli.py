@@ -317,6 +317,13 @@ def up(
                           "Annotation -> Task Sampling: 'Uncertainty sampling'; pick another there if you prefer, "
                           "faceloop leaves it then)", soft_wrap=True)
         others = _reconnect_projects(client, st, exclude={pid})
+        for e in projects:  # the earlier projects of this stack's folders follow their review queue too
+            if e.get("id") in others:
+                try:
+                    _follow_review_queue(client, int(e["id"]), e)
+                except Exception as err:  # noqa: BLE001 - one broken project does not stop `up`
+                    console.print(f"[yellow]project {e['id']}: could not set its task sampling: "
+                                  f"{api_error_text(err)}[/]")
         st.save_state(running=True, projects=projects)
         n_tasks = int(client.projects.get(id=pid).task_number or 0)
         if n_new:
