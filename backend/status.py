@@ -562,8 +562,10 @@ def make_router(settings: Settings, require_auth) -> APIRouter:
         except Exception as e:  # the page still shows the stored counts
             log.warning("acceptance refresh of project %s not started: %s", project_id, e)
         ctx = project_context(settings, project_id)
-        resp = HTMLResponse(_env.get_template("status_project.html").render(**ctx), headers=headers)
         token = getattr(request.state, "status_token", None)
+        # opened with the project's token: the index (all projects) will ask for the backend's password
+        ctx["index_needs_password"] = bool(token)
+        resp = HTMLResponse(_env.get_template("status_project.html").render(**ctx), headers=headers)
         if token and request.query_params.get("token"):  # the page's images and reloads carry it
             resp.set_cookie(TOKEN_COOKIE, token, path=request.url.path, httponly=True, samesite="lax",
                             secure=request.url.scheme == "https", max_age=7 * 24 * 3600)

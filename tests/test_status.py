@@ -236,6 +236,11 @@ def test_a_projects_token_link_opens_its_page_and_images_only(tmp_path, populate
     c = TestClient(create_app(auth), client=("192.0.2.10", 5000))  # a remote browser
     r = c.get(path)
     assert r.status_code == 200 and "Sleepy" in r.text
+    # its "all projects" link says that the index asks for the backend's password, and which one
+    assert "asks for the backend's user and password" in r.text and "basic_auth_pass" in r.text
+    assert "pw" not in re.findall(r"<code>([^<]*)</code>", r.text)  # named, never shown
+    with_password = TestClient(create_app(auth), client=("192.0.2.10", 5000)).get(f"/status/{PID}", auth=("ann", "pw"))
+    assert with_password.status_code == 200 and "asks for the backend's user" not in with_password.text
     cookie = r.cookies.get(TOKEN_COOKIE)
     set_cookie = r.headers["set-cookie"].lower()
     assert cookie and "httponly" in set_cookie and f"path=/status/{PID};" in set_cookie
