@@ -123,6 +123,7 @@ def test_project_page_shows_job_versions_acceptance_queue_and_errors(client, pop
         assert f"<b>{v}</b>" in html
     assert "mAP50 0.712 &gt; 0.650 (+0.062)" in html and "kept v2" in html
     assert "0.712" in html and "0.650" in html and "64.0%" in html  # candidate and current figures
+    assert "image acc." not in html  # a boxes project: no column of dashes for a Choices figure
     assert 'id="acceptance-v2"' in html and "75.0%" in html  # 9 of 12 boxes accepted
     assert "83.3%" in html and "grey box given its class" in html  # 9 + 1 of 12 boxes kept where they were
     assert html.index("task 105") < html.index("task 101") < html.index("task 103")  # queue by rank
@@ -380,3 +381,19 @@ def test_queue_numbers_tasks_from_its_head(client, settings):
     assert "#1 · task 13<br>" in html and "#2 · task 14<br>" in html and "task 11<" not in html, html
     assert "· 1 face<" in html or "· 1 face " in html
     assert "· 2 faces" in html and "1 faces" not in html
+
+
+def test_shown_figures_are_the_columns_some_version_fills():
+    """A boxes project's versions table had an "image acc." column of dashes (tried as a new user);
+    a Choices project's has no box columns; before any evaluation every column stays."""
+    from backend.status import FIGURES, shown_figures
+
+    def version(cand):
+        return ModelVersion(project_id=1, version="v", path="/x", sha256="0", status="promoted",
+                            metrics_json=json.dumps({"candidate": cand}))
+
+    boxes = [k for k, _, _ in shown_figures([version(candidate()), version({})])]
+    assert "accuracy" not in boxes and "mAP50" in boxes and "false_boxes" in boxes
+    choices = [k for k, _, _ in shown_figures([version({"accuracy": 0.667, "class_accuracy": 0.8})])]
+    assert choices == ["accuracy", "class_accuracy"]
+    assert shown_figures([version({})]) == list(FIGURES) == shown_figures([])
