@@ -379,8 +379,10 @@ def refresh(settings, project_id: int, client=None) -> dict[str, Counts]:
         from backend.images import ls_client
 
         client = ls_client(settings)
+    from backend.lsapi import all_pages
+
     controls = choice_controls(_get(client.projects.get(id=project_id), "label_config") or "")
-    counts, without = project_counts(client.tasks.list(project=project_id, page_size=100, fields="all"), controls)
+    counts, without = project_counts(all_pages(client.tasks.list, project=project_id, fields="all"), controls)
     store(settings, project_id, counts)
     _without[project_id] = without
     return counts

@@ -17,14 +17,19 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from backend.config import LABEL_CONFIG_DIR, REPO_ROOT, get_settings
 
 app = typer.Typer(help="faceloop: YOLO pre-annotations, retraining and uncertainty sampling for Label Studio.",
                   no_args_is_help=True, add_completion=False)
 console = Console()
+#: Terminal width (columns) from which `jobs`, `versions` and `queue` show every column; a narrower
+#: terminal (e.g. the classic 80) gets fewer columns, a compact box and one line per row.
+WIDE_COLUMNS = 120
 DEFAULT_IMAGES = REPO_ROOT.parent / "shared" / "data" / "awake_sleep" / "images" / "val"
 
 
@@ -456,8 +461,10 @@ def _reconnect_projects(client, st, exclude: set) -> list[int]:
     this install's auth and webhook (their backend showed "Disconnected" after a port change)."""
     from backend.lsapi import api_error_text, connect_backend
 
+    from backend.lsapi import all_pages
+
     done = []
-    for p in client.projects.list():
+    for p in all_pages(client.projects.list):
         if int(p.id) in exclude:
             continue
         try:
@@ -533,6 +540,28 @@ def demo(
                 pass
     finally:
         st.stop()
+
+
+def _narrow() -> bool:
+    """True when the terminal is narrower than :data:`WIDE_COLUMNS` (rich reads ``COLUMNS`` or the tty)."""
+    return console.width < WIDE_COLUMNS
+
+
+def _table(title: str) -> Table:
+    """A table for this terminal: rich's default box when wide; when narrow a compact one (header rule
+    only, no outer edge), so more of the width holds figures."""
+    if _narrow():
+        return Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, title_justify="left")
+    return Table(title=title)
+
+
+def _one_line(text: str) -> Text:
+    """A text cell that never wraps: its first line, cut with an ellipsis when the column is narrow."""
+    return Text((text or "").splitlines()[0] if text else "", no_wrap=True, overflow="ellipsis")
+
+
+def _hidden_columns_note(hidden: list[str]) -> None:
+    console.print(f"[dim]narrow terminal: {', '.join(hidden)} not shown ({WIDE_COLUMNS}+ columns show them)[/]")
 
 
 def _db():
@@ -612,14 +641,23 @@ def queue(project: int = typer.Argument(..., help="Label Studio project id"),
                       .order_by(TaskScore.rank, TaskScore.task_id).limit(limit)).all()
         errs = s.exec(select(TaskScore).where(TaskScore.project_id == project, TaskScore.model_version == v.version,
                                               TaskScore.error != "")).all()
-    t = Table(title=f"project {project} review queue ({v.version}, measure {settings.uncertainty_measure})")
-    for c in ("rank", "task", "uncertainty", "LS score", "least-conf.", "margin", "entropy", "faces", "query batch"):
-        t.add_column(c, justify="right")
+    narrow = _narrow()
+    t = _table(f"project {project} review queue ({v.version}, measure {settings.uncertainty_measure})")
+    cols = ["rank", "task", "uncertainty", "LS score", "least-conf.", "margin", "entropy", "faces", "query batch"]
+    if narrow:  # the task score Label Studio shows is 1 - uncertainty: the one column a narrow terminal drops
+        cols.remove("LS score")
+    for c in cols:
+        t.add_column("batch" if narrow and c == "query batch" else c, justify="right", no_wrap=True)
     for r in rows:
-        t.add_row(str(r.rank), str(r.task_id), f"{r.uncertainty:.3f}", f"{1 - r.uncertainty:.3f}",
-                  f"{r.least_confidence:.3f}", f"{r.margin:.3f}", f"{r.entropy:.3f}", str(r.n_boxes),
-                  "yes" if r.in_query_batch else "")
+        cells = {"rank": str(r.rank), "task": str(r.task_id), "uncertainty": f"{r.uncertainty:.3f}",
+                 "LS score": f"{1 - r.uncertainty:.3f}", "least-conf.": f"{r.least_confidence:.3f}",
+                 "margin": f"{r.margin:.3f}", "entropy": f"{r.entropy:.3f}", "faces": str(r.n_boxes),
+                 "query batch": "yes" if r.in_query_batch else ""}
+        t.add_row(*(cells[c] for c in cols))
     console.print(t)
+    if narrow:
+        _hidden_columns_note(["LS score (= 1 - uncertainty)"])
+        console.print("[dim]batch: in the query batch[/]")
     if not rows:
         console.print("no scored tasks yet: the pool is scored after each promotion (or `faceloop score`)")
     for r in errs[:10]:
@@ -650,20 +688,31 @@ def versions(project: int = typer.Argument(..., help="Label Studio project id"))
     cols.append(("class acc.", "class_accuracy"))
     if boxes:
         cols += [("accepted", "acceptance_rate"), ("boxes/face", "boxes_per_face")]
-    t = Table(title=f"project {project} model versions (validation split)")
-    for c, _ in cols:
-        t.add_column(c)
-    t.add_column("train/val")
-    t.add_column("why")
+    narrow = _narrow()
+    # a narrow terminal keeps the gate's figure and the acceptance; the gate's reason goes below the table
+    hidden = [c for c, _ in cols if c in ("classes", "face mAP50", "class acc.", "boxes/face")] if narrow else []
+    shown = [(c, k) for c, k in cols if c not in hidden]
+    t = _table(f"project {project} model versions (validation split)")
+    for c, k in shown:
+        t.add_column(c, no_wrap=narrow or c != "classes", justify="right" if k else "left")
+    t.add_column("train/val", no_wrap=True, justify="right")
+    if not narrow:
+        t.add_column("why")
 
     def fig(m, k):
         v = m.get(k)
         return f"{v:.3f}" if isinstance(v, (int, float)) else "-"
 
     for v, m in zip(rows, cands):
-        t.add_row(v.version, v.status, ",".join(v.classes), *(fig(m, k) for _, k in cols[3:]),
-                  f"{v.metrics.get('n_train', '-')}/{v.metrics.get('n_val', '-')}", v.gate_reason)
+        cells = [v.version, v.status] + ([] if "classes" in hidden else [",".join(v.classes)])
+        cells += [fig(m, k) for _, k in shown[len(cells):]]
+        cells.append(f"{v.metrics.get('n_train', '-')}/{v.metrics.get('n_val', '-')}")
+        t.add_row(*cells, *(() if narrow else (v.gate_reason,)))
     console.print(t)
+    if narrow:
+        for v in rows:
+            console.print(f"  {v.version} why: {v.gate_reason}", markup=False, highlight=False)
+        _hidden_columns_note(hidden)
     for v in rows:
         for name, p in (v.metrics.get("plots") or {}).items():
             console.print(f"  {v.version} {name}: {p}")
@@ -671,7 +720,41 @@ def versions(project: int = typer.Argument(..., help="Label Studio project id"))
 
     acc = acceptance_rows(get_settings(), project)  # recounted from Label Studio; stored counts if it is down
     if acc:
-        console.print(acceptance_table(acc))
+        console.print(_acceptance_narrow(acc) if narrow else acceptance_table(acc))
+
+
+#: `faceloop versions`' pre-label acceptance in a narrow terminal: the outcomes of pre-labels only
+#: (annotations, boxes drawn and choices made by hand are not shown), headers on two lines.
+_NARROW_ACCEPTANCE = {
+    "boxes": (("predicted", "predicted"), ("accepted", "accepted"), ("relabelled", "relabelled"),
+              ("moved", "moved"), ("deleted", "deleted"), ("accepted %", "accepted\n%")),
+    "image-level choices": (("choices predicted", "choices\npredicted"), ("choice accepted", "choice\naccepted"),
+                            ("choice changed", "choice\nchanged"), ("choice removed", "choice\nremoved"),
+                            ("choices accepted %", "choices\naccepted %")),
+}
+
+
+def _acceptance_narrow(rows: list[dict]):
+    """The tables of :func:`backend.acceptance.acceptance_tables` for a narrow terminal: one line per
+    version, numbers never cut (the version name is, with an ellipsis, if it must be)."""
+    from rich.console import Group
+
+    has_choices = any(r.get("choices predicted") or r.get("chosen by hand") for r in rows)
+    has_boxes = any(r.get("predicted") or r.get("drawn") for r in rows) or not has_choices
+    out = []
+    for what, wanted in (("boxes", has_boxes), ("image-level choices", has_choices)):
+        if not wanted:
+            continue
+        t = _table(f"pre-label acceptance ({what})")
+        t.add_column("version", overflow="ellipsis")
+        for _, header in _NARROW_ACCEPTANCE[what]:
+            t.add_column(header, justify="right", no_wrap=True)
+        for r in rows:
+            t.add_row(_one_line(r["version"]), *(str(r.get(k, "")) for k, _ in _NARROW_ACCEPTANCE[what]))
+        out.append(t)
+    hidden = "annotations, drawn" + (", chosen by hand" if has_choices else "")
+    out.append(Text(f"narrow terminal: {hidden} not shown ({WIDE_COLUMNS}+ columns show them)", style="dim"))
+    return Group(*out)
 
 
 @app.command()
@@ -685,13 +768,28 @@ def jobs(project: int = typer.Argument(..., help="Label Studio project id")):
     _require_project(project)
     with _db() as s:
         rows = s.exec(select(TrainingJob).where(TrainingJob.project_id == project).order_by(TrainingJob.id)).all()
-    t = Table(title=f"project {project} training jobs")
-    for c in ("job", "trigger", "state", "stage", "epoch", "train/val", "message", "error"):
-        t.add_column(c)
+    narrow = _narrow()
+    t = _table(f"project {project} training jobs")
+    for c in ("job", "trigger", "state", "stage", "epoch", "train/val"):
+        if not (narrow and c == "trigger"):
+            t.add_column(c, no_wrap=True, justify="right" if c in ("job", "epoch", "train/val") else "left")
+    t.add_column("message", overflow="ellipsis")
+    if not narrow:
+        t.add_column("error")
     for j in rows:
-        t.add_row(str(j.id), j.trigger, j.state, j.stage, f"{j.epoch}/{j.epochs}", f"{j.n_train}/{j.n_val}",
-                  j.message, (j.error or "").splitlines()[0] if j.error else "")
+        first_error = (j.error or "").splitlines()[0] if j.error else ""
+        cells = [str(j.id)] + ([] if narrow else [j.trigger]) + [j.state, j.stage, f"{j.epoch}/{j.epochs}",
+                                                                 f"{j.n_train}/{j.n_val}"]
+        if narrow:  # one line per job: the error (else the message) cut to the width; errors in full below
+            t.add_row(*cells, _one_line(first_error or j.message))
+        else:
+            t.add_row(*cells, j.message, first_error)
     console.print(t)
+    if narrow:
+        for j in rows:
+            if j.error:
+                console.print(f"  job {j.id} error: {j.error.splitlines()[0]}", markup=False, highlight=False)
+        _hidden_columns_note(["trigger"])
 
 
 @app.command()
@@ -998,3 +1096,17 @@ def bench_report_cmd(
 
 if __name__ == "__main__":  # pragma: no cover
     app()
+
+
+def _one_line_summaries() -> None:
+    """`faceloop --help` lists each command with the first paragraph of its docstring; typer's rich
+    mode keeps that paragraph's line breaks, which at 80 columns cut sentences mid-line. Give each
+    command that paragraph as one line (its ``short_help``), which rich then wraps to the terminal."""
+    import inspect
+
+    for info in app.registered_commands:
+        if info.short_help is None and info.help is None and info.callback is not None and info.callback.__doc__:
+            info.short_help = " ".join(inspect.cleandoc(info.callback.__doc__).split("\n\n")[0].split())
+
+
+_one_line_summaries()

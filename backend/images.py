@@ -42,7 +42,7 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urljoin, urlsplit
 
@@ -75,7 +75,8 @@ class LoadedImage:
     """An RGB image ready for the model.
 
     Attributes:
-        array: ``(H, W, 3)`` uint8 RGB, EXIF orientation applied.
+        array: ``(H, W, 3)`` uint8 RGB, EXIF orientation applied; transparent pixels composited
+            on white (:func:`to_rgb8`).
         width, height: pixels of that array.
         original_width, original_height: pixels of the image as displayed (EXIF orientation
             applied) before any reduction (``MAX_IMAGE_SIDE``, JPEG ``draft``); what Label Studio
@@ -88,6 +89,9 @@ class LoadedImage:
     height: int
     original_width: int = 0
     original_height: int = 0
+    #: ``(H, W)`` uint8 alpha of ``array``'s pixels (0 transparent, 255 opaque) for an image with
+    #: transparency; None for one without (every JPEG) or whose alpha is opaque everywhere.
+    alpha: np.ndarray | None = None
 
     def __post_init__(self):
         self.original_width = self.original_width or self.width
@@ -284,6 +288,49 @@ def to_rgb8(im: Image.Image) -> np.ndarray:
         raise ImageError(f"unsupported image mode {mode}: {e}") from None
 
 
+def alpha_of(im: Image.Image) -> np.ndarray | None:
+    """``(H, W)`` uint8 alpha of an image with transparency (modes and ``P`` transparency as in
+    :func:`to_rgb8`), or None: for a mode without alpha (no work done) or an alpha opaque everywhere."""
+    mode = im.mode
+    if mode in ("RGBA", "LA", "PA"):
+        a = np.asarray(im.getchannel("A"))
+    elif mode in ("RGBa", "La") or (mode == "P" and "transparency" in im.info):
+        a = np.asarray(im.convert("RGBA" if mode != "La" else "LA").getchannel("A"))
+    else:
+        return None
+    return None if a.min() == 255 else a
+
+
+#: A detection is kept when the mean alpha over its box is at least this (0-1): half of its
+#: pixels visible. See :func:`drop_transparent`.
+MIN_VISIBLE = 0.5
+
+
+def drop_transparent(det, alpha: np.ndarray | None, min_visible: float = MIN_VISIBLE):
+    """``det`` (``facemodels.detector.ImageDetections``, boxes in pixels of ``alpha``'s image)
+    without the detections that lie mostly on transparent pixels.
+
+    A transparent area is nothing to label, but once composited (on white, or any uniform colour:
+    the shipped detector boxed a uniform band beside a face at face confidence >= 0.5 whether white,
+    ultralytics' letterbox grey 114 or black) the detector may take it for a face. A detection is
+    kept when the mean alpha over its box, 0-1, is at least ``min_visible``. ``alpha`` None (an
+    image without transparency) returns ``det`` unchanged. White stays the composite colour
+    (:func:`to_rgb8`): it is how the browser shows the image in Label Studio, so the classifier's face
+    crops look like what the person sees; no colour stopped the false box, this filter does.
+    """
+    if alpha is None or not det.detections:
+        return det
+    h, w = alpha.shape
+    kept = []
+    for d in det.detections:
+        x1, y1 = max(0, int(d.box[0])), max(0, int(d.box[1]))
+        x2, y2 = min(w, max(x1 + 1, math.ceil(d.box[2]))), min(h, max(y1 + 1, math.ceil(d.box[3])))
+        patch = alpha[y1:y2, x1:x2]
+        if patch.size and patch.mean() / 255.0 >= min_visible:
+            kept.append(d)
+    return replace(det, detections=kept)
+
+
 def _draft_to_fit(im: Image.Image, max_pixels: int, max_side: int) -> None:
     """Ask the JPEG decoder for a 1/2, 1/4 or 1/8 scale (decodes less, costs less): the smallest
     one that keeps at least ``max_side`` px on the long side, within ``max_pixels``; else the
@@ -365,6 +412,7 @@ def decode_image(data: bytes, max_pixels: int, min_side: int = 1, max_side: int 
                 im = im.transpose(_ORIENT[orientation])
             original = (h, w) if orientation in (5, 6, 7, 8) else (w, h)  # as displayed
             arr = to_rgb8(im)
+            alpha = alpha_of(im)
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -380,7 +428,7 @@ def decode_image(data: bytes, max_pixels: int, min_side: int = 1, max_side: int 
     height, width = arr.shape[:2]
     if min(width, height) < min_side:
         raise ImageError(f"image is too small: {width}x{height} px (minimum {min_side} px a side)")
-    return LoadedImage(np.ascontiguousarray(arr), width, height, *original)
+    return LoadedImage(np.ascontiguousarray(arr), width, height, *original, alpha=alpha)
 
 
 # --- fetching ---------------------------------------------------------------------------------

@@ -45,13 +45,43 @@ def latest_annotation(annotations: list) -> dict | list | None:
     return max(live, key=lambda a: (str(_get(a, "updated_at") or _get(a, "created_at") or ""), _get(a, "id") or 0))
 
 
+def all_pages(list_page, page_size: int = 100, **params):
+    """Every item of a paged Label Studio list, page by page, never asking for a page past the last.
+
+    Args:
+        list_page: an SDK list method that takes ``page`` and ``page_size`` (``client.tasks.list``,
+            ``client.projects.list``); ``params`` go with every call.
+        page_size: items a request (Label Studio's default for tasks is 100).
+    Yields: the items (SDK objects) in Label Studio's order.
+
+    The SDK's own pager asks for page n + 1 until one comes back empty, and Label Studio 1.23.2
+    answers a page past the last with 404 ("Invalid page", Django REST framework's
+    ``PageNumberPagination``) after logging it with a traceback (``core.utils.common.custom_exception_handler``
+    logs every API error with ``exc_info``). So the pages are asked for here: the listing stops
+    once the count the first page gave (tasks: ``total``, projects: ``count``) is reached, at an
+    empty page, or at a short page when no count came back.
+    """
+    page, seen = 1, 0
+    while True:
+        pager = list_page(page=page, page_size=page_size, **params)
+        items = list(pager.items or [])
+        yield from items
+        seen += len(items)
+        total = getattr(pager.response, "total", None)
+        if total is None:
+            total = getattr(pager.response, "count", None)
+        if not items or (seen >= total if isinstance(total, int) else len(items) < page_size):
+            return
+        page += 1
+
+
 def snapshot(client, project_id: int) -> list[SnapshotTask]:
     """All tasks of a project with their latest non-cancelled annotation (paged, 100 a page).
 
     An annotation with an empty ``result`` is kept as ``[]``: a background image (no face).
     """
     out = []
-    for t in client.tasks.list(project=project_id, page_size=100, fields="all"):
+    for t in all_pages(client.tasks.list, project=project_id, fields="all"):
         ann = latest_annotation(list(_get(t, "annotations") or []))
         result = None
         if ann is not None:
@@ -121,7 +151,7 @@ def review_queue(client, project_id: int, title: str, limit: int = 20) -> list[d
     """The head of the review view as Label Studio serves it: ``[{"id", "score"}]``."""
     vid = refresh_review_view(client, project_id, title)
     out = []
-    for t in client.tasks.list(project=project_id, view=vid, page_size=min(limit, 100), fields="all"):
+    for t in all_pages(client.tasks.list, min(limit, 100), project=project_id, view=vid, fields="all"):
         # predictions_score is computed over predictions of project.model_version
         out.append({"id": int(_get(t, "id")), "score": _get(t, "predictions_score")})
         if len(out) >= limit:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from backend.config import Settings
-from backend.images import ImageError, LoadedImage, load_image
+from backend.images import ImageError, LoadedImage, drop_transparent, load_image
 from backend.labels import Box, ProjectSchema
 from backend.uncertainty import MEASURE_FUNCS, MEASURES, ImageUncertainty, image_uncertainty, joint, normalise
 
@@ -281,6 +281,7 @@ def predict_tasks(tasks: list[dict], schema: ProjectSchema, model, settings: Set
             dets = model.detect([img.array for _, img in ok], conf=min(settings.candidate_threshold, threshold),
                                 imgsz=settings.imgsz, embed=embed, **more)
             for (i, img), det in zip(ok, dets):
+                det = drop_transparent(det, img.alpha)  # no face on transparent pixels (None: no work)
                 if schema.is_choices:
                     out[i].boxes, face, out[i].uncertainty = analyse_choice(det, schema, model.names, threshold)
                     if face is not None:

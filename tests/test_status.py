@@ -127,6 +127,7 @@ def test_project_page_shows_job_versions_acceptance_queue_and_errors(client, pop
     assert 'id="acceptance-v2"' in html and "75.0%" in html  # 9 of 12 boxes accepted
     assert "83.3%" in html and "grey box given its class" in html  # 9 + 1 of 12 boxes kept where they were
     assert html.index("task 105") < html.index("task 101") < html.index("task 103")  # queue by rank
+    assert "<i>Prediction score</i> column is 1 &minus; uncertainty" in html  # what Label Studio's number means
     assert f'src="{PID}/tasks/105/thumb.jpg"' in html and "task 106" not in html
     assert "image is truncated (0 of 5120 bytes)" in html
     assert '<td class="num diag">17</td>' in html and '<td class="num diag">15</td>' in html  # confusion matrix
