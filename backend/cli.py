@@ -228,7 +228,7 @@ def up(
     images: Path = typer.Argument(DEFAULT_IMAGES, help="Folder of face images to label (stays in place; "
                                                        "subfolders included)"),
     config: str = typer.Option("awake_sleep", help="Label config in label_config/ (name) or an XML path"),
-    title: Optional[str] = typer.Option(None, help="Project title (default: faces: <folder name>)"),
+    title: Optional[str] = typer.Option(None, help="Project title (default: faces: and the folder's last three path parts)"),
     new: bool = typer.Option(False, "--new", help="Create a new project even if one exists for this folder + config"),
     root: Optional[Path] = typer.Option(None, help="Folder of the stack: services' data, secrets, logs (default "
                                                    "VAR_DIR/stack; kept between runs). Another folder: a separate "
@@ -265,6 +265,8 @@ def up(
         console.print(f"[yellow]note: this stack kept its database and models in {state['var_dir']} before; "
                       f"now in {var_dir} (a stack started with --root has its own). Set VAR_DIR="
                       f"{state['var_dir']} to go on with the old ones.[/]", soft_wrap=True)
+    # how the other commands reach this stack (README, "A separate stack")
+    env_hint = "" if var_dir == settings.var_dir else f"VAR_DIR={var_dir} "
     if var_dir != settings.var_dir:  # this stack's own database and models, for every service
         os.environ["VAR_DIR"] = str(var_dir)
         get_settings.cache_clear()
@@ -297,7 +299,7 @@ def up(
                 projects.remove(entry)
                 entry = None
         if entry is None:
-            pid = create_project(client, title or f"faces: {folder.name}"[:50], xml)
+            pid = create_project(client, title or default_title(folder), xml)
             entry = {"id": pid, **key, "config": str(xml_path), "storage_id": None}
             projects.append(entry)
             st.save_state(running=True, projects=projects)  # reopened next time even if a later step fails
@@ -315,7 +317,18 @@ def up(
             console.print(f"project {pid}: its instructions, with the status page's link, now open when a person "
                           "starts labeling (Settings -> Instructions -> 'Show before labeling' turned on; "
                           "switch it off there if you prefer, faceloop leaves it then)", soft_wrap=True)
+        if _follow_review_queue(client, pid, entry):
+            console.print(f"project {pid}: Label All Tasks now serves the review queue's order (Settings -> "
+                          "Annotation -> Task Sampling: 'Uncertainty sampling'; pick another there if you prefer, "
+                          "faceloop leaves it then)", soft_wrap=True)
         others = _reconnect_projects(client, st, exclude={pid})
+        for e in projects:  # the earlier projects of this stack's folders follow their review queue too
+            if e.get("id") in others:
+                try:
+                    _follow_review_queue(client, int(e["id"]), e)
+                except Exception as err:  # noqa: BLE001 - one broken project does not stop `up`
+                    console.print(f"[yellow]project {e['id']}: could not set its task sampling: "
+                                  f"{api_error_text(err)}[/]")
         st.save_state(running=True, projects=projects)
         n_tasks = int(client.projects.get(id=pid).task_number or 0)
         if n_new:
@@ -331,8 +344,9 @@ def up(
                       f"  status page   {status_url}\n"
                       f"  backend       {st.backend_url}\n  logs          {root / 'logs'}\n"
                       f"  state         {settings.var_dir}\n", soft_wrap=True)
-        console.print(f"Label some faces, then Settings -> Model -> Start Training (or `faceloop train {pid}`)."
-                      f"\nThe review queue: view '{settings.review_view_title}', or `faceloop queue {pid}`.")
+        console.print(f"Label some faces, then Settings -> Model -> Start Training (or `{env_hint}faceloop train "
+                      f"{pid}`).\nThe review queue: view '{settings.review_view_title}' (Label All Tasks follows it), "
+                      f"or `{env_hint}faceloop queue {pid}`.", soft_wrap=True)
         console.print(f"UP {time.time() - t0:.1f} s project={pid} ls={st.ls_url}")  # one line for scripts/tests
         if exit_after_setup:
             return
@@ -395,6 +409,37 @@ def _link_status_page(client, pid: int, status_url: str, entry: dict) -> bool:
         client.projects.update(id=pid, show_instruction=True)
     entry["show_instruction_set"] = True
     return turned_on
+
+
+def default_title(folder: Path, limit: int = 50) -> str:
+    """A new project's title: ``faces: `` and the folder's last three path parts, e.g. ``faces:
+    awake_sleep/images/val`` and ``faces: expressions/images/val`` (by its name alone both were
+    ``faces: val`` in Label Studio's project list). Longer than ``limit`` characters (Label Studio
+    1.23's title limit is 50): the leading parts are cut, marked with ``…``."""
+    parts = [x for x in folder.parts if x != folder.anchor]
+    tail = "/".join(parts[-3:]) or str(folder)
+    room = limit - len("faces: ")
+    if len(tail) > room:
+        tail = "…" + tail[-(room - 1):]
+    return f"faces: {tail}"
+
+
+def _follow_review_queue(client, pid: int, entry: dict) -> bool:
+    """Once per project (``entry["sampling_set"]`` in ``stack.json``), set its task sampling to
+    ``backend.lsapi.QUEUE_SAMPLING``, so that *Label All Tasks* serves the review queue's order, also
+    for projects made before faceloop set it at creation. A person who picks another sampling later
+    keeps it.
+
+    Returns: True when this call changed the sampling.
+    Raises: the SDK's ApiError when Label Studio refuses.
+    """
+    from backend.lsapi import use_queue_sampling
+
+    if entry.get("sampling_set"):
+        return False
+    changed = use_queue_sampling(client, pid)
+    entry["sampling_set"] = True
+    return changed
 
 
 def _stop_on_signals() -> None:
@@ -579,15 +624,21 @@ def queue(project: int = typer.Argument(..., help="Label Studio project id"),
     from sqlmodel import select
 
     from backend import registry
-    from backend.models import TaskScore
+    from backend.models import TaskScore, WebhookEvent
 
     _use_running_stack()
     _require_project(project)
     settings = get_settings()
     with _db() as s:
         v = registry.promoted_version(s, project, settings)
+        # tasks annotated since they were scored leave the queue, as in Label Studio's Review queue
+        # view and the status page (backend.status)
+        labelled = select(WebhookEvent.task_id).where(WebhookEvent.project_id == project,
+                                                      WebhookEvent.action.in_(registry.ANNOTATION_ACTIONS),
+                                                      WebhookEvent.task_id.is_not(None))
         rows = s.exec(select(TaskScore).where(TaskScore.project_id == project, TaskScore.model_version == v.version,
-                                              TaskScore.error == "").order_by(TaskScore.rank).limit(limit)).all()
+                                              TaskScore.error == "", TaskScore.task_id.not_in(labelled))
+                      .order_by(TaskScore.rank, TaskScore.task_id).limit(limit)).all()
         errs = s.exec(select(TaskScore).where(TaskScore.project_id == project, TaskScore.model_version == v.version,
                                               TaskScore.error != "")).all()
     narrow = _narrow()

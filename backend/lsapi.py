@@ -162,6 +162,28 @@ def review_queue(client, project_id: int, title: str, limit: int = 20) -> list[d
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
+#: Label Studio's task sampling that makes *Label All Tasks* follow the review queue. Label Studio
+#: 1.23.2's Data Manager asks for the next task with ``tabID=<view>`` in the query and no filters or
+#: ordering in the body, and its API reads only ``view``: the labeling stream ignores the tab it was
+#: started from (measured in a browser: the Review queue tab's *Label All Tasks* served task 1, not
+#: the head of the queue). With this sampling Label Studio serves the unlabelled task with the
+#: lowest ``predictions__score`` among the predictions of ``project.model_version``
+#: (``projects/functions/next_task.py::_try_uncertainty_sampling``): the review queue's order, from
+#: any tab.
+QUEUE_SAMPLING = "Uncertainty sampling"
+
+
+def use_queue_sampling(client, project_id: int) -> bool:
+    """Set the project's task sampling to :data:`QUEUE_SAMPLING` unless it already is.
+
+    Returns: True when this call changed it. Raises: the SDK's ApiError when Label Studio refuses.
+    """
+    if _get(client.projects.get(id=project_id), "sampling") == QUEUE_SAMPLING:
+        return False
+    client.projects.update(id=project_id, sampling=QUEUE_SAMPLING)
+    return True
+
+
 def create_project(client, title: str, label_config: str, description: str = "") -> int:
     """Create a Label Studio project; returns its id. The config is checked first.
 
@@ -172,9 +194,10 @@ def create_project(client, title: str, label_config: str, description: str = "")
     ProjectSchema.parse(label_config)
     # show_instruction: the instructions (where faceloop puts the status page's link,
     # set_status_link) open by themselves when a person starts labeling (Label All Tasks), so the
-    # status page is one click away; the person can switch it off in Settings -> Instructions
+    # status page is one click away; the person can switch it off in Settings -> Instructions.
+    # sampling: Label All Tasks serves the review queue's order (QUEUE_SAMPLING)
     p = client.projects.create(title=title, label_config=label_config, description=description,
-                               show_collab_predictions=True, show_instruction=True)
+                               show_collab_predictions=True, show_instruction=True, sampling=QUEUE_SAMPLING)
     return int(p.id)
 
 

@@ -298,7 +298,9 @@ class Stack:
         if running_stack(root):
             st = read_json(root / STATE_FILE)
             raise StackError(f"a stack is already running from {root} (Label Studio {st.get('ls_url')}, "
-                             f"process {st.get('pids', {}).get('label-studio')}); stop it first (Ctrl-C)")
+                             f"process {st.get('pids', {}).get('label-studio')}); one `faceloop up` serves every project "
+                             "of a stack: stop it first (Ctrl-C in its terminal), then run this command again: it "
+                             "serves this folder's project and the earlier ones")
         sec, created = load_secrets(root)
         st = cls(root=root, document_root=Path(document_root).resolve() if document_root else None,
                  var_dir=Path(var_dir).resolve() if var_dir else root / "var", secrets=sec, first_start=created)

@@ -313,11 +313,21 @@ def record_predict_errors(settings: Settings, project_id: int, model_version: st
                 s.delete(row)
 
 
-def _version_view(settings: Settings, v: ModelVersion, served_id: int | None, acc: dict) -> dict:
+def shown_figures(versions: list[ModelVersion]) -> list[tuple[str, str, str]]:
+    """The columns of :data:`FIGURES` that some version's candidate figures fill (all of them when no
+    version has figures yet): a boxes project gets no image accuracy column of dashes, a Choices
+    project no box columns, as in ``faceloop versions``."""
+    cands = [v.metrics.get("candidate") or {} for v in versions]
+    shown = [f for f in FIGURES if any(c.get(f[0]) not in (None, "") for c in cands)]
+    return shown or list(FIGURES)
+
+
+def _version_view(settings: Settings, v: ModelVersion, served_id: int | None, acc: dict,
+                  figure_cols: list | None = None) -> dict:
     m = v.metrics
     cand, cur = m.get("candidate") or {}, m.get("current") or {}
     figures = [{"title": t, "value": _fmt(cand.get(k), kind), "current": _fmt(cur.get(k), kind) if cur else ""}
-               for k, t, kind in FIGURES]
+               for k, t, kind in (figure_cols or FIGURES)]
     a = acc.get(v.version)
     return {"id": v.id, "version": v.version, "status": v.status, "served": v.id == served_id,
             "gate_reason": v.gate_reason, "created": v.created_at.strftime("%Y-%m-%d %H:%M") if v.created_at else "",
@@ -395,19 +405,20 @@ def project_context(settings: Settings, pid: int) -> dict:
                   for t in s.exec(select(TaskScore).where(TaskScore.project_id == pid, TaskScore.error != "")
                                   .order_by(TaskScore.scored_at.desc()).limit(ERRORS_SHOWN)).all()]
         title = proj.title
+    figure_cols = shown_figures(versions)
     acc_rows = [_acc_view(r) for r in acceptance.stored(settings, pid)]
     acc = {r["version"]: r for r in acc_rows}
     ls = settings.label_studio_url.rstrip("/")
     return {"pid": pid, "title": title or f"project {pid}", "ls_project": f"{ls}/projects/{pid}/data",
             "ls_task": f"{ls}/projects/{pid}/data?task=", "active": active, "finished": finished,
-            "versions": [_version_view(settings, v, served.id if served else None, acc) for v in versions],
+            "versions": [_version_view(settings, v, served.id if served else None, acc, figure_cols) for v in versions],
             "served": served_name, "queue": queue, "queue_version": queue_version or "", "errors": errors,
             "acceptance": acc_rows, "without_prelabel": acceptance.without_prelabel(pid),
             # a Choices project's versions get the table of image-level choices; boxes (or no count yet) the box table
             "acceptance_choices": any(a["choices"] for a in acc_rows),
             "acceptance_boxes": any(a["boxes"] for a in acc_rows) or not any(a["choices"] for a in acc_rows),
             "refresh_s": 5 if active else 30, "now": now.strftime("%Y-%m-%d %H:%M:%S UTC"),
-            "figures": [t for _, t, _ in FIGURES], "acceptance_live": bool(settings.label_studio_api_key)}
+            "figures": [t for _, t, _ in figure_cols], "acceptance_live": bool(settings.label_studio_api_key)}
 
 
 def index_context(settings: Settings) -> dict:
@@ -562,8 +573,10 @@ def make_router(settings: Settings, require_auth) -> APIRouter:
         except Exception as e:  # the page still shows the stored counts
             log.warning("acceptance refresh of project %s not started: %s", project_id, e)
         ctx = project_context(settings, project_id)
-        resp = HTMLResponse(_env.get_template("status_project.html").render(**ctx), headers=headers)
         token = getattr(request.state, "status_token", None)
+        # opened with the project's token: the index (all projects) will ask for the backend's password
+        ctx["index_needs_password"] = bool(token)
+        resp = HTMLResponse(_env.get_template("status_project.html").render(**ctx), headers=headers)
         if token and request.query_params.get("token"):  # the page's images and reloads carry it
             resp.set_cookie(TOKEN_COOKIE, token, path=request.url.path, httponly=True, samesite="lax",
                             secure=request.url.scheme == "https", max_age=7 * 24 * 3600)

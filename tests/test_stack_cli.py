@@ -89,6 +89,19 @@ def test_running_stack_needs_live_processes(tmp_path):
     assert stack.running_stack(tmp_path / "none") is None
 
 
+def test_start_on_a_running_stack_says_what_to_do(tmp_path):
+    """A second `faceloop up FOLDER` while the first runs (the README's "Several folders, one
+    stack") is refused, saying how to get both projects served: stop the first, run this again."""
+    state = {"running": True, "ls_url": "http://127.0.0.1:8080",
+             "pids": {"redis": os.getpid(), "label-studio": os.getpid()}}
+    (tmp_path / "stack.json").write_text(json.dumps(state))
+    with pytest.raises(stack.StackError) as e:
+        stack.Stack.start(tmp_path)
+    msg = str(e.value)
+    assert "already running" in msg and "Ctrl-C" in msg and "run this command again" in msg
+    assert "earlier ones" in msg
+
+
 @pytest.fixture()
 def cli_env(tmp_path, monkeypatch):
     """A VAR_DIR of our own, Label Studio unreachable, Redis down."""
@@ -435,3 +448,43 @@ def test_other_commands_find_a_root_stack_by_its_var_dir(tmp_path, monkeypatch):
         assert _use_running_stack() is None
     finally:
         get_settings.cache_clear()
+
+
+def test_default_title_tells_folders_of_the_same_name_apart():
+    """Two projects of `faceloop up` on awake_sleep/images/val and expressions/images/val were both
+    "faces: val" in Label Studio's project list (found by trying faceloop as a new user)."""
+    from backend.cli import default_title
+
+    a = default_title(Path("/work/shared/data/awake_sleep/images/val"))
+    b = default_title(Path("/work/shared/data/expressions/images/val"))
+    assert (a, b) == ("faces: awake_sleep/images/val", "faces: expressions/images/val")
+    assert default_title(Path("/photos")) == "faces: photos"
+    long = default_title(Path("/data/" + "x" * 80 + "/day 2/my faces ü"))
+    assert len(long) == 50 and long.startswith("faces: …") and long.endswith("/day 2/my faces ü")
+
+
+def test_queue_leaves_out_tasks_labelled_since_scoring(cli_env):
+    """`faceloop queue` listed tasks a person had labelled after the pool was scored (tried as a new
+    user: the first 6 rows were the 6 tasks just labelled); the status page and Label Studio's
+    Review queue leave them out. It leaves them out too, on their annotation webhooks."""
+    from backend.models import TaskScore, WebhookEvent
+
+    app, db = cli_env
+    with session_scope(db) as s:
+        p = upsert_project(s, 8)
+        v = ModelVersion(project_id=8, version="p8-v1", path="/x/v1.json", sha256="0", status="promoted",
+                         gate_reason="mAP50")
+        s.add(v)
+        s.flush()
+        p.promoted_version_id = v.id
+        s.add(p)
+        for rank, tid in enumerate([46, 64, 202, 167]):
+            s.add(TaskScore(project_id=8, task_id=tid, model_version="p8-v1", uncertainty=0.98 - rank / 100,
+                            least_confidence=0.9, margin=0.9, entropy=0.9, n_boxes=1, rank=rank))
+        s.add(WebhookEvent(project_id=8, action="ANNOTATION_CREATED", annotation_id=1, task_id=46))
+        s.add(WebhookEvent(project_id=8, action="ANNOTATION_UPDATED", annotation_id=2, task_id=202))
+        s.add(WebhookEvent(project_id=8, action="PROJECT_UPDATED", task_id=167))  # not an annotation
+    r = runner.invoke(app, ["queue", "8"], env={"COLUMNS": "250"})
+    assert r.exit_code == 0, r.output
+    tasks = [int(line.split("│")[2]) for line in r.output.splitlines() if line.count("│") > 3]
+    assert tasks == [64, 167], r.output

@@ -123,6 +123,7 @@ def test_project_page_shows_job_versions_acceptance_queue_and_errors(client, pop
         assert f"<b>{v}</b>" in html
     assert "mAP50 0.712 &gt; 0.650 (+0.062)" in html and "kept v2" in html
     assert "0.712" in html and "0.650" in html and "64.0%" in html  # candidate and current figures
+    assert "image acc." not in html  # a boxes project: no column of dashes for a Choices figure
     assert 'id="acceptance-v2"' in html and "75.0%" in html  # 9 of 12 boxes accepted
     assert "83.3%" in html and "grey box given its class" in html  # 9 + 1 of 12 boxes kept where they were
     assert html.index("task 105") < html.index("task 101") < html.index("task 103")  # queue by rank
@@ -237,6 +238,11 @@ def test_a_projects_token_link_opens_its_page_and_images_only(tmp_path, populate
     c = TestClient(create_app(auth), client=("192.0.2.10", 5000))  # a remote browser
     r = c.get(path)
     assert r.status_code == 200 and "Sleepy" in r.text
+    # its "all projects" link says that the index asks for the backend's password, and which one
+    assert "asks for the backend's user and password" in r.text and "basic_auth_pass" in r.text
+    assert "pw" not in re.findall(r"<code>([^<]*)</code>", r.text)  # named, never shown
+    with_password = TestClient(create_app(auth), client=("192.0.2.10", 5000)).get(f"/status/{PID}", auth=("ann", "pw"))
+    assert with_password.status_code == 200 and "asks for the backend's user" not in with_password.text
     cookie = r.cookies.get(TOKEN_COOKIE)
     set_cookie = r.headers["set-cookie"].lower()
     assert cookie and "httponly" in set_cookie and f"path=/status/{PID};" in set_cookie
@@ -358,3 +364,37 @@ def test_new_projects_show_their_instructions_and_keep_the_default_tab(stack):
     client.views.delete(id=default.id)  # the person closed the Default tab: it stays closed
     refresh_review_view(client, pid, "Review queue")
     assert titles() == ["Review queue"]
+
+
+def test_queue_numbers_tasks_from_its_head(client, settings):
+    """The review queue on the status page numbers the tasks left in it from 1: after a person labelled
+    the first 25 of a scoring's ranking, its head read "#26 · task 133" (tried as a new user); and
+    one face is "1 face"."""
+    pid = PID + 1
+    with session_scope(settings.database_url) as s:
+        s.add(Project(id=pid, title="awake", label_config=""))
+        for rank, tid in enumerate([11, 12, 13, 14]):
+            s.add(TaskScore(project_id=pid, task_id=tid, model_version="v1", uncertainty=0.9 - rank / 10,
+                            least_confidence=0.5, margin=0.5, entropy=0.5, n_boxes=1 + (rank == 3), rank=rank))
+        for aid, tid in enumerate([11, 12]):  # labelled since the scoring
+            s.add(WebhookEvent(project_id=pid, action="ANNOTATION_CREATED", task_id=tid, annotation_id=aid))
+    html = client.get(f"/status/{pid}").text
+    assert "#1 · task 13<br>" in html and "#2 · task 14<br>" in html and "task 11<" not in html, html
+    assert "· 1 face<" in html or "· 1 face " in html
+    assert "· 2 faces" in html and "1 faces" not in html
+
+
+def test_shown_figures_are_the_columns_some_version_fills():
+    """A boxes project's versions table had an "image acc." column of dashes (tried as a new user);
+    a Choices project's has no box columns; before any evaluation every column stays."""
+    from backend.status import FIGURES, shown_figures
+
+    def version(cand):
+        return ModelVersion(project_id=1, version="v", path="/x", sha256="0", status="promoted",
+                            metrics_json=json.dumps({"candidate": cand}))
+
+    boxes = [k for k, _, _ in shown_figures([version(candidate()), version({})])]
+    assert "accuracy" not in boxes and "mAP50" in boxes and "false_boxes" in boxes
+    choices = [k for k, _, _ in shown_figures([version({"accuracy": 0.667, "class_accuracy": 0.8})])]
+    assert choices == ["accuracy", "class_accuracy"]
+    assert shown_figures([version({})]) == list(FIGURES) == shown_figures([])

@@ -1,0 +1,78 @@
+"""*Label All Tasks* serves the review queue's order, in a real browser on a real Label Studio.
+
+Label Studio 1.23.2's Data Manager asks for the next task with ``tabID=<view>`` in the query and
+an empty body, and its API reads only ``view``: the labeling stream ignored the Review queue tab it
+was started from and served task 1 (found by trying faceloop as a new user). Projects faceloop makes
+use Label Studio's "Uncertainty sampling" (``backend.lsapi.QUEUE_SAMPLING``): the unlabelled task
+with the lowest prediction score of ``project.model_version`` comes first, from any tab. ``faceloop
+up`` sets it once on a project made before (``backend.cli._follow_review_queue``).
+
+Debian's ``chromium`` driven by Playwright, as in ``test_person.py``: log in, open the project's
+Review queue tab, press *Label All Tasks*; the task Label Studio serves is the head of the queue
+(its lowest score), not the first task; after Submit the next one is the queue's second.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.browser.test_person import _login, browser  # noqa: F401 - the module's chromium fixture
+
+pytestmark = [pytest.mark.e2e]
+
+SCORES = [0.9, 0.7, 0.05, 0.5, 0.2]  # task i+1's prediction score: queue order tasks 3, 5, 4, 2, 1
+CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <RectangleLabels name="face" toName="image"><Label value="awake"/><Label value="sleep"/></RectangleLabels>
+</View>"""
+
+
+def _next_task_id(page, start) -> int:
+    """The id of the task Label Studio's labeling stream serves after ``start()`` (a click)."""
+    with page.expect_response(lambda r: "next_task" in r.url, timeout=60_000) as resp:
+        start()
+    return int(resp.value.json()["id"])
+
+
+def test_label_all_tasks_from_the_review_queue_follows_the_queue(stack, browser):  # noqa: F811
+    from label_studio_sdk import LabelStudio
+
+    from backend.cli import _follow_review_queue
+    from backend.lsapi import QUEUE_SAMPLING, create_project, refresh_review_view, set_project_model_version
+
+    client = LabelStudio(base_url=stack.ls_url, api_key=stack.api_key)
+    pid = create_project(client, "review queue stream", CONFIG)
+    assert client.projects.get(id=pid).sampling == QUEUE_SAMPLING
+    image = f"{stack.ls_url}/static/images/label-studio-logo.svg"  # any URL: the order is what is checked
+    client.projects.import_tasks(id=pid, request=[{"image": image} for _ in SCORES])
+    tids = sorted(int(t.id) for t in client.tasks.list(project=pid))
+    for tid, score in zip(tids, SCORES):
+        client.predictions.create(task=tid, result=[], score=score, model_version="v1")
+    set_project_model_version(client, pid, "v1")
+    refresh_review_view(client, pid, "Review queue")
+    queue = [t for _, t in sorted(zip(SCORES, tids))]
+    assert queue[0] != tids[0]
+
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    try:
+        _login(page, stack.ls_url, stack.ls_user, stack.ls_password)
+        page.goto(f"{stack.ls_url}/projects/{pid}/data")
+        page.get_by_text("Review queue", exact=True).first.click()
+        page.wait_for_timeout(1000)
+        first = _next_task_id(page, lambda: page.get_by_role("button", name="Label All Tasks").first.click())
+        assert first == queue[0], f"Label All Tasks served task {first}; the review queue starts with {queue}"
+        page.keyboard.press("Escape")  # the instructions, if shown
+        second = _next_task_id(page, lambda: page.locator("button[aria-label='Submit current annotation']").click())
+        assert second == queue[1], f"after Submit: task {second}; queue {queue}"
+    finally:
+        page.close()
+
+    # a project made before: `faceloop up` sets the sampling once; a person's later choice stays
+    old = client.projects.create(title="made by an older faceloop", label_config=CONFIG)
+    assert client.projects.get(id=old.id).sampling != QUEUE_SAMPLING
+    entry: dict = {"id": old.id}
+    assert _follow_review_queue(client, old.id, entry) is True
+    assert client.projects.get(id=old.id).sampling == QUEUE_SAMPLING and entry["sampling_set"] is True
+    client.projects.update(id=old.id, sampling="Sequential sampling")
+    assert _follow_review_queue(client, old.id, entry) is False
+    assert client.projects.get(id=old.id).sampling == "Sequential sampling"
