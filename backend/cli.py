@@ -298,6 +298,11 @@ def up(
                               "creating a new one[/]")
                 projects.remove(entry)
                 entry = None
+        if entry is None and not new:  # made with an earlier version of this shipped config?
+            entry = _reopen_earlier_version(client, projects, folder, xml, xml_path)
+            if entry is not None:
+                pid = int(entry["id"])
+                st.save_state(running=True, projects=projects)
         if entry is None:
             pid = create_project(client, title or default_title(folder), xml)
             entry = {"id": pid, **key, "config": str(xml_path), "storage_id": None}
@@ -373,6 +378,56 @@ def up(
     console.print("every service stopped", soft_wrap=True)
     if failed:
         raise typer.Exit(1)
+
+
+def _reopen_earlier_version(client, projects: list[dict], folder: Path, xml: str, xml_path: Path) -> dict | None:
+    """The project of ``folder`` made with an earlier shipped version of ``xml_path`` (its
+    ``stack.json`` entry's SHA-256 is listed in ``label_config/earlier_versions.json``, see
+    ``backend.config_versions``), reopened by this ``up`` instead of a new one. Its label config
+    in Label Studio becomes ``xml`` when it still is an earlier shipped version with the same tags
+    and classes (Label Studio 1.23.2 checks it against the project's annotations); a config a
+    person changed in Label Studio since is left as it is. The entry moves to ``xml``'s SHA-256,
+    so the next ``up`` finds it directly. One line says what happened.
+
+    Returns: the entry (updated in place), or None when there is no such project or it is gone
+    from Label Studio (then ``up`` makes a new project).
+    Raises: the SDK's ApiError when Label Studio answers an unexpected error on reading the project.
+    """
+    from backend import config_versions as cv
+    from backend.lsapi import api_error_text
+
+    entry = cv.earlier_entry(projects, str(folder), xml_path)
+    if entry is None:
+        return None
+    name = cv.shipped_name(xml_path)
+    try:
+        current = client.projects.get(id=entry["id"]).label_config or ""
+    except Exception as e:  # noqa: BLE001 - deleted in Label Studio: make a new one
+        console.print(f"[yellow]project {entry['id']} of this folder is gone ({api_error_text(e)}); "
+                      "creating a new one[/]")
+        projects.remove(entry)
+        return None
+    new_sha = cv.config_sha256(xml)
+    if cv.config_sha256(current) == new_sha:
+        console.print(f"project {entry['id']}: reopened; its label config already is the current "
+                      f"label_config/{name}", soft_wrap=True)
+    elif cv.config_sha256(current) in cv.earlier_sha256s(name) and cv.same_tags(current, xml):
+        try:
+            client.projects.update(id=entry["id"], label_config=xml)
+        except Exception as e:  # refused: keep the project and its config, try next time
+            if getattr(e, "status_code", None) is None:
+                raise
+            console.print(f"[yellow]project {entry['id']}: reopened; Label Studio refused the current "
+                          f"label_config/{name} ({api_error_text(e)}), so the project keeps its earlier "
+                          f"one[/]", soft_wrap=True)
+            return entry
+        console.print(f"project {entry['id']}: label config updated to the current label_config/{name} "
+                      "(same tags and classes, a new layout; its tasks and annotations kept)", soft_wrap=True)
+    else:
+        console.print(f"project {entry['id']}: reopened; its label config was changed in Label Studio, so "
+                      f"faceloop leaves it (the current label_config/{name} is not applied)", soft_wrap=True)
+    entry.update(config_sha256=new_sha, config=str(xml_path))
+    return entry
 
 
 def _check_project_instance(pid: int, instance: str | None) -> None:
