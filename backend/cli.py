@@ -408,10 +408,10 @@ def _reopen_earlier_version(client, projects: list[dict], folder: Path, xml: str
         projects.remove(entry)
         return None
     new_sha = cv.config_sha256(xml)
-    if cv.config_sha256(current) == new_sha:
+    if current.strip() == xml.strip():  # Label Studio keeps it stripped (backend.config_versions)
         console.print(f"project {entry['id']}: reopened; its label config already is the current "
                       f"label_config/{name}", soft_wrap=True)
-    elif cv.config_sha256(current) in cv.earlier_sha256s(name) and cv.same_tags(current, xml):
+    elif cv.is_earlier_version(name, current) and cv.same_tags(current, xml):
         try:
             client.projects.update(id=entry["id"], label_config=xml)
         except Exception as e:  # refused: keep the project and its config, try next time

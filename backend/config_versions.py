@@ -45,6 +45,15 @@ def earlier_sha256s(name: str) -> set[str]:
     return set(_earlier().get(name, {}))
 
 
+def is_earlier_version(name: str, stored: str) -> bool:
+    """True when ``stored``, a label config as Label Studio keeps it, is an earlier shipped
+    version of ``label_config/<name>``. Label Studio 1.23.2 stores a label config stripped of
+    leading and trailing whitespace (its serializer's ``CharField``, DRF ``trim_whitespace``); a
+    shipped file is its stripped text plus one newline (tests/test_config_versions.py checks it)."""
+    text = stored.strip()
+    return bool({config_sha256(text), config_sha256(text + "\n")} & earlier_sha256s(name))
+
+
 def earlier_entry(projects: list[dict], folder: str, xml_path: Path) -> dict | None:
     """The newest ``stack.json`` project entry of ``folder`` made with an earlier shipped version
     of ``xml_path`` (None when ``xml_path`` is not a shipped config or there is none)."""

@@ -57,6 +57,7 @@ def test_every_shipped_config_puts_its_classes_above_the_image():
     screen)."""
     for p in SHIPPED:
         xml = p.read_text()
+        assert xml == xml.strip() + "\n", f"{p.name}: one newline at the end (config_versions.is_earlier_version)"
         image = xml.index("<Image")
         for tag in ("<RectangleLabels", "<Choices"):
             if tag in xml:
@@ -79,6 +80,7 @@ def test_earlier_versions_are_listed_with_the_same_tags():
             if old is None:
                 continue  # no git history here (an installed copy): the list is taken as it is
             assert cv.config_sha256(old) == sha, f"{name} at {commit}"
+            assert cv.is_earlier_version(name, old.strip()), f"{name} at {commit}: as Label Studio keeps it"
             assert cv.same_tags(old, current), f"{name} at {commit}: other tags or classes than now"
     assert cv.config_sha256(AWAKE_SLEEP_BEFORE) in cv.earlier_sha256s("awake_sleep.xml")
 
@@ -178,7 +180,7 @@ def test_up_reopens_a_project_of_the_earlier_default_config_and_updates_it(tmp_p
         pid = first["project"]
         client = LabelStudio(base_url=first["ls_url"],
                             api_key=(root / "label-studio" / "faceloop-pat.txt").read_text().strip())
-        assert client.projects.get(id=pid).label_config == AWAKE_SLEEP_BEFORE
+        assert client.projects.get(id=pid).label_config == AWAKE_SLEEP_BEFORE.strip()  # as LS keeps it
         tids = sorted(int(t.id) for t in client.tasks.list(project=pid))
         assert len(tids) == 2
         client.annotations.create(id=tids[0], result=[rect_region(10, 20, 30, 40, "sleep", original_width=320,
@@ -195,7 +197,7 @@ def test_up_reopens_a_project_of_the_earlier_default_config_and_updates_it(tmp_p
         client = LabelStudio(base_url=second["ls_url"],
                             api_key=(root / "label-studio" / "faceloop-pat.txt").read_text().strip())
         new_xml = (LABEL_CONFIG_DIR / "awake_sleep.xml").read_text()
-        assert client.projects.get(id=pid).label_config == new_xml
+        assert client.projects.get(id=pid).label_config == new_xml.strip()
         assert sorted(int(t.id) for t in client.tasks.list(project=pid)) == tids
         (ann,) = client.tasks.get(id=tids[0]).annotations
         assert [r["value"]["rectanglelabels"] for r in ann["result"]] == [["sleep"]]
