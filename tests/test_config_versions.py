@@ -162,7 +162,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.e2e
-def test_up_reopens_a_project_of_the_earlier_default_config_and_updates_it(tmp_path):
+def test_up_reopens_a_project_of_the_earlier_default_config_and_updates_it(tmp_path, capsys):
     from label_studio_sdk import LabelStudio
 
     folder = tmp_path / "faces"
@@ -202,8 +202,30 @@ def test_up_reopens_a_project_of_the_earlier_default_config_and_updates_it(tmp_p
         (ann,) = client.tasks.get(id=tids[0]).annotations
         assert [r["value"]["rectanglelabels"] for r in ann["result"]] == [["sleep"]]
         assert [int(p.id) for p in client.projects.list()] == [pid], "no second project"
+        _person_edited_and_gone(client, new_xml, capsys)
     finally:
         _stop(proc)
     (entry,) = json.loads((root / "stack.json").read_text())["projects"]
     assert entry["id"] == pid and entry["config_sha256"] == cv.config_sha256(new_xml)
     assert entry["config"] == str(LABEL_CONFIG_DIR / "awake_sleep.xml")
+
+
+def _person_edited_and_gone(client, new_xml: str, capsys) -> None:
+    """``_reopen_earlier_version`` on the same Label Studio: a project of an earlier shipped config
+    whose label config a person changed in Label Studio is reopened with that config left as it is;
+    an entry whose project is gone gives None (``up`` then makes a new one) and leaves the list."""
+    from backend.cli import _reopen_earlier_version
+
+    shipped = LABEL_CONFIG_DIR / "awake_sleep.xml"
+    old_sha = cv.config_sha256(AWAKE_SLEEP_BEFORE)
+    edited_xml = AWAKE_SLEEP_BEFORE.replace("One box per face", "Box every face")
+    edited = int(client.projects.create(title="edited by a person", label_config=edited_xml).id)
+    projects = [{"id": edited, "folder": "/b", "config_sha256": old_sha},
+                {"id": 99999, "folder": "/c", "config_sha256": old_sha}]
+    capsys.readouterr()
+    entry = _reopen_earlier_version(client, projects, Path("/b"), new_xml, shipped)
+    assert entry is projects[0] and entry["config_sha256"] == cv.config_sha256(new_xml)
+    assert client.projects.get(id=edited).label_config == edited_xml.strip()
+    assert f"project {edited}: reopened; its label config was changed in Label Studio" in capsys.readouterr().out
+    assert _reopen_earlier_version(client, projects, Path("/c"), new_xml, shipped) is None
+    assert [e["id"] for e in projects] == [edited] and "is gone" in capsys.readouterr().out
