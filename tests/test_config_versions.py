@@ -69,7 +69,7 @@ def test_earlier_versions_are_listed_with_the_same_tags():
     not the current one, and has the current file's tags and classes."""
     data = json.loads(cv.EARLIER_VERSIONS.read_text())
     names = {p.name for p in SHIPPED}
-    assert set(k for k in data if not k.startswith("_")) <= names
+    assert {k for k in data if not k.startswith("_")} <= names
     for name, versions in data.items():
         if name.startswith("_"):
             continue
