@@ -427,7 +427,7 @@ def train_two_stage(ds, schema, init: str | Path, settings: Settings, work: Path
         best_det = det_init
         face_thr, thr_fit = _parent_bundle(init, settings).get("face_threshold"), None
         report(stage="train classifier", epoch=0, message=f"image-level choices: the face detector is kept; "
-                                                          f"classifier on {len(crops)} face crops")
+                                                          f"classifier on {len(face_crops(ds.samples, ('train',)))} face crops")
     else:
         face_yaml = write_face_dataset(ds, work / "faces")
         report(stage="train detector", epoch=0, message=f"stage 1: face detector on {len(ds.train_ids)} images")
