@@ -13,7 +13,8 @@ Variants: ``base`` (recipe + refit ``--refit`` epochs), ``refitE`` (refit E epoc
 2022, "Model soups"), ``wiseA`` (WiSE-FT: weights ``(1-A)·init + A·base``, the init being the port
 with the class-mean head), ``detbox`` (the detector's matched box instead of the person's),
 ``detbox_add`` (both boxes, both passes), ``detbox_dup`` (the person's box twice: its compute
-control), ``detref`` (both boxes in the refit only).
+control), ``steps2x`` (twice the epochs of both passes: another compute control), ``detref``
+(both boxes in the refit only).
 
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD nice -n 10 .venv/bin/python benchmarks/stage2_options.py \\
         --models /tmp/acc-base --seeds 0,1,2,3,4 --variant base --variant detbox_add
@@ -107,6 +108,12 @@ def main() -> None:
             both = face_crops(ds.samples, ("train", "val"))
             if v == "base":
                 clf = refit(gated(gt_only, "gt"), both, args.refit)
+            elif v == "steps2x":  # twice the epochs of both passes on the person's boxes (compute control)
+                g2 = gated_cache.get("gt2x")
+                if g2 is None:
+                    g2 = gated_cache["gt2x"] = fine_tune(_init_classifier(port, schema), gt_only, list(schema.labels),
+                                                         epochs=2 * classifier_epochs(settings), seed=seed)[0]
+                clf = refit(g2, both, 2 * args.refit)
             elif v.startswith("refit"):
                 clf = refit(gated(gt_only, "gt"), both, int(v[5:]))
             elif v.startswith("soup"):
