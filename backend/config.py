@@ -112,6 +112,9 @@ class Settings(BaseSettings):
     classifier_refit_from: Literal["candidate", "parent"] = Field(
         "candidate", description="Start of that pass: 'candidate' (continue from the gated classifier) or "
         "'parent' (the classifier the retrain started from, i.e. the whole recipe again on every face)")
+    classifier_detector_crops: bool = Field(
+        True, description="Stage 2 also learns from the retrained detector's box on each labelled face (IoU >= 0.5 "
+        "with it, at the tuned face threshold): the crops it classifies when serving (measured in docs/classifier.md)")
     retrain_min_annotations: int = Field(
         10, description="New annotations that trigger a retrain (project setting wins if > 0)"
     )

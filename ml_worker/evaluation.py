@@ -17,6 +17,11 @@ Per image, predictions are matched one-to-one to ground-truth faces, greedily by
 The acceptance rate is ``accepted / faces``; edits per image count every fix, drawing and deletion.
 mAP50 is the COCO-style AP at IoU 0.5 (ultralytics' ``ap_per_class``, 101-point interpolation),
 class-aware by name over the classes that occur in the ground truth; face mAP50 ignores classes.
+For the class-aware AP curves every candidate box is one hypothesis per class, scored by that
+class's score (``face confidence × P(class)`` for a two-stage model), as ultralytics' detection
+validator counts them (``non_max_suppression(..., multi_label=True)`` in ``DetectionValidator``);
+``mAP50_top1`` is the same AP with only each box's top class (one label per box, capped at the
+class's recall among found faces).
 """
 
 from __future__ import annotations
@@ -213,34 +218,80 @@ class Evaluation:
     counts: AcceptanceCounts = field(default_factory=AcceptanceCounts)
     classes: dict = field(default_factory=dict)
     faces: dict = field(default_factory=dict)
+    classes_top1: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {"mAP50": self.classes.get("mAP50", 0.0), "mAP50-95": self.classes.get("mAP50-95", 0.0),
+                "mAP50_top1": self.classes_top1.get("mAP50", self.classes.get("mAP50", 0.0)),
                 "per_class_mAP50": self.classes.get("per_class", {}), "face_mAP50": self.faces.get("mAP50", 0.0),
                 **self.counts.as_dict()}
 
 
 def evaluate_predictions(images: list[tuple[list[PredFace], list[GTFace]]],
-                         candidates: list[list[PredFace]] | None = None) -> Evaluation:
+                         candidates: list[list[PredFace]] | None = None,
+                         class_candidates: list[list[PredFace]] | None = None) -> Evaluation:
     """Acceptance counts, class-aware and face mAP50 over ``(predictions, ground truth)`` per image.
 
     Args:
         images: per image, the pre-annotations a person sees (above the score threshold) and the
             ground-truth faces.
-        candidates: per image, every box down to a low score for the AP curves (default: the
-            pre-annotations themselves, which caps recall at the threshold).
+        candidates: per image, every box down to a low score with its top class, for the face AP
+            curve and ``mAP50_top1`` (default: the pre-annotations themselves, which caps recall at
+            the threshold).
+        class_candidates: per image, the class hypotheses of those boxes (a box once per class, see
+            :func:`class_hypotheses`) for the class-aware AP curves (default: ``candidates``, one
+            class per box).
     """
     ev = Evaluation()
     for preds, gts in images:
         ev.counts.add(acceptance(preds, gts))
     ap_images = images if candidates is None else [(c, g) for c, (_, g) in zip(candidates, images)]
-    ev.classes = map50(ap_images, class_aware=True)
     ev.faces = map50(ap_images, class_aware=False)
+    ev.classes_top1 = map50(ap_images, class_aware=True)
+    if class_candidates is None:
+        ev.classes = ev.classes_top1
+    else:
+        ev.classes = map50([(c, g) for c, (_, g) in zip(class_candidates, images)], class_aware=True)
     return ev
 
 
+def class_hypotheses(faces, labels: list[str], low: float) -> list[PredFace]:
+    """Every class hypothesis of candidate faces, for the class-aware AP curves.
+
+    A face at or above ``low`` (face confidence) gives its top class at its score, as a
+    pre-annotation would, and each other label whose score reaches ``low``: the score of label
+    ``j`` is ``face.score * probs[j] / max(probs)``, that is ``face confidence × P(j)`` for a
+    two-stage detection and the model's own score of ``j`` for a single-stage one
+    (:func:`backend.predict.faces_of`). This is how ultralytics' detection validator counts a box
+    (``multi_label=True``): a face whose top class is wrong can still be found, lower in the
+    ranking, under its right class.
+
+    Args:
+        faces: :class:`backend.predict.Face` objects (``box`` pixels, ``conf``, ``label``, ``score``
+            0-1, ``probs`` over ``labels``).
+        labels: the labels ``probs`` indexes (the project's labels the model knows, in label
+            order: the order :func:`backend.predict.faces_of` uses).
+        low: the candidate threshold (0-1).
+    """
+    out: list[PredFace] = []
+    for f in faces:
+        if f.conf < low:
+            continue
+        score = float(f.score or 0.0)
+        out.append(PredFace(tuple(f.box), f.label, score))
+        probs = np.asarray(f.probs, float)
+        if f.label is None or len(probs) != len(labels) or len(labels) < 2 or probs.max() <= 0:
+            continue
+        top = int(probs.argmax())
+        for j, lab in enumerate(labels):
+            s_j = score * float(probs[j]) / float(probs[top])
+            if j != top and s_j >= low:
+                out.append(PredFace(tuple(f.box), lab, s_j))
+    return out
+
+
 def predict_faces(model, images: list[np.ndarray], schema, settings, batch: int = 16
-                  ) -> tuple[list[list[PredFace]], list[list[PredFace]]]:
+                  ) -> tuple[list[list[PredFace]], list[list[PredFace]], list[list[PredFace]]]:
     """Pre-annotations of ``images`` through the product's prediction path
     (``model.detect`` + :func:`backend.predict.analyse`).
 
@@ -248,21 +299,26 @@ def predict_faces(model, images: list[np.ndarray], schema, settings, batch: int 
         model: :class:`facemodels.detector.FaceModel` or :class:`facemodels.two_stage.TwoStageModel`.
         images: ``(H, W, 3)`` uint8 RGB arrays.
         schema: the project's :class:`backend.labels.ProjectSchema` (labels, threshold).
-    Returns: ``(shown, candidates)`` per image: the boxes a person sees (at the project's score
-        threshold) and every candidate down to ``settings.candidate_threshold`` (for AP curves).
+    Returns: ``(shown, candidates, class_candidates)`` per image: the boxes a person sees (at the
+        project's score threshold), every candidate down to ``settings.candidate_threshold`` with
+        its top class, and those candidates' class hypotheses (:func:`class_hypotheses`; for the
+        class-aware AP curves).
     """
-    from backend.predict import analyse, pre_annotation_threshold
+    from backend.predict import analyse, faces_of, pre_annotation_threshold
 
     thr = pre_annotation_threshold(schema, settings, model)
     low = min(settings.candidate_threshold, thr)
-    shown, cands = [], []
+    lmap = schema.label_map(list(model.names))
+    labels = sorted(set(lmap.values()), key=schema.labels.index)  # faces_of's order of Face.probs
+    shown, cands, hyps = [], [], []
     for start in range(0, len(images), batch):
         dets = model.detect(images[start : start + batch], conf=low, imgsz=settings.imgsz, batch=batch)
         for det in dets:
             for out, t in ((shown, thr), (cands, low)):
                 boxes, _ = analyse(det, schema, model.names, t, settings.aggregation)
                 out.append([PredFace(b.xyxy, b.label, float(b.score or 0.0)) for b in boxes])
-    return shown, cands
+            hyps.append(class_hypotheses(faces_of(det, schema, model.names)[0], labels, low))
+    return shown, cands, hyps
 
 
 def evaluate_model(model, samples: list[tuple[np.ndarray, list[GTFace]]], schema, settings) -> dict:
@@ -272,9 +328,9 @@ def evaluate_model(model, samples: list[tuple[np.ndarray, list[GTFace]]], schema
         samples: ``(image RGB uint8, ground-truth faces with class names)`` per image.
     Returns: :meth:`Evaluation.as_dict` plus ``"images"`` and ``"confusion"`` (:func:`confusion`).
     """
-    shown, cands = predict_faces(model, [im for im, _ in samples], schema, settings)
+    shown, cands, hyps = predict_faces(model, [im for im, _ in samples], schema, settings)
     pairs = [(p, g) for p, (_, g) in zip(shown, samples)]
-    ev = evaluate_predictions(pairs, candidates=cands)
+    ev = evaluate_predictions(pairs, candidates=cands, class_candidates=hyps)
     return {**ev.as_dict(), "images": len(samples), "confusion": confusion(pairs)}
 
 

@@ -273,7 +273,8 @@ MAX_FACE_THRESHOLD = 0.5
 F1_TOLERANCE = 0.02
 
 
-def tune_face_threshold(detector, samples, imgsz: int, grid: np.ndarray | None = None) -> tuple[float, dict]:
+def tune_face_threshold(detector, samples, imgsz: int, grid: np.ndarray | None = None,
+                        dets: list | None = None) -> tuple[float, dict]:
     """The face confidence that best separates faces from non-faces on labelled images.
 
     Runs the detector once (candidates down to 0.01) and, for each threshold of ``grid``
@@ -284,12 +285,15 @@ def tune_face_threshold(detector, samples, imgsz: int, grid: np.ndarray | None =
 
     Args:
         detector: :class:`facemodels.detector.FaceModel`; samples: :class:`ml_worker.dataset.Sample` list.
+        dets: the detector's detections of ``samples`` down to confidence 0.01, when the caller has
+            them already (then ``detector`` is not run).
     Returns: ``(threshold, {"f1", "recall", "precision", "boxes_per_face"})`` at that threshold.
     """
     from ml_worker.evaluation import GTFace, PredFace, acceptance
 
     grid = np.round(np.arange(0.05, MAX_FACE_THRESHOLD + 0.001, 0.05), 2) if grid is None else grid
-    dets = detector.detect([s.image for s in samples], conf=0.01, imgsz=imgsz)
+    if dets is None:
+        dets = detector.detect([s.image for s in samples], conf=0.01, imgsz=imgsz)
     gts = [[GTFace(tuple(b[:4]), None) for b in s.boxes] for s in samples]
     fits = []
     for t in grid:
@@ -311,6 +315,50 @@ def tune_face_threshold(detector, samples, imgsz: int, grid: np.ndarray | None =
     # F1_TOLERANCE of the best.
     top = max(f["f1"] for _, f in fits)
     return next((t, f) for t, f in fits if f["f1"] >= top - F1_TOLERANCE)
+
+
+def detector_boxes(dets, samples, threshold: float) -> list[list]:
+    """The detector's box on each labelled face: the box it would show (confidence >= ``threshold``)
+    with the highest IoU with the face, when that IoU is >= 0.5, else None.
+
+    Args:
+        dets: the detector's detections of ``samples`` (:class:`facemodels.detector.ImageDetections`).
+        samples: :class:`ml_worker.dataset.Sample` list; boxes in pixels.
+    Returns: per sample, per labelled box: ``(x1, y1, x2, y2)`` pixels (clipped to the image) or None.
+    """
+    from ml_worker.evaluation import MATCH_IOU, iou_matrix
+
+    out = []
+    for s, d in zip(samples, dets):
+        h, w = s.image.shape[:2]
+        shown = np.array([x.box for x in d.detections if x.conf >= threshold], float).reshape(-1, 4)
+        shown[:, [0, 2]] = shown[:, [0, 2]].clip(0, w)
+        shown[:, [1, 3]] = shown[:, [1, 3]].clip(0, h)
+        ious = iou_matrix(np.array([b[:4] for b in s.boxes], float).reshape(-1, 4), shown)
+        row = []
+        for i in range(len(s.boxes)):
+            j = int(ious[i].argmax()) if shown.shape[0] else -1
+            row.append(tuple(float(v) for v in shown[j]) if j >= 0 and ious[i, j] >= MATCH_IOU else None)
+        out.append(row)
+    return out
+
+
+def face_crops(samples, splits: tuple[str, ...], det_boxes: list[list] | None = None) -> list:
+    """Stage 2's training crops: ``(image, box (4,) pixels, class index)`` for every labelled face
+    of the samples in ``splits``, plus, with ``det_boxes`` (:func:`detector_boxes`, aligned with
+    ``samples``), the detector's box on that face with the same class. At serving time the classifier
+    sees the detector's boxes, whose style (size, centring) differs from the person's; learning from
+    both costs one more crop per face and epoch (measured in docs/classifier.md, "Fourth round").
+    """
+    crops = []
+    for k, s in enumerate(samples):
+        if s.split not in splits:
+            continue
+        for i, b in enumerate(s.boxes):
+            crops.append((s.image, np.asarray(b[:4], float), int(b[4])))
+            if det_boxes is not None and det_boxes[k][i] is not None:
+                crops.append((s.image, np.asarray(det_boxes[k][i], float), int(b[4])))
+    return crops
 
 
 def _init_classifier(path: str | Path, schema):
@@ -342,7 +390,12 @@ def train_two_stage(ds, schema, init: str | Path, settings: Settings, work: Path
         init: the current version (bundle ``.json``, or a legacy ``.pt``).
         work: job folder; the candidate lands in ``work/candidate/bundle.json``.
         progress: called with ``{"stage", "epoch", "epochs", "message"}``.
-    Returns: ``{"bundle": path, "detector_seconds", "classifier_seconds", "classifier": metrics}``.
+    Stage 2 learns from each labelled face's box and, with ``CLASSIFIER_DETECTOR_CROPS`` (default
+    on), also from the retrained detector's box on that face (:func:`face_crops`).
+
+    Returns: ``{"bundle": path, "detector_seconds", "classifier_seconds", "classifier": metrics,
+        "detector_boxes": per sample the detector's box on each labelled face or None (None when off
+        or for Choices), ...}``.
     Raises: ValueError when the train split has no labelled face.
     """
     from facemodels.classifier import fine_tune as fine_tune_classifier
@@ -356,10 +409,10 @@ def train_two_stage(ds, schema, init: str | Path, settings: Settings, work: Path
     from facemodels.two_stage import classifier_init_path
 
     clf_init = Path(classifier_init_path(_parent_bundle(init, settings), list(schema.labels)))
-    crops = [(s.image, np.asarray(b[:4], float), int(b[4])) for s in ds.samples if s.split == "train" for b in s.boxes]
-    if not crops:
+    if not any(s.boxes for s in ds.samples if s.split == "train"):
         raise ValueError("the train split has no labelled face (Choices projects: no face found in its images): "
                          "nothing to learn from")
+    det_boxes = None  # the retrained detector's box on each labelled face (CLASSIFIER_DETECTOR_CROPS)
     det_epochs, clf_epochs = settings.detector_epochs, classifier_epochs(settings)
 
     def report(**f):
@@ -374,7 +427,7 @@ def train_two_stage(ds, schema, init: str | Path, settings: Settings, work: Path
         best_det = det_init
         face_thr, thr_fit = _parent_bundle(init, settings).get("face_threshold"), None
         report(stage="train classifier", epoch=0, message=f"image-level choices: the face detector is kept; "
-                                                          f"classifier on {len(crops)} face crops")
+                                                          f"classifier on {len(face_crops(ds.samples, ('train',)))} face crops")
     else:
         face_yaml = write_face_dataset(ds, work / "faces")
         report(stage="train detector", epoch=0, message=f"stage 1: face detector on {len(ds.train_ids)} images")
@@ -383,11 +436,17 @@ def train_two_stage(ds, schema, init: str | Path, settings: Settings, work: Path
                                                        message=f"stage 1 (face detector): epoch {i['epoch']}/{i['epochs']}"))
         from facemodels.detector import FaceModel
 
-        face_thr, thr_fit = tune_face_threshold(FaceModel(best_det, settings.device), ds.samples, settings.imgsz)
+        dets = FaceModel(best_det, settings.device).detect([s.image for s in ds.samples], conf=0.01,
+                                                           imgsz=settings.imgsz)
+        face_thr, thr_fit = tune_face_threshold(None, ds.samples, settings.imgsz, dets=dets)
+        if settings.classifier_detector_crops:
+            det_boxes = detector_boxes(dets, ds.samples, face_thr)
+        del dets
         report(stage="train detector", message=f"face threshold {face_thr:.2f} (F1 {thr_fit['f1']:.2f} on the "
                                                f"{len(ds.samples)} labelled images)")
     det_s = time.time() - t0
 
+    crops = face_crops(ds.samples, ("train",), det_boxes)
     clf = _init_classifier(clf_init, schema)
     t1 = time.time()
 
@@ -406,7 +465,7 @@ def train_two_stage(ds, schema, init: str | Path, settings: Settings, work: Path
     bundle = write_bundle(cand_dir, best_det, work / "classifier.pt", list(schema.labels), imgsz=settings.imgsz,
                           face_threshold=face_thr, face_threshold_fit=thr_fit, nms_iou=nms_iou)
     return {"bundle": bundle, "detector_seconds": round(det_s, 1), "classifier_seconds": round(clf_s, 1),
-            "seed": seed, "classifier_init": str(clf_init),
+            "seed": seed, "classifier_init": str(clf_init), "detector_boxes": det_boxes,
             "face_threshold": face_thr, "face_threshold_fit": thr_fit, "nms_iou": nms_iou,
             "classifier": {k: v for k, v in cm.items() if k in ("loss", "train_seconds", "n_train", "recipe",
                                                                    "kept_classes")}}
@@ -461,7 +520,7 @@ def refine_classifier(trained: dict, ds, schema, settings: Settings, progress: P
         trained: :func:`train_two_stage`'s result (its ``bundle`` is rewritten in place).
         ds: the :class:`ml_worker.dataset.DatasetInfo` the candidate was trained from.
         progress: called with ``{"stage": "refine classifier", "message"}``.
-    Returns: ``{"epochs", "from" ("candidate" | "parent"), "n_faces", "seconds"}``, or None when
+    Returns: ``{"epochs", "from" ("candidate" | "parent"), "n_faces", "n_crops" (with detector crops), "seconds"}``, or None when
         off (``CLASSIFIER_REFIT_EPOCHS`` = 0) or when the dataset has no labelled face.
     Raises: ValueError for an unknown ``CLASSIFIER_REFIT_FROM`` (before any work), and from
         ``fine_tune`` for bad crops; FileNotFoundError when the candidate bundle is gone.
@@ -477,14 +536,15 @@ def refine_classifier(trained: dict, ds, schema, settings: Settings, progress: P
     if start not in ("candidate", "parent"):
         raise ValueError(f"CLASSIFIER_REFIT_FROM must be 'candidate' or 'parent', got {start!r}")
     t0 = time.time()
-    crops = [(s.image, np.asarray(b[:4], float), int(b[4])) for s in ds.samples for b in s.boxes]
+    crops = face_crops(ds.samples, ("train", "val"), trained.get("detector_boxes"))
     if not crops:
         return None
     bundle_path = Path(trained["bundle"])
     b = read_bundle(bundle_path)
+    n_faces = sum(len(s.boxes) for s in ds.samples)
     if progress:
         progress({"stage": "refine classifier",
-                  "message": f"stage 2 (face classifier): {epochs} more epochs on all {len(crops)} labelled faces"})
+                  "message": f"stage 2 (face classifier): {epochs} more epochs on all {n_faces} labelled faces"})
     cand = FaceClassifier.load(b["classifier_path"])
     if start == "parent" and trained.get("classifier_init"):
         # the same recipe from the same start as the candidate, on every face: a full second fine-tune
@@ -504,7 +564,8 @@ def refine_classifier(trained: dict, ds, schema, settings: Settings, progress: P
                  face_threshold_fit=b.get("face_threshold_fit"), nms_iou=b.get("nms_iou"))
     shutil.rmtree(bundle_path.parent)
     tmp.rename(bundle_path.parent)
-    out = {"epochs": epochs, "from": start, "n_faces": len(crops), "seconds": round(time.time() - t0, 1)}
+    out = {"epochs": epochs, "from": start, "n_faces": n_faces, "n_crops": len(crops),
+           "seconds": round(time.time() - t0, 1)}
     trained["refined"] = out
     return out
 

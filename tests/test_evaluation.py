@@ -51,3 +51,38 @@ def test_map50_perfect_and_by_name():
 
 def test_map50_no_ground_truth_is_zero_not_an_error():
     assert map50([([PredFace((0, 0, 1, 1), "a", 0.5)], [])])["mAP50"] == 0.0
+
+
+def test_class_hypotheses_find_a_face_under_its_second_class():
+    """A face whose top class is wrong is still found, lower in the ranking, under its right class
+    (one hypothesis per class, as ultralytics' validator counts boxes); the top-1 figure is not."""
+    import numpy as np
+
+    from backend.predict import Face
+    from ml_worker.evaluation import class_hypotheses
+
+    labels = ["awake", "sleep"]
+    gts = [GTFace((0, 0, 100, 100), "sleep"), GTFace((200, 0, 300, 100), "awake")]
+    faces = [Face((0, 0, 100, 100), 0.9, "awake", 0.9 * 0.7, np.array([0.7, 0.3])),   # wrong top class
+             Face((200, 0, 300, 100), 0.8, "awake", 0.8 * 0.9, np.array([0.9, 0.1])),
+             Face((500, 0, 510, 10), 0.005, "sleep", 0.004, np.array([0.2, 0.8]))]    # below the candidate threshold
+    hyps = class_hypotheses(faces, labels, low=0.01)
+    assert [(h.label, round(h.score, 3)) for h in hyps] == [("awake", 0.63), ("sleep", 0.27),
+                                                            ("awake", 0.72), ("sleep", 0.08)]
+    top1 = [PredFace(f.box, f.label, f.score) for f in faces[:2]]
+    ev = evaluate_predictions([(top1, gts)], candidates=[top1], class_candidates=[hyps])
+    assert ev.as_dict()["mAP50_top1"] == pytest.approx(0.5, abs=0.01)  # sleep never found: AP 0
+    assert ev.classes["per_class"]["sleep"] == pytest.approx(1.0, abs=0.01)
+    assert ev.classes["per_class"]["awake"] == pytest.approx(1.0, abs=0.01)  # awake 0.72 ranks above the false 0.63
+    assert ev.faces["mAP50"] == pytest.approx(1.0, abs=0.01)  # face AP: one box per face, no duplicates
+    assert ev.counts.accepted == 1 and ev.counts.class_fixed == 1  # what a person sees is unchanged
+
+
+def test_class_hypotheses_unlabelled_faces_stay_one_box():
+    import numpy as np
+
+    from backend.predict import Face
+    from ml_worker.evaluation import class_hypotheses
+
+    hyps = class_hypotheses([Face((0, 0, 10, 10), 0.5, None, 0.5, np.array([1.0]))], ["awake", "sleep"], 0.01)
+    assert [(h.label, h.score) for h in hyps] == [(None, 0.5)]

@@ -101,6 +101,26 @@ def _tasks(n: int):
 
 
 @pytest.mark.slow
+def test_detector_boxes_and_face_crops():
+    """Stage 2's crops: every labelled face, plus the detector's shown box on it (IoU >= 0.5), same class."""
+    from facemodels.detector import Detection, ImageDetections
+    from ml_worker.dataset import Sample
+    from ml_worker.training import detector_boxes, face_crops
+
+    img = np.zeros((100, 200, 3), np.uint8)
+    samples = [Sample(1, "train", img, [(10, 10, 50, 50, 0), (100, 10, 140, 50, 1)]),
+               Sample(2, "val", img, [(10, 10, 50, 50, 1)])]
+    dets = [ImageDetections(200, 100, [Detection((12, 8, 52, 52), 0.9, 0, np.array([1.0]), 0.9),     # on face 1
+                                       Detection((100, 10, 140, 50), 0.05, 0, np.array([1.0]), 0.05),  # below the threshold
+                                       Detection((150, 60, 210, 120), 0.8, 0, np.array([1.0]), 0.8)]),  # no face
+            ImageDetections(200, 100, [Detection((30, 30, 70, 70), 0.9, 0, np.array([1.0]), 0.9)])]     # IoU 0.14
+    boxes = detector_boxes(dets, samples, threshold=0.3)
+    assert boxes == [[(12.0, 8.0, 52.0, 52.0), None], [None]]
+    crops = face_crops(samples, ("train",), boxes)
+    assert [(tuple(c[1]), c[2]) for c in crops] == [((10, 10, 50, 50), 0), ((12, 8, 52, 52), 0), ((100, 10, 140, 50), 1)]
+    assert len(face_crops(samples, ("train", "val"), None)) == 3, "without detector boxes: the labelled faces only"
+
+
 def test_train_two_stage_on_real_faces(tmp_path):
     from facemodels.detector import ModelCache
     from ml_worker.dataset import build_dataset
@@ -125,6 +145,12 @@ def test_train_two_stage_on_real_faces(tmp_path):
     assert r["images"] == len(ds.val_ids) and r["faces"] == ds.val_boxes()
     for k in ("mAP50", "face_mAP50", "acceptance_rate", "class_accuracy"):
         assert 0.0 <= r[k] <= 1.0
+    assert r["mAP50_top1"] <= r["mAP50"] + 1e-9, "a box's other classes only add hypotheses"
+    # stage 2 also learnt from the retrained detector's box on each labelled face it finds
+    train_faces = sum(len(s.boxes) for s in ds.samples if s.split == "train")
+    found = sum(x is not None for s, row in zip(ds.samples, out["detector_boxes"]) if s.split == "train" for x in row)
+    assert [len(row) for row in out["detector_boxes"]] == [len(s.boxes) for s in ds.samples]
+    assert out["classifier"]["n_train"] == train_faces + found
     # the predictions carry the project's classes, as probabilities
     det = model.detect([ds.samples[0].image], conf=0.01, imgsz=160)[0]
     for d in det.detections:
