@@ -90,17 +90,26 @@ def inference_backend() -> str:
     return v
 
 
+def _threads_env(name: str) -> int | None:
+    """The whole number >= 1 in environment variable ``name``; None when unset or empty.
+    ValueError for anything else."""
+    v = os.environ.get(name, "").strip()
+    if not v:
+        return None
+    try:
+        n = int(v)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"{name} must be a whole number >= 1, got {v!r}")
+    return n
+
+
 def intra_op_threads() -> int:
     """ONNX Runtime intra-op threads: ``INFERENCE_THREADS`` if set (> 0), else the cores this
     process may run on (its CPU affinity). ValueError for a bad ``INFERENCE_THREADS``."""
-    v = os.environ.get("INFERENCE_THREADS", "").strip()
-    if v:
-        try:
-            n = int(v)
-        except ValueError:
-            n = 0
-        if n < 1:
-            raise ValueError(f"INFERENCE_THREADS must be a whole number >= 1, got {v!r}")
+    n = _threads_env("INFERENCE_THREADS")
+    if n:
         return n
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -113,16 +122,7 @@ def classifier_threads() -> int:
     if set (> 0), else 1. One face is a 112×112 forward pass of about 0.5 ms, too small to split:
     on the 2 shared cores one thread took 0.56 ms of CPU a face against 0.67 with two, and no
     shorter wall time was seen with two (docs/benchmarks.md, run 10). ValueError for a bad value."""
-    v = os.environ.get("INFERENCE_CLASSIFIER_THREADS", "").strip()
-    if not v:
-        return 1
-    try:
-        n = int(v)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise ValueError(f"INFERENCE_CLASSIFIER_THREADS must be a whole number >= 1, got {v!r}")
-    return n
+    return _threads_env("INFERENCE_CLASSIFIER_THREADS") or 1
 
 
 def inference_spinning() -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.browser.lone_ls import lone_label_studio
 from tests.browser.test_person import CHROMIUM, CHROMIUM_ARGS, _login
 from tests.conftest import REPO
 from tests.helpers_unit import jpeg_bytes
@@ -22,16 +23,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def label_studio(tmp_path_factory):
-    from backend.stack import Stack, free_port
-
-    st = Stack(root=tmp_path_factory.mktemp("choice-acceptance"))
-    st.secrets = {"ls_user": "admin@faceloop.local", "ls_password": "choice-acceptance-pass1"}
-    st.ports = {"label-studio": free_port()}
-    try:
-        st._start_label_studio(timeout=240)
+    with lone_label_studio(tmp_path_factory.mktemp("choice-acceptance"), "choice-acceptance") as st:
         yield st
-    finally:
-        st.stop()
 
 
 def choice(rid: str, value: str) -> list[dict]:

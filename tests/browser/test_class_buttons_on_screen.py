@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.browser.lone_ls import lone_label_studio
 from tests.browser.test_person import CHROMIUM, CHROMIUM_ARGS, _login
 from tests.helpers_unit import jpeg_bytes
 
@@ -34,16 +35,8 @@ BUTTON = {"RectangleLabels": ".lsf-label", "Choices": ".lsf-choice__item"}
 
 @pytest.fixture(scope="module")
 def label_studio(tmp_path_factory):
-    from backend.stack import Stack, free_port
-
-    st = Stack(root=tmp_path_factory.mktemp("class-buttons"))
-    st.secrets = {"ls_user": "admin@faceloop.local", "ls_password": "class-buttons-pass1"}
-    st.ports = {"label-studio": free_port()}
-    try:
-        st._start_label_studio(timeout=240)
+    with lone_label_studio(tmp_path_factory.mktemp("class-buttons"), "class-buttons") as st:
         yield st
-    finally:
-        st.stop()
 
 
 @pytest.fixture(scope="module")
