@@ -72,6 +72,9 @@ class ModelVersion(SQLModel, table=True):
 class TrainingJob(SQLModel, table=True):
     """One retrain of a project. ``state``: queued -> running -> succeeded | failed.
 
+    ``epoch``/``epochs``: epochs done of all training stages together (detector and classifier);
+    the per-stage counts and times are in ``stages_json``.
+
     At most one ``queued`` job per project (partial unique index): a request while one is queued
     joins it; a request while one runs queues exactly one more.
     """
@@ -98,6 +101,18 @@ class TrainingJob(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
     started_at: Optional[datetime] = None
     finished_at: Optional[datetime] = None
+    #: The job's stages, planned and run, as JSON (:mod:`backend.jobprogress`): a list of
+    #: ``{"stage", "epochs", "epoch", "start", "first", "last", "end", "if"}`` (times ISO 8601 UTC),
+    #: from which the status page estimates the time left per stage.
+    stages_json: str = Field(default="[]", sa_column=Column(Text, nullable=False, server_default=text("'[]'")))
+
+    @property
+    def stages(self) -> list[dict[str, Any]]:
+        try:
+            out = json.loads(self.stages_json or "[]")
+        except ValueError:
+            return []
+        return out if isinstance(out, list) else []
 
 
 class ModelArtifact(SQLModel, table=True):

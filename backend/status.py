@@ -5,7 +5,7 @@ docs/security.md):
 
 - ``GET /status``: the projects faceloop serves, with their served version and running job.
 - ``GET /status/{project_id}``: the running training job (stage, epoch k of n, estimated time
-  left), finished jobs, every model version with its metrics, gate decision and reason, its plots,
+  left per stage: :mod:`backend.jobprogress`), finished jobs, every model version with its metrics, gate decision and reason, its plots,
   pre-label acceptance per version (:mod:`backend.acceptance`), per-task errors and the head of the
   review queue with thumbnails. The page reloads itself (meta refresh: 5 s while a job is queued
   or running, 30 s otherwise).
@@ -37,7 +37,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from sqlmodel import select
 
 import modelstore
-from backend import acceptance
+from backend import acceptance, jobprogress
 from backend.config import Settings
 from backend.db import session_scope
 from backend.models import ModelVersion, Project, TaskScore, TrainingJob, WebhookEvent
@@ -112,43 +112,31 @@ def _duration(seconds: float | None) -> str:
     return f"{s // 3600} h {(s % 3600) // 60:02d} min"
 
 
-#: First (epoch, time) this process saw of each running job, for :func:`eta_seconds` (bounded).
-_first_seen: "OrderedDict[int, tuple[int, datetime]]" = OrderedDict()
-_seen_lock = threading.Lock()
+def eta_seconds(job: TrainingJob, now: datetime | None = None, previous: TrainingJob | None = None) -> float | None:
+    """Estimated seconds left of a running job's stages that will run (the refit after a passing
+    gate not counted), per stage (:func:`backend.jobprogress.estimate`); None when it cannot tell
+    (not running, no stage record, or a later stage with no earlier job to time it by)."""
+    est = jobprogress.estimate(job, previous, now)
+    return est.total if est is not None else None
 
 
-def eta_seconds(job: TrainingJob, now: datetime | None = None) -> float | None:
-    """Estimated seconds left of a running job's epochs: seconds per epoch times the epochs left.
-
-    Seconds per epoch are measured from the epochs finished while the page was watched (first
-    (epoch, time) seen by this process, now), else the mean since the job started (which includes
-    reading annotations and building the dataset, so it errs long). Detector and classifier epochs
-    are counted alike. None before the first epoch ends or when the job is not training.
-    """
-    now = now or datetime.now(timezone.utc)
-    start = _aware(job.started_at)
-    if job.state != "running" or start is None or not job.epochs or job.epoch <= 0:
-        return None
-    with _seen_lock:
-        first = _first_seen.setdefault(job.id, (job.epoch, now))
-        while len(_first_seen) > 100:
-            _first_seen.popitem(last=False)
-    e0, t0 = first
-    if job.epoch > e0 and now > t0:
-        per = (now - t0).total_seconds() / (job.epoch - e0)
-    else:
-        per = (now - start).total_seconds() / job.epoch
-    return per * max(0, job.epochs - job.epoch)
+def _previous_job(jobs: list[TrainingJob], j: TrainingJob) -> TrainingJob | None:
+    """The latest succeeded job of the project before ``j`` that has stage records."""
+    return next((p for p in jobs if p.id is not None and j.id is not None and p.id < j.id
+                 and p.state == "succeeded" and p.stages), None)
 
 
-def _job_view(j: TrainingJob, now: datetime) -> dict:
+def _job_view(j: TrainingJob, now: datetime, previous: TrainingJob | None = None) -> dict:
     start, end = _aware(j.started_at), _aware(j.finished_at)
     ran = ((end or now) - start).total_seconds() if start else None
+    est = jobprogress.estimate(j, previous, now) if j.state == "running" else None
     return {"id": j.id, "state": j.state, "stage": j.stage or "–", "epoch": j.epoch, "epochs": j.epochs,
             "pct": int(100 * j.epoch / j.epochs) if j.epochs else 0, "trigger": j.trigger,
             "message": j.message, "error": j.error, "n_train": j.n_train, "n_val": j.n_val,
             "created": j.created_at.strftime("%Y-%m-%d %H:%M:%S") if j.created_at else "",
-            "ran": _duration(ran), "eta": _duration(eta) if (eta := eta_seconds(j, now)) is not None else None,
+            "ran": _duration(ran), "eta": _duration(est.total) if est is not None and est.total is not None else None,
+            "time_left": (est.text() if est is not None else "time left not known (no per-stage progress recorded)")
+            if j.state == "running" else None,
             "version_id": j.version_id}
 
 
@@ -375,7 +363,7 @@ def project_context(settings: Settings, pid: int) -> dict:
             raise HTTPException(404, f"project {pid} is not set up in faceloop (connect the ML backend in Label Studio)")
         jobs = s.exec(select(TrainingJob).where(TrainingJob.project_id == pid)
                       .order_by(TrainingJob.id.desc())).all()
-        active = [_job_view(j, now) for j in jobs if j.state in ("queued", "running")]
+        active = [_job_view(j, now, _previous_job(jobs, j)) for j in jobs if j.state in ("queued", "running")]
         finished = [_job_view(j, now) for j in jobs if j.state not in ("queued", "running")][:FINISHED_JOBS]
         versions = s.exec(select(ModelVersion).where(ModelVersion.project_id == pid)
                           .order_by(ModelVersion.created_at.desc(), ModelVersion.id.desc())).all()

@@ -433,6 +433,7 @@ def train_two_stage(ds, schema, init: str | Path, settings: Settings, work: Path
         report(stage="train detector", epoch=0, message=f"stage 1: face detector on {len(ds.train_ids)} images")
         best_det = fine_tune(det_init, face_yaml, work / "detector", settings, epochs=det_epochs, seed=seed,
                              on_epoch=lambda i: report(stage="train detector", epoch=i["epoch"],
+                                                       stage_epoch=i["epoch"], stage_epochs=i["epochs"],
                                                        message=f"stage 1 (face detector): epoch {i['epoch']}/{i['epochs']}"))
         from facemodels.detector import FaceModel
 
@@ -445,6 +446,8 @@ def train_two_stage(ds, schema, init: str | Path, settings: Settings, work: Path
         report(stage="train detector", message=f"face threshold {face_thr:.2f} (F1 {thr_fit['f1']:.2f} on the "
                                                f"{len(ds.samples)} labelled images)")
     det_s = time.time() - t0
+    if getattr(ds, "kind", "boxes") != "choices":  # stage 2 starts here: its crops are cut in it (status page's times)
+        report(stage="train classifier", message=f"stage 2 (face classifier): {clf_epochs} epochs on the labelled faces")
 
     crops = face_crops(ds.samples, ("train",), det_boxes)
     clf = _init_classifier(clf_init, schema)
@@ -452,6 +455,7 @@ def train_two_stage(ds, schema, init: str | Path, settings: Settings, work: Path
 
     def on_clf_epoch(epoch, epochs, loss):
         report(stage="train classifier", epoch=det_epochs + epoch, epochs=det_epochs + epochs,
+               stage_epoch=epoch, stage_epochs=epochs,
                message=f"stage 2 (face classifier): epoch {epoch}/{epochs}, loss {loss:.3f}")
 
     tuned, cm = fine_tune_classifier(clf, crops, list(schema.labels), epochs=clf_epochs, seed=seed,
@@ -519,7 +523,8 @@ def refine_classifier(trained: dict, ds, schema, settings: Settings, progress: P
     Args:
         trained: :func:`train_two_stage`'s result (its ``bundle`` is rewritten in place).
         ds: the :class:`ml_worker.dataset.DatasetInfo` the candidate was trained from.
-        progress: called with ``{"stage": "refine classifier", "message"}``.
+        progress: called with ``{"stage": "refine classifier", "message"}``, then after each epoch
+            with ``{"stage", "stage_epoch", "stage_epochs"}``.
     Returns: ``{"epochs", "from" ("candidate" | "parent"), "n_faces", "n_crops" (with detector crops), "seconds"}``, or None when
         off (``CLASSIFIER_REFIT_EPOCHS`` = 0) or when the dataset has no labelled face.
     Raises: ValueError for an unknown ``CLASSIFIER_REFIT_FROM`` (before any work), and from
@@ -552,7 +557,9 @@ def refine_classifier(trained: dict, ds, schema, settings: Settings, progress: P
     else:  # "candidate": continue from the gated classifier, a fresh cosine schedule
         clf, start = cand, "candidate"
     tuned, _ = fine_tune_classifier(clf, crops, list(cand.classes), epochs=epochs,
-                                    seed=int(trained.get("seed", settings.seed)))
+                                    seed=int(trained.get("seed", settings.seed)),
+                                    on_epoch=(lambda e, n, _loss: progress({"stage": "refine classifier", "stage_epoch": e,
+                                                                           "stage_epochs": n})) if progress else None)
     work = bundle_path.parent.parent
     tuned.save(work / "classifier.pt")
     # the new candidate is written beside the old one, then swapped in: a failure keeps the old one
@@ -606,10 +613,12 @@ def run_training(settings: Settings, job_id: int, progress: ProgressFn | None = 
     from facemodels.detector import ModelCache
     from ml_worker.evaluation import evaluate_choices, evaluate_model
 
+    from backend import jobprogress
+
     def update(**fields):
         with session_scope(settings.database_url) as s:
             j = s.get(TrainingJob, job_id)
-            for k, v in fields.items():
+            for k, v in jobprogress.record(j, fields).items():  # per-stage epochs and times (status page)
                 setattr(j, k, v)
         if progress:
             progress(fields)
@@ -651,11 +660,16 @@ def run_training(settings: Settings, job_id: int, progress: ProgressFn | None = 
         raise ValueError(f"need at least 2 usable annotated tasks, have {len(ds.train_ids) + len(ds.val_ids)} "
                          f"(left out: {ds.problems[:5]})")
     total = (0 if schema.is_choices else settings.detector_epochs) + classifier_epochs(settings)
-    update(stage="train", n_train=len(ds.train_ids), n_val=len(ds.val_ids), epochs=total,
+    plan = ([] if schema.is_choices else [{"stage": "train detector", "epochs": settings.detector_epochs}]) + [
+        {"stage": "train classifier", "epochs": classifier_epochs(settings)}, {"stage": "evaluate", "epochs": 0}] + (
+        [{"stage": "refine classifier", "epochs": int(settings.classifier_refit_epochs), "if": "promoted"}]
+        if refine_enabled(settings) and not schema.is_choices else [])
+    update(stage="train", n_train=len(ds.train_ids), n_val=len(ds.val_ids), epochs=total, plan=plan,
            message=f"fine-tuning on {len(ds.train_ids)} images, validating on {len(ds.val_ids)}")
 
     def on_progress(f):
-        update(**{k: v for k, v in f.items() if k in ("stage", "epoch", "epochs", "message")})
+        update(**{k: v for k, v in f.items() if k in ("stage", "epoch", "epochs", "message", "stage_epoch",
+                                                      "stage_epochs")})
 
     t0 = time.time()
     trained = train_two_stage(ds, schema, current_info[2], settings, job_dir, on_progress)
