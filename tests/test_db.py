@@ -333,3 +333,46 @@ def test_copy_database_moves_an_install_to_another_database(tmp_path, db_url):
         copy_database(src, db_url)
     with pytest.raises(CopyError, match="same database"):
         copy_database(src, src)
+
+
+def test_0006_gives_existing_jobs_an_empty_stage_record(db_url):
+    """A database at 0005 with a finished and a running job: 0006 adds ``stages_json`` ('[]'), the
+    jobs keep their rows, the status page's estimate says it cannot tell for the running one, and
+    new progress is recorded per stage."""
+    from datetime import timedelta
+
+    from backend.jobprogress import estimate, record
+
+    def job_columns() -> set:
+        e = create_engine(db_url)
+        try:
+            return {c["name"] for c in inspect(e).get_columns("trainingjob")}
+        finally:
+            e.dispose()
+
+    dbmod.upgrade_schema(db_url, "0005_project_ls_instance")
+    assert "stages_json" not in job_columns()
+    eng = create_engine(db_url)
+    t = datetime(2026, 11, 30, 17, 0, tzinfo=timezone.utc)
+    with eng.begin() as c:
+        c.execute(text("INSERT INTO project (id, title, labels_json, ls_url, min_annotations_to_start_training, "
+                       "updated_at, ls_instance) VALUES (7, 'faces', '[]', '', 0, :t, '')"), {"t": t})
+        for state in ("succeeded", "running"):
+            c.execute(text("INSERT INTO trainingjob (project_id, trigger, state, epoch, epochs, stage, n_train, "
+                           "n_val, celery_id, created_at, started_at) VALUES (7, 'start_training', :s, 3, 50, "
+                           "'train', 40, 10, '', :t, :t)"), {"s": state, "t": t})
+    eng.dispose()
+    dbmod.upgrade_schema(db_url)
+    assert dbmod.current_revision(db_url) == dbmod.head_revision() and schema_diff(db_url) == []
+    with dbmod.session_scope(db_url) as s:
+        jobs = s.exec(select(TrainingJob).order_by(TrainingJob.id)).all()
+        assert [(j.state, j.epoch, j.epochs, j.stages) for j in jobs] == [("succeeded", 3, 50, []),
+                                                                         ("running", 3, 50, [])]
+        assert estimate(jobs[1], jobs[0], t + timedelta(seconds=28)) is None  # no records: no number
+        record(jobs[1], {"stage": "train detector", "plan": [{"stage": "train detector", "epochs": 10}]}, now=t)
+    with dbmod.session_scope(db_url) as s:
+        job = s.exec(select(TrainingJob).where(TrainingJob.state == "running")).one()
+        assert [(x["stage"], x["epochs"]) for x in job.stages] == [("train detector", 10)]
+    dbmod.forget_engine(db_url)
+    dbmod.downgrade_schema(db_url, "0005_project_ls_instance")  # and back
+    assert "stages_json" not in job_columns()

@@ -14,11 +14,15 @@ from fastapi.testclient import TestClient
 from backend.acceptance import Counts, store
 from backend.app import create_app
 from backend.db import session_scope
+from backend.jobprogress import record
 from backend.models import ModelVersion, Project, TaskScore, TrainingJob, WebhookEvent
 from tests.helpers_unit import make_settings, write_jpeg
 
 LOOPBACK = ("127.0.0.1", 50000)
 PID = 7
+#: A retrain's stages as ml_worker.training plans them (backend.jobprogress).
+PLAN = [{"stage": "train detector", "epochs": 10}, {"stage": "train classifier", "epochs": 40},
+        {"stage": "evaluate", "epochs": 0}]
 
 
 def png_bytes() -> bytes:
@@ -80,14 +84,29 @@ def populated(settings, tmp_path):
         s.add_all([v1, v2, v3])
         s.flush()
         s.get(Project, PID).promoted_version_id = v2.id
+        done, running = (TrainingJob(project_id=PID, state="succeeded", n_train=40, n_val=10),
+                         TrainingJob(project_id=PID, state="running", n_train=44, n_val=11))
+        # the finished job's stages (ml_worker.training's reports): 10 detector epochs of 20 s,
+        # the classifier in 30 s, evaluation in 10 s
+        t = now - timedelta(hours=2, minutes=10)
+        for dt, f in [(0, {"stage": "train", "plan": PLAN}), (0, {"stage": "train detector"}),
+                      *[(20 * k, {"stage": "train detector", "stage_epoch": k, "stage_epochs": 10}) for k in range(1, 11)],
+                      (200, {"stage": "train classifier"}), (230, {"stage": "evaluate"}), (240, {"stage": "registered"})]:
+            record(done, f, now=t + timedelta(seconds=dt))
+        # the running job: detector epochs 1 and 3 ended 70 s and 30 s ago (20 s an epoch)
+        for dt, f in [(-95, {"stage": "train", "plan": PLAN}), (-90, {"stage": "train detector"}),
+                      *[(-70 + 20 * (k - 1), {"stage": "train detector", "stage_epoch": k, "stage_epochs": 10})
+                        for k in (1, 2, 3)]]:
+            record(running, f, now=now + timedelta(seconds=dt))
+        done.stage, done.epoch, done.epochs, done.message = "registered", 10, 10, "v2: promoted"
+        done.started_at, done.finished_at = now - timedelta(hours=2, minutes=10), now - timedelta(hours=2)
+        running.stage, running.epoch, running.epochs, running.message = "train detector", 3, 50, "detector epoch 3/10"
+        running.started_at = now - timedelta(seconds=100)
         s.add_all([
-            TrainingJob(project_id=PID, state="succeeded", stage="registered", epoch=10, epochs=10, n_train=40,
-                        n_val=10, message="v2: promoted", started_at=now - timedelta(hours=2, minutes=10),
-                        finished_at=now - timedelta(hours=2)),
+            done,
             TrainingJob(project_id=PID, state="failed", stage="dataset", error="need at least 2 annotated tasks",
                         started_at=now - timedelta(hours=1), finished_at=now - timedelta(minutes=59)),
-            TrainingJob(project_id=PID, state="running", stage="train", epoch=3, epochs=10, n_train=44, n_val=11,
-                        message="detector epoch 3/10", started_at=now - timedelta(seconds=90)),
+            running,
         ])
         for rank, tid in enumerate([105, 101, 103]):
             s.add(TaskScore(project_id=PID, task_id=tid, model_version="v2", uncertainty=0.9 - rank / 10,
@@ -114,9 +133,13 @@ def test_project_page_shows_job_versions_acceptance_queue_and_errors(client, pop
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     html = r.text
     assert '<meta http-equiv="refresh" content="5">' in html  # a job runs: reload fast
-    assert "epoch <b>3 of 10</b>" in html and "left" in html  # 90 s for 3 epochs -> about 3 min 30 s left
-    # 7 epochs left at 30 s each, plus 7/3 s for each second between the fixture and this request
-    assert re.search(r"3 min (29|3[0-9]) s", html), "ETA of about 3 min 30 s"
+    assert "epoch <b>3 of 50</b>" in html  # detector and classifier epochs together
+    # per stage: the detector's 7 epochs left at 20 s each, less the ~30 s since epoch 3 ended; the
+    # classifier and evaluation timed by the previous job (30 s and 10 s, x 55/50 images)
+    m = re.search(r'id="time-left-\d+">train detector: about 1 min (\d\d) s left, then train classifier '
+                  r"\(40 epochs, about 33 s\), evaluate \(about 11 s\): about 2 min (\d\d) s left in all</span>", html)
+    assert m and 40 <= int(m[1]) <= 50 and 24 <= int(m[2]) <= 34, html[html.index("Job "):][:900]
+    assert f"about <b>2 min {m[2]} s</b> left" in html
     assert "detector epoch 3/10" in html
     assert "need at least 2 annotated tasks" in html  # finished (failed) job with its error
     for v in ("v1", "v2", "v3"):
@@ -156,23 +179,36 @@ def test_plots_are_served_only_from_the_model_store(client, populated):
     assert client.get(f"/status/{PID}/versions/{populated['v3']}/plots/0").status_code == 404  # no plots
 
 
-def test_time_left_is_measured_from_the_epochs_seen():
-    from backend.status import eta_seconds
-
-    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
-    job = TrainingJob(id=424242, project_id=1, state="running", epoch=2, epochs=12, started_at=t0)
-    # first look: 2 epochs in 100 s since the start (dataset included) -> 50 s an epoch, 10 left
-    assert eta_seconds(job, t0 + timedelta(seconds=100)) == pytest.approx(500)
-    job.epoch = 4  # two more epochs in 20 s watched: 10 s an epoch, 8 left
-    assert eta_seconds(job, t0 + timedelta(seconds=120)) == pytest.approx(80)
-    job.state = "succeeded"
-    assert eta_seconds(job, t0 + timedelta(seconds=130)) is None
+def test_time_left_is_per_stage_and_says_when_it_cannot_tell(client, settings):
+    """A running job without an earlier finished job: the detector's time left, the classifier's
+    'not known'; a job from a worker before per-stage records: no number at all."""
+    now = datetime.now(timezone.utc)
+    with session_scope(settings.database_url) as s:
+        s.add(Project(id=PID, title="faces", label_config=""))
+        s.flush()
+        job = TrainingJob(project_id=PID, state="running", stage="train detector", epoch=3, epochs=50,
+                          started_at=now - timedelta(seconds=28))
+        for dt, f in [(-24, {"stage": "train", "plan": PLAN}), (-24, {"stage": "train detector"}),
+                      *[(-14 + 7 * (k - 1), {"stage": "train detector", "stage_epoch": k, "stage_epochs": 10})
+                        for k in (1, 2, 3)]]:
+            record(job, f, now=now + timedelta(seconds=dt))
+        s.add(job)
+        s.flush()
+        jid = job.id
+    html = client.get(f"/status/{PID}").text
+    assert re.search(r"train detector: about (4[0-9]) s left, then train classifier \(40 epochs\), evaluate: "
+                     r"total not known yet", html), html[html.index("Job "):][:600]
+    assert "s</b> left" not in html  # no total shown rather than a wrong one
+    with session_scope(settings.database_url) as s:
+        s.get(TrainingJob, jid).stages_json = "[]"
+    html = client.get(f"/status/{PID}").text
+    assert "time left not known (no per-stage progress recorded)" in html and "s</b> left" not in html
 
 
 def test_index_lists_projects_and_unknown_project_is_404(client, populated):
     html = client.get("/status").text
     assert f'href="status/{PID}"' in html and "Sleepy &lt;b&gt;faces&lt;/b&gt;" in html
-    assert "running train 3/10" in html
+    assert "running train detector 3/50" in html
     r = client.get("/status/999")
     assert r.status_code == 404 and "not set up" in r.json()["detail"]
     for bad in ("/status/0", "/status/-1", "/status/abc", f"/status/{2**63}", f"/status/{PID}/versions/{2**64}/plots/0",
