@@ -139,6 +139,13 @@ def test_train_two_stage_on_real_faces(tmp_path):
     assert b["classes"] == ["awake", "sleep"]
     assert 0.05 <= b["face_threshold"] <= 0.9 and b["face_threshold_fit"]["f1"] >= 0
     assert {f["stage"] for f in seen} >= {"train detector", "train classifier"}
+    # per-stage epochs for the status page's time left (backend.jobprogress); the job's epoch counts both
+    # (ultralytics ends its last epoch twice, once more after the final validation: recorded once)
+    per_stage = list(dict.fromkeys((f["stage"], f["stage_epoch"], f["stage_epochs"], f["epoch"]) for f in seen
+                                   if "stage_epoch" in f))
+    assert per_stage == [("train detector", 1, 1, 1)] + [("train classifier", k, 3, 1 + k) for k in (1, 2, 3)]
+    starts = [f["stage"] for f in seen if "epoch" not in f or f.get("epoch") == 0]
+    assert "train classifier" in starts, "the classifier stage starts before its crops are cut"
     model = ModelCache().get(out["bundle"])
     assert model.names == ["awake", "sleep"] and model.face_threshold == b["face_threshold"]
     r = evaluate_model(model, _val_samples(ds, schema), schema, settings)
@@ -196,6 +203,7 @@ def test_refine_classifier_on_every_labelled_face(tmp_path):
     assert after["nms_iou"] == before["nms_iou"] and after["classes"] == ["awake", "sleep"]
     assert FaceClassifier.load(after["classifier_path"]).classes == ["awake", "sleep"]
     assert seen and seen[0]["stage"] == "refine classifier"
+    assert [(f["stage"], f["stage_epoch"], f["stage_epochs"]) for f in seen[1:]] == [("refine classifier", 1, 1)]
     assert not (tmp_path / "job" / "candidate_refit").exists()
     # the next gate judges a refit version by the classifier it had at its own gate
     from ml_worker.training import GATED_CLASSIFIER, gate_view
