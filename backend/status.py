@@ -135,8 +135,10 @@ def _job_view(j: TrainingJob, now: datetime, previous: TrainingJob | None = None
             "message": j.message, "error": j.error, "n_train": j.n_train, "n_val": j.n_val,
             "created": j.created_at.strftime("%Y-%m-%d %H:%M:%S") if j.created_at else "",
             "ran": _duration(ran), "eta": _duration(est.total) if est is not None and est.total is not None else None,
-            "time_left": (est.text() if est is not None else "time left not known (no per-stage progress recorded)")
-            if j.state == "running" else None,
+            # no open stage of a recorded job: it is registering its version (no line); no record at
+            # all: a worker from before per-stage records (no number rather than a wrong one)
+            "time_left": (est.text() if est is not None else None if j.stages
+                          else "time left not known (no per-stage progress recorded)") if j.state == "running" else None,
             "version_id": j.version_id}
 
 

@@ -199,6 +199,10 @@ def test_time_left_is_per_stage_and_says_when_it_cannot_tell(client, settings):
     assert re.search(r"train detector: about (4[0-9]) s left, then train classifier \(40 epochs\), evaluate: "
                      r"total not known yet", html), html[html.index("Job "):][:600]
     assert "s</b> left" not in html  # no total shown rather than a wrong one
+    with session_scope(settings.database_url) as s:  # registering its version, not yet marked succeeded
+        record(s.get(TrainingJob, jid), {"stage": "registered"})
+    html = client.get(f"/status/{PID}").text
+    assert 'id="time-left-' not in html and "s</b> left" not in html
     with session_scope(settings.database_url) as s:
         s.get(TrainingJob, jid).stages_json = "[]"
     html = client.get(f"/status/{PID}").text
