@@ -101,15 +101,8 @@ def _aware(t: datetime | None) -> datetime | None:
     return t
 
 
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "–"
-    s = int(round(max(0.0, seconds)))
-    if s < 60:
-        return f"{s} s"
-    if s < 3600:
-        return f"{s // 60} min {s % 60:02d} s"
-    return f"{s // 3600} h {(s % 3600) // 60:02d} min"
+#: "49 s", "2 min 05 s", "1 h 03 min"; "–" for None.
+_duration = jobprogress.duration
 
 
 def eta_seconds(job: TrainingJob, now: datetime | None = None, previous: TrainingJob | None = None) -> float | None:
