@@ -467,7 +467,11 @@ def refresh_in_background(settings, project_id: int, max_age_s: float = REFRESH_
 def request_recount(settings, project_id: int) -> threading.Thread | None:
     """An annotation of the project was created, updated or deleted: recount now, in the background
     (for the ``ANNOTATION_CREATED``/``ANNOTATION_UPDATED``/``ANNOTATIONS_CREATED``/``ANNOTATIONS_DELETED``
-    webhooks; returns at once). Returns: the thread started, or None (see :func:`refresh_in_background`)."""
+    webhooks; returns at once). Returns: the thread started, or None (see :func:`refresh_in_background`).
+    Without LABEL_STUDIO_API_KEY nothing can recount, so nothing is marked (a mark left behind would
+    make the counts read stale for good)."""
+    if not settings.label_studio_api_key:
+        return None
     _dirty.add(project_id)
     return refresh_in_background(settings, project_id, 0.0)
 
