@@ -48,7 +48,6 @@ Settings (environment):
 from __future__ import annotations
 
 import ast
-import functools
 import json
 import logging
 import os
@@ -485,34 +484,6 @@ def nms_numpy(raw: np.ndarray, conf: float, iou: float, max_det: int = 300) -> l
 
 
 
-#: The letterbox padding (ultralytics' 114 of 255) as the float32 the network sees.
-_PAD = np.float32(114) / np.float32(255.0)
-
-
-@functools.lru_cache(maxsize=16)
-def _check_imgsz(imgsz: int, stride: int) -> tuple[int, int]:
-    """``(h, w)`` network input size of ``imgsz`` as ultralytics' ``check_imgsz(imgsz, stride, min_dim=2)``
-    (a multiple of ``stride``, warning once when it is rounded up)."""
-    from ultralytics.utils.checks import check_imgsz
-
-    h, w = check_imgsz(imgsz, stride=stride, min_dim=2)
-    return int(h), int(w)
-
-
-def _letterbox_plan(shape: tuple[int, int], new_shape: tuple[int, int], auto: bool, stride: int):
-    """ultralytics ``LetterBox.get_params`` (center, scaleup): ``((h, w) padded size, (uw, uh)
-    resized size, top, left)`` in pixels, for an image of ``shape`` ``(h, w)``."""
-    r = min(new_shape[0] / shape[0], new_shape[1] / shape[1])
-    uw, uh = max(round(shape[1] * r), 1), max(round(shape[0] * r), 1)
-    dw, dh = new_shape[1] - uw, new_shape[0] - uh
-    if auto:
-        dw, dh = np.mod(dw, stride), np.mod(dh, stride)
-    dw, dh = dw / 2, dh / 2
-    top, bottom = round(dh - 0.1), round(dh + 0.1)
-    left, right = round(dw - 0.1), round(dw + 0.1)
-    return (uh + top + bottom, uw + left + right), (uw, uh), top, left
-
-
 class OnnxDetector:
     """The YOLO face detector on ONNX Runtime; same ``detect()`` as :class:`facemodels.detector.FaceModel`.
 
@@ -538,27 +509,16 @@ class OnnxDetector:
 
     def _letterbox(self, images: list[np.ndarray], imgsz: int) -> np.ndarray:
         """``(B, 3, h, w)`` float32 0-1 network input of RGB ``images``: ultralytics' ``LetterBox``
-        (``ultralytics/data/augment.py``: ``cv2.resize`` ``INTER_LINEAR`` to the scaled size, padding
-        114 centred, rectangular ``auto`` when all images of the batch share one shape, as its
-        predictor does), written straight into the float array (no per-call ``LetterBox`` object,
-        no padded uint8 copy). Bitwise the same array as ``LetterBox`` then ``/ 255``
-        (``tests/test_onnx.py``)."""
-        import cv2
+        (padding 114, rectangular ``auto`` when all images of the batch share one shape, as its
+        predictor does with ``rect=True``), then ``/ 255``."""
+        from ultralytics.data.augment import LetterBox
+        from ultralytics.utils.checks import check_imgsz
 
-        nh, nw = _check_imgsz(imgsz, self.stride)
-        auto = len({im.shape for im in images}) == 1
-        plans = [_letterbox_plan(im.shape[:2], (nh, nw), auto, self.stride) for im in images]
-        h, w = plans[0][0]
-        if any(p[0] != (h, w) for p in plans):  # cannot happen: not auto means every image gets (nh, nw)
-            raise ValueError("letterboxed images of one batch differ in size")
-        x = np.empty((len(images), 3, h, w), dtype=np.float32)
-        x.fill(_PAD)
-        for k, (im, (_, (uw, uh), top, left)) in enumerate(zip(images, plans)):
-            if im.shape[:2] != (uh, uw):
-                im = cv2.resize(im, (uw, uh), interpolation=cv2.INTER_LINEAR)
-            for c, plane in enumerate(cv2.split(im)):  # HWC -> CHW a plane at a time (contiguous reads)
-                np.divide(plane, np.float32(255.0), out=x[k, c, top : top + uh, left : left + uw], dtype=np.float32)
-        return x
+        size = check_imgsz(imgsz, stride=self.stride, min_dim=2)
+        same = len({im.shape for im in images}) == 1
+        lb = LetterBox(size, auto=same, stride=self.stride)
+        x = np.stack([lb(image=im) for im in images])  # (B, h, w, 3) RGB uint8; pad 114 on every channel
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255.0)
 
     def detect(self, images: list[np.ndarray], conf: float, imgsz: int = 320, batch: int = 16, embed: bool = False,
                iou: float | None = None):
