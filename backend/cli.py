@@ -514,9 +514,7 @@ def _stop_on_signals() -> None:
 def _reconnect_projects(client, st, exclude: set) -> list[int]:
     """Point every other project that has faceloop as ML backend at this run's backend URL, with
     this install's auth and webhook (their backend showed "Disconnected" after a port change)."""
-    from backend.lsapi import api_error_text, connect_backend
-
-    from backend.lsapi import all_pages
+    from backend.lsapi import all_pages, api_error_text, connect_backend
 
     done = []
     for p in all_pages(client.projects.list):
@@ -1149,10 +1147,6 @@ def bench_report_cmd(
         console.print(f"{name}: {p}")
 
 
-if __name__ == "__main__":  # pragma: no cover
-    app()
-
-
 def _one_line_summaries() -> None:
     """`faceloop --help` lists each command with the first paragraph of its docstring; typer's rich
     mode keeps that paragraph's line breaks, which at 80 columns cut sentences mid-line. Give each
@@ -1165,3 +1159,7 @@ def _one_line_summaries() -> None:
 
 
 _one_line_summaries()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()
