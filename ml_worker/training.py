@@ -317,6 +317,19 @@ def tune_face_threshold(detector, samples, imgsz: int, grid: np.ndarray | None =
     return next((t, f) for t, f in fits if f["f1"] >= top - F1_TOLERANCE)
 
 
+def _shrunk_face_threshold(fit: float, fit_info: dict, init, settings: Settings, samples, dets) -> tuple[float, dict]:
+    """``tune_face_threshold``'s choice shrunk toward the parent version's threshold by the number of
+    labelled faces (:func:`ml_worker.face_threshold.shrink_face_threshold`); returns ``(threshold,
+    fit figures at it + "fit_threshold", "parent_threshold", "faces")``."""
+    from ml_worker.face_threshold import shrink_face_threshold
+
+    parent = _parent_bundle(init, settings).get("face_threshold")
+    n_faces = sum(len(s.boxes) for s in samples)
+    t = shrink_face_threshold(fit, parent, n_faces)
+    info = fit_info if t == fit else tune_face_threshold(None, samples, settings.imgsz, grid=np.array([t]), dets=dets)[1]
+    return t, {**info, "fit_threshold": fit, "parent_threshold": parent, "faces": n_faces}
+
+
 def detector_boxes(dets, samples, threshold: float) -> list[list]:
     """The detector's box on each labelled face: the box it would show (confidence >= ``threshold``)
     with the highest IoU with the face, when that IoU is >= 0.5, else None.
@@ -440,6 +453,7 @@ def train_two_stage(ds, schema, init: str | Path, settings: Settings, work: Path
         dets = FaceModel(best_det, settings.device).detect([s.image for s in ds.samples], conf=0.01,
                                                            imgsz=settings.imgsz)
         face_thr, thr_fit = tune_face_threshold(None, ds.samples, settings.imgsz, dets=dets)
+        face_thr, thr_fit = _shrunk_face_threshold(face_thr, thr_fit, init, settings, ds.samples, dets)
         if settings.classifier_detector_crops:
             det_boxes = detector_boxes(dets, ds.samples, face_thr)
         del dets
