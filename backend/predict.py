@@ -29,6 +29,49 @@ log = logging.getLogger(__name__)
 #: Images fetched, decoded and detected together in :func:`predict_tasks`.
 LOAD_CHUNK = 8
 
+#: A detection is dropped when at least this share (0-1) of its box's pixels lie within
+#: :data:`FLAT_LEVELS` grey levels of the box's median grey level. See :func:`drop_uniform`.
+MAX_FLAT_SHARE = 0.9
+#: Grey levels (0-255) either side of the box's median that count as flat (JPEG noise on a plain band).
+FLAT_LEVELS = 4
+
+
+def flat_share(image: np.ndarray, box, levels: float = FLAT_LEVELS) -> float:
+    """Share (0-1) of the pixels of ``box`` (``x1, y1, x2, y2`` pixels, clipped to the image; at
+    least one pixel) whose grey level (mean of R, G, B) is within ``levels`` (0-255) of the box's
+    median. A box over 256 px on a side is read every ``side // 256``-th pixel (cost only)."""
+    h, w = image.shape[:2]
+    x1, y1 = min(w - 1, max(0, int(box[0]))), min(h - 1, max(0, int(box[1])))
+    x2, y2 = min(w, max(x1 + 1, int(np.ceil(box[2])))), min(h, max(y1 + 1, int(np.ceil(box[3]))))
+    step = max(1, max(y2 - y1, x2 - x1) // 256)
+    patch = image[y1:y2:step, x1:x2:step]
+    grey = patch.mean(axis=2, dtype=np.float32) if patch.ndim == 3 else patch.astype(np.float32)
+    return float((np.abs(grey - np.median(grey)) <= levels).mean())
+
+
+def drop_uniform(det, image: np.ndarray, max_flat: float = MAX_FLAT_SHARE):
+    """``det`` (``facemodels.detector.ImageDetections``, boxes in pixels of ``image``) without the
+    detections whose box is almost all one flat grey level: an opaque plain band, no face.
+
+    The shipped detector boxes a plain band beside a face (letterbox bars, a flat wall): on 60
+    awake_sleep val faces with a band of the face's size added, black bands got a box in 58-60 of
+    60 images and grey 114 ones in 37-44 (docs/detector.md, "Plain bands"). Such a box is flat
+    (:func:`flat_share` about 1; a box over the band and a sliver of the face too, which a standard
+    deviation threshold would keep). The 8,059 labelled faces of ../shared/data (awake_sleep,
+    expressions, faces_cropped_muxspace, train + val) have a flat share of at most 0.51 (99th
+    percentile 0.26), and a box matching a face at IoU >= 0.5 is at most twice its area, so at most
+    about 0.75 flat. A detection is kept when its flat share is below ``max_flat`` (0-1).
+    Transparent areas are dropped before this by :func:`backend.images.drop_transparent`.
+
+    Args:
+        image: ``(H, W, 3)`` uint8 RGB (or ``(H, W)`` grey), the array the detector saw.
+    Returns: a new ``ImageDetections`` (``det`` itself when nothing is dropped).
+    """
+    if not det.detections:
+        return det
+    kept = [d for d in det.detections if flat_share(image, d.box) < max_flat]
+    return det if len(kept) == len(det.detections) else replace(det, detections=kept)
+
 
 @dataclass
 class TaskPrediction:
@@ -282,6 +325,7 @@ def predict_tasks(tasks: list[dict], schema: ProjectSchema, model, settings: Set
                                 imgsz=settings.imgsz, embed=embed, **more)
             for (i, img), det in zip(ok, dets):
                 det = drop_transparent(det, img.alpha)  # no face on transparent pixels (None: no work)
+                det = drop_uniform(det, img.array)  # nor on an opaque plain band
                 if schema.is_choices:
                     out[i].boxes, face, out[i].uncertainty = analyse_choice(det, schema, model.names, threshold)
                     if face is not None:

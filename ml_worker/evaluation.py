@@ -304,7 +304,7 @@ def predict_faces(model, images: list[np.ndarray], schema, settings, batch: int 
         its top class, and those candidates' class hypotheses (:func:`class_hypotheses`; for the
         class-aware AP curves).
     """
-    from backend.predict import analyse, faces_of, pre_annotation_threshold
+    from backend.predict import analyse, drop_uniform, faces_of, pre_annotation_threshold
 
     thr = pre_annotation_threshold(schema, settings, model)
     low = min(settings.candidate_threshold, thr)
@@ -313,7 +313,8 @@ def predict_faces(model, images: list[np.ndarray], schema, settings, batch: int 
     shown, cands, hyps = [], [], []
     for start in range(0, len(images), batch):
         dets = model.detect(images[start : start + batch], conf=low, imgsz=settings.imgsz, batch=batch)
-        for det in dets:
+        for image, det in zip(images[start : start + batch], dets):
+            det = drop_uniform(det, image)  # as predict_tasks does
             for out, t in ((shown, thr), (cands, low)):
                 boxes, _ = analyse(det, schema, model.names, t, settings.aggregation)
                 out.append([PredFace(b.xyxy, b.label, float(b.score or 0.0)) for b in boxes])
