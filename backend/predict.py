@@ -53,9 +53,10 @@ def drop_uniform(det, image: np.ndarray, max_flat: float = MAX_FLAT_SHARE):
     """``det`` (``facemodels.detector.ImageDetections``, boxes in pixels of ``image``) without the
     detections whose box is almost all one flat grey level: an opaque plain band, no face.
 
-    The shipped detector boxes a plain band beside a face (letterbox bars, a flat wall): on 60
-    awake_sleep val faces with a band of the face's size added, black bands got a box in 58-60 of
-    60 images and grey 114 ones in 37-44 (docs/detector.md, "Plain bands"). Such a box is flat
+    The shipped detector boxes a plain band beside a face (letterbox bars, a flat wall): 60
+    awake_sleep val faces, each beside a band of its size (3 sides x white, grey 114, black; JPEG),
+    got 328 band boxes at the project threshold in 540 images, 1 with this filter, and the same 469
+    faces found (docs/detector.md, "Plain bands"). Such a box is flat
     (:func:`flat_share` about 1; a box over the band and a sliver of the face too, which a standard
     deviation threshold would keep). The 8,059 labelled faces of ../shared/data (awake_sleep,
     expressions, faces_cropped_muxspace, train + val) have a flat share of at most 0.51 (99th
