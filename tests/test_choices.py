@@ -15,6 +15,7 @@ from urllib.parse import quote
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from backend.app import CANNOT_SERVE, REFUSED_PREFIX, create_app, refusal_path
 from backend.config import DEFAULT_MODEL_PATH, REPO_ROOT
@@ -152,8 +153,11 @@ def test_to_ls_prediction_sends_one_choices_result_with_a_score():
 def test_predict_tasks_with_a_choices_config(tmp_path):
     """The serve path end to end with a stand-in model: images are read, faces chosen, errors kept per task."""
     root = tmp_path / "docs"
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
     for name, colour in (("one.jpg", 20), ("two.jpg", 40), ("none.jpg", 60)):
-        write_jpeg(root / name, width=120, height=90, color=(colour, colour, colour))
+        # textured (+-15 levels): a flat image's boxes are dropped as plain bands (backend.predict.drop_uniform)
+        Image.fromarray((colour + rng.integers(-15, 16, (90, 120, 1)) * np.ones(3, int)).astype(np.uint8)).save(root / name)
     model = StandIn(["awake", "sleep"], {20: [_det((10, 10, 50, 50), 0.9, [0.8, 0.2])],
                                          40: [_det((0, 0, 20, 20), 0.9, [0.9, 0.1]), _det((30, 10, 90, 80), 0.7, [0.1, 0.9])],
                                          60: []})
