@@ -450,15 +450,18 @@ def train_two_stage(ds, schema, init: str | Path, settings: Settings, work: Path
                                                        message=f"stage 1 (face detector): epoch {i['epoch']}/{i['epochs']}"))
         from facemodels.detector import FaceModel
 
+        t_pred = time.time()
         dets = FaceModel(best_det, settings.device).detect([s.image for s in ds.samples], conf=0.01,
                                                            imgsz=settings.imgsz)
+        pred_s = time.time() - t_pred  # the status page's evaluate time on a first job (backend.jobprogress)
         face_thr, thr_fit = tune_face_threshold(None, ds.samples, settings.imgsz, dets=dets)
         face_thr, thr_fit = _shrunk_face_threshold(face_thr, thr_fit, init, settings, ds.samples, dets)
         if settings.classifier_detector_crops:
             det_boxes = detector_boxes(dets, ds.samples, face_thr)
         del dets
         report(stage="train detector", message=f"face threshold {face_thr:.2f} (F1 {thr_fit['f1']:.2f} on the "
-                                               f"{len(ds.samples)} labelled images)")
+                                               f"{len(ds.samples)} labelled images)",
+               predict_seconds=round(pred_s, 3), predict_images=len(ds.samples))
     det_s = time.time() - t0
     if getattr(ds, "kind", "boxes") != "choices":  # stage 2 starts here: its crops are cut in it (status page's times)
         report(stage="train classifier", message=f"stage 2 (face classifier): {clf_epochs} epochs on the labelled faces")
@@ -683,7 +686,7 @@ def run_training(settings: Settings, job_id: int, progress: ProgressFn | None = 
 
     def on_progress(f):
         update(**{k: v for k, v in f.items() if k in ("stage", "epoch", "epochs", "message", "stage_epoch",
-                                                      "stage_epochs")})
+                                                      "stage_epochs", "predict_seconds", "predict_images")})
 
     t0 = time.time()
     trained = train_two_stage(ds, schema, current_info[2], settings, job_dir, on_progress)

@@ -64,3 +64,30 @@ def test_the_retrain_stores_the_shrunk_threshold_and_its_figures(tmp_path):
     assert t == 0.3  # 0.5 - 0.35 * 20/40 = 0.325, rounded down
     assert fig["fit_threshold"] == 0.15 and fig["parent_threshold"] == 0.5 and fig["faces"] == 20
     assert fig["recall"] == 1.0 and fig["precision"] == 1.0 and fig["boxes_per_face"] == 1.0
+
+
+def test_a_real_retrain_stores_the_shrunk_threshold_and_reports_its_prediction_time(tmp_path):
+    """train_two_stage on 12 real awake_sleep images (1 detector epoch, 1 classifier epoch): the
+    bundle's threshold is the shrunk one with its provenance, and the detector stage reports the
+    seconds its run on the labelled images took (the status page's evaluate time, backend.jobprogress)."""
+    from backend.config import DEFAULT_MODEL_PATH
+    from facemodels.two_stage import read_bundle
+    from ml_worker.dataset import build_dataset
+    from ml_worker.face_threshold import shrink_face_threshold
+    from ml_worker.training import train_two_stage
+    from tests.test_two_stage import _tasks
+
+    tasks, schema, data = _tasks(12)
+    settings = make_settings(tmp_path, local_files_document_root=str(data), imgsz=160, train_batch=4,
+                             detector_epochs=1, classifier_epochs=1)
+    ds = build_dataset(tasks, schema, tmp_path / "ds", settings)
+    seen = []
+    out = train_two_stage(ds, schema, DEFAULT_MODEL_PATH, settings, tmp_path / "job", progress=seen.append)
+    fit = read_bundle(out["bundle"])["face_threshold_fit"]
+    faces = sum(len(s.boxes) for s in ds.samples)
+    assert fit["parent_threshold"] == read_bundle(DEFAULT_MODEL_PATH)["face_threshold"] and fit["faces"] == faces
+    assert out["face_threshold"] == shrink_face_threshold(fit["fit_threshold"], fit["parent_threshold"], faces)
+    assert read_bundle(out["bundle"])["face_threshold"] == out["face_threshold"]
+    (timed,) = [f for f in seen if "predict_seconds" in f]
+    assert timed["stage"] == "train detector" and timed["predict_images"] == len(ds.samples) == 12
+    assert 0 < timed["predict_seconds"] < 600
