@@ -5,7 +5,7 @@ threshold within 0.02 F1 of the best. With few labelled faces that choice is noi
 F1 by about 1/n, and the labelled images show almost no background a false box could land on, so
 the F1 curve is flat and the lowest threshold wins (0.05-0.15 after 20-40 labels, where the parent
 had 0.5). On unseen images of those retrains the low thresholds cost 10-37 false boxes per 238
-images for 0-1 more face found (docs/training.md, "Face threshold on few labels").
+images for 0-3 more faces found (docs/training.md, "Face threshold on few labels").
 
 Principle: the parent version's threshold is a prior worth :data:`PRIOR_FACES` labelled faces.
 With ``n`` labelled faces the stored threshold is
