@@ -771,7 +771,10 @@ def versions(project: int = typer.Argument(..., help="Label Studio project id"))
         _hidden_columns_note(hidden)
     for v in rows:
         for name, p in (v.metrics.get("plots") or {}).items():
-            console.print(f"  {v.version} {name}: {p}")
+            # a bare file name is a file of the version's folder (ml_worker.training): print where it
+            # lies, unbroken (soft_wrap) so that it can be copied from a narrow terminal
+            path = Path(str(p)) if Path(str(p)).is_absolute() else Path(v.path).parent / str(p)
+            console.print(f"  {v.version} {name}: {path}", soft_wrap=True, markup=False, highlight=False)
     from backend.acceptance import acceptance_rows, acceptance_table
 
     acc = acceptance_rows(get_settings(), project)  # recounted from Label Studio; stored counts if it is down
