@@ -251,7 +251,7 @@ def up(
     from label_studio_sdk import LabelStudio
 
     from backend.lsapi import api_error_text, connect_backend, create_project, sync_local_storage
-    from backend.stack import Stack, StackError, read_json
+    from backend.stack import Stack, StackError, already_running_message, read_json
 
     folder = _image_folder(images)
     os.umask(0o077)  # secrets, tokens, databases: this user only
@@ -259,6 +259,9 @@ def up(
     xml = xml_path.read_text()
     settings = get_settings()
     root = (root or _stack_root()).resolve()
+    busy = already_running_message(root)
+    if busy:  # refused before "starting ..." is printed and before the folder is linked into media/
+        _fail(busy)
     state = read_json(root / "stack.json")
     var_dir = _stack_var_dir(root, settings.var_dir)
     if state.get("var_dir") and Path(state["var_dir"]) != var_dir:
@@ -768,7 +771,10 @@ def versions(project: int = typer.Argument(..., help="Label Studio project id"))
         _hidden_columns_note(hidden)
     for v in rows:
         for name, p in (v.metrics.get("plots") or {}).items():
-            console.print(f"  {v.version} {name}: {p}")
+            # a bare file name is a file of the version's folder (ml_worker.training): print where it
+            # lies, unbroken (soft_wrap) so that it can be copied from a narrow terminal
+            path = Path(str(p)) if Path(str(p)).is_absolute() else Path(v.path).parent / str(p)
+            console.print(f"  {v.version} {name}: {path}", soft_wrap=True, markup=False, highlight=False)
     from backend.acceptance import acceptance_rows, acceptance_table
 
     acc = acceptance_rows(get_settings(), project)  # recounted from Label Studio; stored counts if it is down

@@ -160,6 +160,18 @@ def running_stack(root: Path) -> dict | None:
     return st
 
 
+def already_running_message(root: Path) -> str | None:
+    """What to do when a stack already runs from ``root`` (the refusal of a second ``faceloop up``),
+    or None when none runs there (:func:`running_stack`)."""
+    st = running_stack(root)
+    if st is None:
+        return None
+    return (f"a stack is already running from {Path(root).resolve()} (Label Studio {st.get('ls_url')}, "
+            f"process {(st.get('pids') or {}).get('label-studio')}); one `faceloop up` serves every project "
+            "of a stack: stop it first (Ctrl-C in its terminal), then run this command again: it "
+            "serves this folder's project and the earlier ones")
+
+
 def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
     """Poll ``url`` until it answers 200 (bounded by ``timeout`` seconds, 0.5 s apart).
 
@@ -295,12 +307,9 @@ class Stack:
         """
         root = Path(root).resolve()
         root.mkdir(parents=True, exist_ok=True)
-        if running_stack(root):
-            st = read_json(root / STATE_FILE)
-            raise StackError(f"a stack is already running from {root} (Label Studio {st.get('ls_url')}, "
-                             f"process {st.get('pids', {}).get('label-studio')}); one `faceloop up` serves every project "
-                             "of a stack: stop it first (Ctrl-C in its terminal), then run this command again: it "
-                             "serves this folder's project and the earlier ones")
+        busy = already_running_message(root)
+        if busy:
+            raise StackError(busy)
         sec, created = load_secrets(root)
         st = cls(root=root, document_root=Path(document_root).resolve() if document_root else None,
                  var_dir=Path(var_dir).resolve() if var_dir else root / "var", secrets=sec, first_start=created)

@@ -106,6 +106,21 @@ def test_versions_at_80_columns_one_line_per_version(cli):
     assert f"p5-v12 why: {GATE}" in " ".join(" ".join(lines).split())  # the gate's reason in full, below
 
 
+def test_versions_prints_where_each_plot_lies(cli, tmp_path):
+    """A person reading `faceloop versions` wants to open a version's plots: each plot's full path
+    (the version's folder, where its bundle lies), on one line even at 80 columns (a trial printed
+    only `detector results.png: detector_results.png`, and wrapped a long name onto its own line)."""
+    folder = tmp_path / "models" / f"project_{PID}" / "p5-v13"
+    plots = {"detector results.png": "detector_results.png",
+             "detector confusion_matrix_normalized.png": "detector_confusion_matrix_normalized.png"}
+    with session_scope(get_settings().database_url) as s:
+        s.add(ModelVersion(project_id=PID, version="p5-v13", path=str(folder / "bundle.json"), sha256="0",
+                           status="rejected", gate_reason=GATE, metrics_json=json.dumps({"plots": plots})))
+    lines = _run(cli, ["versions", str(PID)], 80)
+    for name, file in plots.items():
+        _row(lines, f"p5-v13 {name}:", str(folder / file))
+
+
 def test_queue_at_80_columns_one_line_per_task(cli):
     lines = _run(cli, ["queue", str(PID)], 80)
     _fits(lines, 80)

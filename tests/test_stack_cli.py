@@ -102,6 +102,32 @@ def test_start_on_a_running_stack_says_what_to_do(tmp_path):
     assert "earlier ones" in msg
 
 
+def test_up_on_a_running_stack_is_refused_before_starting_anything(tmp_path, monkeypatch):
+    """`faceloop up OTHER_FOLDER --root R` while R's stack runs (a person adding a second folder):
+    exit 1 with what to do, and nothing that looks like a start (no "starting redis-server ...")
+    nor a link of the folder made in R/media (it came before the refusal)."""
+    monkeypatch.setenv("VAR_DIR", str(tmp_path / "var"))
+    get_settings.cache_clear()
+    from backend.cli import app
+
+    root, faces = tmp_path / "stack", tmp_path / "faces"
+    root.mkdir()
+    faces.mkdir()
+    (faces / "a.jpg").write_bytes(b"x")
+    state = {"running": True, "ls_url": "http://127.0.0.1:8080", "document_root": str(root / "media"),
+             "pids": {"redis": os.getpid(), "label-studio": os.getpid()}}
+    (root / "stack.json").write_text(json.dumps(state))
+    try:
+        r = runner.invoke(app, ["up", str(faces), "--root", str(root)])
+    finally:
+        get_settings.cache_clear()
+    out = _flat(r.output)
+    assert r.exit_code == 1, r.output
+    assert "already running" in out and "Ctrl-C" in out and "run this command again" in out
+    assert "starting" not in out, r.output
+    assert not (root / "media").exists() or not any((root / "media").iterdir())
+
+
 @pytest.fixture()
 def cli_env(tmp_path, monkeypatch):
     """A VAR_DIR of our own, Label Studio unreachable, Redis down."""
