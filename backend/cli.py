@@ -73,6 +73,27 @@ def _image_folder(folder: Path) -> Path:
     return folder
 
 
+def _say_unreadable(folder: Path, shown: int = 10) -> None:
+    """Print the image files of ``folder`` that do not read (each is a task that will show Label
+    Studio's loading error instead of an image), so a person can replace or remove them now."""
+    from backend.images import unreadable_images
+    from backend.lsapi import IMAGE_SUFFIXES
+
+    bad, checked, total = unreadable_images(folder, IMAGE_SUFFIXES)
+    if bad:
+        console.print(f"[yellow]{len(bad)} of the {total} image files are not readable images; their tasks will "
+                      "show a loading error in Label Studio and get no pre-annotation (put a readable image "
+                      "under the same name and the task shows it; or delete the task in Label Studio; the status "
+                      "page lists task errors):[/]", soft_wrap=True)
+        for rel, why in bad[:shown]:
+            console.print(f"  {rel}: {why}", soft_wrap=True, markup=False, highlight=False)
+        if len(bad) > shown:
+            console.print(f"  ... and {len(bad) - shown} more", markup=False, highlight=False)
+    if checked < total:
+        console.print(f"checked {checked} of {total} image files for readability (time limit); the rest are "
+                      "checked when they are predicted", soft_wrap=True, markup=False, highlight=False)
+
+
 def _images(folder: Path, limit: int | None) -> list[Path]:
     from backend.lsapi import IMAGE_SUFFIXES
 
@@ -316,6 +337,8 @@ def up(
         except Exception as e:  # noqa: BLE001
             _fail(f"Label Studio did not accept the folder as a Local Files storage: {api_error_text(e)}")
         entry["storage_id"] = sid
+        if n_new:
+            _say_unreadable(folder)
         _check_project_instance(pid, st.secrets.get("instance_id"))
         ml_id = connect_backend(client, pid, st.backend_url, basic_auth=st.basic_auth, webhook_secret=st.webhook_secret)
         from backend.status import status_link
@@ -699,13 +722,13 @@ def queue(project: int = typer.Argument(..., help="Label Studio project id"),
                                               TaskScore.error != "")).all()
     narrow = _narrow()
     t = _table(f"project {project} review queue ({v.version}, measure {settings.uncertainty_measure})")
-    cols = ["rank", "task", "uncertainty", "LS score", "least-conf.", "margin", "entropy", "faces", "query batch"]
+    cols = ["#", "task", "uncertainty", "LS score", "least-conf.", "margin", "entropy", "faces", "query batch"]
     if narrow:  # the task score Label Studio shows is 1 - uncertainty: the one column a narrow terminal drops
         cols.remove("LS score")
     for c in cols:
         t.add_column("batch" if narrow and c == "query batch" else c, justify="right", no_wrap=True)
-    for r in rows:
-        cells = {"rank": str(r.rank), "task": str(r.task_id), "uncertainty": f"{r.uncertainty:.3f}",
+    for place, r in enumerate(rows, 1):  # the place in the queue now (labelled tasks left), as the status page
+        cells = {"#": str(place), "task": str(r.task_id), "uncertainty": f"{r.uncertainty:.3f}",
                  "LS score": f"{1 - r.uncertainty:.3f}", "least-conf.": f"{r.least_confidence:.3f}",
                  "margin": f"{r.margin:.3f}", "entropy": f"{r.entropy:.3f}", "faces": str(r.n_boxes),
                  "query batch": "yes" if r.in_query_batch else ""}
@@ -713,7 +736,8 @@ def queue(project: int = typer.Argument(..., help="Label Studio project id"),
     console.print(t)
     if narrow:
         _hidden_columns_note(["LS score (= 1 - uncertainty)"])
-        console.print("[dim]batch: in the query batch[/]")
+        if any(r.in_query_batch for r in rows):
+            console.print("[dim]batch: in the query batch[/]")
     if not rows:
         console.print("no scored tasks yet: the pool is scored after each promotion (or `faceloop score`)")
     for r in errs[:10]:

@@ -431,6 +431,62 @@ def decode_image(data: bytes, max_pixels: int, min_side: int = 1, max_side: int 
     return LoadedImage(np.ascontiguousarray(arr), width, height, *original, alpha=alpha)
 
 
+def check_image_file(path: Path) -> str | None:
+    """Why the file at ``path`` is not a readable image, or None when it reads.
+
+    A quick check for ``faceloop up`` before a person meets the file as a broken task in Label
+    Studio: Pillow identifies the file, then decodes it completely; a JPEG at 1/8 scale (Pillow's
+    ``draft``: the whole entropy-coded data is read, so a truncated file fails, at a few percent
+    of a full decode). The reasons are :func:`decode_image`'s. The image's size is not limited
+    here (the backend's ``max_pixels`` applies when the task is predicted).
+
+    Returns: a reason in words, or None.
+    """
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        return f"cannot be read: {e.strerror or e}"
+    if size == 0:
+        return "image is empty (0 bytes)"
+    try:
+        with _pil_open(path) as im:
+            if im.format == "JPEG":
+                im.draft("RGB", (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
+            im.load()
+    except UnidentifiedImageError:
+        return f"not a readable image ({size} bytes in no format Pillow can read)"
+    except Image.DecompressionBombError:
+        return None  # readable; the size limit is the backend's to apply
+    except MemoryError:
+        return "image needs more memory to decode than this machine has"
+    except (OSError, ValueError, SyntaxError, EOFError, ImportError) as e:
+        return f"broken image data: {str(e)[:200]}"
+    return None
+
+
+def unreadable_images(folder: Path, suffixes, budget_s: float = 20.0) -> tuple[list[tuple[str, str]], int, int]:
+    """The files of ``folder`` (subfolders included) with an image suffix that do not read.
+
+    Args:
+        folder: the image folder.
+        suffixes: file suffixes counted as images, lower case with the dot (``lsapi.IMAGE_SUFFIXES``).
+        budget_s: seconds to spend at most; files left unchecked are counted, not guessed.
+    Returns: ``(bad, checked, total)``: ``bad`` lists ``(path relative to folder, reason)`` in path order.
+    """
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in suffixes and p.is_file())
+    bad: list[tuple[str, str]] = []
+    t0 = time.monotonic()
+    checked = 0
+    for p in files:
+        if time.monotonic() - t0 > budget_s:
+            break
+        why = check_image_file(p)
+        checked += 1
+        if why is not None:
+            bad.append((str(p.relative_to(folder)), why))
+    return bad, checked, len(files)
+
+
 # --- fetching ---------------------------------------------------------------------------------
 def _safe_url(url: str) -> str:
     """``url`` for messages: no user info, query or fragment (they may hold tokens), 200 chars."""

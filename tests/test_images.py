@@ -203,3 +203,35 @@ def test_local_file_through_a_folder_link_in_the_root(settings, root, tmp_path):
         fetch_image_bytes(local_url("faces-0123abcd/out.jpg"), settings)
     with pytest.raises(ImageError, match="outside LOCAL_FILES_DOCUMENT_ROOT"):
         fetch_image_bytes(local_url("faces-0123abcd/../../secret.jpg"), settings)
+
+
+def test_unreadable_images_names_each_broken_file_and_passes_good_ones(tmp_path):
+    """The files a new user added to a folder by mistake (the fifth trial): random bytes, an empty
+    file, text named .png, a JPEG cut half way and a PNG cut half way are each named with a reason;
+    whole JPEG/PNG files (a big one too) pass; files without an image suffix are not looked at."""
+    from backend.images import unreadable_images
+    from backend.lsapi import IMAGE_SUFFIXES
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)
+    jpg, png = io.BytesIO(), io.BytesIO()
+    Image.fromarray(pixels).save(jpg, "JPEG", quality=90)
+    Image.fromarray(pixels).save(png, "PNG")
+    (tmp_path / "sub").mkdir()
+    files = {
+        "good.jpg": jpg.getvalue(), "sub/good.png": png.getvalue(),
+        "random.jpg": rng.integers(0, 255, 3000, dtype=np.uint8).tobytes(), "empty.jpg": b"",
+        "fake.png": b"hello, not an image\n", "cut.jpg": jpg.getvalue()[: len(jpg.getvalue()) // 2],
+        "sub/cut.png": png.getvalue()[: len(png.getvalue()) // 2], "notes.txt": b"ignored",
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    bad, checked, total = unreadable_images(tmp_path, IMAGE_SUFFIXES)
+    assert (checked, total) == (7, 7)
+    reasons = dict(bad)
+    assert sorted(reasons) == ["cut.jpg", "empty.jpg", "fake.png", "random.jpg", "sub/cut.png"]
+    assert reasons["empty.jpg"] == "image is empty (0 bytes)"
+    assert reasons["fake.png"].startswith("not a readable image (20 bytes")
+    assert "truncated" in reasons["cut.jpg"] and reasons["sub/cut.png"].startswith("broken image data")
+    # a time budget already spent checks nothing and says so through the counts
+    assert unreadable_images(tmp_path, IMAGE_SUFFIXES, budget_s=-1) == ([], 0, 7)
