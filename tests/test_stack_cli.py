@@ -512,5 +512,6 @@ def test_queue_leaves_out_tasks_labelled_since_scoring(cli_env):
         s.add(WebhookEvent(project_id=8, action="PROJECT_UPDATED", task_id=167))  # not an annotation
     r = runner.invoke(app, ["queue", "8"], env={"COLUMNS": "250"})
     assert r.exit_code == 0, r.output
-    tasks = [int(line.split("│")[2]) for line in r.output.splitlines() if line.count("│") > 3]
-    assert tasks == [64, 167], r.output
+    rows = [line.split("│") for line in r.output.splitlines() if line.count("│") > 3]
+    assert [int(c[2]) for c in rows] == [64, 167], r.output
+    assert [int(c[1]) for c in rows] == [1, 2], r.output  # places in the queue now, from 1 (not the stored ranks 1, 3)
