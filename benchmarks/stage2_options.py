@@ -16,7 +16,8 @@ with the class-mean head), ``detbox`` (the detector's matched box instead of the
 control), ``steps2x`` (twice the epochs of both passes: another compute control), ``detref``
 (both boxes in the refit only). Fifth round (all on ``detbox_add``'s crops, both passes):
 ``l2spA`` (L2-SP, Li et al. 2018: ``A/2·‖w − w_port‖²`` on the backbone instead of its decay towards
-zero, the port being the anchor of both passes), ``bssE`` (Batch Spectral Shrinkage, Chen et al.
+zero, the port being the anchor of both passes), ``l2spSA`` (the same, each pass anchored at its
+own start: the refit at the gated classifier), ``bssE`` (Batch Spectral Shrinkage, Chen et al.
 2019: ``E·σ_min²`` of the batch's pooled features), ``pardet`` (the second crop of a face is the
 box of the detector the retrain started from, the shipped default's, at its face threshold: a
 box from a detector that never saw the image, as at serving; the retrained detector's box where
@@ -145,6 +146,10 @@ def main() -> None:
             elif v == "detbox_add":
                 clf = refit(gated(face_crops(ds.samples, ("train",), det_boxes), "add"),
                             face_crops(ds.samples, ("train", "val"), det_boxes), args.refit)
+            elif v.startswith("l2spS"):  # L2-SP towards each pass's own start (the refit: the gated classifier)
+                kw = dict(l2sp=float(v[5:]))
+                clf = refit(gated(face_crops(ds.samples, ("train",), det_boxes), v, **kw),
+                            face_crops(ds.samples, ("train", "val"), det_boxes), args.refit, **kw)
             elif v.startswith("l2sp"):  # L2-SP towards the port in both passes
                 kw = dict(l2sp=float(v[4:]), anchor=_init_classifier(port, schema))
                 clf = refit(gated(face_crops(ds.samples, ("train",), det_boxes), v, **kw),

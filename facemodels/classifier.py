@@ -299,11 +299,11 @@ def fine_tune(init: FaceClassifier, samples: list[tuple[np.ndarray, np.ndarray, 
     Regularisers (off in the recipe): ``l2sp=α`` adds ``α/2·‖w − w_anchor‖²`` (sum over the trained
     backbone weights) to the mean cross-entropy, and the backbone then gets no decoupled weight decay
     towards zero (the head keeps ``weight_decay``): L2-SP, Li et al. 2018, "Explicit inductive bias
-    for transfer learning with convolutional networks" (ICML), eq. 3. ``anchor`` is the classifier
+    for transfer learning with convolutional networks" (ICML). ``anchor`` is the classifier
     whose backbone is the starting point (default ``init``; it must have the same architecture).
     ``bss=η`` adds ``η·Σ σ_i²`` over the ``bss_k`` smallest singular values of the batch's pooled
     features (batch × 256): Batch Spectral Shrinkage, Chen et al. 2019, "Catastrophic forgetting
-    meets negative transfer" (NeurIPS), eq. 6.
+    meets negative transfer" (NeurIPS).
     ``on_epoch(epoch, epochs, mean_loss)`` is called after every epoch (1-based).
 
     Returns ``(model, metrics)``; metrics: ``loss`` (per-epoch mean training loss), ``train_seconds``,
