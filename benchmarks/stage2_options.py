@@ -147,15 +147,15 @@ def main() -> None:
                 clf = refit(gated(face_crops(ds.samples, ("train",), det_boxes), "add"),
                             face_crops(ds.samples, ("train", "val"), det_boxes), args.refit)
             elif v.startswith("l2spS"):  # L2-SP towards each pass's own start (the refit: the gated classifier)
-                kw = dict(l2sp=float(v[5:]))
+                kw = {"l2sp": float(v[5:])}
                 clf = refit(gated(face_crops(ds.samples, ("train",), det_boxes), v, **kw),
                             face_crops(ds.samples, ("train", "val"), det_boxes), args.refit, **kw)
             elif v.startswith("l2sp"):  # L2-SP towards the port in both passes
-                kw = dict(l2sp=float(v[4:]), anchor=_init_classifier(port, schema))
+                kw = {"l2sp": float(v[4:]), "anchor": _init_classifier(port, schema)}
                 clf = refit(gated(face_crops(ds.samples, ("train",), det_boxes), v, **kw),
                             face_crops(ds.samples, ("train", "val"), det_boxes), args.refit, **kw)
             elif v.startswith("bss"):
-                kw = dict(bss=float(v[3:]))
+                kw = {"bss": float(v[3:])}
                 clf = refit(gated(face_crops(ds.samples, ("train",), det_boxes), v, **kw),
                             face_crops(ds.samples, ("train", "val"), det_boxes), args.refit, **kw)
             elif v == "pardet":

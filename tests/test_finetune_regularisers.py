@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from facemodels.classifier import FaceClassifier, default_classifier_path, fine_tune  # noqa: E402
+from facemodels.classifier import FaceClassifier, default_classifier_path, fine_tune
 
 CLASSES = ["awake", "sleep"]
 
@@ -61,7 +61,7 @@ def test_l2sp_pulls_towards_another_anchor(clf):
 
 def test_l2sp_anchor_of_another_architecture_is_refused(clf):
     bad = copy.deepcopy(clf)
-    name, p = next(iter(bad.net.features.named_parameters()))
+    name = next(iter(bad.net.features.named_parameters()))[0]
     mod = bad.net.features.get_submodule(name.rsplit(".", 1)[0]) if "." in name else bad.net.features
     setattr(mod, name.rsplit(".", 1)[-1], torch.nn.Parameter(torch.zeros(3, 1)))
     with pytest.raises(ValueError, match="l2sp anchor"):
