@@ -14,7 +14,14 @@ Variants: ``base`` (recipe + refit ``--refit`` epochs), ``refitE`` (refit E epoc
 with the class-mean head), ``detbox`` (the detector's matched box instead of the person's),
 ``detbox_add`` (both boxes, both passes), ``detbox_dup`` (the person's box twice: its compute
 control), ``steps2x`` (twice the epochs of both passes: another compute control), ``detref``
-(both boxes in the refit only).
+(both boxes in the refit only). Fifth round (all on ``detbox_add``'s crops, both passes):
+``l2spA`` (L2-SP, Li et al. 2018: ``A/2·‖w − w_port‖²`` on the backbone instead of its decay towards
+zero, the port being the anchor of both passes), ``l2spSA`` (the same, each pass anchored at its
+own start: the refit at the gated classifier), ``bssE`` (Batch Spectral Shrinkage, Chen et al.
+2019: ``E·σ_min²`` of the batch's pooled features), ``pardet`` (the second crop of a face is the
+box of the detector the retrain started from, the shipped default's, at its face threshold: a
+box from a detector that never saw the image, as at serving; the retrained detector's box where
+the parent's misses the face).
 
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD nice -n 10 .venv/bin/python benchmarks/stage2_options.py \\
         --models /tmp/acc-base --seeds 0,1,2,3,4 --variant base --variant detbox_add
@@ -90,15 +97,15 @@ def main() -> None:
         gt_only = face_crops(ds.samples, ("train",))
         gated_cache: dict[str, FaceClassifier] = {}
 
-        def gated(crops, key, cache=gated_cache, seed=seed):
+        def gated(crops, key, cache=gated_cache, seed=seed, **kw):
             if key not in cache:
                 clf = _init_classifier(port, schema)
                 cache[key] = fine_tune(clf, crops, list(schema.labels), epochs=classifier_epochs(settings),
-                                       seed=seed)[0]
+                                       seed=seed, **kw)[0]
             return cache[key]
 
-        def refit(g, crops, epochs, s=seed):
-            return fine_tune(g, crops, list(g.classes), epochs=epochs, seed=s)[0]
+        def refit(g, crops, epochs, s=seed, **kw):
+            return fine_tune(g, crops, list(g.classes), epochs=epochs, seed=s, **kw)[0]
 
         def doubled(splits, samples=ds.samples):
             return [c for c in face_crops(samples, splits) for _ in range(2)]
@@ -139,6 +146,32 @@ def main() -> None:
             elif v == "detbox_add":
                 clf = refit(gated(face_crops(ds.samples, ("train",), det_boxes), "add"),
                             face_crops(ds.samples, ("train", "val"), det_boxes), args.refit)
+            elif v.startswith("l2spS"):  # L2-SP towards each pass's own start (the refit: the gated classifier)
+                kw = {"l2sp": float(v[5:])}
+                clf = refit(gated(face_crops(ds.samples, ("train",), det_boxes), v, **kw),
+                            face_crops(ds.samples, ("train", "val"), det_boxes), args.refit, **kw)
+            elif v.startswith("l2sp"):  # L2-SP towards the port in both passes
+                kw = {"l2sp": float(v[4:]), "anchor": _init_classifier(port, schema)}
+                clf = refit(gated(face_crops(ds.samples, ("train",), det_boxes), v, **kw),
+                            face_crops(ds.samples, ("train", "val"), det_boxes), args.refit, **kw)
+            elif v.startswith("bss"):
+                kw = {"bss": float(v[3:])}
+                clf = refit(gated(face_crops(ds.samples, ("train",), det_boxes), v, **kw),
+                            face_crops(ds.samples, ("train", "val"), det_boxes), args.refit, **kw)
+            elif v == "pardet":
+                if "pardet_boxes" not in gated_cache:
+                    pb = read_bundle(settings.default_model_path)
+                    pd = FaceModel(pb["detector_path"]).detect([s.image for s in ds.samples], conf=0.01,
+                                                                imgsz=pb.get("imgsz") or settings.imgsz)
+                    par = detector_boxes(pd, ds.samples, pb["face_threshold"])
+                    mixed = [[p if p is not None else d for p, d in zip(pr, dr)] for pr, dr in zip(par, det_boxes)]
+                    n_par = sum(p is not None for pr in par for p in pr)
+                    print(json.dumps({"seed": seed, "pardet_matched": n_par,
+                                      "faces": sum(len(s.boxes) for s in ds.samples)}), flush=True)
+                    gated_cache["pardet_boxes"] = mixed
+                mixed = gated_cache["pardet_boxes"]
+                clf = refit(gated(face_crops(ds.samples, ("train",), mixed), "pardet"),
+                            face_crops(ds.samples, ("train", "val"), mixed), args.refit)
             elif v == "detbox_dup":
                 clf = refit(gated(doubled(("train",)), "dup"), doubled(("train", "val")), args.refit)
             elif v == "detref":

@@ -182,7 +182,7 @@ class FaceClassifier:
 RECIPE = dict(epochs=40, lr=1e-3, backbone_lr_scale=1.0, train_blocks=4, weight_decay=1e-4, batch_size=16,
               crop_margin=-0.1, head_init="mean", flip=True, scale_jitter=0.15, shift_jitter=0.08,
               brightness=0.3, contrast=0.3, label_smoothing=0.1, input_size=112, mixup=0.0,
-              balanced=False, grayscale=0.0, rotate=0.0, swa_epochs=0, head_epochs=0)
+              balanced=False, grayscale=0.0, rotate=0.0, swa_epochs=0, head_epochs=0, l2sp=0.0, bss=0.0, bss_k=1)
 
 
 class _Patch:
@@ -281,7 +281,8 @@ def evaluate(model: FaceClassifier, samples: list[tuple[np.ndarray, np.ndarray, 
 
 def fine_tune(init: FaceClassifier, samples: list[tuple[np.ndarray, np.ndarray, int]], classes: list[str], *,
               epochs: int = RECIPE["epochs"], seed: int = 0, val: list | None = None,
-              on_epoch: Callable[[int, int, float], None] | None = None, **overrides) -> tuple[FaceClassifier, dict]:
+              on_epoch: Callable[[int, int, float], None] | None = None, anchor: FaceClassifier | None = None,
+              **overrides) -> tuple[FaceClassifier, dict]:
     """Fine-tune a copy of ``init`` on face crops for ``classes``.
 
     ``samples``: ``[(image (H,W,3) uint8 RGB, box (4,) x1,y1,x2,y2 pixels, class index into classes), ...]``.
@@ -294,6 +295,15 @@ def fine_tune(init: FaceClassifier, samples: list[tuple[np.ndarray, np.ndarray, 
     a cosine schedule, label smoothing, and augmentation (horizontal flip, box scale/shift
     jitter, brightness/contrast; mixup optional, off by default). ``init`` is not modified. Keyword ``overrides`` change any
     :data:`RECIPE` entry. ``val``: optional samples in the same form, scored after training.
+
+    Regularisers (off in the recipe): ``l2sp=α`` adds ``α/2·‖w − w_anchor‖²`` (sum over the trained
+    backbone weights) to the mean cross-entropy, and the backbone then gets no decoupled weight decay
+    towards zero (the head keeps ``weight_decay``): L2-SP, Li et al. 2018, "Explicit inductive bias
+    for transfer learning with convolutional networks" (ICML). ``anchor`` is the classifier
+    whose backbone is the starting point (default ``init``; it must have the same architecture).
+    ``bss=η`` adds ``η·Σ σ_i²`` over the ``bss_k`` smallest singular values of the batch's pooled
+    features (batch × 256): Batch Spectral Shrinkage, Chen et al. 2019, "Catastrophic forgetting
+    meets negative transfer" (NeurIPS).
     ``on_epoch(epoch, epochs, mean_loss)`` is called after every epoch (1-based).
 
     Returns ``(model, metrics)``; metrics: ``loss`` (per-epoch mean training loss), ``train_seconds``,
@@ -371,8 +381,27 @@ def fine_tune(init: FaceClassifier, samples: list[tuple[np.ndarray, np.ndarray, 
         p.requires_grad_(True)
     groups = [{"params": list(net.fc.parameters()), "lr": cfg["lr"]}]
     if back:
-        groups.append({"params": back, "lr": cfg["lr"] * cfg["backbone_lr_scale"]})
+        groups.append({"params": back, "lr": cfg["lr"] * cfg["backbone_lr_scale"],
+                       # L2-SP replaces the backbone's decay towards zero by its penalty towards the anchor
+                       **({"weight_decay": 0.0} if cfg["l2sp"] else {})})
     opt = torch.optim.AdamW(groups, weight_decay=cfg["weight_decay"])
+    sp_pairs = []  # (trained backbone weight, its starting point) for L2-SP
+    if cfg["l2sp"] and back:
+        ref = dict((anchor or init).net.features.named_parameters())
+        for name, p in net.features.named_parameters():
+            if p.requires_grad:
+                if name not in ref or ref[name].shape != p.shape:
+                    raise ValueError(f"l2sp anchor has no weight {name} of shape {tuple(p.shape)}")
+                sp_pairs.append((p, ref[name].detach().to(dev).clone()))
+
+    def regularised(loss, feats):
+        """The cross-entropy plus the optional L2-SP and BSS terms (the loss that is minimised)."""
+        if sp_pairs:
+            loss = loss + cfg["l2sp"] / 2 * sum((p - p0).pow(2).sum() for p, p0 in sp_pairs)
+        if cfg["bss"] and feats.shape[0] > 1:
+            sv = torch.linalg.svdvals(feats)  # descending
+            loss = loss + cfg["bss"] * sv[-int(cfg["bss_k"]):].pow(2).sum()
+        return loss
     bs = max(1, int(cfg["batch_size"]))
     steps_per_epoch = math.ceil(len(patches) / bs)
     total = max(1, steps_per_epoch * cfg["epochs"])
@@ -412,13 +441,15 @@ def fine_tune(init: FaceClassifier, samples: list[tuple[np.ndarray, np.ndarray, 
             if cfg["mixup"] > 0 and len(idx) > 1:  # mixup (Zhang et al. 2018): convex pairs of crops and targets
                 lam = float(rng.beta(cfg["mixup"], cfg["mixup"]))
                 perm = torch.from_numpy(rng.permutation(len(idx))).to(dev)
-                logits = net(lam * x + (1 - lam) * x[perm])
+                feats = net.features(lam * x + (1 - lam) * x[perm])
+                logits = net.fc(feats)
                 loss = (lam * F.cross_entropy(logits, y, label_smoothing=cfg["label_smoothing"])
                         + (1 - lam) * F.cross_entropy(logits, y[perm], label_smoothing=cfg["label_smoothing"]))
             else:
-                loss = F.cross_entropy(net(x), y, label_smoothing=cfg["label_smoothing"])
+                feats = net.features(x)
+                loss = F.cross_entropy(net.fc(feats), y, label_smoothing=cfg["label_smoothing"])
             opt.zero_grad()
-            loss.backward()
+            regularised(loss, feats).backward()
             opt.step()
             sched.step()
             tot += float(loss.detach()) * len(idx)
