@@ -69,9 +69,10 @@ PLOT_DOWNLOADS = {".csv": "text/csv"}
 
 #: Candidate figures shown per version: (metrics key, column title, kind).
 FIGURES = [("accuracy", "image acc.", "pct"),  # Choices projects (image-level accuracy; docs/label_configs.md)
-           ("mAP50", "mAP50", "f3"), ("face_mAP50", "face mAP50", "f3"), ("acceptance_rate", "accepted", "pct"),
-           ("class_accuracy", "class acc.", "pct"), ("accepted", "acc.", "int"), ("class_fixed", "class fix", "int"),
-           ("box_fixed", "box fix", "int"), ("missed", "missed", "int"), ("false_boxes", "false", "int"),
+           ("mAP50", "mAP50", "f3"), ("face_mAP50", "face mAP50", "f3"), ("acceptance_rate", "accepted %", "pct"),
+           ("class_accuracy", "class acc.", "pct"), ("accepted", "faces accepted", "int"),
+           ("class_fixed", "class fix", "int"), ("box_fixed", "box fix", "int"), ("missed", "missed", "int"),
+           ("false_boxes", "false boxes", "int"),
            ("boxes_per_face", "boxes/face", "f2")]
 
 _env = Environment(loader=FileSystemLoader(str(TEMPLATES)), autoescape=select_autoescape(["html"]),

@@ -147,6 +147,11 @@ def test_project_page_shows_job_versions_acceptance_queue_and_errors(client, pop
     assert "mAP50 0.712 &gt; 0.650 (+0.062)" in html and "kept v2" in html
     assert "0.712" in html and "0.650" in html and "64.0%" in html  # candidate and current figures
     assert "image acc." not in html  # a boxes project: no column of dashes for a Choices figure
+    # the columns say what they count ("accepted" beside "acc." read as two rates; a trial saw
+    # "accepted 100%" beside "false 1" and asked how)
+    heads = re.findall(r'<th class="num">([^<]+)</th>', html)
+    assert {"accepted %", "faces accepted", "false boxes"} <= set(heads) and "acc." not in heads, heads
+    assert "counted apart, so a version can show 100% accepted and a false box" in html
     assert 'id="acceptance-v2"' in html and "75.0%" in html  # 9 of 12 boxes accepted
     assert "83.3%" in html and "grey box given its class" in html  # 9 + 1 of 12 boxes kept where they were
     assert html.index("task 105") < html.index("task 101") < html.index("task 103")  # queue by rank
