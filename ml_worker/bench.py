@@ -167,6 +167,25 @@ def _score_pool(model, pool: list[LabelledImage], schema: ProjectSchema, setting
     return {m: np.asarray(v) for m, v in unc.items()}, np.stack(emb)
 
 
+def _bench_inputs(data: Path, out: Path, settings: Settings, init: Path | None, test_limit: int | None,
+                  **update) -> tuple:
+    """What every benchmark run starts from: ``(data, out, names, schema, init, settings, pool,
+    test)``: the resolved YOLO folder, the output folder (made), its class names and label schema,
+    the starting bundle (default: the shipped one), settings serving ``data`` as Label Studio's
+    local-files root (plus ``update``), the train split's images (the pool) and the val split's
+    samples (at most ``test_limit``)."""
+    data = Path(data).resolve()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = folder_names(data)
+    schema = schema_for(names)
+    init = Path(init or settings.default_model_path)
+    settings = settings.model_copy(update={"local_files_document_root": str(data), **update})
+    pool = read_split(data, "train")
+    test = _samples(read_split(data, "val", test_limit), names)
+    return data, out, names, schema, init, settings, pool, test
+
+
 def bench_accept(data: Path, sizes: list[int], seeds: list[int], out: Path, settings: Settings,
                  strategies: tuple[str, ...] = ("sampler", "random"), init: Path | None = None,
                  test_limit: int | None = None, on_row: Callable[[dict], None] | None = None) -> dict:
@@ -191,15 +210,7 @@ def bench_accept(data: Path, sizes: list[int], seeds: list[int], out: Path, sett
     from ml_worker.sampler import select as select_batch
     from ml_worker.training import refine_classifier, train_two_stage
 
-    data = Path(data).resolve()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    names = folder_names(data)
-    schema = schema_for(names)
-    init = Path(init or settings.default_model_path)
-    settings = settings.model_copy(update={"local_files_document_root": str(data)})
-    pool = read_split(data, "train")
-    test = _samples(read_split(data, "val", test_limit), names)
+    data, out, _names, schema, init, settings, pool, test = _bench_inputs(data, out, settings, init, test_limit)
     strategy = settings.query_strategy or DEFAULT_QUERY_STRATEGY
     sizes = sorted(set(int(s) for s in sizes))
     rows: list[dict] = []
@@ -282,15 +293,8 @@ def bench_reference(data: Path, out: Path, settings: Settings, seed: int = 0, in
     from ml_worker.evaluation import evaluate_model
     from ml_worker.training import train_two_stage
 
-    data = Path(data).resolve()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    names = folder_names(data)
-    schema = schema_for(names)
-    init = Path(init or settings.default_model_path)
-    settings = settings.model_copy(update={"local_files_document_root": str(data), "seed": seed})
-    pool = read_split(data, "train")
-    test = _samples(read_split(data, "val", test_limit), names)
+    data, out, _names, schema, init, settings, pool, test = _bench_inputs(data, out, settings, init, test_limit,
+                                                                          seed=seed)
     work = out / "work" / "reference"
     ds = build_dataset(_tasks(pool, data, schema, first_id=1), schema, work / "dataset", settings)
     t0 = time.time()
