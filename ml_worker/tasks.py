@@ -179,9 +179,9 @@ def take_snapshot(settings, job_id: int, client, project_id: int, label_config: 
                       .order_by(TrainingJob.started_at.desc())).first()
         if (prev is not None and prev.state == "succeeded" and prev.labels_sha == sha
                 and _naive_utc(prev.started_at) <= asked <= _naive_utc(prev.finished_at or utcnow())):
-            reason = (f"skipped: no annotation created, updated or deleted since job {prev.id}'s snapshot "
+            reason = (f"no annotation created, updated or deleted since job {prev.id}'s snapshot "
                       f"({len(tasks)} labelled tasks, the same labels; it was asked for while job "
-                      f"{prev.id} was running)")
+                      f"{prev.id} was running); not trained")
     if reason:
         raise JobSkipped(reason)
     return tasks
