@@ -128,3 +128,69 @@ def test_a_dead_recovery_run_is_not_rerun_again(tmp_path, redis_server):
     assert _job(s, job_id).error.endswith("not re-run: it was already a recovery run")
     with session_scope(s.database_url) as db:
         assert len(db.exec(select(TrainingJob)).all()) == 1
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _celery_worker(env, tmp_path, name):
+    """A Celery worker as ``faceloop up`` runs it (``-Q train,score --pool solo``), with the
+    training replaced by a sleep (tests/faults/slow_training.py)."""
+    log = open(tmp_path / f"{name}.log", "wb")
+    return subprocess.Popen([sys.executable, "-m", "celery", "-A", "ml_worker.celery_app:app", "worker",
+                             "-Q", "train,score", "-c", "1", "--pool", "solo", "-I", "tests.faults.slow_training",
+                             "-n", f"{name}@%h", "--without-gossip", "--without-mingle", "--loglevel", "INFO"],
+                            env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _ready(tmp_path, name):
+    return b"ready." in (tmp_path / f"{name}.log").read_bytes()
+
+
+def test_ctrl_c_during_training_then_up_again_fails_and_reruns_the_job_when_the_worker_is_ready(tmp_path,
+                                                                                                 redis_server):
+    """Ctrl-C: SIGTERM to the worker, SIGKILL when it has not finished (``Stack.stop``, after 15 s;
+    3 s here); the next ``up`` has a fresh Redis (no persistence) and starts a worker. Default
+    heartbeat TTL (45 s) and recovery interval (20 s): the sweep alone took 40-60 s."""
+    s = make_settings(tmp_path, celery_broker_url=redis_server.url, label_studio_instance=STACK)
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HOME": str(tmp_path),
+           "CELERY_BROKER_URL": redis_server.url, "DATABASE_URL": s.database_url, "VAR_DIR": str(tmp_path),
+           "LABEL_STUDIO_INSTANCE": STACK, "FACELOOP_TEST_TRAIN_S": "600"}
+    from backend.events import queue_training
+
+    with session_scope(s.database_url) as db:
+        registry.upsert_project(db, 3)
+    w1 = _celery_worker(env, tmp_path, "w1")
+    w2 = None
+    try:
+        job_id = int(queue_training(s, 3, "start_training")["job"])
+        _wait(lambda: _job(s, job_id).stage == "train detector", 120)
+        os.killpg(w1.pid, signal.SIGTERM)  # Ctrl-C
+        try:
+            w1.wait(3)
+        except subprocess.TimeoutExpired:
+            os.killpg(w1.pid, signal.SIGKILL)  # still training: killed
+            w1.wait(10)
+        assert _job(s, job_id).state == "running"  # what the status page showed for 40-60 s
+        redis.Redis.from_url(redis_server.url).flushall()  # the next up's Redis starts empty
+        env["FACELOOP_TEST_TRAIN_S"] = "1"
+        w2 = _celery_worker(env, tmp_path, "w2")
+        _wait(lambda: _ready(tmp_path, "w2"), 120)
+        ready = time.monotonic()
+        _wait(lambda: _job(s, job_id).state != "running", 15)
+        failed_after = time.monotonic() - ready
+        j = _job(s, job_id)
+        assert j.state == "failed", (j.state, j.error)
+        assert "stopped with its worker (Ctrl-C of faceloop up, or killed) at stage 'train detector', epoch 7/20" \
+            in j.error, j.error
+        rerun_id = int(j.error.rsplit("re-run as job ", 1)[1])
+        _wait(lambda: _job(s, rerun_id).state == "succeeded", 60)
+        rerun = _job(s, rerun_id)
+        assert rerun.trigger == "recovery" and parse_worker(rerun.worker)["pid"] == str(w2.pid)
+        print(f"\njob {job_id} failed {failed_after:.1f} s after the new worker was ready (the heartbeat sweep: "
+              f"40-60 s); re-run job {rerun_id} succeeded on it: {j.error}")
+    finally:
+        for p in (w1, w2):
+            if p is not None and p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(10)
