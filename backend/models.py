@@ -77,7 +77,8 @@ class TrainingJob(SQLModel, table=True):
     the per-stage counts and times are in ``stages_json``.
 
     At most one ``queued`` job per project (partial unique index): a request while one is queued
-    joins it; a request while one runs queues exactly one more.
+    joins it; a request while one runs queues exactly one more (``skipped`` at its snapshot when
+    the labels are those of the run it was asked for during).
     """
 
     __table_args__ = (
