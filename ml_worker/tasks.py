@@ -3,7 +3,8 @@
 - ``faceloop.train(job_id)``: one training job; a per-project Redis lock means never two
   trainings of one project at once. The job moves ``queued -> running`` only once the lock is
   held, so requests that arrive while another run is in progress join the queued job (exactly
-  one more run; skipped when the labels did not change, see below). Idempotent: a redelivered message for a job that is no longer queued is a no-op.
+  one more run; skipped when the labels did not change, see below). Idempotent: a redelivered
+  message for a job that is no longer queued is a no-op.
   After a promotion the job ends ``succeeded`` and queues a :class:`backend.models.ScoringRun`
   (trigger ``promotion``): scoring is its own step with its own status, so a scoring failure
   (e.g. Label Studio down) is visible on the run and never fails the training whose version is
