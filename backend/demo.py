@@ -92,7 +92,7 @@ def wait_for_job(database_url: str, project_id: int, timeout: float, after_job: 
         with session_scope(database_url) as s:
             jobs = s.exec(select(TrainingJob).where(TrainingJob.project_id == project_id,
                                                     TrainingJob.id > after_job).order_by(TrainingJob.id)).all()
-            done = [j for j in jobs if j.state in ("succeeded", "failed")]
+            done = [j for j in jobs if j.state in ("succeeded", "failed", "skipped")]
             live = [j for j in jobs if j.state in ("queued", "running")]
             runs = s.exec(select(ScoringRun).where(ScoringRun.training_job_id.in_([j.id for j in done]))).all()
             scoring = [r for r in runs if r.state in ("queued", "running") or r.write_state == "pending"]

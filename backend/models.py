@@ -70,13 +70,15 @@ class ModelVersion(SQLModel, table=True):
 
 
 class TrainingJob(SQLModel, table=True):
-    """One retrain of a project. ``state``: queued -> running -> succeeded | failed.
+    """One retrain of a project. ``state``: queued -> running -> succeeded | failed | skipped
+    (``skipped``: queued during a run, and no label changed since that run's snapshot).
 
     ``epoch``/``epochs``: epochs done of all training stages together (detector and classifier);
     the per-stage counts and times are in ``stages_json``.
 
     At most one ``queued`` job per project (partial unique index): a request while one is queued
-    joins it; a request while one runs queues exactly one more.
+    joins it; a request while one runs queues exactly one more (``skipped`` at its snapshot when
+    the labels are those of the run it was asked for during).
     """
 
     __table_args__ = (
@@ -105,6 +107,15 @@ class TrainingJob(SQLModel, table=True):
     #: ``{"stage", "epochs", "epoch", "start", "first", "last", "end", "if"}`` (times ISO 8601 UTC),
     #: from which the status page estimates the time left per stage.
     stages_json: str = Field(default="[]", sa_column=Column(Text, nullable=False, server_default=text("'[]'")))
+    #: Who claimed the job (:func:`ml_worker.tasks.worker_identity`): ``host=<hostname> pid=<pid>
+    #: stack=<LABEL_STUDIO_INSTANCE or ->``; empty for a job not claimed yet (or claimed before this
+    #: was recorded). A worker starting on the same host for the same stack fails the ``running``
+    #: jobs of a process that is gone at once (:func:`ml_worker.tasks.recover_own_jobs`).
+    worker: str = Field(default="", sa_column=Column(Text, nullable=False, server_default=text("''")))
+    #: SHA-256 of the labels the job trained on (:func:`ml_worker.tasks.labels_fingerprint`): the
+    #: label config and every labelled task's id and latest non-cancelled result; empty before the
+    #: snapshot. A job queued during a run is skipped when it is the same (:func:`ml_worker.tasks.take_snapshot`).
+    labels_sha: str = Field(default="", sa_column=Column(Text, nullable=False, server_default=text("''")))
 
     @property
     def stages(self) -> list[dict[str, Any]]:

@@ -147,7 +147,9 @@ def request_training(s: Session, project_id: int, trigger: str) -> tuple[Trainin
     """Queue a retrain unless one is already queued for the project (coalescing).
 
     Returns: ``(job, created)``; ``created`` False means the request joined the queued job.
-    A running job does not absorb requests: annotations made during a run get one more run.
+    A running job does not absorb requests: annotations made during a run get one more run (that
+    run is skipped when no label changed since the running job's snapshot:
+    ``ml_worker.tasks.take_snapshot``).
     """
     if s.get(Project, project_id) is None:
         upsert_project(s, project_id)

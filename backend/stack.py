@@ -527,8 +527,9 @@ class Stack:
         Redis goes last: the worker, the backend and Label Studio get SIGTERM (to their process
         groups) first, SIGKILL after 15 s, and only then Redis (SIGTERM, SIGKILL after 15 s). A
         worker stopped in the middle of a training keeps its broker until it is gone, so the job
-        is not failed by a refused Redis connection; a training killed at 15 s is found by the
-        next start's recovery sweep (``ml_worker.tasks.recover_lost_jobs``), which queues it again.
+        is not failed by a refused Redis connection; a training killed at 15 s is failed, with the
+        stage and epoch, and queued again as soon as the next start's worker is up
+        (``ml_worker.tasks.recover_own_jobs``: the job records the worker that claimed it).
         """
         names = list(self.procs)
         for group in ([n for n in names if n != "redis"], [n for n in names if n == "redis"]):

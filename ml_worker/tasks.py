@@ -3,7 +3,8 @@
 - ``faceloop.train(job_id)``: one training job; a per-project Redis lock means never two
   trainings of one project at once. The job moves ``queued -> running`` only once the lock is
   held, so requests that arrive while another run is in progress join the queued job (exactly
-  one more run). Idempotent: a redelivered message for a job that is no longer queued is a no-op.
+  one more run; skipped when the labels did not change, see below). Idempotent: a redelivered
+  message for a job that is no longer queued is a no-op.
   After a promotion the job ends ``succeeded`` and queues a :class:`backend.models.ScoringRun`
   (trigger ``promotion``): scoring is its own step with its own status, so a scoring failure
   (e.g. Label Studio down) is visible on the run and never fails the training whose version is
@@ -23,11 +24,24 @@ by each worker) fails a ``running`` job whose heartbeat is gone on two checks in
 reason, and queues one re-run (trigger ``recovery``); the dead worker's lock has expired by then.
 It also sends queued jobs and scoring runs that were never sent (recorded while Redis was down)
 and delivers the Label Studio write-back outbox (:mod:`ml_worker.outbox`).
+
+A worker that starts (``faceloop up`` starts its stack's worker) does not wait for that timeout
+for its own stack's jobs: a ``running`` job claimed on this host for this stack by a process that
+is gone is failed at once and re-run (:func:`recover_own_jobs`; the job's ``worker`` field).
+
+A job queued while another run of the project was in progress (a second press of *Start
+Training*) is skipped when the labels at its snapshot are the same as that run's: no annotation
+created, updated or deleted since (:func:`take_snapshot`; state ``skipped``, the reason in its
+message).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import socket
 import threading
 import time
 import traceback
@@ -105,12 +119,73 @@ class Heartbeat:
             pass
 
 
+def worker_identity(settings) -> str:
+    """This process as a job's ``worker``: ``host=<hostname> pid=<pid> stack=<instance>`` (the
+    stack's ``LABEL_STUDIO_INSTANCE``, ``-`` when unset)."""
+    return f"host={socket.gethostname()} pid={os.getpid()} stack={settings.label_studio_instance or '-'}"
+
+
+def parse_worker(text: str) -> dict:
+    """``{"host", "pid", "stack"}`` from a job's ``worker`` field (missing keys absent)."""
+    return dict(part.split("=", 1) for part in (text or "").split() if "=" in part)
+
+
 def claim_job(settings, job_id: int) -> bool:
-    """Atomically move a job from ``queued`` to ``running``; False if it was not queued."""
+    """Atomically move a job from ``queued`` to ``running`` and record this process as its
+    worker (:func:`worker_identity`); False if it was not queued."""
     with session_scope(settings.database_url) as s:
         res = s.exec(update(TrainingJob).where(TrainingJob.id == job_id, TrainingJob.state == "queued")
-                     .values(state="running", started_at=utcnow(), stage="starting"))
+                     .values(state="running", started_at=utcnow(), stage="starting",
+                             worker=worker_identity(settings)))
         return res.rowcount == 1
+
+
+class JobSkipped(Exception):
+    """Raised by :func:`take_snapshot` when a job need not train; ``str()`` is the reason."""
+
+
+def labels_fingerprint(label_config: str, tasks) -> str:
+    """SHA-256 (hex) of the label config and of every labelled task's id and latest non-cancelled
+    result (``backend.lsapi.snapshot``'s ``SnapshotTask``; tasks whose ``result`` is None, i.e.
+    unlabelled, are left out). Order of tasks and of keys does not matter."""
+    rows = sorted(([int(t.id), t.result] for t in tasks if t.result is not None), key=lambda r: r[0])
+    body = json.dumps([label_config or "", rows], sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def take_snapshot(settings, job_id: int, client, project_id: int, label_config: str) -> list:
+    """Snapshot the project's labels for job ``job_id`` (``backend.lsapi.snapshot``), record their
+    fingerprint (:func:`labels_fingerprint`) on the job, and decide whether it must train.
+
+    Rule: the job is skipped when it was requested while the project's previous job was running
+    (``created_at`` between that job's ``started_at`` and ``finished_at``), that job succeeded,
+    and its snapshot had the same fingerprint: no annotation was created, updated or deleted (and
+    the label config did not change) since it took its snapshot, so a second run would train on
+    the same labels. A request after new labels, after a failed run, or when nothing was running
+    always trains.
+
+    Returns: the labelled tasks (``result`` not None). Raises: :class:`JobSkipped` with the reason.
+    """
+    from backend.lsapi import snapshot
+
+    tasks = [t for t in snapshot(client, project_id) if t.result is not None]
+    sha = labels_fingerprint(label_config, tasks)
+    reason = None
+    with session_scope(settings.database_url) as s:
+        job = s.get(TrainingJob, job_id)
+        job.labels_sha = sha
+        asked = _naive_utc(job.created_at)
+        prev = s.exec(select(TrainingJob).where(TrainingJob.project_id == project_id, TrainingJob.id != job_id,
+                                                TrainingJob.started_at.is_not(None))
+                      .order_by(TrainingJob.started_at.desc())).first()
+        if (prev is not None and prev.state == "succeeded" and prev.labels_sha == sha
+                and _naive_utc(prev.started_at) <= asked <= _naive_utc(prev.finished_at or utcnow())):
+            reason = (f"no annotation created, updated or deleted since job {prev.id}'s snapshot "
+                      f"({len(tasks)} labelled tasks, the same labels; it was asked for while job "
+                      f"{prev.id} was running); not trained")
+    if reason:
+        raise JobSkipped(reason)
+    return tasks
 
 
 @app.task(bind=True, name="faceloop.train")
@@ -146,7 +221,14 @@ def train(self, job_id: int) -> dict:
                     log.warning("job %s: progress not sent to the result backend: %s", job_id, e)
 
         try:
-            outcome = run_training(settings, job_id, progress)
+            try:
+                outcome = run_training(settings, job_id, progress)
+            except JobSkipped as e:
+                with session_scope(settings.database_url) as s:
+                    j = s.get(TrainingJob, job_id)
+                    j.state, j.stage, j.finished_at, j.message = "skipped", "skipped", utcnow(), str(e)
+                log.info("training job %s %s", job_id, e)
+                return {"job": job_id, "state": "skipped", "reason": str(e)}
             run_id = None
             with session_scope(settings.database_url) as s:
                 j = s.get(TrainingJob, job_id)
@@ -509,6 +591,100 @@ def recover_lost_jobs(settings=None, suspects: set | None = None) -> list[int]:
     return lost
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def own_job_gone(settings, job: TrainingJob, r=None) -> str | None:
+    """Why ``running`` job ``job`` has no live worker, as seen by a worker starting now, or None.
+
+    - ``job.worker`` names this host and this stack (``LABEL_STUDIO_INSTANCE``): gone when its pid
+      is not running or is this process's own (a restarted container reuses pids; this process
+      has claimed nothing yet). A job of another host or another stack is never touched here:
+      with PostgreSQL, workers elsewhere share the database (the heartbeat sweep covers them).
+    - ``job.worker`` is empty (claimed before it was recorded): gone when its heartbeat
+      (``faceloop:job:<id>:alive``, renewed every ``JOB_HEARTBEAT_TTL_S / 4``) is missing or older
+      than ``JOB_HEARTBEAT_TTL_S / 2`` and the job started longer ago than that (needs ``r``).
+    """
+    w = parse_worker(job.worker)
+    if w:
+        me = parse_worker(worker_identity(settings))
+        if w.get("host") != me["host"] or w.get("stack") != me["stack"] or not str(w.get("pid", "")).isdigit():
+            return None
+        pid = int(w["pid"])
+        if pid == os.getpid() or not _pid_alive(pid):
+            return f"its worker process (pid {pid} on {me['host']}) is gone"
+        return None
+    if r is None:
+        return None
+    bound = settings.job_heartbeat_ttl_s / 2
+    started = _naive_utc(job.started_at)
+    if started and (_naive_utc(utcnow()) - started).total_seconds() < bound:
+        return None
+    beat = r.get(alive_key(job.id))
+    try:
+        age = time.time() - float(beat) if beat is not None else None
+    except ValueError:
+        age = None
+    if age is None or age > bound:
+        return f"no heartbeat for over {bound:g} s and no worker recorded on the job"
+    return None
+
+
+def recover_own_jobs(settings=None) -> dict[int, int | None]:
+    """At a worker's start: fail at once the ``running`` jobs of this stack whose worker is gone
+    (:func:`own_job_gone`; e.g. ``faceloop up`` stopped with Ctrl-C during a training) and queue
+    one re-run for each (trigger ``recovery``; none for a job that was itself a recovery run),
+    instead of waiting for the heartbeat timeout of :func:`recover_lost_jobs`.
+
+    The job's ``error`` says so: ``stopped with its worker (Ctrl-C of faceloop up, or killed) at
+    stage 'train', epoch 3/20: its worker process (pid ...) is gone; re-run as job 12``.
+
+    Returns: ``{lost job id: re-run job id or None}``. Redis unreachable: the jobs without a
+    recorded worker are left to the sweep; the others are still decided (pids need no Redis).
+    """
+    from backend.events import queue_training
+
+    settings = settings or get_settings()
+    try:
+        r = _redis(settings)
+        r.ping()
+    except redis.RedisError:
+        r = None
+    gone: dict[int, tuple[int, str, str]] = {}
+    with session_scope(settings.database_url) as s:
+        for j in s.exec(select(TrainingJob).where(TrainingJob.state == "running")).all():
+            why = own_job_gone(settings, j, r)
+            if why is None:
+                continue
+            at = f"stage {j.stage or 'unknown'!r}" + (f", epoch {j.epoch}/{j.epochs}" if j.epochs else "")
+            j.state, j.finished_at = "failed", utcnow()
+            j.error = f"stopped with its worker (Ctrl-C of faceloop up, or killed) at {at}: {why}"
+            gone[j.id] = (j.project_id, j.trigger, j.error)
+    out: dict[int, int | None] = {}
+    for job_id, (pid, trigger, error) in gone.items():
+        rerun = None
+        if trigger != RECOVERY_TRIGGER:
+            try:
+                rerun = int(queue_training(settings, pid, RECOVERY_TRIGGER)["job"])
+            except Exception as e:  # the job is failed; the sweep's resend sends what was recorded
+                log.warning("job %s: re-run not queued: %s: %s", job_id, e.__class__.__name__, e)
+        with session_scope(settings.database_url) as s:
+            s.get(TrainingJob, job_id).error = error + (f"; re-run as job {rerun}" if rerun is not None else
+                                                        "; not re-run: it was already a recovery run"
+                                                        if trigger == RECOVERY_TRIGGER else "; re-run not queued")
+        out[job_id] = rerun
+    if out:
+        log.error("training jobs of a stopped worker failed at start, re-run as: %s", out)
+    return out
+
+
 def sweep(settings=None, suspects: set | None = None) -> dict:
     """One recovery pass: :func:`recover_lost_jobs`, send queued training jobs and scoring runs
     never sent, and deliver pending Label Studio writes (:func:`ml_worker.outbox.deliver`).
@@ -558,6 +734,10 @@ def _on_worker_ready(sender=None, **_):  # pragma: no cover - exercised by the e
     from backend.db import upgrade_schema
 
     upgrade_schema(get_settings().database_url)  # migrations to the newest revision now, not at the first task
+    try:  # this stack's jobs whose worker is gone (Ctrl-C during a training): failed and re-run now
+        recover_own_jobs()
+    except Exception:
+        log.exception("could not check for training jobs of a stopped worker")
     try:
         ids = resend_queued_jobs()
         if ids:

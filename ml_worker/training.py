@@ -625,10 +625,10 @@ def run_training(settings: Settings, job_id: int, progress: ProgressFn | None = 
     from backend.db import session_scope
     from backend.images import ls_client
     from backend.labels import ProjectSchema
-    from backend.lsapi import snapshot
     from backend.models import ModelVersion, Project, TrainingJob
     from facemodels.detector import ModelCache
     from ml_worker.evaluation import evaluate_choices, evaluate_model
+    from ml_worker.tasks import take_snapshot
 
     from backend import jobprogress
 
@@ -654,7 +654,8 @@ def run_training(settings: Settings, job_id: int, progress: ProgressFn | None = 
     schema = ProjectSchema.parse(project.label_config)
     with session_scope(settings.database_url) as s:
         registry.upsert_project(s, pid, label_config=project.label_config, title=project.title)
-    tasks = [t for t in snapshot(client, pid) if t.result is not None]
+    # labelled tasks; a job asked for during a run on the same labels is skipped here (JobSkipped)
+    tasks = take_snapshot(settings, job_id, client, pid, project.label_config)
     if len(tasks) < 2:
         raise ValueError(f"need at least 2 annotated tasks to train, project {pid} has {len(tasks)}")
 

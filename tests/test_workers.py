@@ -216,7 +216,15 @@ def test_two_workers_share_only_database_redis_and_label_studio(ls_stack, shared
         # 2. Start Training twice in one project: the second job waits for the first
         t2 = time.time()
         client.ml.train(id=projects[p1]["ml"])
-        first = _wait(lambda: next((j for j in _jobs(url, p1)[1:] if j.state == "running"), None), "the rerun to start")
+        first = _wait(lambda: next((j for j in _jobs(url, p1)[1:] if j.state == "running" and j.labels_sha), None),
+                      "the rerun to start and take its snapshot")
+        # a label changed during the run, after its snapshot: the second press's job trains (on the
+        # same labels it would be skipped: ml_worker.tasks.take_snapshot)
+        ann = client.tasks.get(id=client.tasks.list(project=p1).items[0].id).annotations[0]
+        result = [dict(r) for r in ann["result"]]
+        result[0] = {**result[0], "value": {**result[0]["value"], "rectanglelabels": [
+            "sleep" if result[0]["value"]["rectanglelabels"] == ["awake"] else "awake"]}}
+        client.annotations.update(id=ann["id"], result=result)
         client.ml.train(id=projects[p1]["ml"])
         second = _wait(lambda: next((j for j in _jobs(url, p1) if j.id > first.id and j.celery_id), None),
                        "the second press's job")
