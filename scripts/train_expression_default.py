@@ -327,7 +327,7 @@ def main() -> None:
     if held:
         ev = evaluate(model, held)
         ev0 = evaluate(init, held)
-        info["data"]["holdout"] = {"fraction": args.holdout, "seed": args.holdout_seed, "n_faces_fit": met["n_train"],
+        info["data"]["holdout"] = {"fraction": args.holdout, "seed": args.holdout_seed, "n_faces_fit": n_faces_fit,
                                    "grouping": "whole source subjects (subject_groups)"}
         info["holdout_train"] = {
             "note": "held-out part of train (whole source subjects), used to choose the recipe",
