@@ -21,6 +21,18 @@ ids from ``manifest.csv``'s original file names), and scores the held-out faces 
 (``balanced``, ``mixup``, ``label_smoothing``, ...); ``--init`` an earlier output continues its
 fine-tune (the earlier run's provenance is kept under ``parent.fine_tune``).
 
+Box style of serving (``--detector-crops``): each ground-truth face also gives a second crop with
+the same class, the shipped detector's box on it (``--bundle``'s detector, face threshold and NMS
+IoU; the shown box with the highest IoU >= 0.5, ``ml_worker.training.detector_boxes``) - the crops
+the worker's retrain learns from with ``CLASSIFIER_DETECTOR_CROPS`` (``face_crops``). With
+``--holdout`` the held-out faces are scored both on their ground-truth boxes and on the detector's
+box matched to them ("found faces", what ``faceloop evaluate``'s class accuracy counts).
+``--average A.pt B.pt ...`` trains nothing: it writes the uniform average of the weights of
+fine-tunes from the same init ("model soup", Wortsman et al. 2022, arXiv:2203.05482; same
+architecture, classes and crop margin, so serving cost is unchanged) and scores it like a trained
+run; ``--ensemble`` also scores the average of their probabilities (a diagnosis only: it costs one
+classifier pass per member).
+
 Output: the ``.pt`` (our classifier format, provenance in its metadata) and a ``.json`` beside it
 with the source data (file list SHA-256), parent weights' SHA-256, recipe, seed, per-epoch loss,
 train time and the ``.pt``'s SHA-256.
@@ -135,6 +147,63 @@ def load_split(root: Path, split: str, classes: list[str], names_out: list | Non
     return out, hashlib.sha256("".join(lines).encode()).hexdigest(), counts
 
 
+def image_samples(samples: list, names: list[str]) -> tuple[list[str], list]:
+    """Group flat ``(image, box, class)`` samples by image file name into
+    ``ml_worker.dataset.Sample``-like records (``.image``, ``.boxes`` ``[(x1, y1, x2, y2, class)]``,
+    ``.split`` = "train") for :func:`ml_worker.training.detector_boxes` / ``face_crops``.
+    Returns ``(image names, records)`` in first-seen order."""
+    from types import SimpleNamespace
+
+    order: list[str] = []
+    recs: dict[str, SimpleNamespace] = {}
+    for (im, b, c), n in zip(samples, names):
+        if n not in recs:
+            order.append(n)
+            recs[n] = SimpleNamespace(image=im, boxes=[], split="train")
+        recs[n].boxes.append((*map(float, b), int(c)))
+    return order, [recs[n] for n in order]
+
+
+def shipped_detector_boxes(bundle_path: Path, recs: list) -> tuple[list[list], dict]:
+    """The bundle's detector on each record's image (its ``imgsz``, ``nms_iou``, ``face_threshold``);
+    per record, per labelled box: the matched detector box (pixels) or None (``detector_boxes``).
+    Returns ``(boxes, info)``; info names the detector file, its sha256 and the settings."""
+    from facemodels.detector import FaceModel
+    from ml_worker.training import detector_boxes
+
+    bundle = json.loads(bundle_path.read_text())
+    det_path = bundle_path.parent / bundle["detector"]
+    fm = FaceModel(det_path)
+    fm.nms_iou = float(bundle.get("nms_iou") or fm.nms_iou)
+    thr = float(bundle.get("face_threshold") or 0.5)
+    imgsz = int(bundle.get("imgsz") or 256)
+    dets = fm.detect([r.image for r in recs], conf=0.01, imgsz=imgsz)
+    info = {"detector": det_path.name, "sha256": file_sha256(det_path), "imgsz": imgsz,
+            "nms_iou": fm.nms_iou, "face_threshold": thr, "match_iou": 0.5}
+    return detector_boxes(dets, recs, thr), info
+
+
+def average_weights(paths: list[Path]) -> FaceClassifier:
+    """Uniform average of the weights of classifiers with the same classes, crop margin and input
+    size (a uniform "model soup"); raises SystemExit when they differ."""
+    ms = [FaceClassifier.load(p) for p in paths]
+    for p, m in zip(paths[1:], ms[1:]):
+        if (m.classes, m.crop_margin, m.input_size) != (ms[0].classes, ms[0].crop_margin, ms[0].input_size):
+            raise SystemExit(f"{p} differs from {paths[0]} in classes, crop margin or input size")
+    sds = [m.net.state_dict() for m in ms]
+    ms[0].net.load_state_dict({k: sum(sd[k].float() for sd in sds) / len(sds) for k in sds[0]})
+    return ms[0]
+
+
+def ensemble_accuracy(models: list, samples: list) -> float:
+    """Accuracy of the mean of the models' probabilities on ``(image, box, class)`` samples."""
+    ok = 0
+    for im, b, c in samples:
+        p = sum(m.predict_proba(im, np.asarray(b, float).reshape(1, 4)) for m in models)
+        ok += int(p.argmax(1)[0] == c)
+    return ok / len(samples) if samples else float("nan")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=DATA)
@@ -152,6 +221,14 @@ def main() -> None:
     ap.add_argument("--holdout-seed", type=int, default=0)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a fine_tune RECIPE entry, e.g. --set balanced=True --set mixup=0.2")
+    ap.add_argument("--detector-crops", action="store_true",
+                    help="also train on the shipped detector's box matched to each face (same class)")
+    ap.add_argument("--bundle", type=Path, default=REPO / "models" / "faceloop-default.json",
+                    help="two-stage bundle whose detector gives the detector crops and the held-out found faces")
+    ap.add_argument("--average", type=Path, nargs="+", default=None, metavar="PT",
+                    help="train nothing: write and score the uniform weight average of these fine-tunes")
+    ap.add_argument("--ensemble", action="store_true",
+                    help="with --average and --holdout: also score the mean of the members' probabilities")
     ap.add_argument("--max-faces", type=int, default=0, help="smoke test: only the first N faces of each split")
     args = ap.parse_args()
     if not (args.data / "data.yaml").is_file():
@@ -175,19 +252,44 @@ def main() -> None:
     if args.max_faces:
         train, img_names = train[:args.max_faces], img_names[:args.max_faces]
     held: list = []
+    held_names: list[str] = []
     if args.holdout:
         out_imgs = holdout_images(args.data, "train", args.holdout, args.holdout_seed)
         held = [s for s, n in zip(train, img_names) if n in out_imgs]
-        train = [s for s, n in zip(train, img_names) if n not in out_imgs]
+        held_names = [n for n in img_names if n in out_imgs]
+        keep = [n not in out_imgs for n in img_names]
+        train = [s for s, k in zip(train, keep) if k]
+        img_names = [n for n, k in zip(img_names, keep) if k]
         print(f"holdout: {len(out_imgs)} images / {len(held)} faces held out (whole subjects), "
               f"{len(train)} faces to fit", flush=True)
     print(f"train: {len(train)} faces ({train_counts}), loaded in {time.perf_counter() - t0:.0f} s", flush=True)
+    n_faces_fit = len(train)
+    det_info = None
+    if args.detector_crops and not args.average:
+        from ml_worker.training import face_crops
 
-    t = time.perf_counter()
-    model, met = fine_tune(init, train, classes, epochs=args.epochs, seed=args.seed, lr=args.lr,
-                           crop_margin=args.margin, **overrides,
-                           on_epoch=lambda e, n, l: print(f"epoch {e}/{n} loss {l:.4f} ({time.perf_counter() - t:.0f} s)",
-                                                          flush=True))
+        t = time.perf_counter()
+        _, recs = image_samples(train, img_names)
+        det_boxes, det_info = shipped_detector_boxes(args.bundle, recs)
+        train = face_crops(recs, ("train",), det_boxes)
+        det_info["n_detector_crops"] = len(train) - n_faces_fit
+        print(f"detector crops: {det_info['n_detector_crops']} of {n_faces_fit} faces matched at IoU >= 0.5 "
+              f"({time.perf_counter() - t:.0f} s); {len(train)} crops to fit", flush=True)
+
+    if args.average:
+        members = [{"file": p.name, "sha256": file_sha256(p),
+                    "seed": FaceClassifier.load(p).meta.get("fine_tune", {}).get("seed")} for p in args.average]
+        model = average_weights(args.average)
+        first = FaceClassifier.load(args.average[0]).meta.get("fine_tune", {})
+        met = {"n_train": first.get("data", {}).get("n_faces", n_faces_fit),
+               "recipe": {"uniform_weight_average_of": members, "member_recipe": first.get("recipe")},
+               "loss": [], "train_seconds": 0.0}
+    else:
+        t = time.perf_counter()
+        model, met = fine_tune(init, train, classes, epochs=args.epochs, seed=args.seed, lr=args.lr,
+                               crop_margin=args.margin, **overrides,
+                               on_epoch=lambda e, n, l: print(f"epoch {e}/{n} loss {l:.4f} ({time.perf_counter() - t:.0f} s)",
+                                                              flush=True))
     del train
     parent_sha = file_sha256(args.init)
     prov = {
@@ -195,19 +297,22 @@ def main() -> None:
                        "../shared/data/expressions train (ground-truth face boxes); the day-0 classifier of "
                        "expression projects"
                        + (f"; this run continues from {args.init.name} (parent.fine_tune)"
-                          if init.meta.get("fine_tune") else ""),
+                          if init.meta.get("fine_tune") else "")
+                       + ("; the uniform weight average of several such fine-tunes (recipe.uniform_weight_average_of)"
+                          if args.average else ""),
         "trained_by": "scripts/train_expression_default.py",
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "parent": {"file": args.init.name, "sha256": parent_sha, "source": init.meta.get("source"),
                    # a continued fine-tune (--init an earlier output): keep the earlier run's provenance
                    **({"fine_tune": init.meta["fine_tune"]} if init.meta.get("fine_tune") else {})},
-        "data": {"dataset": "../shared/data/expressions", "split": "train", "n_faces": met["n_train"],
+        "data": {"dataset": "../shared/data/expressions", "split": "train", "n_faces": n_faces_fit,
+                 "n_crops": met["n_train"], "detector_crops": det_info,
                  "boxes_per_class": train_counts,
                  "files_sha256": train_fp,
                  "files_sha256_of": "sorted lines 'image name<TAB>sha256(image)<TAB>sha256(label file)\\n'",
                  "licence_caveat": "research-only source databases (BU-3DFE, Bosphorus, Dartmouth, JAFFE) among "
                                    "the pictures; see ../shared/data/expressions/SOURCE.md and models/MODEL_CARD.md"},
-        "recipe": met["recipe"], "seed": args.seed, "threads": args.threads,
+        "recipe": met["recipe"], "seed": None if args.average else args.seed, "threads": args.threads,
         "train_loss": [round(x, 4) for x in met["loss"]], "train_seconds": round(met["train_seconds"], 1),
         "torch": torch.__version__, "python": platform.python_version(),
     }
@@ -222,7 +327,7 @@ def main() -> None:
     if held:
         ev = evaluate(model, held)
         ev0 = evaluate(init, held)
-        info["data"]["holdout"] = {"fraction": args.holdout, "seed": args.holdout_seed, "n_faces_fit": met["n_train"],
+        info["data"]["holdout"] = {"fraction": args.holdout, "seed": args.holdout_seed, "n_faces_fit": n_faces_fit,
                                    "grouping": "whole source subjects (subject_groups)"}
         info["holdout_train"] = {
             "note": "held-out part of train (whole source subjects), used to choose the recipe",
@@ -231,6 +336,27 @@ def main() -> None:
             "init_accuracy": round(ev0["accuracy"], 4)}
         print(f"held-out train ({ev['n']} faces): accuracy {ev['accuracy']:.4f} (init {ev0['accuracy']:.4f}); "
               f"per class {info['holdout_train']['per_class']}", flush=True)
+        # found faces: the shipped detector's box matched (IoU >= 0.5) to each held-out face
+        _, hrecs = image_samples(held, held_names)
+        hdet, hinfo = shipped_detector_boxes(args.bundle, hrecs)
+        found = [(r.image, np.asarray(d, float), int(b[4])) for r, row in zip(hrecs, hdet)
+                 for b, d in zip(r.boxes, row) if d is not None]
+        evf = evaluate(model, found)
+        info["holdout_train"]["found_faces"] = {
+            "note": "held-out faces the shipped detector finds (IoU >= 0.5), classified on its box",
+            "detector": hinfo, "n_found": evf["n"], "accuracy": round(evf["accuracy"], 4),
+            "per_class": {k: round(v, 3) for k, v in evf["per_class"].items()}}
+        print(f"held-out found faces ({evf['n']} of {ev['n']}, detector's boxes): accuracy {evf['accuracy']:.4f}; "
+              f"per class {info['holdout_train']['found_faces']['per_class']}", flush=True)
+        if args.ensemble and args.average:
+            members = [FaceClassifier.load(p) for p in args.average]
+            info["holdout_train"]["ensemble_diagnosis"] = {
+                "note": "mean of the members' probabilities (not shipped: one classifier pass per member)",
+                "accuracy": round(ensemble_accuracy(members, held), 4),
+                "found_faces_accuracy": round(ensemble_accuracy(members, found), 4),
+                "members_accuracy": [round(evaluate(m, held)["accuracy"], 4) for m in members],
+                "members_found_faces_accuracy": [round(evaluate(m, found)["accuracy"], 4) for m in members]}
+            print(f"ensemble diagnosis: {info['holdout_train']['ensemble_diagnosis']}", flush=True)
     elif not args.no_val:
         val, val_fp, val_counts = load_split(args.data, "val", classes)
         if args.max_faces:

@@ -46,3 +46,42 @@ def test_holdout_run_scores_the_held_out_part_not_val(tmp_path):
     assert ho["n_faces"] > 0 and 0.0 <= ho["accuracy"] <= 1.0
     assert info["data"]["holdout"]["n_faces_fit"] + ho["n_faces"] == 120
     assert info["recipe"]["mixup"] == 0.2 and info["recipe"]["epochs"] == 1
+
+
+def test_detector_crops_found_faces_and_weight_average(tmp_path):
+    """--detector-crops adds the shipped detector's box of each fitted face as a second crop; a
+    held-out run also scores the faces the detector finds on its boxes; --average writes the
+    uniform weight average of two runs (same classes and margin) and scores it the same way."""
+    import torch
+
+    data = require_data(SHARED_DATA / "expressions")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    script = [sys.executable, str(REPO / "scripts" / "train_expression_default.py"), "--data", str(data),
+              "--max-faces", "120", "--holdout", "0.15"]
+    a, b, soup = tmp_path / "a.pt", tmp_path / "b.pt", tmp_path / "soup.pt"
+    r = subprocess.run([*script, "--epochs", "1", "--detector-crops", "--out", str(a)], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    info = json.loads(a.with_suffix(".json").read_text())
+    det = info["data"]["detector_crops"]
+    assert det["detector"] == "faceloop-face.pt" and det["match_iou"] == 0.5
+    assert 0 < det["n_detector_crops"] <= info["data"]["n_faces"]
+    assert info["data"]["n_crops"] == info["data"]["n_faces"] + det["n_detector_crops"]
+    assert info["data"]["holdout"]["n_faces_fit"] == info["data"]["n_faces"]
+    found = info["holdout_train"]["found_faces"]
+    assert 0 < found["n_found"] <= info["holdout_train"]["n_faces"] and 0.0 <= found["accuracy"] <= 1.0
+
+    r = subprocess.run([*script, "--epochs", "1", "--seed", "1", "--out", str(b)], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([*script, "--average", str(a), str(b), "--ensemble", "--out", str(soup)], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    sds = [torch.load(p, weights_only=True)["state_dict"] for p in (a, b, soup)]
+    for k in sds[0]:
+        assert torch.allclose(sds[2][k], (sds[0][k] + sds[1][k]) / 2, atol=1e-6), k
+    info = json.loads(soup.with_suffix(".json").read_text())
+    assert [m["file"] for m in info["recipe"]["uniform_weight_average_of"]] == ["a.pt", "b.pt"]
+    assert info["seed"] is None and info["train_loss"] == []
+    ens = info["holdout_train"]["ensemble_diagnosis"]
+    assert len(ens["members_accuracy"]) == 2 and 0.0 <= ens["accuracy"] <= 1.0
