@@ -34,16 +34,21 @@ LOAD_CHUNK = 8
 MAX_FLAT_SHARE = 0.9
 #: Grey levels (0-255) either side of the box's median that count as flat (JPEG noise on a plain band).
 FLAT_LEVELS = 4
+#: Most sample points a side :func:`flat_share` reads in a box.
+FLAT_GRID = 64
 
 
 def flat_share(image: np.ndarray, box, levels: float = FLAT_LEVELS) -> float:
     """Share (0-1) of the pixels of ``box`` (``x1, y1, x2, y2`` pixels, clipped to the image; at
     least one pixel) whose grey level (mean of R, G, B) is within ``levels`` (0-255) of the box's
-    median. A box over 256 px on a side is read every ``side // 256``-th pixel (cost only)."""
+    median. The box is read on a grid of at most :data:`FLAT_GRID` points a side (every
+    ``ceil(side / FLAT_GRID)``-th pixel): the share is a count, so a sample estimates it (within
+    about 0.01 at 64 x 64 points), and a whole 400 px box cost 1.3 ms a detection, +15% of a
+    single-task ``/predict``."""
     h, w = image.shape[:2]
     x1, y1 = min(w - 1, max(0, int(box[0]))), min(h - 1, max(0, int(box[1])))
     x2, y2 = min(w, max(x1 + 1, int(np.ceil(box[2])))), min(h, max(y1 + 1, int(np.ceil(box[3]))))
-    step = max(1, max(y2 - y1, x2 - x1) // 256)
+    step = max(1, -(-max(y2 - y1, x2 - x1) // FLAT_GRID))
     patch = image[y1:y2:step, x1:x2:step]
     grey = patch.mean(axis=2, dtype=np.float32) if patch.ndim == 3 else patch.astype(np.float32)
     return float((np.abs(grey - np.median(grey)) <= levels).mean())
