@@ -183,7 +183,8 @@ def gate(candidate: dict, current: dict | None, val_faces: int) -> tuple[bool, s
     - The split holds no labelled face: nothing is measured, the current version stays.
     - Neither version finds a labelled face with the right class (mAP50 0 for both): stays.
     - Otherwise the candidate is promoted when its mAP50 is at least the current version's
-      (ties go to the newer data); the acceptance rate is reported beside it.
+      (ties go to the newer data, and the reason says it was a tie: on a few validation faces
+      both versions often score the same); the acceptance rate is reported beside it.
 
     Args:
         candidate, current: :func:`ml_worker.evaluation.evaluate_model` results (``current`` None
@@ -203,8 +204,10 @@ def gate(candidate: dict, current: dict | None, val_faces: int) -> tuple[bool, s
     if c <= 0 and o <= 0:
         return False, "mAP50 0.000 for both versions: neither finds a labelled face with its class"
     if c >= o:
+        tie = (f"; a tie: {val_faces} validation faces do not tell the versions apart, the newer labels win"
+               if round(c, 3) == round(o, 3) else "")
         return True, (f"mAP50 {c:.3f} >= current {o:.3f} on the same {val_faces} validation faces{acc} "
-                      f"(current {current['acceptance_rate']:.2f})")
+                      f"(current {current['acceptance_rate']:.2f}){tie}")
     return False, f"mAP50 {c:.3f} < current {o:.3f} on the same {val_faces} validation faces{acc}"
 
 
@@ -233,7 +236,9 @@ def gate_choices(candidate: dict, current: dict | None, val_images: int) -> tupl
     if c <= 0 and o <= 0:
         return False, "image accuracy 0.000 for both versions: neither gets a validation image right"
     if c >= o:
-        return True, f"image accuracy {c:.3f} >= current {o:.3f} on the same {val_images} validation images"
+        tie = (f"; a tie: {val_images} validation images do not tell the versions apart, the newer labels win"
+               if round(c, 3) == round(o, 3) else "")
+        return True, f"image accuracy {c:.3f} >= current {o:.3f} on the same {val_images} validation images{tie}"
     return False, f"image accuracy {c:.3f} < current {o:.3f} on the same {val_images} validation images"
 
 

@@ -289,6 +289,8 @@ def test_evaluate_choices_and_gate(tmp_path):
     assert r["confusion"]["matrix"] == [[1, 0, 1], [1, 1, 0], [0, 0, 0]]
     cur = {"accuracy": 0.25}
     assert gate_choices(r, cur, 4) == (True, "image accuracy 0.500 >= current 0.250 on the same 4 validation images")
+    assert gate_choices(r, r, 4)[1].endswith("a tie: 4 validation images do not tell the versions apart, "
+                                             "the newer labels win")
     assert gate_choices({"accuracy": 0.25}, {"accuracy": 0.5}, 4)[0] is False
     promote, why = gate_choices(r, cur, 0)
     assert not promote and "no labelled image" in why

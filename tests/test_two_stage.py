@@ -70,7 +70,11 @@ def test_write_bundle_is_atomic_and_refuses_to_overwrite(tmp_path):
 
 def test_gate_rules():
     cand = {"mAP50": 0.6, "acceptance_rate": 0.5}
-    assert gate(cand, {"mAP50": 0.5, "acceptance_rate": 0.4}, 10)[0]
+    ok, why = gate(cand, {"mAP50": 0.5, "acceptance_rate": 0.4}, 10)
+    assert ok and "tie" not in why
+    # a new user saw every version promoted on "mAP50 0.995 >= current 0.995" (5 validation faces)
+    ok, why = gate({"mAP50": 0.995, "acceptance_rate": 1.0}, {"mAP50": 0.995, "acceptance_rate": 0.8}, 5)
+    assert ok and why.endswith("a tie: 5 validation faces do not tell the versions apart, the newer labels win")
     assert not gate(cand, {"mAP50": 0.7, "acceptance_rate": 0.4}, 10)[0]
     ok, why = gate(cand, {"mAP50": 0.5, "acceptance_rate": 0.4}, 0)
     assert not ok and "no labelled face" in why
