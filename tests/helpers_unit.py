@@ -105,3 +105,31 @@ def rect_region(x, y, w, h, label=None, rotation=0, from_name="face", to_name="i
     if original_width is not None:
         r["original_width"], r["original_height"] = original_width, original_height
     return r
+
+
+def synthetic_face_crops(n: int = 6, seed: int = 0) -> list:
+    """``n`` classifier training samples ``(image, box, class)``: 90 x 120 RGB noise with a 50 x 50
+    "face" at box ``(30, 20, 80, 70)`` pixels, bright for class 1 and dark for class 0 (alternating)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        im = rng.integers(0, 256, size=(90, 120, 3), dtype=np.uint8)
+        im[20:70, 30:80] = 255 if i % 2 else 0
+        out.append((im, np.array([30.0, 20.0, 80.0, 70.0]), i % 2))
+    return out
+
+
+def shipped_model_on_a_folder(tmp_path: Path):
+    """What a ``predict_tasks`` test of the shipped default needs: ``(root, settings, schema, model)``
+    with ``root`` = ``tmp_path/docs`` (made) served as Label Studio's local-files root (tasks use
+    :func:`local_url`), :data:`EXAMPLE_CONFIG`'s schema and the shipped default model."""
+    from backend.config import DEFAULT_MODEL_PATH
+    from backend.labels import ProjectSchema
+    from facemodels.detector import ModelCache
+
+    root = tmp_path / "docs"
+    root.mkdir()
+    settings = make_settings(tmp_path, local_files_document_root=str(root))
+    return root, settings, ProjectSchema.parse(EXAMPLE_CONFIG), ModelCache().get(DEFAULT_MODEL_PATH)

@@ -16,6 +16,7 @@ from facemodels.classifier import (FACEAPI_CLASSES, FaceClassifier, canonical_cl
 from facemodels.preprocess import (crop_region, face_batch, resize_bilinear_tf_legacy,  # noqa: E402
                                    square_padding)
 from tests.conftest import SHARED_DATA  # noqa: E402
+from tests.helpers_unit import synthetic_face_crops
 
 FIXTURE = Path(__file__).parent / "fixtures" / "faceapi_parity.json"
 
@@ -91,37 +92,27 @@ def test_parity_with_tfjs_reference():
     assert max(diffs) < 1e-3, diffs
 
 
-def _synthetic_samples(n=6, seed=0):
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        im = rng.integers(0, 256, size=(90, 120, 3), dtype=np.uint8)
-        im[20:70, 30:80] = 255 if i % 2 else 0  # the "face": bright for class 1, dark for class 0
-        out.append((im, np.array([30.0, 20.0, 80.0, 70.0]), i % 2))
-    return out
-
-
 def test_fine_tune_grows_the_head_and_keeps_known_rows(clf):
     classes = ["sleep", "Happy"]
     # epochs=0: only the head rebuild; 'Happy' keeps face-api's 'happy' row, 'sleep' is new
-    m0, met0 = fine_tune(clf, _synthetic_samples(), classes, epochs=0)
+    m0, met0 = fine_tune(clf, synthetic_face_crops(), classes, epochs=0)
     assert m0.classes == classes and m0.net.fc.out_features == 2 and met0["kept_classes"] == ["Happy"]
     assert torch.equal(m0.net.fc.weight[1], clf.net.fc.weight[1])
     assert clf.net.fc.out_features == 7  # init untouched
     seen = []
-    m, met = fine_tune(clf, _synthetic_samples(), classes, epochs=2, seed=1, val=_synthetic_samples(4, 1),
+    m, met = fine_tune(clf, synthetic_face_crops(), classes, epochs=2, seed=1, val=synthetic_face_crops(4, 1),
                        on_epoch=lambda e, n, loss: seen.append((e, n)))
     assert seen == [(1, 2), (2, 2)] and len(met["loss"]) == 2 and 0 <= met["val_accuracy"] <= 1
-    p = m.predict_proba(*_synthetic_samples(1)[0][:2])
+    p = m.predict_proba(*synthetic_face_crops(1)[0][:2])
     assert p.shape == (1, 2) and np.isclose(p.sum(), 1, atol=1e-5)
     with pytest.raises(ValueError, match="class index"):
-        fine_tune(clf, [(_synthetic_samples(1)[0][0], np.array([1, 1, 9, 9]), 5)], classes, epochs=1)
+        fine_tune(clf, [(synthetic_face_crops(1)[0][0], np.array([1, 1, 9, 9]), 5)], classes, epochs=1)
     with pytest.raises(ValueError, match="unknown fine_tune settings"):
-        fine_tune(clf, _synthetic_samples(), classes, epochs=1, lr_typo=1)
+        fine_tune(clf, synthetic_face_crops(), classes, epochs=1, lr_typo=1)
 
 
 def test_save_load_round_trip(clf, image, tmp_path):
-    m, _ = fine_tune(clf, _synthetic_samples(), ["awake", "sleep"], epochs=1)
+    m, _ = fine_tune(clf, synthetic_face_crops(), ["awake", "sleep"], epochs=1)
     path = tmp_path / "v1" / "clf.pt"
     m.save(path)
     assert [p.name for p in path.parent.iterdir()] == ["clf.pt"]  # no temporary file left behind
@@ -158,7 +149,7 @@ def test_classes_are_mapped_by_name(clf):
 
 
 def test_fine_tune_with_a_class_without_crops_and_one_crop_per_class(clf):
-    one = _synthetic_samples(2)  # one crop of class 0, one of class 1
+    one = synthetic_face_crops(2)  # one crop of class 0, one of class 1
     m, met = fine_tune(clf, one, ["awake", "sleep", "yawn"], epochs=1)
     assert np.isfinite(met["loss"]).all()
     p = m.predict_proba(*one[0][:2])
@@ -168,7 +159,7 @@ def test_fine_tune_with_a_class_without_crops_and_one_crop_per_class(clf):
 def test_fine_tune_optional_recipe_settings(clf):
     """The options tried in docs/classifier.md (off in the recipe) run and change the result; with
     swa_epochs=1 the averaged weights are the last epoch's."""
-    s = _synthetic_samples(6)
+    s = synthetic_face_crops(6)
     base, _ = fine_tune(clf, s, ["awake", "sleep"], epochs=2, seed=0)
     swa1, _ = fine_tune(clf, s, ["awake", "sleep"], epochs=2, seed=0, swa_epochs=1)
     for a, b in zip(base.net.parameters(), swa1.net.parameters()):

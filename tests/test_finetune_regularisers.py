@@ -12,6 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from facemodels.classifier import FaceClassifier, default_classifier_path, fine_tune
+from tests.helpers_unit import synthetic_face_crops
 
 CLASSES = ["awake", "sleep"]
 
@@ -21,23 +22,13 @@ def clf() -> FaceClassifier:
     return FaceClassifier.load(default_classifier_path())
 
 
-def _samples(n=8, seed=0):
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        im = rng.integers(0, 256, size=(90, 120, 3), dtype=np.uint8)
-        im[20:70, 30:80] = 255 if i % 2 else 0  # the "face": bright for class 1, dark for class 0
-        out.append((im, np.array([30.0, 20.0, 80.0, 70.0]), i % 2))
-    return out
-
-
 def _sq_dist(a: FaceClassifier, b: FaceClassifier) -> float:
     pa, pb = dict(a.net.features.named_parameters()), dict(b.net.features.named_parameters())
     return float(sum((pa[k].detach() - pb[k].detach()).pow(2).sum() for k in pa))
 
 
 def test_l2sp_keeps_the_backbone_near_its_starting_point(clf):
-    s = _samples()
+    s = synthetic_face_crops(8)
     plain, _ = fine_tune(clf, s, CLASSES, epochs=3, seed=0, lr=3e-3)
     held, met = fine_tune(clf, s, CLASSES, epochs=3, seed=0, lr=3e-3, l2sp=100.0)
     assert met["recipe"]["l2sp"] == 100.0
@@ -52,7 +43,7 @@ def test_l2sp_keeps_the_backbone_near_its_starting_point(clf):
 
 def test_l2sp_pulls_towards_another_anchor(clf):
     """A refit anchored at the port (not at the classifier it continues from) is pulled back to it."""
-    s = _samples()
+    s = synthetic_face_crops(8)
     moved, _ = fine_tune(clf, s, CLASSES, epochs=3, seed=0, lr=3e-3)  # a "gated" classifier, off the port
     free, _ = fine_tune(moved, s, CLASSES, epochs=3, seed=1, lr=3e-3)
     pulled, _ = fine_tune(moved, s, CLASSES, epochs=3, seed=1, lr=3e-3, l2sp=100.0, anchor=clf)
@@ -65,11 +56,11 @@ def test_l2sp_anchor_of_another_architecture_is_refused(clf):
     mod = bad.net.features.get_submodule(name.rsplit(".", 1)[0]) if "." in name else bad.net.features
     setattr(mod, name.rsplit(".", 1)[-1], torch.nn.Parameter(torch.zeros(3, 1)))
     with pytest.raises(ValueError, match="l2sp anchor"):
-        fine_tune(clf, _samples(), CLASSES, epochs=1, l2sp=0.1, anchor=bad)
+        fine_tune(clf, synthetic_face_crops(8), CLASSES, epochs=1, l2sp=0.1, anchor=bad)
 
 
 def test_bss_acts_on_batches_of_two_or_more(clf):
-    s = _samples()
+    s = synthetic_face_crops(8)
     base1, _ = fine_tune(clf, s, CLASSES, epochs=1, seed=0, batch_size=1)
     bss1, _ = fine_tune(clf, s, CLASSES, epochs=1, seed=0, batch_size=1, bss=10.0)
     for a, b in zip(base1.net.parameters(), bss1.net.parameters()):  # one crop a batch: no spectrum to shrink

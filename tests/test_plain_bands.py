@@ -13,7 +13,7 @@ from backend.geometry import iou
 from backend.predict import MAX_FLAT_SHARE, drop_uniform, flat_share
 from facemodels.detector import Detection, ImageDetections
 from tests.conftest import AWAKE_SLEEP, require_data
-from tests.helpers_unit import EXAMPLE_CONFIG, local_url, make_settings
+from tests.helpers_unit import local_url, shipped_model_on_a_folder
 
 
 def _det(box, conf=0.9):
@@ -72,15 +72,8 @@ def test_no_face_box_on_a_plain_band_and_the_faces_still_found(tmp_path, monkeyp
     bands: the test sees the filter at work)."""
     data = require_data(AWAKE_SLEEP)
     import backend.predict as bp
-    from backend.config import DEFAULT_MODEL_PATH
-    from backend.labels import ProjectSchema
-    from facemodels.detector import ModelCache
 
-    root = tmp_path / "docs"
-    root.mkdir()
-    settings = make_settings(tmp_path, local_files_document_root=str(root))
-    schema = ProjectSchema.parse(EXAMPLE_CONFIG)
-    model = ModelCache().get(DEFAULT_MODEL_PATH)
+    root, settings, schema, model = shipped_model_on_a_folder(tmp_path)
     names = sorted(p.stem for p in (data / "images" / "val").glob("*.jpg"))[:12]
     assert len(names) == 12, "awake_sleep val has at least 12 images"
     tasks, truths, widths = [], [], []

@@ -14,7 +14,7 @@ from backend.geometry import iou
 from backend.images import decode_image, drop_transparent
 from facemodels.detector import Detection, ImageDetections
 from tests.conftest import AWAKE_SLEEP, require_data
-from tests.helpers_unit import EXAMPLE_CONFIG, jpeg_bytes, local_url, make_settings
+from tests.helpers_unit import jpeg_bytes, local_url, shipped_model_on_a_folder
 
 MAX_PIXELS = 50_000_000
 
@@ -77,16 +77,9 @@ def test_no_face_box_on_a_transparent_band_and_the_face_still_found(tmp_path):
     noise under alpha 0, predicted one task at a time as Label Studio asks when a task opens: no
     box in the band, and the face box still there (IoU >= 0.5 with its ground truth)."""
     data = require_data(AWAKE_SLEEP)
-    from backend.config import DEFAULT_MODEL_PATH
-    from backend.labels import ProjectSchema
     from backend.predict import predict_tasks
-    from facemodels.detector import ModelCache
 
-    root = tmp_path / "docs"
-    root.mkdir()
-    settings = make_settings(tmp_path, local_files_document_root=str(root))
-    schema = ProjectSchema.parse(EXAMPLE_CONFIG)
-    model = ModelCache().get(DEFAULT_MODEL_PATH)
+    root, settings, schema, model = shipped_model_on_a_folder(tmp_path)
     # two val images whose face the shipped model finds in the canvas (the 1st and 3rd; the 2nd it misses
     # with or without the band)
     names = ["agufsamudra_05feec546aad", "agufsamudra_2024f47e864f"]
