@@ -745,6 +745,42 @@ def queue(project: int = typer.Argument(..., help="Label Studio project id"),
 
 
 @app.command()
+def status(project: Optional[int] = typer.Argument(None, help="Only this Label Studio project (default: all)")):
+    """Print the status page's link of each project of the running stack (one click opens it: jobs,
+    versions, acceptance, the review queue), and the latest training job of each."""
+    from sqlmodel import select
+
+    from backend.models import TrainingJob
+    from backend.stack import SECRETS_FILE, read_json
+    from backend.status import status_link
+
+    st = _use_running_stack()
+    if st is None:
+        _fail(f"no stack is running from {_stack_root()}: start one with `faceloop up [FOLDER]` (its status "
+              "page links are printed there too)")
+    key = read_json(Path(st.get("root") or _stack_root()) / SECRETS_FILE).get("webhook_secret", "")
+    entries = [e for e in (st.get("projects") or []) if isinstance(e, dict) and e.get("id")]
+    if project is not None:
+        entries = [e for e in entries if int(e["id"]) == project]
+        if not entries:
+            _fail(f"project {project} is not a project of this stack (its projects: "
+                  f"{', '.join(str(e['id']) for e in st.get('projects') or [] if isinstance(e, dict)) or 'none'})")
+    for e in entries:
+        pid = int(e["id"])
+        with _db() as s:
+            job = s.exec(select(TrainingJob).where(TrainingJob.project_id == pid)
+                         .order_by(TrainingJob.id.desc())).first()
+        last = (f"job {job.id} {job.state}" + (f", {job.stage}" if job.state == "running" and job.stage else "")
+                if job else "no training yet")
+        console.print(f"project {pid} ({e.get('folder', '')}; {last})", soft_wrap=True, markup=False,
+                      highlight=False)
+        console.print(f"  {status_link(st.get('backend_url', ''), pid, key)}", soft_wrap=True, markup=False,
+                      highlight=False)
+    if not entries:
+        console.print("this stack has no project yet: `faceloop up FOLDER` makes one")
+
+
+@app.command()
 def versions(project: int = typer.Argument(..., help="Label Studio project id")):
     """List a project's model versions with their validation metrics and gate decision."""
     from sqlmodel import select

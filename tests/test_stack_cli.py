@@ -515,3 +515,37 @@ def test_queue_leaves_out_tasks_labelled_since_scoring(cli_env):
     rows = [line.split("│") for line in r.output.splitlines() if line.count("│") > 3]
     assert [int(c[2]) for c in rows] == [64, 167], r.output
     assert [int(c[1]) for c in rows] == [1, 2], r.output  # places in the queue now, from 1 (not the stored ranks 1, 3)
+
+
+def test_status_prints_each_projects_link_and_last_job(cli_env):
+    """`faceloop status` (a new user looked for it): the running stack's projects with the status
+    page's one-click link (the project's token, as `up` prints it) and the latest job; exit 1 with
+    what to do when no stack runs."""
+    from backend.stack import SECRETS_FILE
+    from backend.status import status_link
+
+    app, db = cli_env
+    r = runner.invoke(app, ["status"], env={"COLUMNS": "250"})
+    assert r.exit_code == 1 and "no stack is running" in _flat(r.output) and "faceloop up" in r.output, r.output
+    root = get_settings().var_dir / "stack"
+    root.mkdir(parents=True)
+    (root / SECRETS_FILE).write_text(json.dumps({"webhook_secret": "s3cret-key"}))
+    state = {"running": True, "pids": {"redis": os.getpid(), "label-studio": os.getpid()}, "root": str(root),
+             "ls_url": "http://127.0.0.1:18080", "redis_url": "redis://127.0.0.1:16379/0",
+             "backend_url": "http://127.0.0.1:19090",
+             "projects": [{"id": 3, "folder": "/photos/a"}, {"id": 5, "folder": "/photos/b"}]}
+    (root / "stack.json").write_text(json.dumps(state))
+    with session_scope(db) as s:
+        upsert_project(s, 5)
+        s.add(TrainingJob(project_id=5, trigger="start_training", state="running", stage="train detector"))
+    r = runner.invoke(app, ["status"], env={"COLUMNS": "250"})
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert lines[0] == "project 3 (/photos/a; no training yet)"
+    assert lines[1].strip() == status_link("http://127.0.0.1:19090", 3, "s3cret-key") and "?token=" in lines[1]
+    assert lines[2].startswith("project 5 (/photos/b; job ") and lines[2].endswith(" running, train detector)")
+    assert lines[3].strip() == status_link("http://127.0.0.1:19090", 5, "s3cret-key")
+    r = runner.invoke(app, ["status", "5"], env={"COLUMNS": "250"})
+    assert r.exit_code == 0 and "project 3" not in r.output and "/status/5?token=" in r.output, r.output
+    r = runner.invoke(app, ["status", "9"], env={"COLUMNS": "250"})
+    assert r.exit_code == 1 and "its projects: 3, 5" in _flat(r.output), r.output
