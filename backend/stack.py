@@ -142,9 +142,12 @@ def _token_accepted(ls_url: str, pat: str) -> bool:
 
 
 def pid_alive(pid) -> bool:
-    """True when process ``pid`` exists (signal 0)."""
+    """True when process ``pid`` exists (signal 0; a process of another user, which may not be
+    signalled, exists too). False for no such process or a value that is not a pid."""
     try:
         os.kill(int(pid), 0)
+    except PermissionError:
+        return True
     except (OSError, ValueError, TypeError):
         return False
     return True

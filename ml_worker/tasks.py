@@ -591,16 +591,6 @@ def recover_lost_jobs(settings=None, suspects: set | None = None) -> list[int]:
     return lost
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
-
-
 def own_job_gone(settings, job: TrainingJob, r=None) -> str | None:
     """Why ``running`` job ``job`` has no live worker, as seen by a worker starting now, or None.
 
@@ -612,13 +602,15 @@ def own_job_gone(settings, job: TrainingJob, r=None) -> str | None:
       (``faceloop:job:<id>:alive``, renewed every ``JOB_HEARTBEAT_TTL_S / 4``) is missing or older
       than ``JOB_HEARTBEAT_TTL_S / 2`` and the job started longer ago than that (needs ``r``).
     """
+    from backend.stack import pid_alive
+
     w = parse_worker(job.worker)
     if w:
         me = parse_worker(worker_identity(settings))
         if w.get("host") != me["host"] or w.get("stack") != me["stack"] or not str(w.get("pid", "")).isdigit():
             return None
         pid = int(w["pid"])
-        if pid == os.getpid() or not _pid_alive(pid):
+        if pid == os.getpid() or not pid_alive(pid):
             return f"its worker process (pid {pid} on {me['host']}) is gone"
         return None
     if r is None:
