@@ -206,6 +206,13 @@ def evaluate_estimate(job) -> float | None:
     return EVALUATED_VERSIONS * int(job.n_val) * float(rec["predict_seconds"]) / int(rec["predict_images"])
 
 
+def _stage_seconds(job, name: str, epochs: int, prev: dict, scale: float) -> float | None:
+    """A stage's seconds from the previous job (:func:`_from_previous`), else, for ``evaluate``,
+    from this job's own measure (:func:`evaluate_estimate`); None when neither is known."""
+    secs = _from_previous(name, epochs, prev, scale)
+    return evaluate_estimate(job) if secs is None and name == "evaluate" else secs
+
+
 def estimate(job, previous=None, now: datetime | None = None) -> Estimate | None:
     """The time left of a running job, per stage (see the module docstring).
 
@@ -236,9 +243,7 @@ def estimate(job, previous=None, now: datetime | None = None) -> Estimate | None
         tail = prev.get(cur["stage"], {}).get("tail", 0.0) * scale  # e.g. the detector's face-threshold fit
         left = max(0.0, per * max(0, n - k) + tail - (now - last).total_seconds())
     else:
-        took = _from_previous(cur["stage"], n, prev, scale)
-        if took is None and cur["stage"] == "evaluate":
-            took = evaluate_estimate(job)
+        took = _stage_seconds(job, cur["stage"], n, prev, scale)
         if took is not None:
             left = max(0.0, took - (now - start).total_seconds())
     current = StageTime(cur["stage"], n, left)
@@ -248,9 +253,7 @@ def estimate(job, previous=None, now: datetime | None = None) -> Estimate | None
     for s in stages[idx + 1:]:
         if s.get("start"):
             continue
-        secs = _from_previous(s["stage"], int(s.get("epochs") or 0), prev, scale)
-        if secs is None and s["stage"] == "evaluate":
-            secs = evaluate_estimate(job)
+        secs = _stage_seconds(job, s["stage"], int(s.get("epochs") or 0), prev, scale)
         later.append(StageTime(s["stage"], int(s.get("epochs") or 0), secs, s.get("if", "")))
         if s.get("if"):
             extra = None if secs is None or extra is None else extra + secs
