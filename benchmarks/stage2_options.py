@@ -158,6 +158,10 @@ def main() -> None:
                 kw = {"bss": float(v[3:])}
                 clf = refit(gated(face_crops(ds.samples, ("train",), det_boxes), v, **kw),
                             face_crops(ds.samples, ("train", "val"), det_boxes), args.refit, **kw)
+            elif v.startswith("gem") or v == "attn":  # another pooling in place of the mean, both passes
+                kw = {"pool": "gem", "gem_p": float(v[3:])} if v.startswith("gem") else {"pool": "attn"}
+                clf = refit(gated(face_crops(ds.samples, ("train",), det_boxes), v, **kw),
+                            face_crops(ds.samples, ("train", "val"), det_boxes), args.refit, **kw)
             elif v == "pardet":
                 if "pardet_boxes" not in gated_cache:
                     pb = read_bundle(settings.default_model_path)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from facemodels.files import atomic_write
-from facemodels.faceapi_net import FEATURE_DIM, FaceExpressionNet
+from facemodels.faceapi_net import FEATURE_DIM, POOLS, FaceExpressionNet, make_pool
 from facemodels.preprocess import (INPUT_SIZE, MEAN_RGB, check_boxes, check_image, crop_region, face_batch,
                                    resize_bilinear_tf_legacy, square_padding)
 
@@ -112,7 +112,10 @@ class FaceClassifier:
             raise ValueError(f"{path} is not a {FORMAT} file (format={ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt)})")
         if ckpt.get("format_version", 0) > FORMAT_VERSION:
             raise ValueError(f"{path} has format version {ckpt['format_version']}; this code reads <= {FORMAT_VERSION}")
-        net = FaceExpressionNet(len(ckpt["classes"]))
+        pool = ckpt.get("pool", "mean")
+        if pool not in POOLS:
+            raise ValueError(f"{path}: unknown pooling {pool!r} (this code knows {POOLS})")
+        net = FaceExpressionNet(len(ckpt["classes"]), pool=pool)
         net.load_state_dict(ckpt["state_dict"])
         return cls(net, ckpt["classes"], crop_margin=ckpt.get("crop_margin", DEFAULT_MARGIN),
                    input_size=ckpt.get("input_size", INPUT_SIZE), meta=json.loads(ckpt.get("meta_json", "{}")), device=device)
@@ -120,7 +123,7 @@ class FaceClassifier:
     def save(self, path: str | os.PathLike) -> None:
         """Write the model atomically (temporary file in the same folder, then ``os.replace``)."""
         ckpt = {"format": FORMAT, "format_version": FORMAT_VERSION, "arch": "faceapi_expression_net",
-                "input_size": self.input_size, "classes": list(self.classes), "crop_margin": self.crop_margin,
+                "pool": getattr(self.net.features, "pool_name", "mean"), "input_size": self.input_size, "classes": list(self.classes), "crop_margin": self.crop_margin,
                 "state_dict": {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()},
                 "meta_json": json.dumps(self.meta, sort_keys=True)}
         with atomic_write(path) as f:
@@ -182,7 +185,8 @@ class FaceClassifier:
 RECIPE = dict(epochs=40, lr=1e-3, backbone_lr_scale=1.0, train_blocks=4, weight_decay=1e-4, batch_size=16,
               crop_margin=-0.1, head_init="mean", flip=True, scale_jitter=0.15, shift_jitter=0.08,
               brightness=0.3, contrast=0.3, label_smoothing=0.1, input_size=112, mixup=0.0,
-              balanced=False, grayscale=0.0, rotate=0.0, swa_epochs=0, head_epochs=0, l2sp=0.0, bss=0.0, bss_k=1)
+              balanced=False, grayscale=0.0, rotate=0.0, swa_epochs=0, head_epochs=0, l2sp=0.0, bss=0.0, bss_k=1,
+              pool="mean", gem_p=3.0)
 
 
 class _Patch:
@@ -304,6 +308,11 @@ def fine_tune(init: FaceClassifier, samples: list[tuple[np.ndarray, np.ndarray, 
     ``bss=η`` adds ``η·Σ σ_i²`` over the ``bss_k`` smallest singular values of the batch's pooled
     features (batch × 256): Batch Spectral Shrinkage, Chen et al. 2019, "Catastrophic forgetting
     meets negative transfer" (NeurIPS).
+    Pooling (``pool``, default ``"mean"``: face-api's global mean; see :mod:`facemodels.faceapi_net`):
+    ``"gem"`` (generalized mean, learnable exponent starting at ``gem_p``) or ``"attn"`` (spatial
+    softmax attention from a 1x1 conv starting at zero = the mean). When ``init``'s pooling is
+    another one, a fresh pooling of the requested kind replaces it (an init with the same kind keeps
+    its trained pooling); its parameters train with the head's lr. Measured: docs/classifier.md, "Sixth round".
     ``on_epoch(epoch, epochs, mean_loss)`` is called after every epoch (1-based).
 
     Returns ``(model, metrics)``; metrics: ``loss`` (per-epoch mean training loss), ``train_seconds``,
@@ -340,7 +349,14 @@ def fine_tune(init: FaceClassifier, samples: list[tuple[np.ndarray, np.ndarray, 
     dev = init.device  # train where the init model lives (CPU here)
     labels = torch.tensor([p.label for p in patches], device=dev)
 
+    if cfg["pool"] not in POOLS:
+        raise ValueError(f"pool must be one of {POOLS}, got {cfg['pool']!r}")
     net = copy.deepcopy(init.net).to(dev)
+    if getattr(net.features, "pool_name", "mean") != cfg["pool"]:
+        net.features.pool_name = cfg["pool"]
+        net.features.pool = make_pool(cfg["pool"], float(cfg["gem_p"]))
+        if net.features.pool is not None:
+            net.features.pool.to(dev)
     old_cols = init.class_columns(classes)  # row of init's head for each class, matched by name
     kept = [c for c, j in zip(classes, old_cols) if j is not None]
     fc = torch.nn.Linear(FEATURE_DIM, len(classes)).to(dev)
@@ -379,7 +395,10 @@ def fine_tune(init: FaceClassifier, samples: list[tuple[np.ndarray, np.ndarray, 
     back = [p for b in trainable for p in b.parameters()]
     for p in back:
         p.requires_grad_(True)
-    groups = [{"params": list(net.fc.parameters()), "lr": cfg["lr"]}]
+    pool_params = list(net.features.pool.parameters()) if net.features.pool is not None else []
+    for p in pool_params:
+        p.requires_grad_(True)
+    groups = [{"params": list(net.fc.parameters()) + pool_params, "lr": cfg["lr"]}]
     if back:
         groups.append({"params": back, "lr": cfg["lr"] * cfg["backbone_lr_scale"],
                        # L2-SP replaces the backbone's decay towards zero by its penalty towards the anchor
@@ -389,7 +408,7 @@ def fine_tune(init: FaceClassifier, samples: list[tuple[np.ndarray, np.ndarray, 
     if cfg["l2sp"] and back:
         ref = dict((anchor or init).net.features.named_parameters())
         for name, p in net.features.named_parameters():
-            if p.requires_grad:
+            if p.requires_grad and not name.startswith("pool."):  # the backbone only
                 if name not in ref or ref[name].shape != p.shape:
                     raise ValueError(f"l2sp anchor has no weight {name} of shape {tuple(p.shape)}")
                 sp_pairs.append((p, ref[name].detach().to(dev).clone()))

@@ -22,6 +22,10 @@ FaceFeatureExtractor.ts``, ``denseBlock.ts``, ``src/common/depthwiseSeparableCon
 * 7x7 average pool (stride 2, ``'valid'``; = global mean at 112 px) -> (N, 256) features, then a fully connected layer
   256 -> K and softmax (K = 7 for the pretrained expression net).
 
+Optional poolings in place of the mean (``pool=``; not face-api's, measured in docs/classifier.md,
+"Sixth round"): ``"gem"`` (:class:`GeMPool`) and ``"attn"`` (:class:`AttentionPool`); both start
+as the mean (GeM at p = 1, attention with a zero conv), so the pretrained head stays valid.
+
 323,687 parameters for K = 7 (the pretrained net).
 """
 
@@ -92,19 +96,78 @@ class DenseBlock4(nn.Module):
         return F.relu(out1 + out2 + out3 + out4)
 
 
-class FaceFeatureExtractor(nn.Module):
-    """(N, 3, 112, 112) normalised input -> (N, 256) pooled features."""
+class GeMPool(nn.Module):
+    """Generalized-mean pooling (Radenović, Tolias, Chum 2018, "Fine-tuning CNN image retrieval
+    with no human annotation", TPAMI): ``(mean over cells of clamp(x, eps)^p)^(1/p)`` per channel,
+    with a learnable ``p`` (p = 1: the mean; p -> inf: the max).
 
-    def __init__(self):
+    (N, C, H, W) non-negative map (after ReLU) -> (N, C). ``p``: initial exponent (> 0);
+    ``eps``: lower clamp so that ``x^p`` is differentiable at 0.
+    """
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6):
+        super().__init__()
+        if not p > 0:
+            raise ValueError(f"GeM p must be > 0, got {p}")
+        self.p = nn.Parameter(torch.tensor(float(p)))
+        self.eps = float(eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        p = self.p.clamp(min=1e-2)
+        return x.clamp(min=self.eps).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
+
+
+class AttentionPool(nn.Module):
+    """Spatial attention pooling: a 1x1 conv C -> 1 gives one logit per cell, a softmax over the
+    H·W cells gives weights, and the features are the weighted sum of the cells' C-d vectors.
+
+    (N, C, H, W) -> (N, C). The conv starts at zero (uniform weights), so the pooling starts as
+    the global mean exactly.
+    """
+
+    def __init__(self, channels: int = FEATURE_DIM):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, 1, 1, bias=True)
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        w = torch.softmax(self.conv(x).flatten(1), dim=1)  # (N, H*W)
+        return torch.einsum("nchw,nhw->nc", x, w.view(w.shape[0], *x.shape[2:]))
+
+
+#: Names accepted by ``pool=``.
+POOLS = ("mean", "gem", "attn")
+
+
+def make_pool(pool: str, gem_p: float = 3.0) -> nn.Module | None:
+    """The pooling module for ``pool`` (None for the mean). Raises ValueError for an unknown name."""
+    if pool == "mean":
+        return None
+    if pool == "gem":
+        return GeMPool(gem_p)
+    if pool == "attn":
+        return AttentionPool(FEATURE_DIM)
+    raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+
+
+class FaceFeatureExtractor(nn.Module):
+    """(N, 3, 112, 112) normalised input -> (N, 256) pooled features (``pool``: see :data:`POOLS`)."""
+
+    def __init__(self, pool: str = "mean", gem_p: float = 3.0):
         super().__init__()
         c = (3,) + BLOCK_CHANNELS
         self.dense0 = DenseBlock4(c[0], c[1], first=True)
         self.dense1 = DenseBlock4(c[1], c[2], first=False)
         self.dense2 = DenseBlock4(c[2], c[3], first=False)
         self.dense3 = DenseBlock4(c[3], c[4], first=False)
+        self.pool_name = pool
+        self.pool = make_pool(pool, gem_p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         x = self.dense3(self.dense2(self.dense1(self.dense0(x))))
+        if self.pool is not None:
+            return self.pool(x)
         # tf.avgPool(out, [7, 7], [2, 2], 'valid') on the 7x7 map of a 112 input = the global mean;
         # the global mean also lets a fine-tuned model take larger inputs (input_size > 112)
         return x.mean(dim=(2, 3))
@@ -113,9 +176,9 @@ class FaceFeatureExtractor(nn.Module):
 class FaceExpressionNet(nn.Module):
     """Feature extractor + fully connected head; ``forward`` returns logits (N, K)."""
 
-    def __init__(self, num_classes: int = 7):
+    def __init__(self, num_classes: int = 7, pool: str = "mean"):
         super().__init__()
-        self.features = FaceFeatureExtractor()
+        self.features = FaceFeatureExtractor(pool)
         self.fc = nn.Linear(FEATURE_DIM, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
