@@ -193,6 +193,22 @@ def main() -> None:
             row = {"variant": v, "seed": seed, "stage2_cpu_s": round(cpu, 1),
                    **{k: round(float(r[k]), 4) for k in ("acceptance_rate", "class_accuracy", "mAP50", "mAP50_top1",
                                                          "boxes_per_face")}}
+            pooling = clf.net.features.pool
+            if pooling is not None and hasattr(pooling, "p"):  # GeM: the learned exponent
+                row["gem_p"] = round(float(pooling.p.detach()), 3)
+            elif pooling is not None:  # attention: how peaked its weights are on the labelled crops (uniform: 1/49)
+                import torch
+
+                with torch.no_grad():
+                    xs = np.concatenate([clf.inputs(im, np.asarray(bx, float).reshape(1, 4)) for im, bx, _ in both])
+                    fm = clf.net.features
+                    m = fm.dense3(fm.dense2(fm.dense1(fm.dense0(torch.from_numpy(xs)))))
+                    w = torch.softmax(pooling.conv(m).flatten(1), dim=1)
+                    ent = -(w * w.clamp(min=1e-12).log()).sum(1)
+                row["attn_max_w"] = round(float(w.max(1).values.mean()), 4)
+                row["attn_eff_cells"] = round(float(ent.exp().mean()), 1)
+                # mean weight per row of the 7x7 map, top to bottom (uniform: 1/7 = 0.143 a row)
+                row["attn_row_w"] = [round(float(r), 3) for r in w.view(len(w), *m.shape[2:]).sum(2).mean(0)]
             results[v].append(row)
             print(json.dumps(row), flush=True)
     shutil.rmtree(tmp, ignore_errors=True)

@@ -9,7 +9,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from facemodels.classifier import RECIPE, FaceClassifier, default_classifier_path, fine_tune
+from facemodels.classifier import (
+    RECIPE,
+    FaceClassifier,
+    default_classifier_path,
+    fine_tune,
+)
 from facemodels.faceapi_net import AttentionPool, GeMPool, make_pool
 from tests.helpers_unit import synthetic_face_crops
 
