@@ -56,6 +56,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=40)
     ap.add_argument("--refit", type=int, default=20, help="refit epochs of the base")
     ap.add_argument("--variant", action="append", default=None)
+    ap.add_argument("--init", default=None, help="the classifier every pass starts from (default: the port, "
+                    "models/face_expression.pt), e.g. another face-api net converted to a FaceClassifier")
     args = ap.parse_args()
     os.environ["INFERENCE_BACKEND"] = "torch"
     import torch
@@ -81,7 +83,7 @@ def main() -> None:
     schema = B.schema_for(names)
     pool = B.read_split(data, "train")
     test = B._samples(B.read_split(data, "val"), names)
-    port = ROOT / "models" / "face_expression.pt"
+    port = Path(args.init) if args.init else ROOT / "models" / "face_expression.pt"
     variants = args.variant or ["base"]
     seeds = [int(s) for s in args.seeds.split(",")]
     results: dict[str, list[dict]] = {v: [] for v in variants}
