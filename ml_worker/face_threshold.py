@@ -16,6 +16,14 @@ With ``n`` labelled faces the stored threshold is
 grid: between two grid points the lower one shows more boxes, and a missed face costs a person a
 drawing, a false box one deletion. With 20 faces the choice moves halfway toward the parent's, with
 80 faces a fifth of the way; a parent without a threshold (a legacy ``.pt``) leaves the fit as is.
+
+**In a chain of retrains** the prior is the threshold of the version the chain started from (the
+shipped default's 0.5, or any version not fitted on the project's labels), not the last retrain's:
+each retrain fits on every labelled face so far, so the last retrain's threshold already holds
+the earlier faces' pull, and shrinking toward it would count them twice. Measured in a new
+user's trial (awake_sleep, fits 0.15 / 0.15 / 0.35 / 0.40 on 24 / 29 / 40 / 49 faces): toward the
+last retrain the chain stored 0.30 / 0.20 / 0.30 / 0.35; toward the start it stores 0.30 / 0.25 /
+0.40 / 0.40 (:func:`prior_threshold`; docs/training.md, "In a chain of retrains").
 """
 
 from __future__ import annotations
@@ -55,3 +63,22 @@ def shrink_face_threshold(fit: float, parent: float | None, n_faces: int,
     t = parent + (fit - parent) * n_faces / (n_faces + prior_faces)
     # round down to the grid (1e-9: 0.3 / 0.05 is 5.999... in floating point)
     return round(max(step, math.floor(t / step + 1e-9) * step), 4)
+
+
+def prior_threshold(parent_bundle: dict) -> float | None:
+    """The prior of the next retrain's threshold: the threshold of the version the chain started from.
+
+    Args:
+        parent_bundle: the bundle the retrain continues from (:func:`facemodels.two_stage.read_bundle`).
+    Returns: the parent's recorded ``face_threshold_fit["prior_threshold"]`` when the parent is a
+        retrain that recorded one; else the parent's ``face_threshold_fit["parent_threshold"]`` (a
+        retrain stored before priors were recorded: its parent's threshold, exact for a first
+        retrain); else the parent's own ``face_threshold`` (a version not fitted on labels, e.g. the
+        shipped default); None when there is none (a legacy ``.pt``).
+    """
+    fit = parent_bundle.get("face_threshold_fit") or {}
+    for key in ("prior_threshold", "parent_threshold"):
+        if fit.get(key) is not None:
+            return float(fit[key])
+    t = parent_bundle.get("face_threshold")
+    return None if t is None else float(t)

@@ -323,16 +323,21 @@ def tune_face_threshold(detector, samples, imgsz: int, grid: np.ndarray | None =
 
 
 def _shrunk_face_threshold(fit: float, fit_info: dict, init, settings: Settings, samples, dets) -> tuple[float, dict]:
-    """``tune_face_threshold``'s choice shrunk toward the parent version's threshold by the number of
-    labelled faces (:func:`ml_worker.face_threshold.shrink_face_threshold`); returns ``(threshold,
-    fit figures at it + "fit_threshold", "parent_threshold", "faces")``."""
-    from ml_worker.face_threshold import shrink_face_threshold
+    """``tune_face_threshold``'s choice shrunk toward the prior threshold by the number of labelled
+    faces (:func:`ml_worker.face_threshold.shrink_face_threshold`, prior from
+    :func:`ml_worker.face_threshold.prior_threshold`: the threshold of the version the project's
+    chain of retrains started from, not the last retrain's, which was fitted on some of these
+    same faces); returns ``(threshold, fit figures at it + "fit_threshold", "parent_threshold",
+    "prior_threshold", "faces")``."""
+    from ml_worker.face_threshold import prior_threshold, shrink_face_threshold
 
-    parent = _parent_bundle(init, settings).get("face_threshold")
+    parent_bundle = _parent_bundle(init, settings)
+    prior = prior_threshold(parent_bundle)
     n_faces = sum(len(s.boxes) for s in samples)
-    t = shrink_face_threshold(fit, parent, n_faces)
+    t = shrink_face_threshold(fit, prior, n_faces)
     info = fit_info if t == fit else tune_face_threshold(None, samples, settings.imgsz, grid=np.array([t]), dets=dets)[1]
-    return t, {**info, "fit_threshold": fit, "parent_threshold": parent, "faces": n_faces}
+    return t, {**info, "fit_threshold": fit, "parent_threshold": parent_bundle.get("face_threshold"),
+               "prior_threshold": prior, "faces": n_faces}
 
 
 def detector_boxes(dets, samples, threshold: float) -> list[list]:

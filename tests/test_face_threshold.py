@@ -63,6 +63,7 @@ def test_the_retrain_stores_the_shrunk_threshold_and_its_figures(tmp_path):
     t, fig = _shrunk_face_threshold(fit, info, DEFAULT_MODEL_PATH, settings, samples, dets)
     assert t == 0.3  # 0.5 - 0.35 * 20/40 = 0.325, rounded down
     assert fig["fit_threshold"] == 0.15 and fig["parent_threshold"] == 0.5 and fig["faces"] == 20
+    assert fig["prior_threshold"] == 0.5  # the shipped default starts the chain
     assert fig["recall"] == 1.0 and fig["precision"] == 1.0 and fig["boxes_per_face"] == 1.0
 
 
@@ -91,3 +92,24 @@ def test_a_real_retrain_stores_the_shrunk_threshold_and_reports_its_prediction_t
     (timed,) = [f for f in seen if "predict_seconds" in f]
     assert timed["stage"] == "train detector" and timed["predict_images"] == len(ds.samples) == 12
     assert 0 < timed["predict_seconds"] < 600
+
+
+def test_a_chain_of_retrains_shrinks_toward_where_it_started():
+    """The prior of a retrain is the chain's start, not the last retrain's threshold (which already
+    holds the pull of the faces the next fit sees again). The new user's trial: fits 0.15 / 0.15 /
+    0.35 / 0.40 on 24 / 29 / 40 / 49 faces stored 0.30 / 0.20 / 0.30 / 0.35 toward the last retrain."""
+    from ml_worker.face_threshold import prior_threshold
+
+    shipped = {"face_threshold": 0.5}  # the shipped default: no fit on the project's labels
+    assert prior_threshold(shipped) == 0.5
+    assert prior_threshold({}) is None  # a legacy .pt: no threshold
+    parent, stored = shipped, []
+    for fit, faces in ((0.15, 24), (0.15, 29), (0.35, 40), (0.40, 49)):
+        prior = prior_threshold(parent)
+        t = shrink_face_threshold(fit, prior, faces)
+        stored.append(t)
+        parent = {"face_threshold": t, "face_threshold_fit": {"fit_threshold": fit, "parent_threshold":
+                                                              parent["face_threshold"], "prior_threshold": prior}}
+    assert stored == [0.3, 0.25, 0.4, 0.4]
+    # a retrain stored before priors were recorded: its parent's threshold (exact for a first retrain)
+    assert prior_threshold({"face_threshold": 0.3, "face_threshold_fit": {"parent_threshold": 0.5}}) == 0.5
