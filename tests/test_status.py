@@ -349,14 +349,21 @@ def test_status_link_in_the_label_studio_project(stack):
     from tests.helpers_unit import EXAMPLE_CONFIG
 
     client = LabelStudio(base_url=stack.ls_url, api_key=stack.api_key)
+    # a project linked by an earlier faceloop (no new-tab hint) gets the new link at the next `up`
+    old = (f'<p><a href="http://127.0.0.1:8/status/1" rel="noopener">faceloop status: training, model '
+           'versions, pre-label acceptance</a></p>\n<p>Draw every face.</p>')
     p = client.projects.create(title="linked", label_config=EXAMPLE_CONFIG, description="My faces",
-                               expert_instruction="<p>Draw every face.</p>")
+                               expert_instruction=old)
     set_status_link(client, p.id, f"http://127.0.0.1:9/status/{p.id}")
     set_status_link(client, p.id, f"http://127.0.0.1:9090/status/{p.id}")
     q = client.projects.get(id=p.id)
     assert q.description == f"My faces\nfaceloop status: http://127.0.0.1:9090/status/{p.id}"
     assert q.expert_instruction.count("faceloop status") == 1
     assert f'href="http://127.0.0.1:9090/status/{p.id}"' in q.expert_instruction
+    # Label Studio 1.23.2 keeps rel but strips target="_blank" (bleach, SAFE_HTML_ATTRIBUTES): the
+    # labeller reads how to open the page without losing the edits in the labeling tab
+    assert 'rel="noopener noreferrer"' in q.expert_instruction and "target" not in q.expert_instruction
+    assert "opens in a new tab and keeps unsaved edits here" in q.expert_instruction
     assert q.expert_instruction.endswith("<p>Draw every face.</p>")
     with pytest.raises(ValueError):
         set_status_link(client, p.id, 'javascript:alert(1)')
