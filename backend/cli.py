@@ -744,13 +744,57 @@ def queue(project: int = typer.Argument(..., help="Label Studio project id"),
         console.print(f"[yellow]task {r.task_id} not scored:[/] {r.error}")
 
 
-@app.command()
-def status(project: Optional[int] = typer.Argument(None, help="Only this Label Studio project (default: all)")):
-    """Print the status page's link of each project of the running stack (one click opens it: jobs,
-    versions, acceptance, the review queue), and the latest training job of each."""
+def _project_state_lines(s, pid: int, now=None) -> list[str]:
+    """What `faceloop status` says of one project, one line each: the version served now (when it
+    was promoted, by which job, and the gate's reason), the running job (stage, epoch k of n, time
+    left per stage from :func:`backend.jobprogress.estimate`, as the status page), and the latest
+    job when it is not the running one (e.g. a queued or skipped job after the one that promoted).
+    Reads only; registers nothing (the shipped default model is named, not recorded)."""
+    from datetime import timezone
+
     from sqlmodel import select
 
-    from backend.models import TrainingJob
+    from backend import jobprogress
+    from backend.models import ModelVersion, Project, TrainingJob
+    from backend.status import _previous_job
+
+    p = s.get(Project, pid)
+    v = s.get(ModelVersion, p.promoted_version_id) if p is not None and p.promoted_version_id else None
+    if v is None:
+        out = ["serving: the shipped default model (no version promoted yet)"]
+    else:
+        at = v.promoted_at
+        at = at.astimezone(timezone.utc) if at is not None and at.tzinfo is not None else at  # stored UTC
+        when = f"promoted {at:%Y-%m-%d %H:%M} UTC" if at else ""
+        by = f"by job {v.training_job_id}" if v.training_job_id else ""
+        how = " ".join(x for x in (when, by) if x)
+        why = f": {v.gate_reason}" if v.gate_reason else ""
+        out = [f"serving: {v.version}" + (f" ({how}{why})" if how or why else "")]
+    jobs = s.exec(select(TrainingJob).where(TrainingJob.project_id == pid).order_by(TrainingJob.id.desc())).all()
+    running = next((j for j in jobs if j.state == "running"), None)
+    if running is not None:
+        line = f"running: job {running.id}" + (f", {running.stage}" if running.stage else "")
+        if running.epochs:
+            line += f", epoch {running.epoch}/{running.epochs}"
+        est = jobprogress.estimate(running, _previous_job(jobs, running), now)
+        if est is not None:
+            line += f"; {est.text()}"
+        out.append(line)
+    if not jobs:
+        out.append("no training yet")
+    elif jobs[0] is not running:
+        j = jobs[0]
+        msg = (j.error or "").splitlines()[0] if j.state == "failed" and j.error else j.message
+        out.append(f"latest: job {j.id} {j.state}" + (f" ({msg})" if msg else ""))
+    return out
+
+
+@app.command()
+def status(project: Optional[int] = typer.Argument(None, help="Only this Label Studio project (default: all)")):
+    """Print, per project of the running stack: the model version served now (when and why it was
+    promoted), the running training job (stage, epoch, time left) and the latest job when it is
+    another, and the status page's link (one click opens it: jobs, versions, acceptance, the review
+    queue)."""
     from backend.stack import SECRETS_FILE, read_json
     from backend.status import status_link
 
@@ -768,12 +812,10 @@ def status(project: Optional[int] = typer.Argument(None, help="Only this Label S
     for e in entries:
         pid = int(e["id"])
         with _db() as s:
-            job = s.exec(select(TrainingJob).where(TrainingJob.project_id == pid)
-                         .order_by(TrainingJob.id.desc())).first()
-        last = (f"job {job.id} {job.state}" + (f", {job.stage}" if job.state == "running" and job.stage else "")
-                if job else "no training yet")
-        console.print(f"project {pid} ({e.get('folder', '')}; {last})", soft_wrap=True, markup=False,
-                      highlight=False)
+            lines = _project_state_lines(s, pid)
+        console.print(f"project {pid} ({e.get('folder', '')})", soft_wrap=True, markup=False, highlight=False)
+        for line in lines:
+            console.print(f"  {line}", soft_wrap=True, markup=False, highlight=False)
         console.print(f"  {status_link(st.get('backend_url', ''), pid, key)}", soft_wrap=True, markup=False,
                       highlight=False)
     if not entries:
