@@ -953,15 +953,36 @@ def jobs(project: int = typer.Argument(..., help="Label Studio project id")):
         _hidden_columns_note(["trigger"])
 
 
+def _status_page_link(st: dict | None, pid: int) -> str | None:
+    """The project's status page link with its token, as `faceloop up` and `faceloop status` print
+    it; None without a running stack (`_use_running_stack`)."""
+    if not st or not st.get("backend_url"):
+        return None
+    from backend.stack import SECRETS_FILE, read_json
+    from backend.status import status_link
+
+    key = read_json(Path(st.get("root") or _stack_root()) / SECRETS_FILE).get("webhook_secret", "")
+    return status_link(st["backend_url"], pid, key)
+
+
 @app.command()
-def train(project: int = typer.Argument(..., help="Label Studio project id")):
+def train(project: int = typer.Argument(..., help="Label Studio project id"),
+          as_json: bool = typer.Option(False, "--json", help="Print the answer as one JSON object, for scripts: "
+                                       '{"job": "6", "queued": true, "joined_existing": false}')):
     """Queue a retrain, as *Start Training* in Label Studio does (coalesced with a queued one).
 
+    Prints which job was queued (or joined) and where to follow it. A job asked for while another
+    runs is skipped when that one succeeds and no annotation changed since its snapshot
+    (``ml_worker.tasks.take_snapshot``): that is known only when the job starts, so it is said as a rule.
     Exits 1 (and records no job) when the project is unknown or Redis cannot be reached."""
+    import json
+
+    from sqlmodel import select
+
     from backend.events import queue_training
     from backend.models import TrainingJob
 
-    _use_running_stack()
+    st = _use_running_stack()
     _require_project(project)
     settings = get_settings()
     why = _broker_reachable(settings.celery_broker_url)
@@ -972,7 +993,22 @@ def train(project: int = typer.Argument(..., help="Label Studio project id")):
     with _db() as s:
         job = s.get(TrainingJob, int(out["job"]))
         sent = bool(job is not None and job.celery_id)
-    console.print(out)
+        state = job.state if job is not None else "queued"
+        running = s.exec(select(TrainingJob.id).where(TrainingJob.project_id == project,
+                                                      TrainingJob.state == "running",
+                                                      TrainingJob.id != int(out["job"]))).first()
+    if as_json:
+        console.print(json.dumps(out), soft_wrap=True, markup=False, highlight=False)
+    else:
+        link = _status_page_link(st, project)
+        follow = f"follow it on {link} or `faceloop jobs {project}`" if link else f"follow it with `faceloop jobs {project}`"
+        head = (f"job {out['job']} queued (project {project})" if out["queued"]
+                else f"joined job {out['job']}, already {state} (project {project})")
+        console.print(f"{head}; {follow}", soft_wrap=True, markup=False, highlight=False)
+        if running is not None:
+            console.print(f"job {running} is training now: job {out['job']} is skipped if job {running} succeeds "
+                          f"and no annotation is created, updated or deleted since job {running}'s snapshot",
+                          soft_wrap=True, markup=False, highlight=False)
     if not sent:
         _fail(f"job {out['job']} is recorded but could not be sent to Redis at {settings.celery_broker_url}; "
               "it is sent again when a worker starts")

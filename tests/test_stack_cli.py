@@ -176,6 +176,54 @@ def test_train_with_redis_down_exits_1_without_a_job(cli_env):
     assert r.exit_code == 1 and "cannot be reached" in _flat(r.output)
 
 
+def test_train_says_which_job_was_queued_and_where_to_follow_it(cli_env, tmp_path, monkeypatch):
+    """`faceloop train` printed a raw dict ({'job': '6', 'queued': True, ...}); it says in a sentence
+    which job was queued or joined, where to follow it, and, while another job trains, when the new
+    one is skipped. --json keeps the dict, as JSON, for scripts. A real redis-server (no worker)."""
+    import shutil
+
+    if not shutil.which("redis-server"):
+        pytest.skip("redis-server is not installed (scripts/bootstrap.sh installs it)")
+    from backend.stack import SECRETS_FILE
+    from backend.status import status_link
+    from tests.faults.conftest import RedisServer, free_port
+
+    app, db = cli_env
+    red = RedisServer(free_port(), tmp_path)
+    try:
+        monkeypatch.setenv("CELERY_BROKER_URL", red.url)
+        root = get_settings().var_dir / "stack"
+        root.mkdir(parents=True)
+        (root / SECRETS_FILE).write_text(json.dumps({"webhook_secret": "k"}))
+        (root / "stack.json").write_text(json.dumps({
+            "running": True, "pids": {"redis": os.getpid(), "label-studio": os.getpid()}, "root": str(root),
+            "backend_url": "http://127.0.0.1:19090", "projects": [{"id": 5, "folder": "/b"}]}))
+        get_settings.cache_clear()
+        with session_scope(db) as s:
+            upsert_project(s, 5)
+        r = runner.invoke(app, ["train", "5"], env={"COLUMNS": "250"})
+        assert r.exit_code == 0, r.output
+        (job,) = _recorded(db, 5)[0]
+        link = status_link("http://127.0.0.1:19090", 5, "k")
+        assert r.output.strip() == f"job {job.id} queued (project 5); follow it on {link} or `faceloop jobs 5`"
+        assert "{" not in r.output
+        r = runner.invoke(app, ["train", "5", "--json"], env={"COLUMNS": "250"})
+        assert r.exit_code == 0 and json.loads(r.output) == {"job": str(job.id), "queued": False,
+                                                             "joined_existing": True}, r.output
+        with session_scope(db) as s:  # the queued job starts; a new request while it trains
+            s.get(TrainingJob, job.id).state = "running"
+        r = runner.invoke(app, ["train", "5"], env={"COLUMNS": "250"})
+        assert r.exit_code == 0, r.output
+        lines = r.output.splitlines()
+        assert lines[0] == f"job {job.id + 1} queued (project 5); follow it on {link} or `faceloop jobs 5`"
+        assert lines[1] == (f"job {job.id} is training now: job {job.id + 1} is skipped if job {job.id} succeeds "
+                            f"and no annotation is created, updated or deleted since job {job.id}'s snapshot")
+        r = runner.invoke(app, ["train", "5"], env={"COLUMNS": "250"})
+        assert r.output.startswith(f"joined job {job.id + 1}, already queued (project 5); follow it on "), r.output
+    finally:
+        red.stop()
+
+
 def test_up_on_a_file_or_missing_folder(cli_env, tmp_path):
     app, _ = cli_env
     f = tmp_path / "face.jpg"
