@@ -337,6 +337,25 @@ def test_thumbnail_of_a_task_in_a_real_label_studio(stack, tmp_path):
     assert Image.open(io.BytesIO(r.content)).size == (160, 120)
     assert c.get(f"/status/{other.id}/tasks/{tid}/thumb.jpg").status_code == 404  # not that project's task
     assert c.get(f"/status/{p.id}/tasks/999999/thumb.jpg").status_code == 404
+    # a task error row names the task's image file (read from Label Studio), not only its id
+    with session_scope(s.database_url) as db:
+        db.add(TaskScore(project_id=p.id, task_id=tid, model_version="v1", uncertainty=1, least_confidence=1,
+                         margin=1, entropy=1, error="image is empty (0 bytes)"))
+    html = c.get(f"/status/{p.id}").text
+    row = re.search(r"<tr><td><a [^>]*>%d</a></td><td>([^<]*)</td>" % tid, html)
+    assert row and row.group(1).endswith("-face.jpg"), html[html.find("Task errors"):][:800]
+
+
+def test_task_error_rows_name_the_image_file():
+    """The file of a task's image URL as a person knows it: the path inside the folder `faceloop up`
+    linked (Local Files), or an uploaded file's name."""
+    from backend.status import image_file_name
+
+    assert image_file_name("/data/local-files/?d=faces-1a2b3c4d/sub/a%20b.jpg") == "sub/a b.jpg"
+    assert image_file_name("http://127.0.0.1:8080/data/local-files/?d=photos-0123abcd/x.png") == "x.png"
+    assert image_file_name("/data/local-files/?d=home/ann/x.png") == "home/ann/x.png"  # no faceloop link
+    assert image_file_name("/data/upload/3/5f2e9c1a-face.jpg") == "5f2e9c1a-face.jpg"
+    assert image_file_name("") == "" and image_file_name(None) == ""
 
 
 @pytest.mark.e2e
