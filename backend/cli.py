@@ -722,7 +722,8 @@ def queue(project: int = typer.Argument(..., help="Label Studio project id"),
                                               TaskScore.error != "")).all()
     narrow = _narrow()
     t = _table(f"project {project} review queue ({v.version}, measure {settings.uncertainty_measure})")
-    cols = ["#", "task", "uncertainty", "LS score", "least-conf.", "margin", "entropy", "faces", "query batch"]
+    # "boxes": the predicted boxes of the task (a false box counts too), not the faces in the image
+    cols = ["#", "task", "uncertainty", "LS score", "least-conf.", "margin", "entropy", "boxes", "query batch"]
     if narrow:  # the task score Label Studio shows is 1 - uncertainty: the one column a narrow terminal drops
         cols.remove("LS score")
     for c in cols:
@@ -730,7 +731,7 @@ def queue(project: int = typer.Argument(..., help="Label Studio project id"),
     for place, r in enumerate(rows, 1):  # the place in the queue now (labelled tasks left), as the status page
         cells = {"#": str(place), "task": str(r.task_id), "uncertainty": f"{r.uncertainty:.3f}",
                  "LS score": f"{1 - r.uncertainty:.3f}", "least-conf.": f"{r.least_confidence:.3f}",
-                 "margin": f"{r.margin:.3f}", "entropy": f"{r.entropy:.3f}", "faces": str(r.n_boxes),
+                 "margin": f"{r.margin:.3f}", "entropy": f"{r.entropy:.3f}", "boxes": str(r.n_boxes),
                  "query batch": "yes" if r.in_query_batch else ""}
         t.add_row(*(cells[c] for c in cols))
     console.print(t)

@@ -563,6 +563,8 @@ def test_queue_leaves_out_tasks_labelled_since_scoring(cli_env):
     rows = [line.split("│") for line in r.output.splitlines() if line.count("│") > 3]
     assert [int(c[2]) for c in rows] == [64, 167], r.output
     assert [int(c[1]) for c in rows] == [1, 2], r.output  # places in the queue now, from 1 (not the stored ranks 1, 3)
+    header = next(line for line in r.output.splitlines() if "entropy" in line)
+    assert "boxes" in header and "faces" not in header, r.output  # predicted boxes, a false one too
 
 
 def test_status_prints_each_projects_link_and_last_job(cli_env):

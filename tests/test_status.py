@@ -440,7 +440,7 @@ def test_new_projects_show_their_instructions_and_keep_the_default_tab(stack):
 def test_queue_numbers_tasks_from_its_head(client, settings):
     """The review queue on the status page numbers the tasks left in it from 1: after a person labelled
     the first 25 of a scoring's ranking, its head read "#26 · task 133" (tried as a new user); and
-    one face is "1 face"."""
+    one box is "1 box"; the count is of predicted boxes (a false box too), so it does not say "faces"."""
     pid = PID + 1
     with session_scope(settings.database_url) as s:
         s.add(Project(id=pid, title="awake", label_config=""))
@@ -451,8 +451,8 @@ def test_queue_numbers_tasks_from_its_head(client, settings):
             s.add(WebhookEvent(project_id=pid, action="ANNOTATION_CREATED", task_id=tid, annotation_id=aid))
     html = client.get(f"/status/{pid}").text
     assert "#1 · task 13<br>" in html and "#2 · task 14<br>" in html and "task 11<" not in html, html
-    assert "· 1 face<" in html or "· 1 face " in html
-    assert "· 2 faces" in html and "1 faces" not in html
+    assert "· 1 box<" in html or "· 1 box " in html
+    assert "· 2 boxes" in html and "1 boxes" not in html and not re.search(r"\d faces?\b", html)
 
 
 def test_shown_figures_are_the_columns_some_version_fills():
