@@ -367,8 +367,7 @@ def up(
             from backend.events import enqueue
 
             enqueue(Settings(celery_broker_url=st.redis_url, var_dir=settings.var_dir), "faceloop.score", [pid])
-        console.print(f"project {pid}: {n_tasks} tasks ({n_new} new) from {folder}; faceloop connected as its ML "
-                      f"backend {ml_id} (basic auth){f'; {len(others)} earlier projects reconnected' if others else ''}")
+        _say_project_ready(pid, n_tasks, n_new, folder, ml_id, len(others))
         login = (f"{st.ls_user} / {st.ls_password}   (shown once; stored in {root / 'secrets.json'})"
                  if st.first_start else f"{st.ls_user} / password in {root / 'secrets.json'}")
         console.print(f"\n  Label Studio  {st.ls_url}/projects/{pid}/data\n  login         {login}\n"
@@ -468,6 +467,16 @@ def _check_project_instance(pid: int, instance: str | None) -> None:
         except ProjectOfAnotherLabelStudio as e:
             _fail(f"{e} (this database: {get_settings().database_url.split('@')[-1]}). Nothing of that project "
                   "was changed.")
+
+
+def _say_project_ready(pid: int, n_tasks: int, n_new: int, folder: Path, ml_id, reconnected: int = 0) -> None:
+    """`faceloop up`'s summary of the project: its tasks and folder on one line (the path unbroken),
+    the ML backend on the next. One sentence with "; " after the folder path wrapped after it in a
+    narrow terminal, and the line ended in a dangling "; " (tried as a new user)."""
+    console.print(f"project {pid}: {n_tasks} tasks ({n_new} new) from {folder}", soft_wrap=True, markup=False,
+                  highlight=False)
+    more = f", {reconnected} earlier project{'s' if reconnected != 1 else ''} reconnected" if reconnected else ""
+    console.print(f"  faceloop connected as its ML backend {ml_id} (basic auth){more}", markup=False, highlight=False)
 
 
 def _link_status_page(client, pid: int, status_url: str, entry: dict) -> bool:
