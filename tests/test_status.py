@@ -342,7 +342,7 @@ def test_thumbnail_of_a_task_in_a_real_label_studio(stack, tmp_path):
         db.add(TaskScore(project_id=p.id, task_id=tid, model_version="v1", uncertainty=1, least_confidence=1,
                          margin=1, entropy=1, error="image is empty (0 bytes)"))
     html = c.get(f"/status/{p.id}").text
-    row = re.search(r"<tr><td><a [^>]*>%d</a></td><td>([^<]*)</td>" % tid, html)
+    row = re.search(rf"<tr><td><a [^>]*>{tid}</a></td><td>([^<]*)</td>", html)
     assert row and row.group(1).endswith("-face.jpg"), html[html.find("Task errors"):][:800]
 
 
@@ -369,7 +369,7 @@ def test_status_link_in_the_label_studio_project(stack):
 
     client = LabelStudio(base_url=stack.ls_url, api_key=stack.api_key)
     # a project linked by an earlier faceloop (no new-tab hint) gets the new link at the next `up`
-    old = (f'<p><a href="http://127.0.0.1:8/status/1" rel="noopener">faceloop status: training, model '
+    old = ('<p><a href="http://127.0.0.1:8/status/1" rel="noopener">faceloop status: training, model '
            'versions, pre-label acceptance</a></p>\n<p>Draw every face.</p>')
     p = client.projects.create(title="linked", label_config=EXAMPLE_CONFIG, description="My faces",
                                expert_instruction=old)
