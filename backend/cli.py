@@ -367,8 +367,7 @@ def up(
             from backend.events import enqueue
 
             enqueue(Settings(celery_broker_url=st.redis_url, var_dir=settings.var_dir), "faceloop.score", [pid])
-        console.print(f"project {pid}: {n_tasks} tasks ({n_new} new) from {folder}; faceloop connected as its ML "
-                      f"backend {ml_id} (basic auth){f'; {len(others)} earlier projects reconnected' if others else ''}")
+        _say_project_ready(pid, n_tasks, n_new, folder, ml_id, len(others))
         login = (f"{st.ls_user} / {st.ls_password}   (shown once; stored in {root / 'secrets.json'})"
                  if st.first_start else f"{st.ls_user} / password in {root / 'secrets.json'}")
         console.print(f"\n  Label Studio  {st.ls_url}/projects/{pid}/data\n  login         {login}\n"
@@ -468,6 +467,16 @@ def _check_project_instance(pid: int, instance: str | None) -> None:
         except ProjectOfAnotherLabelStudio as e:
             _fail(f"{e} (this database: {get_settings().database_url.split('@')[-1]}). Nothing of that project "
                   "was changed.")
+
+
+def _say_project_ready(pid: int, n_tasks: int, n_new: int, folder: Path, ml_id, reconnected: int = 0) -> None:
+    """`faceloop up`'s summary of the project: its tasks and folder on one line (the path unbroken),
+    the ML backend on the next. One sentence with "; " after the folder path wrapped after it in a
+    narrow terminal, and the line ended in a dangling "; " (tried as a new user)."""
+    console.print(f"project {pid}: {n_tasks} tasks ({n_new} new) from {folder}", soft_wrap=True, markup=False,
+                  highlight=False)
+    more = f", {reconnected} earlier project{'s' if reconnected != 1 else ''} reconnected" if reconnected else ""
+    console.print(f"  faceloop connected as its ML backend {ml_id} (basic auth){more}", markup=False, highlight=False)
 
 
 def _link_status_page(client, pid: int, status_url: str, entry: dict) -> bool:
@@ -722,7 +731,8 @@ def queue(project: int = typer.Argument(..., help="Label Studio project id"),
                                               TaskScore.error != "")).all()
     narrow = _narrow()
     t = _table(f"project {project} review queue ({v.version}, measure {settings.uncertainty_measure})")
-    cols = ["#", "task", "uncertainty", "LS score", "least-conf.", "margin", "entropy", "faces", "query batch"]
+    # "boxes": the predicted boxes of the task (a false box counts too), not the faces in the image
+    cols = ["#", "task", "uncertainty", "LS score", "least-conf.", "margin", "entropy", "boxes", "query batch"]
     if narrow:  # the task score Label Studio shows is 1 - uncertainty: the one column a narrow terminal drops
         cols.remove("LS score")
     for c in cols:
@@ -730,7 +740,7 @@ def queue(project: int = typer.Argument(..., help="Label Studio project id"),
     for place, r in enumerate(rows, 1):  # the place in the queue now (labelled tasks left), as the status page
         cells = {"#": str(place), "task": str(r.task_id), "uncertainty": f"{r.uncertainty:.3f}",
                  "LS score": f"{1 - r.uncertainty:.3f}", "least-conf.": f"{r.least_confidence:.3f}",
-                 "margin": f"{r.margin:.3f}", "entropy": f"{r.entropy:.3f}", "faces": str(r.n_boxes),
+                 "margin": f"{r.margin:.3f}", "entropy": f"{r.entropy:.3f}", "boxes": str(r.n_boxes),
                  "query batch": "yes" if r.in_query_batch else ""}
         t.add_row(*(cells[c] for c in cols))
     console.print(t)
@@ -744,13 +754,57 @@ def queue(project: int = typer.Argument(..., help="Label Studio project id"),
         console.print(f"[yellow]task {r.task_id} not scored:[/] {r.error}")
 
 
-@app.command()
-def status(project: Optional[int] = typer.Argument(None, help="Only this Label Studio project (default: all)")):
-    """Print the status page's link of each project of the running stack (one click opens it: jobs,
-    versions, acceptance, the review queue), and the latest training job of each."""
+def _project_state_lines(s, pid: int, now=None) -> list[str]:
+    """What `faceloop status` says of one project, one line each: the version served now (when it
+    was promoted, by which job, and the gate's reason), the running job (stage, epoch k of n, time
+    left per stage from :func:`backend.jobprogress.estimate`, as the status page), and the latest
+    job when it is not the running one (e.g. a queued or skipped job after the one that promoted).
+    Reads only; registers nothing (the shipped default model is named, not recorded)."""
+    from datetime import timezone
+
     from sqlmodel import select
 
-    from backend.models import TrainingJob
+    from backend import jobprogress
+    from backend.models import ModelVersion, Project, TrainingJob
+    from backend.status import _previous_job
+
+    p = s.get(Project, pid)
+    v = s.get(ModelVersion, p.promoted_version_id) if p is not None and p.promoted_version_id else None
+    if v is None:
+        out = ["serving: the shipped default model (no version promoted yet)"]
+    else:
+        at = v.promoted_at
+        at = at.astimezone(timezone.utc) if at is not None and at.tzinfo is not None else at  # stored UTC
+        when = f"promoted {at:%Y-%m-%d %H:%M} UTC" if at else ""
+        by = f"by job {v.training_job_id}" if v.training_job_id else ""
+        how = " ".join(x for x in (when, by) if x)
+        why = f": {v.gate_reason}" if v.gate_reason else ""
+        out = [f"serving: {v.version}" + (f" ({how}{why})" if how or why else "")]
+    jobs = s.exec(select(TrainingJob).where(TrainingJob.project_id == pid).order_by(TrainingJob.id.desc())).all()
+    running = next((j for j in jobs if j.state == "running"), None)
+    if running is not None:
+        line = f"running: job {running.id}" + (f", {running.stage}" if running.stage else "")
+        if running.epochs:
+            line += f", epoch {running.epoch}/{running.epochs}"
+        est = jobprogress.estimate(running, _previous_job(jobs, running), now)
+        if est is not None:
+            line += f"; {est.text()}"
+        out.append(line)
+    if not jobs:
+        out.append("no training yet")
+    elif jobs[0] is not running:
+        j = jobs[0]
+        msg = (j.error or "").splitlines()[0] if j.state == "failed" and j.error else j.message
+        out.append(f"latest: job {j.id} {j.state}" + (f" ({msg})" if msg else ""))
+    return out
+
+
+@app.command()
+def status(project: Optional[int] = typer.Argument(None, help="Only this Label Studio project (default: all)")):
+    """Print, per project of the running stack: the model version served now (when and why it was
+    promoted), the running training job (stage, epoch, time left) and the latest job when it is
+    another, and the status page's link (one click opens it: jobs, versions, acceptance, the review
+    queue)."""
     from backend.stack import SECRETS_FILE, read_json
     from backend.status import status_link
 
@@ -768,12 +822,10 @@ def status(project: Optional[int] = typer.Argument(None, help="Only this Label S
     for e in entries:
         pid = int(e["id"])
         with _db() as s:
-            job = s.exec(select(TrainingJob).where(TrainingJob.project_id == pid)
-                         .order_by(TrainingJob.id.desc())).first()
-        last = (f"job {job.id} {job.state}" + (f", {job.stage}" if job.state == "running" and job.stage else "")
-                if job else "no training yet")
-        console.print(f"project {pid} ({e.get('folder', '')}; {last})", soft_wrap=True, markup=False,
-                      highlight=False)
+            lines = _project_state_lines(s, pid)
+        console.print(f"project {pid} ({e.get('folder', '')})", soft_wrap=True, markup=False, highlight=False)
+        for line in lines:
+            console.print(f"  {line}", soft_wrap=True, markup=False, highlight=False)
         console.print(f"  {status_link(st.get('backend_url', ''), pid, key)}", soft_wrap=True, markup=False,
                       highlight=False)
     if not entries:
@@ -911,15 +963,36 @@ def jobs(project: int = typer.Argument(..., help="Label Studio project id")):
         _hidden_columns_note(["trigger"])
 
 
+def _status_page_link(st: dict | None, pid: int) -> str | None:
+    """The project's status page link with its token, as `faceloop up` and `faceloop status` print
+    it; None without a running stack (`_use_running_stack`)."""
+    if not st or not st.get("backend_url"):
+        return None
+    from backend.stack import SECRETS_FILE, read_json
+    from backend.status import status_link
+
+    key = read_json(Path(st.get("root") or _stack_root()) / SECRETS_FILE).get("webhook_secret", "")
+    return status_link(st["backend_url"], pid, key)
+
+
 @app.command()
-def train(project: int = typer.Argument(..., help="Label Studio project id")):
+def train(project: int = typer.Argument(..., help="Label Studio project id"),
+          as_json: bool = typer.Option(False, "--json", help="Print the answer as one JSON object, for scripts: "
+                                       '{"job": "6", "queued": true, "joined_existing": false}')):
     """Queue a retrain, as *Start Training* in Label Studio does (coalesced with a queued one).
 
+    Prints which job was queued (or joined) and where to follow it. A job asked for while another
+    runs is skipped when that one succeeds and no annotation changed since its snapshot
+    (``ml_worker.tasks.take_snapshot``): that is known only when the job starts, so it is said as a rule.
     Exits 1 (and records no job) when the project is unknown or Redis cannot be reached."""
+    import json
+
+    from sqlmodel import select
+
     from backend.events import queue_training
     from backend.models import TrainingJob
 
-    _use_running_stack()
+    st = _use_running_stack()
     _require_project(project)
     settings = get_settings()
     why = _broker_reachable(settings.celery_broker_url)
@@ -930,7 +1003,22 @@ def train(project: int = typer.Argument(..., help="Label Studio project id")):
     with _db() as s:
         job = s.get(TrainingJob, int(out["job"]))
         sent = bool(job is not None and job.celery_id)
-    console.print(out)
+        state = job.state if job is not None else "queued"
+        running = s.exec(select(TrainingJob.id).where(TrainingJob.project_id == project,
+                                                      TrainingJob.state == "running",
+                                                      TrainingJob.id != int(out["job"]))).first()
+    if as_json:
+        console.print(json.dumps(out), soft_wrap=True, markup=False, highlight=False)
+    else:
+        link = _status_page_link(st, project)
+        follow = f"follow it on {link} or `faceloop jobs {project}`" if link else f"follow it with `faceloop jobs {project}`"
+        head = (f"job {out['job']} queued (project {project})" if out["queued"]
+                else f"joined job {out['job']}, already {state} (project {project})")
+        console.print(f"{head}; {follow}", soft_wrap=True, markup=False, highlight=False)
+        if running is not None:
+            console.print(f"job {running} is training now: job {out['job']} is skipped if job {running} succeeds "
+                          f"and no annotation is created, updated or deleted since job {running}'s snapshot",
+                          soft_wrap=True, markup=False, highlight=False)
     if not sent:
         _fail(f"job {out['job']} is recorded but could not be sent to Redis at {settings.celery_broker_url}; "
               "it is sent again when a worker starts")

@@ -355,10 +355,13 @@ def api_error_text(e: Exception) -> str:
 
 
 #: Text of the status link faceloop writes into a project's instructions and description; an
-#: earlier link is found by it and replaced (Label Studio strips HTML comments and ``target`` from
-#: instructions, so no markers survive).
+#: earlier link (with or without the new-tab hint after it) is found by it and replaced at each
+#: ``faceloop up`` (Label Studio strips HTML comments and ``target`` from instructions, so no
+#: markers survive).
 _STATUS_LINE = "faceloop status: "
-_STATUS_LINK = re.compile(r'<p><a href="[^"]*"[^>]*>faceloop status:[^<]*</a></p>\n?')
+#: Shown after the link: Label Studio drops ``target="_blank"`` (see :func:`set_status_link`).
+_NEW_TAB_HINT = "(Ctrl/⌘-click or middle-click: opens in a new tab and keeps unsaved edits here)"
+_STATUS_LINK = re.compile(r'<p><a href="[^"]*"[^>]*>faceloop status:[^<]*</a>[^<]*</p>\n?')
 
 
 def set_status_link(client, project_id: int, status_url: str) -> None:
@@ -382,8 +385,12 @@ def set_status_link(client, project_id: int, status_url: str) -> None:
         raise ValueError(f"status URL must be an http(s) URL without spaces or quotes, got {status_url!r}")
     p = client.projects.get(id=project_id)
     instr = _STATUS_LINK.sub("", _get(p, "expert_instruction") or "")
-    link = (f'<p><a href="{html.escape(status_url)}" rel="noopener">'
-            f"{_STATUS_LINE}training, model versions, pre-label acceptance</a></p>\n")
+    # Label Studio 1.23.2 keeps ``rel`` but strips ``target`` (projects/serializers.py cleans the
+    # instructions with bleach and constants.SAFE_HTML_ATTRIBUTES has no ``target``): a plain click
+    # opens the page in the labeling tab, so the link says how to open it in a new one (``target``
+    # is sent all the same, for a Label Studio that keeps it)
+    link = (f'<p><a href="{html.escape(status_url)}" target="_blank" rel="noopener noreferrer">'
+            f"{_STATUS_LINE}training, model versions, pre-label acceptance</a> {_NEW_TAB_HINT}</p>\n")
     desc_lines = [ln for ln in (_get(p, "description") or "").splitlines() if not ln.startswith(_STATUS_LINE)]
     desc = "\n".join([*desc_lines, _STATUS_LINE + status_url]).strip()
     client.projects.update(id=project_id, expert_instruction=link + instr, description=desc)

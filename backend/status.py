@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import threading
 from collections import OrderedDict
 from datetime import datetime, timezone
@@ -347,6 +348,85 @@ def _acc_view(r: acceptance.PrelabelAcceptance) -> dict:
             "updated": _aware(r.updated_at).strftime("%H:%M:%S")}
 
 
+#: A ``faceloop up`` folder link's name in the document root (``backend.cli._media_link``):
+#: ``<folder name>-<8 hex>``.
+_MEDIA_LINK = re.compile(r"^[A-Za-z0-9._-]*-[0-9a-f]{8}$")
+#: Seconds the project page spends at most asking Label Studio for the file names of error rows.
+FILE_NAMES_BUDGET_S = 3.0
+
+
+def image_file_name(url: str) -> str:
+    """The file a task's image URL names, for a person: for Label Studio's Local Files URL
+    ``/data/local-files/?d=<link>/<file>`` the path after ``faceloop up``'s folder link
+    (``<folder name>-<8 hex>``; the whole ``d`` path when it starts otherwise); for any other URL
+    the last path segment (an uploaded file keeps Label Studio's ``<8 hex>-`` prefix). "" for no URL."""
+    from urllib.parse import parse_qs, unquote, urlsplit
+
+    if not isinstance(url, str) or not url:
+        return ""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return ""
+    if parts.path.rstrip("/").endswith("/data/local-files"):
+        segs = [x for x in (parse_qs(parts.query).get("d") or [""])[0].split("/") if x]
+        if len(segs) > 1 and _MEDIA_LINK.match(segs[0]):
+            segs = segs[1:]
+        return "/".join(segs)
+    return unquote(parts.path.rstrip("/").rsplit("/", 1)[-1])
+
+
+def _image_url(task, config: str) -> str | None:
+    """The image URL of a Label Studio task: its data's value under the project's Image ``value``
+    key, else its first string value."""
+    from backend.labels import LabelConfigError, ProjectSchema
+
+    data = dict(getattr(task, "data", None) or {})
+    url = None
+    try:
+        url = data.get(ProjectSchema.parse(config).value_key)
+    except LabelConfigError:
+        pass
+    if not isinstance(url, str):
+        url = next((v for v in data.values() if isinstance(v, str)), None)
+    return url or None
+
+
+def task_file_names(settings: Settings, pid: int, task_ids: list[int], config: str,
+                    ls_url: str | None = None) -> dict[int, str]:
+    """``{task id: image file name}`` (:func:`image_file_name`) of project ``pid``'s tasks, read
+    from Label Studio (``tasks.get``, 2 s each, :data:`FILE_NAMES_BUDGET_S` in all) and kept in
+    memory (a task's image does not change). Tasks that cannot be read (no API key, Label Studio
+    down, another project's task) are left out; never raises."""
+    import time
+
+    from backend.images import ls_client
+
+    out, todo = {}, []
+    for tid in task_ids:
+        name = _file_names.get((pid, tid))
+        if name is None:
+            todo.append(tid)
+        else:
+            out[tid] = name
+    if not todo or not settings.label_studio_api_key:
+        return out
+    end = time.monotonic() + FILE_NAMES_BUDGET_S
+    try:
+        client = ls_client(settings, ls_url)
+        for tid in todo:
+            if time.monotonic() > end:
+                break
+            task = client.tasks.get(id=tid, request_options={"timeout_in_seconds": 2})
+            if int(getattr(task, "project", None) or 0) != pid:
+                continue
+            out[tid] = image_file_name(_image_url(task, config) or "")
+            _file_names.put((pid, tid), out[tid])
+    except Exception as e:  # noqa: BLE001 - the page shows the rows without names
+        log.info("file names of project %s's error rows not read from Label Studio: %s", pid, e.__class__.__name__)
+    return out
+
+
 def project_context(settings: Settings, pid: int) -> dict:
     """Everything the project page shows, as plain values (for the template and tests).
 
@@ -388,7 +468,10 @@ def project_context(settings: Settings, pid: int) -> dict:
                    "when": t.scored_at.strftime("%Y-%m-%d %H:%M") if t.scored_at else ""}
                   for t in s.exec(select(TaskScore).where(TaskScore.project_id == pid, TaskScore.error != "")
                                   .order_by(TaskScore.scored_at.desc()).limit(ERRORS_SHOWN)).all()]
-        title = proj.title
+        title, config, ls_url = proj.title, proj.label_config, proj.ls_url
+    names = task_file_names(settings, pid, sorted({e["task"] for e in errors}), config, ls_url) if errors else {}
+    for e in errors:
+        e["file"] = names.get(e["task"], "")
     figure_cols = shown_figures(versions)
     acc_rows = [_acc_view(r) for r in acceptance.stored(settings, pid)]
     acc = {r["version"]: r for r in acc_rows}
@@ -442,6 +525,10 @@ class _Thumbs:
                 self.d.popitem(last=False)
 
 
+#: Image file names of tasks by (project, task), for the error rows (:func:`task_file_names`).
+_file_names = _Thumbs(4096)
+
+
 def thumbnail(settings: Settings, pid: int, task_id: int) -> bytes:
     """JPEG thumbnail of a task's image (longest side :data:`THUMB_SIDE` pixels).
 
@@ -453,7 +540,6 @@ def thumbnail(settings: Settings, pid: int, task_id: int) -> bytes:
     from PIL import Image
 
     from backend.images import ImageError, load_image, ls_client
-    from backend.labels import LabelConfigError, ProjectSchema
 
     with session_scope(settings.database_url) as s:
         proj = s.get(Project, pid)
@@ -472,14 +558,7 @@ def thumbnail(settings: Settings, pid: int, task_id: int) -> bytes:
         raise HTTPException(502, f"could not read task {task_id} from Label Studio: {e.__class__.__name__}")
     if int(getattr(task, "project", None) or 0) != pid:
         raise HTTPException(404, f"task {task_id} is not in project {pid}")
-    data = dict(getattr(task, "data", None) or {})
-    url = None
-    try:
-        url = data.get(ProjectSchema.parse(config).value_key)
-    except LabelConfigError:
-        pass
-    if not isinstance(url, str):
-        url = next((v for v in data.values() if isinstance(v, str)), None)
+    url = _image_url(task, config)
     if not url:
         raise HTTPException(404, f"task {task_id} has no image URL")
     try:

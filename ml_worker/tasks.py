@@ -368,8 +368,14 @@ def _model_cache(settings):
     return _MODELS
 
 
+#: Characters of a ``score_chunk`` result in the worker log's "Task ... succeeded in ...: <result>"
+#: line (Celery's ``Task.resultrepr_maxsize``, 1024 by default): the result holds each task's
+#: embedding, a long list of floats, for no one reading the log.
+CHUNK_RESULT_REPR_CHARS = 120
+
+
 @app.task(bind=True, name="faceloop.score_chunk", autoretry_for=(Exception,), max_retries=3, retry_backoff=2,
-          retry_backoff_max=30, retry_jitter=False)
+          retry_backoff_max=30, retry_jitter=False, resultrepr_maxsize=CHUNK_RESULT_REPR_CHARS)
 def score_chunk(self, run_id: int, plan: dict, tasks: list[dict]) -> list[dict]:
     """Score one chunk of scoring run ``run_id`` (:func:`ml_worker.scoring.score_chunk`): plain
     results, nothing written. Retried 3 times (2, 4, 8 s apart) on any error; a bad image is a

@@ -153,3 +153,21 @@ def test_help_at_80_columns_wraps_sentences_not_docstring_lines(cli):
         if not new_command:
             assert len(ln) + 1 + len(nxt.split()[0]) > width, f"summary line ends early: {ln!r}\n" + "\n".join(lines)
     assert "(or create) the project of IMAGES and CONFIG with the" in " ".join(panel)
+
+
+@pytest.mark.parametrize("columns", [45, 60, 80, 200])
+def test_up_summary_has_no_dangling_semicolon(columns, monkeypatch, tmp_path):
+    """`faceloop up` printed "project N: ... from /…/val; faceloop connected ..." as one sentence,
+    and the line wrapped after "val; " (tried as a new user). The folder has its own line, the
+    path whole; the ML backend the next one."""
+    from backend import cli
+
+    monkeypatch.setenv("COLUMNS", str(columns))
+    folder = tmp_path / "shared" / "data" / "awake_sleep" / "images" / "val"
+    with cli.console.capture() as cap:
+        cli._say_project_ready(3, 120, 120, folder, 1, reconnected=2)
+    lines = cap.get().splitlines()
+    assert lines[0] == f"project 3: 120 tasks (120 new) from {folder}", lines
+    assert all(not ln.rstrip().endswith(";") for ln in lines), lines
+    assert " ".join(ln.strip() for ln in lines[1:]) == ("faceloop connected as its ML backend 1 (basic auth), "
+                                                         "2 earlier projects reconnected")

@@ -203,3 +203,26 @@ def test_finish_task_orders_chunk_results_by_the_plan(setup, monkeypatch):
         r = db.get(ScoringRun, run_id)
         assert (r.state, r.scored, r.failed, r.model_version) == ("succeeded", N_TASKS, 1, plan["version"])
     assert tasks.score_finish(results, run_id, meta, 0.0, [])["state"] == "not running (succeeded)"
+
+
+def test_worker_log_line_of_a_chunk_is_short(caplog, monkeypatch):
+    """Celery's trace logger writes "Task faceloop.score_chunk[...] succeeded in ...s: <result>" at
+    INFO; a chunk's result holds every task's embedding, and worker.log grew by 36 KB in 25 minutes
+    of scoring. The line stays, with the result cut to CHUNK_RESULT_REPR_CHARS. The scoring itself
+    is stood in for by results of its shape (the real one is tested above): what is under test is
+    Celery's logging of the real task."""
+    import logging
+
+    import ml_worker.scoring
+    from ml_worker import tasks
+
+    big = [{"task_id": t, "error": None, "uncertainty": 0.5, "n_boxes": 2, "embedding": [0.123456789] * 512,
+            "prediction": {"result": []}} for t in range(16)]
+    monkeypatch.setattr(ml_worker.scoring, "score_chunk", lambda settings, plan, chunk, cache: big)
+    monkeypatch.setattr(tasks, "_model_cache", lambda settings: None)
+    caplog.set_level(logging.INFO, logger="celery.app.trace")
+    r = tasks.score_chunk.apply(args=(1, {}, [{"id": 1}]))
+    assert r.successful() and r.result == big  # the result itself is whole
+    (line,) = [m for m in caplog.messages if "succeeded in" in m]
+    assert "faceloop.score_chunk" in line and "'task_id': 0" in line
+    assert len(line) < 300, line

@@ -176,6 +176,54 @@ def test_train_with_redis_down_exits_1_without_a_job(cli_env):
     assert r.exit_code == 1 and "cannot be reached" in _flat(r.output)
 
 
+def test_train_says_which_job_was_queued_and_where_to_follow_it(cli_env, tmp_path, monkeypatch):
+    """`faceloop train` printed a raw dict ({'job': '6', 'queued': True, ...}); it says in a sentence
+    which job was queued or joined, where to follow it, and, while another job trains, when the new
+    one is skipped. --json keeps the dict, as JSON, for scripts. A real redis-server (no worker)."""
+    import shutil
+
+    if not shutil.which("redis-server"):
+        pytest.skip("redis-server is not installed (scripts/bootstrap.sh installs it)")
+    from backend.stack import SECRETS_FILE
+    from backend.status import status_link
+    from tests.faults.conftest import RedisServer, free_port
+
+    app, db = cli_env
+    red = RedisServer(free_port(), tmp_path)
+    try:
+        monkeypatch.setenv("CELERY_BROKER_URL", red.url)
+        root = get_settings().var_dir / "stack"
+        root.mkdir(parents=True)
+        (root / SECRETS_FILE).write_text(json.dumps({"webhook_secret": "k"}))
+        (root / "stack.json").write_text(json.dumps({
+            "running": True, "pids": {"redis": os.getpid(), "label-studio": os.getpid()}, "root": str(root),
+            "backend_url": "http://127.0.0.1:19090", "projects": [{"id": 5, "folder": "/b"}]}))
+        get_settings.cache_clear()
+        with session_scope(db) as s:
+            upsert_project(s, 5)
+        r = runner.invoke(app, ["train", "5"], env={"COLUMNS": "250"})
+        assert r.exit_code == 0, r.output
+        (job,) = _recorded(db, 5)[0]
+        link = status_link("http://127.0.0.1:19090", 5, "k")
+        assert r.output.strip() == f"job {job.id} queued (project 5); follow it on {link} or `faceloop jobs 5`"
+        assert "{" not in r.output
+        r = runner.invoke(app, ["train", "5", "--json"], env={"COLUMNS": "250"})
+        assert r.exit_code == 0 and json.loads(r.output) == {"job": str(job.id), "queued": False,
+                                                             "joined_existing": True}, r.output
+        with session_scope(db) as s:  # the queued job starts; a new request while it trains
+            s.get(TrainingJob, job.id).state = "running"
+        r = runner.invoke(app, ["train", "5"], env={"COLUMNS": "250"})
+        assert r.exit_code == 0, r.output
+        lines = r.output.splitlines()
+        assert lines[0] == f"job {job.id + 1} queued (project 5); follow it on {link} or `faceloop jobs 5`"
+        assert lines[1] == (f"job {job.id} is training now: job {job.id + 1} is skipped if job {job.id} succeeds "
+                            f"and no annotation is created, updated or deleted since job {job.id}'s snapshot")
+        r = runner.invoke(app, ["train", "5"], env={"COLUMNS": "250"})
+        assert r.output.startswith(f"joined job {job.id + 1}, already queued (project 5); follow it on "), r.output
+    finally:
+        red.stop()
+
+
 def test_up_on_a_file_or_missing_folder(cli_env, tmp_path):
     app, _ = cli_env
     f = tmp_path / "face.jpg"
@@ -515,11 +563,13 @@ def test_queue_leaves_out_tasks_labelled_since_scoring(cli_env):
     rows = [line.split("│") for line in r.output.splitlines() if line.count("│") > 3]
     assert [int(c[2]) for c in rows] == [64, 167], r.output
     assert [int(c[1]) for c in rows] == [1, 2], r.output  # places in the queue now, from 1 (not the stored ranks 1, 3)
+    header = next(line for line in r.output.splitlines() if "entropy" in line)
+    assert "boxes" in header and "faces" not in header, r.output  # predicted boxes, a false one too
 
 
 def test_status_prints_each_projects_link_and_last_job(cli_env):
-    """`faceloop status` (a new user looked for it): the running stack's projects with the status
-    page's one-click link (the project's token, as `up` prints it) and the latest job; exit 1 with
+    """`faceloop status` (a new user looked for it): the running stack's projects with the version
+    served, the jobs, and the status page's one-click link (the project's token, as `up` prints it); exit 1 with
     what to do when no stack runs."""
     from backend.stack import SECRETS_FILE
     from backend.status import status_link
@@ -541,11 +591,71 @@ def test_status_prints_each_projects_link_and_last_job(cli_env):
     r = runner.invoke(app, ["status"], env={"COLUMNS": "250"})
     assert r.exit_code == 0, r.output
     lines = r.output.splitlines()
-    assert lines[0] == "project 3 (/photos/a; no training yet)"
-    assert lines[1].strip() == status_link("http://127.0.0.1:19090", 3, "s3cret-key") and "?token=" in lines[1]
-    assert lines[2].startswith("project 5 (/photos/b; job ") and lines[2].endswith(" running, train detector)")
-    assert lines[3].strip() == status_link("http://127.0.0.1:19090", 5, "s3cret-key")
+    assert lines[:3] == ["project 3 (/photos/a)", "  serving: the shipped default model (no version promoted yet)",
+                         "  no training yet"], r.output
+    assert lines[3].strip() == status_link("http://127.0.0.1:19090", 3, "s3cret-key") and "?token=" in lines[3]
+    assert lines[4] == "project 5 (/photos/b)"
+    assert lines[6].startswith("  running: job ") and lines[6].endswith(", train detector"), r.output
+    assert lines[7].strip() == status_link("http://127.0.0.1:19090", 5, "s3cret-key")
     r = runner.invoke(app, ["status", "5"], env={"COLUMNS": "250"})
     assert r.exit_code == 0 and "project 3" not in r.output and "/status/5?token=" in r.output, r.output
     r = runner.invoke(app, ["status", "9"], env={"COLUMNS": "250"})
     assert r.exit_code == 1 and "its projects: 3, 5" in _flat(r.output), r.output
+
+
+def test_status_shows_the_served_version_and_running_job_not_only_the_latest(cli_env):
+    """A new user saw "job 2 queued" while job 1 was training, and "job 7 skipped" while job 6 had
+    just promoted p5-v4: `faceloop status` gives the version served (when, by which job, why), the
+    running job with its stage, epoch and time left (backend.jobprogress), and the latest job."""
+    from datetime import datetime, timedelta, timezone
+
+    from backend.jobprogress import record
+    from backend.stack import SECRETS_FILE
+
+    app, db = cli_env
+    root = get_settings().var_dir / "stack"
+    root.mkdir(parents=True)
+    (root / SECRETS_FILE).write_text(json.dumps({"webhook_secret": "k"}))
+    (root / "stack.json").write_text(json.dumps({
+        "running": True, "pids": {"redis": os.getpid(), "label-studio": os.getpid()}, "root": str(root),
+        "backend_url": "http://127.0.0.1:19090", "projects": [{"id": 3, "folder": "/a"}, {"id": 5, "folder": "/b"}]}))
+    now = datetime.now(timezone.utc)
+    with session_scope(db) as s:
+        upsert_project(s, 3)
+        j1 = TrainingJob(project_id=3, trigger="cli", state="running", started_at=now - timedelta(seconds=40))
+        for ago, f in ((40, {"stage": "train", "epochs": 50, "plan": [{"stage": "train detector", "epochs": 10},
+                                                                      {"stage": "train classifier", "epochs": 40}]}),
+                       (30, {"stage": "train detector", "epoch": 0}),
+                       (20, {"stage": "train detector", "epoch": 1, "stage_epoch": 1, "stage_epochs": 10}),
+                       (0, {"stage": "train detector", "epoch": 3, "stage_epoch": 3, "stage_epochs": 10})):
+            for k, v in record(j1, f, now=now - timedelta(seconds=ago)).items():
+                setattr(j1, k, v)
+        s.add(j1)
+        s.flush()
+        s.add(TrainingJob(project_id=3, trigger="cli", state="queued"))
+        p5 = upsert_project(s, 5)
+        j6 = TrainingJob(project_id=5, trigger="cli", state="succeeded", stage="done")
+        s.add(j6)
+        s.flush()
+        v = ModelVersion(project_id=5, version="p5-v4", path="/x/v4.json", sha256="0", status="promoted",
+                         gate_reason="mAP50 0.612 >= 0.580 + 0.005", training_job_id=j6.id,
+                         promoted_at=datetime(2026, 11, 30, 23, 10, tzinfo=timezone.utc))
+        s.add(v)
+        s.flush()
+        p5.promoted_version_id = v.id
+        s.add(TrainingJob(project_id=5, trigger="cli", state="skipped", stage="skipped",
+                          message="no annotation created, updated or deleted since job 6's snapshot"))
+        ids = (j1.id, j6.id)
+    r = runner.invoke(app, ["status"], env={"COLUMNS": "250"})
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert lines[0] == "project 3 (/a)"
+    assert lines[2].startswith(f"  running: job {ids[0]}, train detector, epoch 3/50; train detector: about "), r.output
+    assert "s left, then train classifier (40 epochs)" in lines[2], r.output
+    assert lines[3] == f"  latest: job {ids[0] + 1} queued", r.output
+    assert "/status/3?token=" in lines[4]
+    assert lines[6] == (f"  serving: p5-v4 (promoted 2026-11-30 23:10 UTC by job {ids[1]}: "
+                        "mAP50 0.612 >= 0.580 + 0.005)"), r.output
+    assert lines[7] == (f"  latest: job {ids[1] + 1} skipped (no annotation created, updated or deleted since "
+                        "job 6's snapshot)"), r.output
+    assert "/status/5?token=" in lines[8]

@@ -337,6 +337,25 @@ def test_thumbnail_of_a_task_in_a_real_label_studio(stack, tmp_path):
     assert Image.open(io.BytesIO(r.content)).size == (160, 120)
     assert c.get(f"/status/{other.id}/tasks/{tid}/thumb.jpg").status_code == 404  # not that project's task
     assert c.get(f"/status/{p.id}/tasks/999999/thumb.jpg").status_code == 404
+    # a task error row names the task's image file (read from Label Studio), not only its id
+    with session_scope(s.database_url) as db:
+        db.add(TaskScore(project_id=p.id, task_id=tid, model_version="v1", uncertainty=1, least_confidence=1,
+                         margin=1, entropy=1, error="image is empty (0 bytes)"))
+    html = c.get(f"/status/{p.id}").text
+    row = re.search(rf"<tr><td><a [^>]*>{tid}</a></td><td>([^<]*)</td>", html)
+    assert row and row.group(1).endswith("-face.jpg"), html[html.find("Task errors"):][:800]
+
+
+def test_task_error_rows_name_the_image_file():
+    """The file of a task's image URL as a person knows it: the path inside the folder `faceloop up`
+    linked (Local Files), or an uploaded file's name."""
+    from backend.status import image_file_name
+
+    assert image_file_name("/data/local-files/?d=faces-1a2b3c4d/sub/a%20b.jpg") == "sub/a b.jpg"
+    assert image_file_name("http://127.0.0.1:8080/data/local-files/?d=photos-0123abcd/x.png") == "x.png"
+    assert image_file_name("/data/local-files/?d=home/ann/x.png") == "home/ann/x.png"  # no faceloop link
+    assert image_file_name("/data/upload/3/5f2e9c1a-face.jpg") == "5f2e9c1a-face.jpg"
+    assert image_file_name("") == "" and image_file_name(None) == ""
 
 
 @pytest.mark.e2e
@@ -349,14 +368,21 @@ def test_status_link_in_the_label_studio_project(stack):
     from tests.helpers_unit import EXAMPLE_CONFIG
 
     client = LabelStudio(base_url=stack.ls_url, api_key=stack.api_key)
+    # a project linked by an earlier faceloop (no new-tab hint) gets the new link at the next `up`
+    old = ('<p><a href="http://127.0.0.1:8/status/1" rel="noopener">faceloop status: training, model '
+           'versions, pre-label acceptance</a></p>\n<p>Draw every face.</p>')
     p = client.projects.create(title="linked", label_config=EXAMPLE_CONFIG, description="My faces",
-                               expert_instruction="<p>Draw every face.</p>")
+                               expert_instruction=old)
     set_status_link(client, p.id, f"http://127.0.0.1:9/status/{p.id}")
     set_status_link(client, p.id, f"http://127.0.0.1:9090/status/{p.id}")
     q = client.projects.get(id=p.id)
     assert q.description == f"My faces\nfaceloop status: http://127.0.0.1:9090/status/{p.id}"
     assert q.expert_instruction.count("faceloop status") == 1
     assert f'href="http://127.0.0.1:9090/status/{p.id}"' in q.expert_instruction
+    # Label Studio 1.23.2 keeps rel but strips target="_blank" (bleach, SAFE_HTML_ATTRIBUTES): the
+    # labeller reads how to open the page without losing the edits in the labeling tab
+    assert 'rel="noopener noreferrer"' in q.expert_instruction and "target" not in q.expert_instruction
+    assert "opens in a new tab and keeps unsaved edits here" in q.expert_instruction
     assert q.expert_instruction.endswith("<p>Draw every face.</p>")
     with pytest.raises(ValueError):
         set_status_link(client, p.id, 'javascript:alert(1)')
@@ -414,7 +440,7 @@ def test_new_projects_show_their_instructions_and_keep_the_default_tab(stack):
 def test_queue_numbers_tasks_from_its_head(client, settings):
     """The review queue on the status page numbers the tasks left in it from 1: after a person labelled
     the first 25 of a scoring's ranking, its head read "#26 · task 133" (tried as a new user); and
-    one face is "1 face"."""
+    one box is "1 box"; the count is of predicted boxes (a false box too), so it does not say "faces"."""
     pid = PID + 1
     with session_scope(settings.database_url) as s:
         s.add(Project(id=pid, title="awake", label_config=""))
@@ -425,8 +451,8 @@ def test_queue_numbers_tasks_from_its_head(client, settings):
             s.add(WebhookEvent(project_id=pid, action="ANNOTATION_CREATED", task_id=tid, annotation_id=aid))
     html = client.get(f"/status/{pid}").text
     assert "#1 · task 13<br>" in html and "#2 · task 14<br>" in html and "task 11<" not in html, html
-    assert "· 1 face<" in html or "· 1 face " in html
-    assert "· 2 faces" in html and "1 faces" not in html
+    assert "· 1 box<" in html or "· 1 box " in html
+    assert "· 2 boxes" in html and "1 boxes" not in html and not re.search(r"\d faces?\b", html)
 
 
 def test_shown_figures_are_the_columns_some_version_fills():
