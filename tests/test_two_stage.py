@@ -75,6 +75,10 @@ def test_gate_rules():
     # a new user saw every version promoted on "mAP50 0.995 >= current 0.995" (5 validation faces)
     ok, why = gate({"mAP50": 0.995, "acceptance_rate": 1.0}, {"mAP50": 0.995, "acceptance_rate": 0.8}, 5)
     assert ok and why.endswith("a tie: 5 validation faces do not tell the versions apart, the newer labels win")
+    # a new user read "acceptance 0.88 (current 1.00)" beside a promotion as a regression: counts say one face
+    ok, why = gate({"mAP50": 0.995, "acceptance_rate": 7 / 8, "accepted": 7},
+                   {"mAP50": 0.953, "acceptance_rate": 1.0, "accepted": 8}, 8)
+    assert ok and "accepted as is 7 of 8 faces (current 8 of 8; mAP50 decides)" in why
     assert not gate(cand, {"mAP50": 0.7, "acceptance_rate": 0.4}, 10)[0]
     ok, why = gate(cand, {"mAP50": 0.5, "acceptance_rate": 0.4}, 0)
     assert not ok and "no labelled face" in why
