@@ -206,7 +206,7 @@ def bench_accept(data: Path, sizes: list[int], seeds: list[int], out: Path, sett
     from facemodels.detector import ModelCache
     from ml_worker.dataset import build_dataset
     from ml_worker.evaluation import evaluate_model
-    from ml_worker.sampler import DEFAULT_QUERY_STRATEGY
+    from ml_worker.sampler import DEFAULT_QUERY_STRATEGY, USES_LABELLED
     from ml_worker.sampler import select as select_batch
     from ml_worker.training import refine_classifier, train_two_stage
 
@@ -229,8 +229,14 @@ def bench_accept(data: Path, sizes: list[int], seeds: list[int], out: Path, sett
                     if how == "random":
                         picks = [free[i] for i in rng.choice(len(free), size=need, replace=False)]
                     else:
-                        unc, emb = _score_pool(cache.get(model_path), [pool[i] for i in free], schema, settings)
-                        picks = [free[i] for i in select_batch(strategy, unc, need, embeddings=emb, rng=rng)]
+                        model = cache.get(model_path)
+                        unc, emb = _score_pool(model, [pool[i] for i in free], schema, settings)
+                        # as ml_worker.scoring passes them: the labelled images' embeddings, for the
+                        # strategies that place a batch away from what is labelled (typiclust, diverse_*)
+                        lab_emb = (_score_pool(model, [pool[i] for i in labelled], schema, settings)[1]
+                                   if labelled and strategy in USES_LABELLED else None)
+                        picks = [free[i] for i in select_batch(strategy, unc, need, embeddings=emb, rng=rng,
+                                                               labelled_embeddings=lab_emb)]
                     labelled += picks
                 if size == 0:
                     if base_eval is None:

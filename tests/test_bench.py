@@ -54,6 +54,21 @@ def test_bench_accept_tiny(tmp_path):
     assert res["files"]["plot"].exists()
 
 
+@pytest.mark.slow
+def test_bench_accept_typiclust_runs_with_the_labelled_embeddings(tmp_path):
+    """A strategy that reads the labelled images' embeddings (typiclust, diverse_*) gets them in the
+    benchmark as the scoring station passes them, so its second batch is the product's."""
+    from ml_worker.bench import bench_accept
+
+    data = require_data(AWAKE_SLEEP)
+    settings = make_settings(tmp_path, imgsz=160, train_batch=4, detector_epochs=1, classifier_epochs=1,
+                             classifier_refit_epochs=0, query_strategy="typiclust")
+    res = bench_accept(data, [3, 6], [0], tmp_path / "out", settings, strategies=("sampler",), test_limit=4)
+    assert [(r["strategy"], r["labels"]) for r in res["rows"]] == [("typiclust", 3), ("typiclust", 6)]
+    imgs = sorted((tmp_path / "out" / "work" / "sampler_s0_n6" / "dataset" / "images").rglob("*.jpg"))
+    assert len(imgs) == 6 and len({p.read_bytes() for p in imgs}) == 6, "six different pool images labelled"
+
+
 def _rows(strategy, seed, curve):
     return [{"strategy": strategy, "seed": seed, "labels": n, "acceptance_rate": v, "mAP50": v / 2}
             for n, v in curve.items()]
