@@ -71,15 +71,19 @@ def test_write_bundle_is_atomic_and_refuses_to_overwrite(tmp_path):
 def test_gate_rules():
     cand = {"mAP50": 0.6, "acceptance_rate": 0.5}
     ok, why = gate(cand, {"mAP50": 0.5, "acceptance_rate": 0.4}, 10)
-    assert ok and "tie" not in why
-    # a new user saw every version promoted on "mAP50 0.995 >= current 0.995" (5 validation faces)
-    ok, why = gate({"mAP50": 0.995, "acceptance_rate": 1.0}, {"mAP50": 0.995, "acceptance_rate": 0.8}, 5)
+    assert ok and "tie" not in why and why.startswith("accepted as is 5 of 10 validation faces > current 4")
+    # equal acceptance: mAP50 decides, ties to the newer labels (a new user saw "0.995 >= 0.995" on 5 faces)
+    ok, why = gate({"mAP50": 0.995, "acceptance_rate": 0.8}, {"mAP50": 0.995, "acceptance_rate": 0.8}, 5)
     assert ok and why.endswith("a tie: 5 validation faces do not tell the versions apart, the newer labels win")
-    # a new user read "acceptance 0.88 (current 1.00)" beside a promotion as a regression: counts say one face
+    assert not gate({"mAP50": 0.6, "acceptance_rate": 0.4}, {"mAP50": 0.7, "acceptance_rate": 0.4}, 10)[0]
+    # a new user's trial: rejected on mAP50 while accepting more faces, and better on the unlabelled images
+    ok, why = gate({"mAP50": 0.626, "accepted": 6}, {"mAP50": 0.723, "accepted": 5}, 11)
+    assert ok and why == ("accepted as is 6 of 11 validation faces > current 5: acceptance decides "
+                          "(mAP50 0.626, current 0.723)")
+    # fewer faces accepted: kept out, whatever mAP50 says (promoted before at 0.995 >= 0.953)
     ok, why = gate({"mAP50": 0.995, "acceptance_rate": 7 / 8, "accepted": 7},
                    {"mAP50": 0.953, "acceptance_rate": 1.0, "accepted": 8}, 8)
-    assert ok and "accepted as is 7 of 8 faces (current 8 of 8; mAP50 decides)" in why
-    assert not gate(cand, {"mAP50": 0.7, "acceptance_rate": 0.4}, 10)[0]
+    assert not ok and why.startswith("accepted as is 7 of 8 validation faces < current 8: acceptance decides")
     ok, why = gate(cand, {"mAP50": 0.5, "acceptance_rate": 0.4}, 0)
     assert not ok and "no labelled face" in why
     ok, why = gate({"mAP50": 0.0, "acceptance_rate": 0.0}, {"mAP50": 0.0, "acceptance_rate": 0.0}, 5)
