@@ -811,7 +811,8 @@ def status(project: Optional[int] = typer.Argument(None, help="Only this Label S
     st = _use_running_stack()
     if st is None:
         _fail(f"no stack is running from {_stack_root()}: start one with `faceloop up [FOLDER]` (its status "
-              "page links are printed there too)")
+              "page links are printed there too); for a stack started with `faceloop up --root DIR`, run "
+              "`VAR_DIR=DIR/var faceloop status`")
     key = read_json(Path(st.get("root") or _stack_root()) / SECRETS_FILE).get("webhook_secret", "")
     entries = [e for e in (st.get("projects") or []) if isinstance(e, dict) and e.get("id")]
     if project is not None:

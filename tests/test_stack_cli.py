@@ -577,6 +577,7 @@ def test_status_prints_each_projects_link_and_last_job(cli_env):
     app, db = cli_env
     r = runner.invoke(app, ["status"], env={"COLUMNS": "250"})
     assert r.exit_code == 1 and "no stack is running" in _flat(r.output) and "faceloop up" in r.output, r.output
+    assert "VAR_DIR=DIR/var faceloop status" in _flat(r.output), "a --root stack: where to point it"
     root = get_settings().var_dir / "stack"
     root.mkdir(parents=True)
     (root / SECRETS_FILE).write_text(json.dumps({"webhook_secret": "s3cret-key"}))
