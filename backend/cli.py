@@ -805,15 +805,11 @@ def status(project: Optional[int] = typer.Argument(None, help="Only this Label S
     promoted), the running training job (stage, epoch, time left) and the latest job when it is
     another, and the status page's link (one click opens it: jobs, versions, acceptance, the review
     queue)."""
-    from backend.stack import SECRETS_FILE, read_json
-    from backend.status import status_link
-
     st = _use_running_stack()
     if st is None:
         _fail(f"no stack is running from {_stack_root()}: start one with `faceloop up [FOLDER]` (its status "
               "page links are printed there too); for a stack started with `faceloop up --root DIR`, run "
               "`VAR_DIR=DIR/var faceloop status`")
-    key = read_json(Path(st.get("root") or _stack_root()) / SECRETS_FILE).get("webhook_secret", "")
     entries = [e for e in (st.get("projects") or []) if isinstance(e, dict) and e.get("id")]
     if project is not None:
         entries = [e for e in entries if int(e["id"]) == project]
@@ -827,8 +823,7 @@ def status(project: Optional[int] = typer.Argument(None, help="Only this Label S
         console.print(f"project {pid} ({e.get('folder', '')})", soft_wrap=True, markup=False, highlight=False)
         for line in lines:
             console.print(f"  {line}", soft_wrap=True, markup=False, highlight=False)
-        console.print(f"  {status_link(st.get('backend_url', ''), pid, key)}", soft_wrap=True, markup=False,
-                      highlight=False)
+        console.print(f"  {_status_page_link(st, pid)}", soft_wrap=True, markup=False, highlight=False)
     if not entries:
         console.print("this stack has no project yet: `faceloop up FOLDER` makes one")
 

@@ -192,7 +192,7 @@ def gate(candidate: dict, current: dict | None, val_faces: int) -> tuple[bool, s
     user's trial (awake_sleep, 37 and 52 labels) saw two candidates rejected on mAP50 (0.626 <
     0.723, 0.667 < 0.713) that accepted more validation faces (6 against 5 of 11, 7 against 6 of
     13) and were better on the 186 images still unlabelled: 154 against 135 accepted, mAP50 0.874
-    against 0.814 (docs/training.md, "The gate").
+    against 0.814 (docs/training.md, "The gate decides by acceptance").
 
     Args:
         candidate, current: :func:`ml_worker.evaluation.evaluate_model` results (``accepted`` count,
