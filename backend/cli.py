@@ -729,23 +729,30 @@ def queue(project: int = typer.Argument(..., help="Label Studio project id"),
                       .order_by(TaskScore.rank, TaskScore.task_id).limit(limit)).all()
         errs = s.exec(select(TaskScore).where(TaskScore.project_id == project, TaskScore.model_version == v.version,
                                               TaskScore.error != "")).all()
+        # the query batch as written to Label Studio (pick order = rank order): its scores sit below 0.001
+        batch = list(s.exec(select(TaskScore.task_id).where(
+            TaskScore.project_id == project, TaskScore.model_version == v.version,
+            TaskScore.in_query_batch == True).order_by(TaskScore.rank)).all())  # noqa: E712 - SQL, not Python
+    from ml_worker.scoring import ls_task_score
+
     narrow = _narrow()
     t = _table(f"project {project} review queue ({v.version}, measure {settings.uncertainty_measure})")
     # "boxes": the predicted boxes of the task (a false box counts too), not the faces in the image
     cols = ["#", "task", "uncertainty", "LS score", "least-conf.", "margin", "entropy", "boxes", "query batch"]
-    if narrow:  # the task score Label Studio shows is 1 - uncertainty: the one column a narrow terminal drops
+    if narrow:  # the task score Label Studio shows (1 - uncertainty; the batch's below 0.001): dropped when narrow
         cols.remove("LS score")
     for c in cols:
         t.add_column("batch" if narrow and c == "query batch" else c, justify="right", no_wrap=True)
     for place, r in enumerate(rows, 1):  # the place in the queue now (labelled tasks left), as the status page
         cells = {"#": str(place), "task": str(r.task_id), "uncertainty": f"{r.uncertainty:.3f}",
-                 "LS score": f"{1 - r.uncertainty:.3f}", "least-conf.": f"{r.least_confidence:.3f}",
+                 "LS score": f"{ls_task_score(1 - r.uncertainty, r.task_id, batch):.3f}",
+                 "least-conf.": f"{r.least_confidence:.3f}",
                  "margin": f"{r.margin:.3f}", "entropy": f"{r.entropy:.3f}", "boxes": str(r.n_boxes),
                  "query batch": "yes" if r.in_query_batch else ""}
         t.add_row(*(cells[c] for c in cols))
     console.print(t)
     if narrow:
-        _hidden_columns_note(["LS score (= 1 - uncertainty)"])
+        _hidden_columns_note(["LS score (= 1 - uncertainty; the query batch's below 0.001, served first)"])
         if any(r.in_query_batch for r in rows):
             console.print("[dim]batch: in the query batch[/]")
     if not rows:

@@ -39,7 +39,7 @@ from backend.uncertainty import MEASURES
 STRATEGIES = (("random",) + MEASURES + tuple(f"diverse_{m}" for m in MEASURES) + ("typiclust",)
               + tuple(f"cluster_{m}" for m in MEASURES))
 #: The product's query strategy when ``QUERY_STRATEGY`` is not set (see docs/active_learning.md).
-DEFAULT_QUERY_STRATEGY = "cluster_margin"
+DEFAULT_QUERY_STRATEGY = "typiclust"
 #: Strategies that use the embeddings of the images already labelled (when given).
 USES_LABELLED = tuple(s for s in STRATEGIES if s.startswith("diverse_")) + ("typiclust",)
 #: TypiClust's neighbourhood size and smallest cluster it draws from (Hacohen et al. 2022, sec. 4).

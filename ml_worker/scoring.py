@@ -2,8 +2,11 @@
 
 After a promotion (and for new tasks), every unlabelled task is predicted with the promoted
 version; each gets a :class:`backend.models.TaskScore` (all measures) and a Label Studio
-prediction with ``score = 1 - uncertainty``; the project's ``model_version`` is pointed at that
-version and the *Review queue* view (unlabelled, lowest score first) is refreshed. Ties of
+prediction; the project's ``model_version`` is pointed at that version and the *Review queue* view
+(unlabelled, lowest score first) is refreshed. The review queue is the query batch (the sampler's
+picks) first, then the other tasks by uncertainty (:func:`batch_ahead`); Label Studio's task score
+carries that order (:func:`ls_task_score`: the batch below 0.001, every other task ``1 -
+uncertainty`` squeezed into 0.001-1), so *Label All Tasks* serves the batch first. Ties of
 uncertainty (every task at day 0, when the project's classes are unknown) are ordered by diversity
 over the image embeddings (:func:`ml_worker.sampler.queue_order`), and Label Studio's score gets an
 offset below 1e-6 that keeps that order in its view (:func:`tie_offsets`).
@@ -186,7 +189,7 @@ def finish_scoring(settings: Settings, plan: dict, results: list[dict], run_id: 
         batch = [good[i]["task_id"] for i in picks]
         order = [good[i]["task_id"] for i in queue_order(np.array([_unit(unc_of(p, measure)) for p in good]), emb)]
         if not plan["partial"]:
-            order = batch_first(order, batch, {p["task_id"]: _unit(unc_of(p, measure)) for p in good})
+            order = batch_ahead(order, batch)
     with session_scope(settings.database_url) as s:
         for p in preds:
             row = s.exec(select(TaskScore).where(TaskScore.project_id == project_id,
@@ -208,13 +211,14 @@ def finish_scoring(settings: Settings, plan: dict, results: list[dict], run_id: 
         batch = rerank(s, project_id, vname, set(plan["pool"]), settings.query_batch_size,
                        picks=None if plan["partial"] else batch, order=order)
         existing = set(plan["existing"])
-        tie_break = tie_offsets(order, {p["task_id"]: _unit(unc_of(p, measure)) for p in good})
+        rest = [t for t in order if t not in set(batch)]
+        tie_break = tie_offsets(rest, {p["task_id"]: _unit(unc_of(p, measure)) for p in good})
         payload = []
         for p in good:
             if p["task_id"] in existing:
                 continue
             d = p["prediction"]
-            score = round(d["score"] + tie_break.get(p["task_id"], 0.0), 9)
+            score = ls_task_score(d["score"], p["task_id"], batch, tie_break.get(p["task_id"], 0.0))
             payload.append({"task": p["task_id"], "model_version": vname, "score": score, "result": d["result"]})
         # Label Studio refuses a project model_version no prediction has (400): set it only when one will
         has_predictions = bool(payload) or plan["has_version"]
@@ -293,27 +297,55 @@ def _unit(x) -> float:
     return 1.0 if math.isnan(x) else min(max(x, 0.0), 1.0)
 
 
-def batch_first(order: list[int], batch: list[int], uncertainty: dict[int, float]) -> list[int]:
-    """``order`` with the query batch's tasks first within each group of tied uncertainty (to
-    :data:`ml_worker.sampler.TIE_DECIMALS` decimals), otherwise unchanged.
+#: Label Studio task scores below this are the query batch's: :func:`ls_task_score` writes the
+#: batch's j-th of b tasks as ``BATCH_SCORE_SPAN * j / b`` and squeezes every other task's score
+#: into ``[BATCH_SCORE_SPAN, 1]``, so that Label Studio serves the query batch first.
+BATCH_SCORE_SPAN = 1e-3
 
-    The query batch (the sampler's picks, e.g. ``cluster_margin``) and the queue order (ties broken
-    by :func:`ml_worker.sampler.queue_order`) are chosen separately; at day 0 every task ties, and
-    without this the flagged tasks were scattered over ranks 5-198 of a 238-task Review queue.
-    Ranks stay monotone in uncertainty: only tasks of equal (rounded) uncertainty change places.
+
+def batch_ahead(order: list[int], batch: list[int]) -> list[int]:
+    """The review queue: the query batch's tasks first, in the sampler's pick order, then the rest
+    of ``order`` (uncertainty, ties by diversity) unchanged.
+
+    Why: *Label All Tasks* serves the review queue (Label Studio's *Uncertainty sampling*). When
+    the queue was uncertainty order with the batch first only among ties, a person was served the
+    batch at day 0 (every task ties) and the ``margin`` top of the pool after every retrain: the
+    order that measured worst of four (``docs/benchmarks.md``, "Which images a person labels":
+    0.728 of faces accepted as is at 40 labels against 0.819 for ``typiclust``'s batches and
+    0.787 for random picks, awake_sleep, seeds 0-2/0-4).
 
     Args:
         order: task ids in queue order (uncertainty not increasing).
-        batch: the query batch's task ids.
-        uncertainty: ``{task id: uncertainty 0-1}``.
+        batch: the query batch's task ids, in pick order (ids not in ``order`` are ignored).
     Returns: the task ids of ``order``, reordered.
     """
-    flagged = set(batch)
-    first_of: dict[float, int] = {}
-    for i, t in enumerate(order):
-        first_of.setdefault(round(uncertainty[t], TIE_DECIMALS), i)
-    pos = {t: i for i, t in enumerate(order)}
-    return sorted(order, key=lambda t: (first_of[round(uncertainty[t], TIE_DECIMALS)], t not in flagged, pos[t]))
+    known = set(order)
+    head = [t for t in dict.fromkeys(batch) if t in known]
+    flagged = set(head)
+    return head + [t for t in order if t not in flagged]
+
+
+def ls_task_score(score: float, task_id: int, batch: list[int], tie_offset: float = 0.0) -> float:
+    """The task score written to Label Studio, whose ascending order is faceloop's review queue.
+
+    Label Studio orders the Review queue and serves *Label All Tasks* by one number, the
+    prediction's task ``score`` (protocol doc; ``projects/functions/next_task.py``, lowest first).
+    The query batch's j-th of b tasks is written as ``BATCH_SCORE_SPAN * j / b`` (below
+    :data:`BATCH_SCORE_SPAN`, shown as 0.00); any other task as
+    ``BATCH_SCORE_SPAN + (1 - BATCH_SCORE_SPAN) * (score + tie_offset)``: its ``1 - uncertainty``
+    moved by at most 0.001, order kept. The boxes keep their own scores, and the database keeps
+    every task's real uncertainty (status page, ``faceloop queue``).
+
+    Args:
+        score: the prediction's ``1 - uncertainty``, 0-1 (:func:`backend.predict.to_ls_prediction`).
+        task_id: the task.
+        batch: the query batch's task ids, in pick order.
+        tie_offset: from :func:`tie_offsets` (below 1e-6).
+    Returns: the score, 0-1, rounded to 9 decimals.
+    """
+    if task_id in batch:
+        return round(BATCH_SCORE_SPAN * batch.index(task_id) / len(batch), 9)
+    return round(BATCH_SCORE_SPAN + (1.0 - BATCH_SCORE_SPAN) * max(score + tie_offset, 0.0), 9)
 
 
 def tie_offsets(order: list[int], uncertainty: dict[int, float]) -> dict[int, float]:
@@ -341,7 +373,8 @@ def rerank(s, project_id: int, version: str, pool: set[int], batch_size: int,
     """Rank every scored pool task of ``version`` and flag exactly one query batch (issue 9 §6).
 
     Rows of tasks no longer in the pool (labelled or deleted since) are removed. Scored rows get
-    ``rank`` 0..n-1 by uncertainty, highest first. Without ``order``, ties go by task id. With
+    ``rank`` 0..n-1: the query batch first, in pick order (:func:`batch_ahead`: what Label Studio
+    serves first), then the others by uncertainty, highest first. Without ``order``, ties go by task id. With
     ``order`` (the tasks just scored, in :func:`ml_worker.sampler.queue_order`: ties by
     diversity), ties (to :data:`ml_worker.sampler.TIE_DECIMALS` decimals) keep the earlier rank
     of rows not just scored, then follow ``order``. Rows whose image failed come after them.
@@ -368,10 +401,9 @@ def rerank(s, project_id: int, version: str, pool: set[int], batch_size: int,
                       key=lambda r: (-round(_unit(r.uncertainty), TIE_DECIMALS), r.task_id in pos,
                                      pos.get(r.task_id, r.rank or 0), r.task_id))
     bad = sorted((r for r in rows if r.error), key=lambda r: r.task_id)
-    for i, r in enumerate(good + bad):
-        r.rank = i
     ok = {r.task_id for r in good}
-    chosen = picks if picks is not None else [r.task_id for r in good if r.in_query_batch]
+    chosen = picks if picks is not None else [r.task_id for r in sorted(good, key=lambda r: (r.rank is None, r.rank or 0))
+                                              if r.in_query_batch]
     batch = list(dict.fromkeys(t for t in chosen if t in ok))[:batch_size]
     for r in good:
         if len(batch) >= batch_size:
@@ -379,6 +411,11 @@ def rerank(s, project_id: int, version: str, pool: set[int], batch_size: int,
         if r.task_id not in batch:
             batch.append(r.task_id)
     flagged = set(batch)
+    by_id = {r.task_id: r for r in good}
+    # the review queue: the query batch first (what Label Studio serves first, batch_ahead), then the rest
+    queue = [by_id[t] for t in batch] + [r for r in good if r.task_id not in flagged]
+    for i, r in enumerate(queue + bad):
+        r.rank = i
     for r in rows:
         r.in_query_batch = r.task_id in flagged
     s.flush()

@@ -34,6 +34,7 @@ def test_evaluate_cli_errors(tmp_path):
 @pytest.mark.slow
 def test_bench_accept_tiny(tmp_path):
     from ml_worker.bench import bench_accept
+    from ml_worker.sampler import DEFAULT_QUERY_STRATEGY
 
     data = require_data(AWAKE_SLEEP)
     settings = make_settings(tmp_path, imgsz=160, train_batch=4, detector_epochs=1, classifier_epochs=2,
@@ -42,8 +43,8 @@ def test_bench_accept_tiny(tmp_path):
     rows = res["rows"]
     assert all(r["refit_seconds"] > 0 and r["train_cpu_seconds"] > 0 for r in rows if r["labels"] == 6), \
         "each round's candidate gets the worker's refit on every labelled face"
-    assert [(r["strategy"], r["labels"]) for r in rows] == [("random", 0), ("random", 6), ("cluster_margin", 0),
-                                                          ("cluster_margin", 6)]
+    assert [(r["strategy"], r["labels"]) for r in rows] == [("random", 0), ("random", 6), (DEFAULT_QUERY_STRATEGY, 0),
+                                                          (DEFAULT_QUERY_STRATEGY, 6)]
     assert rows[0]["acceptance_rate"] == 0.0, "day 0 knows no awake/sleep class: nothing is accepted as is"
     assert all(r["images"] == 6 for r in rows)
     with open(res["files"]["rounds_csv"]) as f:

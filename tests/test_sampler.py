@@ -320,13 +320,13 @@ def test_day0_queue_on_the_default_folder_spreads_over_people(tmp_path):
                    embeddings=emb, rng=np.random.default_rng(0))
     print(f"day-0 query batch of 12 ({DEFAULT_QUERY_STRATEGY}): {dict(zip(*np.unique(person[batch], return_counts=True)))}")
     assert len(set(person[batch])) == n_people
-    # the Review queue shows the query batch first (every task ties), and its head still spreads
-    from ml_worker.scoring import batch_first
+    # the Review queue shows the query batch first, in pick order, and its head still spreads
+    from ml_worker.scoring import batch_ahead
 
     batch20 = select(DEFAULT_QUERY_STRATEGY, {m: u for m in ("least_confidence", "margin", "entropy")}, 20,
                      embeddings=emb, rng=np.random.default_rng(0))
-    final = batch_first(list(order), list(batch20), {i: 1.0 for i in range(len(order))})
-    assert set(final[:20]) == set(batch20) and sorted(final) == sorted(order)
+    final = batch_ahead(list(order), list(batch20))
+    assert final[:20] == list(batch20) and sorted(final) == sorted(order)
     assert len(set(person[final[:12]])) == n_people
 
 
@@ -360,12 +360,22 @@ def test_rerank_follows_the_queue_order_on_ties(tmp_path):
         assert [r.task_id for r in rows] == [3, 1, 2, 5, 4]
 
 
-def test_batch_first_moves_the_query_batch_ahead_only_within_ties():
-    from ml_worker.scoring import batch_first
+def test_the_query_batch_heads_the_queue_and_label_studio_scores_keep_that_order():
+    """The review queue is the batch (pick order) then the rest by uncertainty, and the scores
+    written to Label Studio sort into exactly that order (its Review queue and *Label All Tasks*
+    serve the lowest first), whatever the batch's own uncertainty."""
+    from ml_worker.scoring import BATCH_SCORE_SPAN, batch_ahead, ls_task_score, tie_offsets
 
-    unc = {1: 0.9, 2: 0.9, 3: 0.9, 4: 0.5, 5: 0.5, 6: 0.1}
-    order = [1, 2, 3, 4, 5, 6]
-    assert batch_first(order, [3, 5], unc) == [3, 1, 2, 5, 4, 6]
-    assert batch_first(order, [6], unc) == order  # a lone pick with less uncertainty stays where it is
-    out = batch_first(order, [2, 6, 4], unc)
-    assert [unc[t] for t in out] == sorted((unc[t] for t in out), reverse=True)  # ranks stay monotone
+    unc = {1: 0.9, 2: 0.9, 3: 0.9, 4: 0.5, 5: 0.5, 6: 0.1, 7: 1.0}
+    order = [7, 1, 2, 3, 4, 5, 6]  # uncertainty order, ties already by diversity
+    batch = [6, 3, 9]  # 6 is the most certain task; 9 is not in the pool (ignored)
+    queue = batch_ahead(order, batch)
+    assert queue == [6, 3, 7, 1, 2, 4, 5]
+    assert batch_ahead(order, []) == order
+    rest = [t for t in queue if t not in batch]
+    off = tie_offsets(rest, unc)
+    written = {t: ls_task_score(1 - unc[t], t, batch[:2], off.get(t, 0.0)) for t in order}
+    assert sorted(order, key=lambda t: written[t]) == queue
+    assert written[6] == 0.0 and 0 < written[3] < BATCH_SCORE_SPAN <= written[7]
+    # every other task keeps its 1 - uncertainty to within 0.001
+    assert all(abs(written[t] - (1 - unc[t])) <= BATCH_SCORE_SPAN for t in rest)

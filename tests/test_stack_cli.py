@@ -660,3 +660,33 @@ def test_status_shows_the_served_version_and_running_job_not_only_the_latest(cli
     assert lines[7] == (f"  latest: job {ids[1] + 1} skipped (no annotation created, updated or deleted since "
                         "job 6's snapshot)"), r.output
     assert "/status/5?token=" in lines[8]
+
+
+def test_queue_shows_the_query_batch_first_with_the_scores_label_studio_holds(cli_env):
+    """`faceloop queue` lists the query batch first (its stored ranks) and its *LS score* column is
+    the score written to Label Studio: below 0.001 for the batch, ``1 - uncertainty`` (within 0.001)
+    for the rest, so the column sorts like Label Studio's Review queue."""
+    from backend.models import TaskScore
+
+    app, db = cli_env
+    with session_scope(db) as s:
+        p = upsert_project(s, 9)
+        v = ModelVersion(project_id=9, version="p9-v1", path="/x/v1.json", sha256="0", status="promoted",
+                         gate_reason="mAP50")
+        s.add(v)
+        s.flush()
+        p.promoted_version_id = v.id
+        s.add(p)
+        # ranks as ml_worker.scoring.rerank leaves them: the batch (two fairly certain tasks) first
+        for rank, (tid, u, flagged) in enumerate([(31, 0.20, True), (32, 0.10, True), (33, 0.95, False),
+                                                  (34, 0.40, False)]):
+            s.add(TaskScore(project_id=9, task_id=tid, model_version="p9-v1", uncertainty=u, least_confidence=u,
+                            margin=u, entropy=u, n_boxes=1, rank=rank, in_query_batch=flagged))
+    r = runner.invoke(app, ["queue", "9"], env={"COLUMNS": "250"})
+    assert r.exit_code == 0, r.output
+    rows = [[c.strip() for c in line.split("│")] for line in r.output.splitlines() if line.count("│") > 3]
+    assert [int(c[2]) for c in rows] == [31, 32, 33, 34], r.output
+    ls_scores = [float(c[4]) for c in rows]
+    assert ls_scores == sorted(ls_scores) and ls_scores[0] == 0.0 and ls_scores[1] <= 0.001, r.output
+    assert ls_scores[2:] == [pytest.approx(0.05, abs=0.002), pytest.approx(0.6, abs=0.002)], r.output
+    assert [c[-2] for c in rows] == ["yes", "yes", "", ""], r.output

@@ -76,3 +76,53 @@ def test_label_all_tasks_from_the_review_queue_follows_the_queue(stack, browser)
     client.projects.update(id=old.id, sampling="Sequential sampling")
     assert _follow_review_queue(client, old.id, entry) is False
     assert client.projects.get(id=old.id).sampling == "Sequential sampling"
+
+
+def test_label_all_tasks_serves_the_query_batch_first(stack, browser, tmp_path):  # noqa: F811
+    """After a scoring, *Label All Tasks* serves the query batch first, in pick order, then the most
+    uncertain of the rest, even when the batch holds the pool's most certain tasks.
+
+    The scoring's last step (``ml_worker.scoring.finish_scoring``: rank, flag the batch, write the
+    predictions through the outbox to this Label Studio) runs on six tasks' results. The strategy
+    ``least_confidence`` picks tasks 1 and 3, which ``margin`` (the queue's measure) ranks last."""
+    from label_studio_sdk import LabelStudio
+
+    from backend.lsapi import create_project
+    from ml_worker.scoring import finish_scoring
+    from tests.helpers_unit import make_settings
+
+    client = LabelStudio(base_url=stack.ls_url, api_key=stack.api_key)
+    pid = create_project(client, "query batch first", CONFIG)
+    image = f"{stack.ls_url}/static/images/label-studio-logo.svg"
+    client.projects.import_tasks(id=pid, request=[{"image": image} for _ in range(6)])
+    tids = sorted(int(t.id) for t in client.tasks.list(project=pid))
+    lc = [0.9, 0.1, 0.8, 0.2, 0.1, 0.1]
+    margin = [0.2, 0.95, 0.3, 0.9, 0.5, 0.6]
+    results = [{"task_id": t, "error": None,
+                "uncertainty": {"least_confidence": a, "margin": m, "entropy": m, "n_boxes": 1},
+                "embedding": [float(i), 1.0], "prediction": {"model_version": "v1", "score": round(1 - m, 6), "result": []}}
+               for i, (t, a, m) in enumerate(zip(tids, lc, margin))]
+    plan = {"project_id": pid, "version": "v1", "ls_url": stack.ls_url, "label_config": CONFIG, "measure": "margin",
+            "todo_ids": tids, "n_unlabelled": len(tids), "pool": tids, "existing": [], "has_version": False,
+            "partial": False}
+    settings = make_settings(tmp_path, label_studio_url=stack.ls_url, label_studio_api_key=stack.api_key,
+                             query_strategy="least_confidence", query_batch_size=2)
+    outcome = finish_scoring(settings, plan, results)
+    assert outcome.query_batch == [tids[0], tids[2]] and outcome.pending_writes == 0
+    by_margin = [t for _, t in sorted(zip(margin, tids), reverse=True)]
+    assert by_margin[-2:] == [tids[2], tids[0]]  # the batch is the least uncertain by the queue's measure
+
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    try:
+        _login(page, stack.ls_url, stack.ls_user, stack.ls_password)
+        page.goto(f"{stack.ls_url}/projects/{pid}/data")
+        page.get_by_text("Review queue", exact=True).first.click()
+        page.wait_for_timeout(1000)
+        served = [_next_task_id(page, lambda: page.get_by_role("button", name="Label All Tasks").first.click())]
+        page.keyboard.press("Escape")  # the instructions, if shown
+        for _ in range(2):
+            served.append(_next_task_id(
+                page, lambda: page.locator("button[aria-label='Submit current annotation']").click()))
+        assert served == [tids[0], tids[2], by_margin[0]], f"served {served}; batch {outcome.query_batch}"
+    finally:
+        page.close()
