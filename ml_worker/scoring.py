@@ -211,7 +211,8 @@ def finish_scoring(settings: Settings, plan: dict, results: list[dict], run_id: 
         batch = rerank(s, project_id, vname, set(plan["pool"]), settings.query_batch_size,
                        picks=None if plan["partial"] else batch, order=order)
         existing = set(plan["existing"])
-        rest = [t for t in order if t not in set(batch)]
+        in_batch = set(batch)
+        rest = [t for t in order if t not in in_batch]
         tie_break = tie_offsets(rest, {p["task_id"]: _unit(unc_of(p, measure)) for p in good})
         payload = []
         for p in good:
