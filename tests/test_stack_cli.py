@@ -537,6 +537,17 @@ def test_default_title_tells_folders_of_the_same_name_apart():
     assert len(long) == 50 and long.startswith("faces: …") and long.endswith("/day 2/my faces ü")
 
 
+def _promote_a_version(s, pid: int) -> None:
+    """Project ``pid`` with a promoted version ``p<pid>-v1`` (a row only: no weights behind it)."""
+    p = upsert_project(s, pid)
+    v = ModelVersion(project_id=pid, version=f"p{pid}-v1", path="/x/v1.json", sha256="0", status="promoted",
+                     gate_reason="mAP50")
+    s.add(v)
+    s.flush()
+    p.promoted_version_id = v.id
+    s.add(p)
+
+
 def test_queue_leaves_out_tasks_labelled_since_scoring(cli_env):
     """`faceloop queue` listed tasks a person had labelled after the pool was scored (tried as a new
     user: the first 6 rows were the 6 tasks just labelled); the status page and Label Studio's
@@ -545,13 +556,7 @@ def test_queue_leaves_out_tasks_labelled_since_scoring(cli_env):
 
     app, db = cli_env
     with session_scope(db) as s:
-        p = upsert_project(s, 8)
-        v = ModelVersion(project_id=8, version="p8-v1", path="/x/v1.json", sha256="0", status="promoted",
-                         gate_reason="mAP50")
-        s.add(v)
-        s.flush()
-        p.promoted_version_id = v.id
-        s.add(p)
+        _promote_a_version(s, 8)
         for rank, tid in enumerate([46, 64, 202, 167]):
             s.add(TaskScore(project_id=8, task_id=tid, model_version="p8-v1", uncertainty=0.98 - rank / 100,
                             least_confidence=0.9, margin=0.9, entropy=0.9, n_boxes=1, rank=rank))
@@ -670,13 +675,7 @@ def test_queue_shows_the_query_batch_first_with_the_scores_label_studio_holds(cl
 
     app, db = cli_env
     with session_scope(db) as s:
-        p = upsert_project(s, 9)
-        v = ModelVersion(project_id=9, version="p9-v1", path="/x/v1.json", sha256="0", status="promoted",
-                         gate_reason="mAP50")
-        s.add(v)
-        s.flush()
-        p.promoted_version_id = v.id
-        s.add(p)
+        _promote_a_version(s, 9)
         # ranks as ml_worker.scoring.rerank leaves them: the batch (two fairly certain tasks) first
         for rank, (tid, u, flagged) in enumerate([(31, 0.20, True), (32, 0.10, True), (33, 0.95, False),
                                                   (34, 0.40, False)]):

@@ -34,6 +34,20 @@ def _next_task_id(page, start) -> int:
     return int(resp.value.json()["id"])
 
 
+def _serve_from_review_queue(page, stack, pid: int, n: int) -> list[int]:
+    """Log in, open project ``pid``'s Review queue tab, press *Label All Tasks*, then Submit
+    ``n - 1`` times: the ids of the ``n`` tasks Label Studio served, in order."""
+    _login(page, stack.ls_url, stack.ls_user, stack.ls_password)
+    page.goto(f"{stack.ls_url}/projects/{pid}/data")
+    page.get_by_text("Review queue", exact=True).first.click()
+    page.wait_for_timeout(1000)
+    served = [_next_task_id(page, lambda: page.get_by_role("button", name="Label All Tasks").first.click())]
+    page.keyboard.press("Escape")  # the instructions, if shown
+    while len(served) < n:
+        served.append(_next_task_id(page, lambda: page.locator("button[aria-label='Submit current annotation']").click()))
+    return served
+
+
 def test_label_all_tasks_from_the_review_queue_follows_the_queue(stack, browser):  # noqa: F811
     from label_studio_sdk import LabelStudio
 
@@ -55,15 +69,8 @@ def test_label_all_tasks_from_the_review_queue_follows_the_queue(stack, browser)
 
     page = browser.new_page(viewport={"width": 1400, "height": 900})
     try:
-        _login(page, stack.ls_url, stack.ls_user, stack.ls_password)
-        page.goto(f"{stack.ls_url}/projects/{pid}/data")
-        page.get_by_text("Review queue", exact=True).first.click()
-        page.wait_for_timeout(1000)
-        first = _next_task_id(page, lambda: page.get_by_role("button", name="Label All Tasks").first.click())
-        assert first == queue[0], f"Label All Tasks served task {first}; the review queue starts with {queue}"
-        page.keyboard.press("Escape")  # the instructions, if shown
-        second = _next_task_id(page, lambda: page.locator("button[aria-label='Submit current annotation']").click())
-        assert second == queue[1], f"after Submit: task {second}; queue {queue}"
+        served = _serve_from_review_queue(page, stack, pid, 2)
+        assert served == queue[:2], f"Label All Tasks, then Submit, served {served}; the review queue is {queue}"
     finally:
         page.close()
 
@@ -114,15 +121,7 @@ def test_label_all_tasks_serves_the_query_batch_first(stack, browser, tmp_path):
 
     page = browser.new_page(viewport={"width": 1400, "height": 900})
     try:
-        _login(page, stack.ls_url, stack.ls_user, stack.ls_password)
-        page.goto(f"{stack.ls_url}/projects/{pid}/data")
-        page.get_by_text("Review queue", exact=True).first.click()
-        page.wait_for_timeout(1000)
-        served = [_next_task_id(page, lambda: page.get_by_role("button", name="Label All Tasks").first.click())]
-        page.keyboard.press("Escape")  # the instructions, if shown
-        for _ in range(2):
-            served.append(_next_task_id(
-                page, lambda: page.locator("button[aria-label='Submit current annotation']").click()))
+        served = _serve_from_review_queue(page, stack, pid, 3)
         assert served == [tids[0], tids[2], by_margin[0]], f"served {served}; batch {outcome.query_batch}"
     finally:
         page.close()
