@@ -763,10 +763,11 @@ def queue(project: int = typer.Argument(..., help="Label Studio project id"),
 
 def _project_state_lines(s, pid: int, now=None) -> list[str]:
     """What `faceloop status` says of one project, one line each: the version served now (when it
-    was promoted, by which job, and the gate's reason), the running job (stage, epoch k of n, time
-    left per stage from :func:`backend.jobprogress.estimate`, as the status page), and the latest
-    job when it is not the running one (e.g. a queued or skipped job after the one that promoted).
-    Reads only; registers nothing (the shipped default model is named, not recorded)."""
+    was promoted, by which job, and the gate's reason), the running job (the stage's epoch k of n
+    named by stage, e.g. "detector epoch 3 of 10", else the stage; time left per stage from
+    :func:`backend.jobprogress.estimate`, as the status page), and the latest job when it is not
+    the running one (e.g. a queued or skipped job after the one that promoted). Reads only;
+    registers nothing (the shipped default model is named, not recorded)."""
     from datetime import timezone
 
     from sqlmodel import select
@@ -790,9 +791,9 @@ def _project_state_lines(s, pid: int, now=None) -> list[str]:
     jobs = s.exec(select(TrainingJob).where(TrainingJob.project_id == pid).order_by(TrainingJob.id.desc())).all()
     running = next((j for j in jobs if j.state == "running"), None)
     if running is not None:
-        line = f"running: job {running.id}" + (f", {running.stage}" if running.stage else "")
-        if running.epochs:
-            line += f", epoch {running.epoch}/{running.epochs}"
+        # the stage's own epochs, named by stage ("detector epoch 3 of 10"), as the status page
+        what = jobprogress.epoch_text(running) or running.stage
+        line = f"running: job {running.id}" + (f", {what}" if what else "")
         est = jobprogress.estimate(running, _previous_job(jobs, running), now)
         if est is not None:
             line += f"; {est.text()}"
@@ -933,9 +934,11 @@ def _acceptance_narrow(rows: list[dict]):
 
 @app.command()
 def jobs(project: int = typer.Argument(..., help="Label Studio project id")):
-    """List a project's training jobs with their progress (epoch k of n) and errors."""
+    """List a project's training jobs with their progress (epoch k of n of the stage shown: detector,
+    classifier or its refit) and errors."""
     from sqlmodel import select
 
+    from backend import jobprogress
     from backend.models import TrainingJob
 
     _use_running_stack()
@@ -952,7 +955,8 @@ def jobs(project: int = typer.Argument(..., help="Label Studio project id")):
         t.add_column("error")
     for j in rows:
         first_error = (j.error or "").splitlines()[0] if j.error else ""
-        cells = [str(j.id)] + ([] if narrow else [j.trigger]) + [j.state, j.stage, f"{j.epoch}/{j.epochs}",
+        se = jobprogress.stage_epochs(j)  # the stage's own epochs (the stage column names it), as the status page
+        cells = [str(j.id)] + ([] if narrow else [j.trigger]) + [j.state, j.stage, f"{se[1]}/{se[2]}" if se else "–",
                                                                  f"{j.n_train}/{j.n_val}"]
         if narrow:  # one line per job: the error (else the message) cut to the width; errors in full below
             t.add_row(*cells, _one_line(first_error or j.message))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import stat
 from pathlib import Path
@@ -651,7 +652,10 @@ def test_status_shows_the_served_version_and_running_job_not_only_the_latest(cli
     assert r.exit_code == 0, r.output
     lines = r.output.splitlines()
     assert lines[0] == "project 3 (/a)"
-    assert lines[2].startswith(f"  running: job {ids[0]}, train detector, epoch 3/50; train detector: about "), r.output
+    # the stage's own epochs, named (as the status page): not the row's 3/50 (detector and classifier
+    # together) beside "train detector (10 epochs)", two scales a new user could not tell apart
+    assert lines[2].startswith(f"  running: job {ids[0]}, detector epoch 3 of 10; train detector: about "), r.output
+    assert "3/50" not in r.output and "3 of 50" not in r.output
     assert "s left, then train classifier (40 epochs)" in lines[2], r.output
     assert lines[3] == f"  latest: job {ids[0] + 1} queued", r.output
     assert "/status/3?token=" in lines[4]
@@ -660,6 +664,14 @@ def test_status_shows_the_served_version_and_running_job_not_only_the_latest(cli
     assert lines[7] == (f"  latest: job {ids[1] + 1} skipped (no annotation created, updated or deleted since "
                         "job 6's snapshot)"), r.output
     assert "/status/5?token=" in lines[8]
+    # `faceloop jobs`: the epoch column counts the epochs of the stage beside it, at 80 columns too
+    for cols in (250, 80):
+        r = runner.invoke(app, ["jobs", "3"], env={"COLUMNS": str(cols)})
+        assert r.exit_code == 0, r.output
+        rows = {ln.split()[0]: " ".join(ln.split()) for ln in r.output.replace("│", " ").splitlines()
+                if ln.split() and ln.split()[0].isdigit()}
+        assert "running train detector 3/10 " in rows[str(ids[0])] and "3/50" not in r.output, r.output
+        assert "queued – " in rows[str(ids[0] + 1)], r.output  # no stage, no epochs yet (was "0/0")
 
 
 def test_queue_shows_the_query_batch_first_with_the_scores_label_studio_holds(cli_env):
