@@ -289,6 +289,35 @@ def test_versions_shows_image_accuracy_for_a_choices_project_and_its_acceptance(
     assert r.exit_code == 0 and "0.712" in r.output and "image acc." not in r.output, r.output
 
 
+def test_versions_says_what_the_shipped_default_names_in_each_project(cli_env):
+    """A new user read the shipped default's expression classes (neutral, happy, ...) in the row of
+    an awake/sleep project and asked why they were there: the default row now says it finds faces
+    only there, and in an expression project which of the project's labels it names (by name)."""
+    from backend.registry import promoted_version
+    from tests.helpers_unit import config_text
+
+    app, db = cli_env
+    with session_scope(db) as s:
+        for pid, cfg in ((3, "awake_sleep"), (4, "face_expressions")):
+            upsert_project(s, pid, label_config=config_text(cfg))
+            base = promoted_version(s, pid, get_settings()).version  # registered as a project's first /predict does
+    assert base.startswith("base-")
+    r = runner.invoke(app, ["versions", "3"], env={"COLUMNS": "250"})
+    assert r.exit_code == 0, r.output
+    row = " ".join(next(ln for ln in r.output.splitlines() if base in ln).replace("│", " ").split())
+    assert "– faces only (knows neutral, happy, sad, …: none of this project's)" in row, r.output
+    assert "angry" not in r.output and "fearful" not in r.output  # not the default's class list as the project's
+    r = runner.invoke(app, ["versions", "4"], env={"COLUMNS": "250"})
+    assert r.exit_code == 0, r.output
+    row = " ".join(next(ln for ln in r.output.splitlines() if base in ln).replace("│", " ").split())
+    # fearful/disgusted/surprised matched to fear/disgust/surprise; contempt: no class of the default
+    assert "neutral, happy, sad, surprise, fear, disgust, angry by name; not: contempt" in row, r.output
+    # 80 columns: the classes column is left out, the default row's classes come below the table
+    r = runner.invoke(app, ["versions", "3"], env={"COLUMNS": "80"})
+    assert r.exit_code == 0 and all(len(ln) <= 80 for ln in r.output.splitlines()), r.output
+    assert "classes: – faces only (knows neutral, happy, sad, …: none of this project's)" in _flat(r.output), r.output
+
+
 @pytest.mark.e2e
 def test_up_turns_on_show_before_labeling_once_for_an_existing_project(stack):
     """A project made before faceloop turned "Show before labeling" on at creation: `up`'s status-link
