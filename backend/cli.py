@@ -763,10 +763,11 @@ def queue(project: int = typer.Argument(..., help="Label Studio project id"),
 
 def _project_state_lines(s, pid: int, now=None) -> list[str]:
     """What `faceloop status` says of one project, one line each: the version served now (when it
-    was promoted, by which job, and the gate's reason), the running job (stage, epoch k of n, time
-    left per stage from :func:`backend.jobprogress.estimate`, as the status page), and the latest
-    job when it is not the running one (e.g. a queued or skipped job after the one that promoted).
-    Reads only; registers nothing (the shipped default model is named, not recorded)."""
+    was promoted, by which job, and the gate's reason), the running job (the stage's epoch k of n
+    named by stage, e.g. "detector epoch 3 of 10", else the stage; time left per stage from
+    :func:`backend.jobprogress.estimate`, as the status page), and the latest job when it is not
+    the running one (e.g. a queued or skipped job after the one that promoted). Reads only;
+    registers nothing (the shipped default model is named, not recorded)."""
     from datetime import timezone
 
     from sqlmodel import select
@@ -790,9 +791,9 @@ def _project_state_lines(s, pid: int, now=None) -> list[str]:
     jobs = s.exec(select(TrainingJob).where(TrainingJob.project_id == pid).order_by(TrainingJob.id.desc())).all()
     running = next((j for j in jobs if j.state == "running"), None)
     if running is not None:
-        line = f"running: job {running.id}" + (f", {running.stage}" if running.stage else "")
-        if running.epochs:
-            line += f", epoch {running.epoch}/{running.epochs}"
+        # the stage's own epochs, named by stage ("detector epoch 3 of 10"), as the status page
+        what = jobprogress.epoch_text(running) or running.stage
+        line = f"running: job {running.id}" + (f", {what}" if what else "")
         est = jobprogress.estimate(running, _previous_job(jobs, running), now)
         if est is not None:
             line += f"; {est.text()}"
@@ -835,17 +836,56 @@ def status(project: Optional[int] = typer.Argument(None, help="Only this Label S
         console.print("this stack has no project yet: `faceloop up FOLDER` makes one")
 
 
+#: Classes of the shipped default model named in its `faceloop versions` row before "…".
+DEFAULT_CLASSES_SHOWN = 3
+
+
+def _default_classes(model_classes: list[str], label_config: str) -> str:
+    """What the shipped default model (a ``base-<sha8>`` version, :func:`backend.registry.promoted_version`)
+    names in this project, for its `faceloop versions` row: the project's labels it matches by name
+    (:meth:`backend.labels.ProjectSchema.label_map`: exact, case, synonyms such as fearful/fear), e.g.
+    ``"happy, sad by name; not: awake"``; when it matches none (an awake/sleep project) ``"– faces
+    only (knows neutral, happy, sad, …: none of this project's)"``: it boxes faces without a class. A new
+    user read the default's expression classes in an awake/sleep project's row and asked why they
+    were there. Without a label config it can parse: the classes it knows, ``"knows neutral, …"``.
+    """
+    from backend.labels import ProjectSchema
+
+    if not model_classes:
+        return ""
+    # ", " between names: a wrapping column breaks there rather than cutting the list
+    names = ", ".join(model_classes[:DEFAULT_CLASSES_SHOWN]) + (", …" if len(model_classes) > DEFAULT_CLASSES_SHOWN
+                                                                   else "")
+    try:
+        schema = ProjectSchema.parse(label_config)
+    except ValueError:  # no label config stored yet (or one faceloop cannot serve)
+        return f"knows {names}"
+    matched = set(schema.label_map(model_classes).values())
+    if not matched:
+        return f"– faces only (knows {names}: none of this project's)"
+    missing = [lab for lab in schema.labels if lab not in matched]
+    return (", ".join(lab for lab in schema.labels if lab in matched) + " by name"
+            + (f"; not: {', '.join(missing)}" if missing else ""))
+
+
 @app.command()
 def versions(project: int = typer.Argument(..., help="Label Studio project id")):
-    """List a project's model versions with their validation metrics and gate decision."""
+    """List a project's model versions with their validation metrics and gate decision. The shipped
+    default model's row (``base-…``) gives, as its classes, this project's labels it names (matched
+    by name), or "faces only" when it knows none of them."""
     from sqlmodel import select
 
-    from backend.models import ModelVersion
+    from backend.models import ModelVersion, Project
 
     _use_running_stack()
     _require_project(project)
     with _db() as s:
         rows = s.exec(select(ModelVersion).where(ModelVersion.project_id == project).order_by(ModelVersion.id)).all()
+        p = s.get(Project, project)
+        label_config = p.label_config if p is not None else ""
+
+    def classes(v) -> str:
+        return _default_classes(v.classes, label_config) if v.version.startswith("base-") else ",".join(v.classes)
     cands = [v.metrics.get("candidate") or {} for v in rows]
     # a Choices project's gate decides on image accuracy (ml_worker.training.gate_choices), a boxes
     # project's on mAP50: a column for each kind of version the project has
@@ -875,7 +915,7 @@ def versions(project: int = typer.Argument(..., help="Label Studio project id"))
         return f"{v:.3f}" if isinstance(v, (int, float)) else "-"
 
     for v, m in zip(rows, cands):
-        cells = [v.version, v.status] + ([] if "classes" in hidden else [",".join(v.classes)])
+        cells = [v.version, v.status] + ([] if "classes" in hidden else [classes(v)])
         cells += [fig(m, k) for _, k in shown[len(cells):]]
         cells.append(f"{v.metrics.get('n_train', '-')}/{v.metrics.get('n_val', '-')}")
         t.add_row(*cells, *(() if narrow else (v.gate_reason,)))
@@ -883,6 +923,8 @@ def versions(project: int = typer.Argument(..., help="Label Studio project id"))
     if narrow:
         for v in rows:
             console.print(f"  {v.version} why: {v.gate_reason}", markup=False, highlight=False)
+            if v.version.startswith("base-") and classes(v):  # the classes column is not shown: what it names here
+                console.print(f"  {v.version} classes: {classes(v)}", markup=False, highlight=False)
         _hidden_columns_note(hidden)
     for v in rows:
         for name, p in (v.metrics.get("plots") or {}).items():
@@ -933,9 +975,11 @@ def _acceptance_narrow(rows: list[dict]):
 
 @app.command()
 def jobs(project: int = typer.Argument(..., help="Label Studio project id")):
-    """List a project's training jobs with their progress (epoch k of n) and errors."""
+    """List a project's training jobs with their progress (epoch k of n of the stage shown: detector,
+    classifier or its refit) and errors."""
     from sqlmodel import select
 
+    from backend import jobprogress
     from backend.models import TrainingJob
 
     _use_running_stack()
@@ -952,7 +996,8 @@ def jobs(project: int = typer.Argument(..., help="Label Studio project id")):
         t.add_column("error")
     for j in rows:
         first_error = (j.error or "").splitlines()[0] if j.error else ""
-        cells = [str(j.id)] + ([] if narrow else [j.trigger]) + [j.state, j.stage, f"{j.epoch}/{j.epochs}",
+        se = jobprogress.stage_epochs(j)  # the stage's own epochs (the stage column names it), as the status page
+        cells = [str(j.id)] + ([] if narrow else [j.trigger]) + [j.state, j.stage, f"{se[1]}/{se[2]}" if se else "–",
                                                                  f"{j.n_train}/{j.n_val}"]
         if narrow:  # one line per job: the error (else the message) cut to the width; errors in full below
             t.add_row(*cells, _one_line(first_error or j.message))

@@ -165,6 +165,43 @@ def duration(seconds: float | None) -> str:
     return f"{s // 3600} h {(s % 3600) // 60:02d} min"
 
 
+#: What a stage's epochs are called where a person reads a job's progress (status page, CLI).
+EPOCH_NAMES = {"train detector": "detector", "train classifier": "classifier",
+               "refine classifier": "classifier refit"}
+
+
+def stage_epochs(job) -> tuple[str, int, int] | None:
+    """The epoch count a person reads for a job: ``(what, k, n)`` of its running stage, epoch k of
+    n of that stage alone (k: epochs ended, 0 before the first one ends), ``what`` its name in
+    :data:`EPOCH_NAMES` (e.g. ``("detector", 3, 10)``).
+
+    The job row's own ``epoch``/``epochs`` count the detector's and the classifier's epochs together
+    (3 of 50 for detector epoch 3 of 10 before 40 classifier epochs) and stop before the refit; a
+    new user's trial read both scales on one page and could not tell them apart, so this is the one
+    shown. Returns None when the running stage has no epochs (snapshot, dataset, evaluate) or the job
+    is not running one; ``("", epoch, epochs)`` for a job without stage records (a worker from
+    before them), whose only count is the combined one.
+    """
+    stages = job.stages
+    if not stages:
+        return ("", int(job.epoch or 0), int(job.epochs)) if job.epochs else None
+    cur = next((s for s in reversed(stages) if s.get("start") and not s.get("end")), None)
+    if cur is None or not int(cur.get("epochs") or 0):
+        return None
+    return EPOCH_NAMES.get(cur["stage"], cur["stage"]), int(cur.get("epoch") or 0), int(cur["epochs"])
+
+
+def epoch_text(job) -> str:
+    """``"detector epoch 3 of 10"``, ``"classifier epoch 5 of 40"``, ``"classifier refit epoch 2 of
+    20"`` (:func:`stage_epochs`); ``"epoch 3 of 50 (detector and classifier together)"`` for a job
+    without stage records; ``""`` when the running stage has no epochs."""
+    se = stage_epochs(job)
+    if se is None:
+        return ""
+    what, k, n = se
+    return f"{what} epoch {k} of {n}" if what else f"epoch {k} of {n} (detector and classifier together)"
+
+
 def _previous_times(previous) -> dict[str, dict]:
     """``{stage: {"seconds", "epochs", "tail"}}`` of a finished job's stages that started and ended."""
     out = {}

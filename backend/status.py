@@ -4,7 +4,8 @@ Routes (all behind the backend's auth: basic auth, or loopback-only without it; 
 docs/security.md):
 
 - ``GET /status``: the projects faceloop serves, with their served version and running job.
-- ``GET /status/{project_id}``: the running training job (stage, epoch k of n, estimated time
+- ``GET /status/{project_id}``: the running training job (stage, the stage's epoch k of n named by
+  stage, e.g. "detector epoch 3 of 10": :func:`backend.jobprogress.epoch_text`; estimated time
   left per stage: :mod:`backend.jobprogress`), finished jobs, every model version with its metrics, gate decision and reason, its plots,
   pre-label acceptance per version (:mod:`backend.acceptance`), per-task errors and the head of the
   review queue with thumbnails. The page reloads itself (meta refresh: 5 s while a job is queued
@@ -125,8 +126,9 @@ def _job_view(j: TrainingJob, now: datetime, previous: TrainingJob | None = None
     start, end = _aware(j.started_at), _aware(j.finished_at)
     ran = ((end or now) - start).total_seconds() if start else None
     est = jobprogress.estimate(j, previous, now) if j.state == "running" else None
-    return {"id": j.id, "state": j.state, "stage": j.stage or "–", "epoch": j.epoch, "epochs": j.epochs,
-            "pct": int(100 * j.epoch / j.epochs) if j.epochs else 0, "trigger": j.trigger,
+    se = jobprogress.stage_epochs(j)  # the running stage's own epochs, named (one scale on the page)
+    return {"id": j.id, "state": j.state, "stage": j.stage or "–", "epoch_text": jobprogress.epoch_text(j),
+            "pct": int(100 * se[1] / se[2]) if se else 0, "trigger": j.trigger,
             "message": j.message, "error": j.error, "n_train": j.n_train, "n_val": j.n_val,
             "created": j.created_at.strftime("%Y-%m-%d %H:%M:%S") if j.created_at else "",
             "ran": _duration(ran), "eta": _duration(est.total) if est is not None and est.total is not None else None,
@@ -500,7 +502,9 @@ def index_context(settings: Settings) -> dict:
             n = len(s.exec(select(ModelVersion.id).where(ModelVersion.project_id == p.id)).all())
             out.append({"id": p.id, "title": p.title or f"project {p.id}", "served": served.version if served else "–",
                         "versions": n,
-                        "job": f"{job.state} {job.stage} {job.epoch}/{job.epochs}".strip() if job else ""})
+                        # the stage's own epochs name the stage ("detector epoch 3 of 10"), else the stage
+                        "job": " · ".join(x for x in (job.state, jobprogress.epoch_text(job) or job.stage) if x)
+                        if job else ""})
     return {"projects": out, "now": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")}
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import stat
 from pathlib import Path
@@ -286,6 +287,35 @@ def test_versions_shows_image_accuracy_for_a_choices_project_and_its_acceptance(
                            gate_reason="mAP50", metrics_json=json.dumps({"candidate": {"mAP50": 0.712}})))
     r = runner.invoke(app, ["versions", "6"], env={"COLUMNS": "250"})
     assert r.exit_code == 0 and "0.712" in r.output and "image acc." not in r.output, r.output
+
+
+def test_versions_says_what_the_shipped_default_names_in_each_project(cli_env):
+    """A new user read the shipped default's expression classes (neutral, happy, ...) in the row of
+    an awake/sleep project and asked why they were there: the default row now says it finds faces
+    only there, and in an expression project which of the project's labels it names (by name)."""
+    from backend.registry import promoted_version
+    from tests.helpers_unit import config_text
+
+    app, db = cli_env
+    with session_scope(db) as s:
+        for pid, cfg in ((3, "awake_sleep"), (4, "face_expressions")):
+            upsert_project(s, pid, label_config=config_text(cfg))
+            base = promoted_version(s, pid, get_settings()).version  # registered as a project's first /predict does
+    assert base.startswith("base-")
+    r = runner.invoke(app, ["versions", "3"], env={"COLUMNS": "250"})
+    assert r.exit_code == 0, r.output
+    row = " ".join(next(ln for ln in r.output.splitlines() if base in ln).replace("│", " ").split())
+    assert "– faces only (knows neutral, happy, sad, …: none of this project's)" in row, r.output
+    assert "angry" not in r.output and "fearful" not in r.output  # not the default's class list as the project's
+    r = runner.invoke(app, ["versions", "4"], env={"COLUMNS": "250"})
+    assert r.exit_code == 0, r.output
+    row = " ".join(next(ln for ln in r.output.splitlines() if base in ln).replace("│", " ").split())
+    # fearful/disgusted/surprised matched to fear/disgust/surprise; contempt: no class of the default
+    assert "neutral, happy, sad, surprise, fear, disgust, angry by name; not: contempt" in row, r.output
+    # 80 columns: the classes column is left out, the default row's classes come below the table
+    r = runner.invoke(app, ["versions", "3"], env={"COLUMNS": "80"})
+    assert r.exit_code == 0 and all(len(ln) <= 80 for ln in r.output.splitlines()), r.output
+    assert "classes: – faces only (knows neutral, happy, sad, …: none of this project's)" in _flat(r.output), r.output
 
 
 @pytest.mark.e2e
@@ -656,7 +686,10 @@ def test_status_shows_the_served_version_and_running_job_not_only_the_latest(cli
     assert r.exit_code == 0, r.output
     lines = r.output.splitlines()
     assert lines[0] == "project 3 (/a)"
-    assert lines[2].startswith(f"  running: job {ids[0]}, train detector, epoch 3/50; train detector: about "), r.output
+    # the stage's own epochs, named (as the status page): not the row's 3/50 (detector and classifier
+    # together) beside "train detector (10 epochs)", two scales a new user could not tell apart
+    assert lines[2].startswith(f"  running: job {ids[0]}, detector epoch 3 of 10; train detector: about "), r.output
+    assert "3/50" not in r.output and "3 of 50" not in r.output
     assert "s left, then train classifier (40 epochs)" in lines[2], r.output
     assert lines[3] == f"  latest: job {ids[0] + 1} queued", r.output
     assert "/status/3?token=" in lines[4]
@@ -665,6 +698,14 @@ def test_status_shows_the_served_version_and_running_job_not_only_the_latest(cli
     assert lines[7] == (f"  latest: job {ids[1] + 1} skipped (no annotation created, updated or deleted since "
                         "job 6's snapshot)"), r.output
     assert "/status/5?token=" in lines[8]
+    # `faceloop jobs`: the epoch column counts the epochs of the stage beside it, at 80 columns too
+    for cols in (250, 80):
+        r = runner.invoke(app, ["jobs", "3"], env={"COLUMNS": str(cols)})
+        assert r.exit_code == 0, r.output
+        rows = {ln.split()[0]: " ".join(ln.split()) for ln in r.output.replace("│", " ").splitlines()
+                if ln.split() and ln.split()[0].isdigit()}
+        assert "running train detector 3/10 " in rows[str(ids[0])] and "3/50" not in r.output, r.output
+        assert "queued – " in rows[str(ids[0] + 1)], r.output  # no stage, no epochs yet (was "0/0")
 
 
 def test_queue_shows_the_query_batch_first_with_the_scores_label_studio_holds(cli_env):

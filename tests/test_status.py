@@ -133,7 +133,10 @@ def test_project_page_shows_job_versions_acceptance_queue_and_errors(client, pop
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     html = r.text
     assert '<meta http-equiv="refresh" content="5">' in html  # a job runs: reload fast
-    assert "epoch <b>3 of 50</b>" in html  # detector and classifier epochs together
+    # the stage's own epochs, named: not the row's combined count (3 of 50: detector and classifier
+    # epochs together) beside the worker's "3/10", two scales a new user's trial could not tell apart
+    assert re.search(r"stage <b>train detector</b>\s+· <b>detector epoch 3 of 10</b>", html), html[html.index("Job "):][:600]
+    assert "3 of 50" not in html and "3/50" not in html
     # per stage: the detector's 7 epochs left at 20 s each, less the ~30 s since epoch 3 ended; the
     # classifier and evaluation timed by the previous job (30 s and 10 s, x 55/50 images)
     m = re.search(r'id="time-left-\d+">train detector: about 1 min (\d\d) s left, then train classifier '
@@ -217,7 +220,7 @@ def test_time_left_is_per_stage_and_says_when_it_cannot_tell(client, settings):
 def test_index_lists_projects_and_unknown_project_is_404(client, populated):
     html = client.get("/status").text
     assert f'href="status/{PID}"' in html and "Sleepy &lt;b&gt;faces&lt;/b&gt;" in html
-    assert "running train detector 3/50" in html
+    assert "running · detector epoch 3 of 10" in html and "3/50" not in html
     r = client.get("/status/999")
     assert r.status_code == 404 and "not set up" in r.json()["detail"]
     for bad in ("/status/0", "/status/-1", "/status/abc", f"/status/{2**63}", f"/status/{PID}/versions/{2**64}/plots/0",
@@ -469,3 +472,43 @@ def test_shown_figures_are_the_columns_some_version_fills():
     choices = [k for k, _, _ in shown_figures([version({"accuracy": 0.667, "class_accuracy": 0.8})])]
     assert choices == ["accuracy", "class_accuracy"]
     assert shown_figures([version({})]) == list(FIGURES) == shown_figures([])
+
+
+def test_each_stage_shows_its_own_epochs_named_on_the_page_and_the_index(client, settings):
+    """A retrain as ml_worker.training reports it (tests/test_jobprogress.py's timeline: 10 detector
+    epochs, 40 classifier epochs, evaluation, 20 refit epochs): at each point the page names the
+    stage with its own count and its bar follows that stage; no combined count (the row's 13 of 50,
+    50 of 50 through the refit) is shown."""
+    from tests.test_jobprogress import run, timeline
+
+    ev = timeline()
+    with session_scope(settings.database_url) as s:
+        s.add(Project(id=PID, title="faces", label_config=""))
+        s.flush()
+        job = TrainingJob(project_id=PID)
+        s.add(job)
+        s.flush()
+        jid = job.id
+    # seconds into the job -> what the card says (3 s setup + 7 s an epoch; classifier from 81 s, 0.7 s
+    # an epoch; evaluation at 110 s; refit from 115 s, 0.9 s an epoch)
+    for at, text, pct, row in [(28, "detector epoch 3 of 10", 30, "3 of 50"),
+                               (85.6, "classifier epoch 5 of 40", 12, "15 of 50"),
+                               (112, None, None, "50 of 50"),
+                               (117, "classifier refit epoch 2 of 20", 10, "50 of 50")]:
+        with session_scope(settings.database_url) as s:
+            j = s.get(TrainingJob, jid)
+            j.stages_json = "[]"
+            run(j, ev, until=at)
+            j.started_at = datetime.now(timezone.utc) - timedelta(seconds=at)
+            assert f"{j.epoch} of {j.epochs}" == row  # the row's combined count the page used to show
+        html = client.get(f"/status/{PID}").text
+        card = html[html.index(f'id="job-{jid}"'):html.index("</div>", html.index(f'id="job-{jid}"'))]
+        index = client.get("/status").text
+        if text is None:  # evaluate: no epochs, the stage alone
+            assert "stage <b>evaluate</b>" in card and " epoch " not in card and 'class="bar"' not in card, card
+            assert "running · evaluate" in index
+        else:
+            assert f"<b>{text}</b>" in card and f'style="width: {pct}%"' in card, card
+            assert f"running · {text}" in index
+        assert row not in card and row not in index
+
