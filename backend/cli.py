@@ -1280,6 +1280,9 @@ def bench_accept_cmd(
     out: Path = typer.Option(REPO_ROOT / "benchmarks" / "out" / "bench_accept", help="Output folder"),
     reference: bool = typer.Option(False, "--reference", help="Also retrain once on every pool image (first seed): "
                                    "the reference of labels-to-95%; kept in OUT/reference.json"),
+    query_batch: int = typer.Option(0, help="The sampler picks this many per round (the product's QUERY_BATCH_SIZE) "
+                                    "and the person labels the first (size step) of them, as Label Studio serves the "
+                                    "batch in pick order; 0 = picks exactly the size step"),
 ):
     """Simulate a person: label N images (picked by the sampler, or at random), retrain through the
     worker's code, pre-annotate the held-out images, and count what the person accepts, fixes,
@@ -1298,6 +1301,8 @@ def bench_accept_cmd(
         raise typer.BadParameter("--strategies: sampler and/or random")
     if any(n < 0 for n in size_list):
         raise typer.BadParameter("--sizes must be >= 0")
+    if query_batch < 0:
+        raise typer.BadParameter("--query-batch must be >= 0")
     if not size_list and not reference:
         raise typer.BadParameter("--sizes is empty (give sizes, or --reference to add the reference only)")
     if not seed_list:
@@ -1318,6 +1323,7 @@ def bench_accept_cmd(
             return
     try:
         res = bench_accept(data, size_list, seed_list, out, get_settings(), strategies=strat, test_limit=test_limit,
+                           query_batch=query_batch,
                            on_row=lambda r: console.print(
                                f"{r['strategy']} seed {r['seed']} {r['labels']} labels: acceptance "
                                f"{r['acceptance_rate']:.3f}, edits/image {r['edits_per_image']:.2f}, mAP50 "

@@ -188,7 +188,8 @@ def _bench_inputs(data: Path, out: Path, settings: Settings, init: Path | None, 
 
 def bench_accept(data: Path, sizes: list[int], seeds: list[int], out: Path, settings: Settings,
                  strategies: tuple[str, ...] = ("sampler", "random"), init: Path | None = None,
-                 test_limit: int | None = None, on_row: Callable[[dict], None] | None = None) -> dict:
+                 test_limit: int | None = None, on_row: Callable[[dict], None] | None = None,
+                 query_batch: int = 0) -> dict:
     """Simulate a person labelling ``data``'s train split and accepting pre-labels on its val split.
 
     Args:
@@ -199,6 +200,10 @@ def bench_accept(data: Path, sizes: list[int], seeds: list[int], out: Path, sett
             the previous round's model) and/or ``"random"``.
         init: the version every round starts from (default: the shipped default bundle).
         test_limit: evaluate on at most this many val images (default all).
+        query_batch: the sampler picks ``max(query_batch, step)`` images a round and the first
+            ``step`` (the size step) are labelled, as a person served the query batch in pick order
+            labels its head before the next retrain re-picks it (``QUERY_BATCH_SIZE`` 20,
+            ``RETRAIN_MIN_ANNOTATIONS`` 10 in the product); 0 = pick exactly ``step``.
     Writes: ``out/rounds.csv`` (one row per strategy, seed and size), ``out/summary.json``,
         ``out/acceptance.png``, and each round's bundle under ``out/models/``.
     Returns: ``{"rows": [...], "files": {...}}``.
@@ -235,8 +240,8 @@ def bench_accept(data: Path, sizes: list[int], seeds: list[int], out: Path, sett
                         # strategies that place a batch away from what is labelled (typiclust, diverse_*)
                         lab_emb = (_score_pool(model, [pool[i] for i in labelled], schema, settings)[1]
                                    if labelled and strategy in USES_LABELLED else None)
-                        picks = [free[i] for i in select_batch(strategy, unc, need, embeddings=emb, rng=rng,
-                                                               labelled_embeddings=lab_emb)]
+                        picks = [free[i] for i in select_batch(strategy, unc, max(need, query_batch), embeddings=emb,
+                                                               rng=rng, labelled_embeddings=lab_emb)][:need]
                     labelled += picks
                 if size == 0:
                     if base_eval is None:

@@ -70,6 +70,24 @@ def test_bench_accept_typiclust_runs_with_the_labelled_embeddings(tmp_path):
     assert len(imgs) == 6 and len({p.read_bytes() for p in imgs}) == 6, "six different pool images labelled"
 
 
+@pytest.mark.slow
+def test_bench_accept_query_batch_labels_the_head_of_a_larger_pick(tmp_path):
+    """``query_batch``: the product picks QUERY_BATCH_SIZE and a person labels its head before the
+    next retrain re-picks; the 3 images labelled are 3 of the 6 the sampler picks for a batch of 6."""
+    from ml_worker.bench import bench_accept
+
+    data = require_data(AWAKE_SLEEP)
+    settings = make_settings(tmp_path, imgsz=160, train_batch=4, detector_epochs=1, classifier_epochs=1,
+                             classifier_refit_epochs=0, query_strategy="typiclust")
+
+    def labelled(out, size, query_batch):
+        bench_accept(data, [size], [0], out, settings, strategies=("sampler",), test_limit=2, query_batch=query_batch)
+        return {p.read_bytes() for p in (out / "work" / f"sampler_s0_n{size}" / "dataset" / "images").rglob("*.jpg")}
+
+    head = labelled(tmp_path / "a", 3, 6)
+    assert len(head) == 3 and head <= labelled(tmp_path / "b", 6, 0)
+
+
 def _rows(strategy, seed, curve):
     return [{"strategy": strategy, "seed": seed, "labels": n, "acceptance_rate": v, "mAP50": v / 2}
             for n, v in curve.items()]

@@ -153,15 +153,24 @@ def test_choices_project_end_to_end(stack):
     from backend.lsapi import review_queue
     from backend.models import TaskScore
 
+    from ml_worker.scoring import BATCH_SCORE_SPAN
+
     with session_scope(db_url) as s:
-        scores = {r.task_id: r.uncertainty for r in s.exec(select(TaskScore).where(
+        rows = {r.task_id: r for r in s.exec(select(TaskScore).where(
             TaskScore.project_id == pid, TaskScore.model_version == version)).all()}
+        scores = {t: r.uncertainty for t, r in rows.items()}
+        rank = {t: r.rank for t, r in rows.items()}
+        flagged = {t for t, r in rows.items() if r.in_query_batch}
     for tid in held_out:
         mine = [p for p in preds[tid] if p.model_version == version][0]
-        assert abs(mine.score - (1 - scores[tid])) < 1e-4
+        if tid in flagged:  # the query batch: below every other task, so that Label Studio serves it first
+            assert 0.0 <= mine.score < BATCH_SCORE_SPAN, (tid, mine.score)
+        else:
+            assert abs(mine.score - (1 - scores[tid])) < BATCH_SCORE_SPAN + 1e-4
     head = review_queue(client, pid, "Review queue", limit=len(held_out))
     assert {t["id"] for t in head} == set(held_out)
-    unc = [scores[t["id"]] for t in head]
+    assert [t["id"] for t in head] == sorted(held_out, key=lambda t: rank[t])  # the batch, then the most uncertain
+    unc = [scores[t["id"]] for t in head if t["id"] not in flagged]
     assert unc == sorted(unc, reverse=True), unc
     # the status page shows the version with its image accuracy and the gate's reason
     import httpx

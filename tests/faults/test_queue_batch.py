@@ -1,4 +1,4 @@
-"""Issue 9 §6: queue ranks are monotone in uncertainty, and exactly QUERY_BATCH_SIZE tasks are
+"""Issue 9 §6: queue ranks are the query batch, then monotone in uncertainty, and exactly QUERY_BATCH_SIZE tasks are
 flagged (60 tasks were flagged for a batch of 20: old rows of the same version kept the flag).
 On the real SQLite database through :func:`ml_worker.scoring.rerank`, the step score_pool ends with."""
 
@@ -23,8 +23,12 @@ def _rows(url, pid, version="v1"):
 def _check(rows, batch_size):
     good = [r for r in rows if not r.error]
     assert [r.rank for r in rows] == list(range(len(rows)))
-    # rank 0 = most uncertain; ties by task id; rows whose image failed come last
-    assert [(-r.uncertainty, r.task_id) for r in good] == sorted((-r.uncertainty, r.task_id) for r in good)
+    # the query batch first (what Label Studio serves first), then the rest: most uncertain first, ties
+    # by task id; rows whose image failed come last
+    n_batch = sum(r.in_query_batch for r in good)
+    assert all(r.in_query_batch for r in good[:n_batch])
+    rest = good[n_batch:]
+    assert [(-r.uncertainty, r.task_id) for r in rest] == sorted((-r.uncertainty, r.task_id) for r in rest)
     assert all(not r.error for r in rows[: len(good)])
     assert sum(r.in_query_batch for r in rows) == min(batch_size, len(good))
     assert not any(r.in_query_batch for r in rows if r.error)
@@ -48,7 +52,7 @@ def test_ranks_monotone_and_batch_exact_across_scorings(tmp_path):
     assert {r.task_id for r in rows} == pool  # labelled tasks' rows are gone
     _check(rows, 20)
     assert batch[:3] == [3, 7, 11] and len(batch) == 20 == len(set(batch))
-    assert {r.task_id for r in rows if r.in_query_batch} == set(batch)
+    assert [r.task_id for r in rows[:20]] == batch  # ranked in pick order, then topped up by uncertainty
     # a partial scoring (new tasks) keeps the batch, minus what got labelled, topped up by rank
     pool -= {3, 7}
     with session_scope(s.database_url) as db:
@@ -59,8 +63,10 @@ def test_ranks_monotone_and_batch_exact_across_scorings(tmp_path):
     rows = _rows(s.database_url, 1)
     _check(rows, 20)
     assert set(batch) - {3, 7} <= set(batch2) and len(batch2) == 20
+    assert [r.task_id for r in rows[:18]] == [t for t in batch if t not in (3, 7)]  # the kept batch, in its order
     r200 = next(r for r in rows if r.task_id == 200)  # the new task: uncertainty 1.0, the highest id of those
-    assert r200.rank == sum(1 for r in rows if not r.error and r.uncertainty == 1.0) - 1
+    tops = [r for r in rows[18:] if not r.error and r.uncertainty == 1.0]  # top-ups, then the rest's head
+    assert r200 in tops and r200.rank == 18 + tops.index(r200) and tops[-1] is r200
     assert _rows(s.database_url, 1, "v0")[0].in_query_batch  # other versions untouched
 
 
@@ -73,7 +79,7 @@ def test_batch_is_the_pool_when_smaller(tmp_path):
         db.flush()
         assert rerank(db, 2, "v1", {2, 4, 9}, 20, picks=[4]) == [4, 2, 9]
     rows = _rows(s.database_url, 2)
-    assert [(r.task_id, r.rank, r.in_query_batch) for r in rows] == [(2, 0, True), (9, 1, True), (4, 2, True)]
+    assert [(r.task_id, r.rank, r.in_query_batch) for r in rows] == [(4, 0, True), (2, 1, True), (9, 2, True)]
 
 
 def test_outbox_prunes_only_old_delivered_rows(tmp_path):
