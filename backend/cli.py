@@ -375,8 +375,10 @@ def up(
                       f"  backend       {st.backend_url}\n  logs          {root / 'logs'}\n"
                       f"  state         {settings.var_dir}\n", soft_wrap=True)
         console.print(f"Label some faces, then Settings -> Model -> Start Training (or `{env_hint}faceloop train "
-                      f"{pid}`).\nThe review queue: view '{settings.review_view_title}' (Label All Tasks follows it), "
-                      f"or `{env_hint}faceloop queue {pid}`.", soft_wrap=True)
+                      f"{pid}`); the switch 'Start model training on annotation submission' on the same page retrains "
+                      f"every {settings.retrain_min_annotations} new labels.\nThe review queue: view "
+                      f"'{settings.review_view_title}' (Label All Tasks follows it), or `{env_hint}faceloop queue {pid}`.",
+                      soft_wrap=True)
         console.print(f"UP {time.time() - t0:.1f} s project={pid} ls={st.ls_url}")  # one line for scripts/tests
         if exit_after_setup:
             return
@@ -745,7 +747,7 @@ def queue(project: int = typer.Argument(..., help="Label Studio project id"),
         t.add_column("batch" if narrow and c == "query batch" else c, justify="right", no_wrap=True)
     for place, r in enumerate(rows, 1):  # the place in the queue now (labelled tasks left), as the status page
         cells = {"#": str(place), "task": str(r.task_id), "uncertainty": f"{r.uncertainty:.3f}",
-                 "LS score": f"{ls_task_score(1 - r.uncertainty, r.task_id, batch):.3f}",
+                 "LS score": "<0.001" if r.task_id in batch else f"{ls_task_score(1 - r.uncertainty, r.task_id, batch):.3f}",
                  "least-conf.": f"{r.least_confidence:.3f}",
                  "margin": f"{r.margin:.3f}", "entropy": f"{r.entropy:.3f}", "boxes": str(r.n_boxes),
                  "query batch": "yes" if r.in_query_batch else ""}

@@ -124,7 +124,11 @@ class Settings(BaseSettings):
     # Sampling
     uncertainty_measure: str = Field("margin", description="least_confidence | margin | entropy (review-queue order)")
     aggregation: str = Field("max", description="How box uncertainties make an image's: max | mean | sum")
-    query_batch_size: int = 20
+    query_batch_size: int = Field(20, ge=0, description="Images the sampler picks per round (QUERY_STRATEGY)")
+    query_batch_rounds: int = Field(
+        3, ge=1, description="Rounds of QUERY_BATCH_SIZE picks the query batch holds, each picked as if the rounds "
+        "before it were labelled (ml_worker.scoring.pick_rounds): Label All Tasks serves them in order and keeps "
+        "serving picks, not the most uncertain, when a retrain is rejected or still running")
     query_strategy: str = Field(
         "", description="Query-batch strategy (ml_worker.sampler.STRATEGIES); '' = ml_worker.sampler.DEFAULT_QUERY_STRATEGY")
     review_view_title: str = "Review queue"

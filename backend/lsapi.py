@@ -114,12 +114,19 @@ def set_project_model_version(client, project_id: int, version: str) -> None:
 
 
 def review_view_data(title: str) -> dict:
-    """Data Manager view: unlabelled tasks, lowest prediction score (= most uncertain) first."""
+    """Data Manager view: unlabelled tasks not skipped, lowest prediction score first (the query
+    batch, then the most uncertain: :func:`ml_worker.scoring.ls_task_score`).
+
+    A skipped task holds a cancelled annotation, which ``total_annotations`` does not count
+    (Label Studio 1.23.2): without the second filter a skipped query-batch task stayed at the top
+    of the tab although Label Studio no longer serves it to that person (found in a new user's trial).
+    """
     return {
         "title": title,
         "ordering": ["tasks:predictions_score"],
         "filters": {"conjunction": "and", "items": [
-            {"filter": "filter:tasks:total_annotations", "operator": "equal", "type": "Number", "value": 0}]},
+            {"filter": "filter:tasks:total_annotations", "operator": "equal", "type": "Number", "value": 0},
+            {"filter": "filter:tasks:cancelled_annotations", "operator": "equal", "type": "Number", "value": 0}]},
     }
 
 

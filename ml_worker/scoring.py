@@ -183,9 +183,8 @@ def finish_scoring(settings: Settings, plan: dict, results: list[dict], run_id: 
     if good:
         dim = next((len(p["embedding"]) for p in good if p["embedding"] is not None), 1)
         emb = np.stack([np.asarray(p["embedding"]) if p["embedding"] is not None else np.zeros(dim) for p in good])
-        picks = select_batch(strategy, unc, settings.query_batch_size, embeddings=emb,
-                             rng=np.random.default_rng(settings.seed),
-                             labelled_embeddings=np.stack(lab_emb) if lab_emb else None)
+        picks = pick_rounds(strategy, unc, settings.query_batch_size, settings.query_batch_rounds, emb,
+                            np.random.default_rng(settings.seed), np.stack(lab_emb) if lab_emb else None)
         batch = [good[i]["task_id"] for i in picks]
         order = [good[i]["task_id"] for i in queue_order(np.array([_unit(unc_of(p, measure)) for p in good]), emb)]
         if not plan["partial"]:
@@ -208,7 +207,7 @@ def finish_scoring(settings: Settings, plan: dict, results: list[dict], run_id: 
                 row.error = p["error"]
             row.scored_at = utcnow()
         s.flush()
-        batch = rerank(s, project_id, vname, set(plan["pool"]), settings.query_batch_size,
+        batch = rerank(s, project_id, vname, set(plan["pool"]), settings.query_batch_size * settings.query_batch_rounds,
                        picks=None if plan["partial"] else batch, order=order)
         existing = set(plan["existing"])
         in_batch = set(batch)
@@ -296,6 +295,42 @@ def _unit(x) -> float:
     except (TypeError, ValueError):
         return 1.0
     return 1.0 if math.isnan(x) else min(max(x, 0.0), 1.0)
+
+
+def pick_rounds(strategy: str, uncertainty: dict[str, np.ndarray], k: int, rounds: int, embeddings: np.ndarray,
+                rng: np.random.Generator, labelled: np.ndarray | None = None) -> list[int]:
+    """The query batch: ``rounds`` rounds of ``k`` picks by ``strategy``, each chosen as if the
+    rounds before it were labelled (their embeddings join ``labelled``; greedy batch selection).
+
+    Why: after the query batch Label Studio serves the rest of the queue, the most uncertain first,
+    the order measured worst (``docs/benchmarks.md``, "Which images a person labels"). A person
+    reaches it when a retrain is rejected (no new scoring, so no new batch: found in a new user's
+    trial after 50 labels) or takes longer than the batch. The first round is exactly the
+    ``k``-pick that was measured (``faceloop bench-accept --query-batch``); the later ones continue
+    it.
+
+    Args:
+        uncertainty: ``{measure: (n,) 0-1}`` of the unlabelled images.
+        k: picks per round (``QUERY_BATCH_SIZE``); ``rounds``: ``QUERY_BATCH_ROUNDS``.
+        embeddings: ``(n, d)`` of the unlabelled images; ``labelled``: ``(m, d)`` or None.
+    Returns: at most ``k * rounds`` distinct indices into the ``n`` images, round by round, each
+        round in pick order.
+    Raises: ValueError from :func:`ml_worker.sampler.select` (unknown strategy, bad shapes).
+    """
+    n = len(embeddings)
+    picks: list[int] = []
+    for _ in range(rounds):
+        taken = set(picks)
+        free = np.array([i for i in range(n) if i not in taken], dtype=int)
+        if not len(free) or k <= 0:
+            break
+        lab = embeddings[picks] if picks else None
+        if labelled is not None and len(labelled):
+            lab = labelled if lab is None else np.vstack([labelled, lab])
+        got = select_batch(strategy, {m: np.asarray(v)[free] for m, v in uncertainty.items()}, k,
+                           embeddings=embeddings[free], rng=rng, labelled_embeddings=lab)
+        picks += [int(free[i]) for i in got]
+    return picks
 
 
 #: Label Studio task scores below this are the query batch's: :func:`ls_task_score` writes the

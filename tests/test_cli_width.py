@@ -137,8 +137,8 @@ def test_wide_terminal_keeps_every_column(cli):
     row = _row(versions, "p5-v12", "promoted", "awake,sleep", "0.712", "0.988", "0.800", "0.750", "1.030", "1234/321")
     assert GATE in row
     queue = " ".join(_run(cli, ["queue", str(PID)], 250))
-    # the first task is in the query batch: Label Studio holds 0.000 for it (served first), not 1 - 0.877
-    assert "LS score" in queue and "0.000" in queue and "0.123" not in queue
+    # the first task is in the query batch: Label Studio holds a score below 0.001 for it (served first), not 1 - 0.877
+    assert "LS score" in queue and "<0.001" in queue and "0.123" not in queue
 
 
 def test_help_at_80_columns_wraps_sentences_not_docstring_lines(cli):

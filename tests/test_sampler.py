@@ -379,3 +379,24 @@ def test_the_query_batch_heads_the_queue_and_label_studio_scores_keep_that_order
     assert written[6] == 0.0 and 0 < written[3] < BATCH_SCORE_SPAN <= written[7]
     # every other task keeps its 1 - uncertainty to within 0.001
     assert all(abs(written[t] - (1 - unc[t])) <= BATCH_SCORE_SPAN for t in rest)
+
+
+def test_the_query_batch_holds_rounds_each_picked_as_if_the_last_were_labelled():
+    """``pick_rounds``: round 1 is exactly the strategy's k-pick (what bench-accept measured), the
+    next rounds continue it without repeats and, for typiclust, move to clusters the earlier rounds
+    left uncovered."""
+    from ml_worker.sampler import select
+    from ml_worker.scoring import pick_rounds
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(6, 8)) * 5
+    emb = np.vstack([c + rng.normal(size=(20, 8)) for c in centres])  # 6 clusters of 20
+    unc = {m: rng.random(len(emb)) for m in ("least_confidence", "margin", "entropy")}
+    for strategy in ("typiclust", "margin", "cluster_margin"):
+        one = select(strategy, unc, 3, embeddings=emb, rng=np.random.default_rng(1))
+        three = pick_rounds(strategy, unc, 3, 3, emb, np.random.default_rng(1))
+        assert three[:3] == one and len(three) == 9 == len(set(three)), strategy
+    picks = pick_rounds("typiclust", unc, 3, 2, emb, np.random.default_rng(1))
+    assert len({p // 20 for p in picks}) == 6  # the second round covers the 3 clusters the first left
+    small = {m: v[:4] for m, v in unc.items()}
+    assert sorted(pick_rounds("typiclust", small, 3, 3, emb[:4], np.random.default_rng(1))) == [0, 1, 2, 3]  # pool ends

@@ -107,13 +107,15 @@ def test_chunked_scoring_stores_what_one_pass_stores(setup, tmp_path):
                        flat, run_id=None)
     chunked, chunked_preds = _rows(s), _predictions(s)
     assert (o.scored, o.failed, o.written) == (N_TASKS, 1, 0) and o.pending_writes > 0
-    assert len(o.query_batch) == BATCH
+    flagged = BATCH * s.query_batch_rounds  # QUERY_BATCH_ROUNDS rounds of QUERY_BATCH_SIZE picks
+    assert len(o.query_batch) == flagged
     ranks = sorted(v[5] for v in chunked.values())
     assert ranks == list(range(N_TASKS + 1))  # every scored task ranked once, the failed one last
     assert chunked[100 + N_TASKS][5] == N_TASKS and chunked[100 + N_TASKS][7]
-    good_rows = sorted((v for v in chunked.values() if not v[7]), key=lambda v: v[5])
-    assert all(a[0] >= b[0] for a, b in itertools.pairwise(good_rows))  # monotone: most uncertain first
-    assert sum(v[6] for v in chunked.values()) == BATCH
+    assert sorted(v[5] for v in chunked.values() if v[6]) == list(range(flagged))  # the query batch first
+    good_rows = sorted((v for v in chunked.values() if not v[7] and not v[6]), key=lambda v: v[5])
+    assert all(a[0] >= b[0] for a, b in itertools.pairwise(good_rows))  # then monotone: most uncertain first
+    assert sum(v[6] for v in chunked.values()) == flagged
     assert set(chunked_preds) == {r["task_id"] for r in good}
 
     # finishing again (a callback redelivered after its worker died) leaves the same rows

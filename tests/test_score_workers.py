@@ -29,6 +29,7 @@ import time
 import pytest
 from sqlmodel import select
 
+from backend.config import Settings
 from tests.conftest import require_data
 from tests.test_workers import Worker, _restart_backend, _wait, ls_stack, shared_db  # noqa: F401 (fixtures)
 
@@ -125,7 +126,8 @@ def test_two_workers_score_one_pool_in_chunks(ls_stack, shared_db, tmp_path):  #
         assert sorted(v[6] for v in two.values()) == list(range(N_POOL))
         queue = sorted(two.values(), key=lambda v: v[6])
         assert all(x[1] >= y[1] for x, y in itertools.pairwise(queue))
-        assert sum(v[7] for v in two.values()) == BATCH
+        rounds = Settings.model_fields["query_batch_rounds"].default  # QUERY_BATCH_ROUNDS of QUERY_BATCH_SIZE picks
+        assert sum(v[7] for v in two.values()) == BATCH * rounds
         _wait(lambda: _run(url, run.id).write_state == "done", "the write-back to Label Studio", timeout=120)
         for tid in ids:
             assert run.model_version in [p.model_version for p in client.tasks.get(id=tid).predictions or []]

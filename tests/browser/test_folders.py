@@ -80,6 +80,10 @@ def test_folders_on_one_stack_and_a_second_stack(tmp_path):
     assert "1 of the 4 image files are not readable images" in r.stdout, r.stdout[-3000:]
     assert re.search(r"^  zz cut\.jpg: broken image data: .*truncated", r.stdout, re.MULTILINE), r.stdout[-3000:]
     pid_a = int(re.search(r"UP [\d.]+ s project=(\d+)", r.stdout).group(1))
+    # how retraining starts: the button, or the switch that retrains every RETRAIN_MIN_ANNOTATIONS labels
+    # (a new user labelled 10 tasks and waited for a retrain the switch was off for)
+    flat = " ".join(r.stdout.split())
+    assert "Start Training" in flat and "'Start model training on annotation submission'" in flat, r.stdout[-3000:]
     ports = {"ls": _free_port(), "backend": _free_port(), "redis": _free_port()}
     up = Up(folder_b, var, ports, tmp_path / "up_b.log")
     # Up starts `up FOLDER`; the second folder needs --config face_expressions: run it by hand

@@ -113,7 +113,7 @@ def test_label_all_tasks_serves_the_query_batch_first(stack, browser, tmp_path):
             "todo_ids": tids, "n_unlabelled": len(tids), "pool": tids, "existing": [], "has_version": False,
             "partial": False}
     settings = make_settings(tmp_path, label_studio_url=stack.ls_url, label_studio_api_key=stack.api_key,
-                             query_strategy="least_confidence", query_batch_size=2)
+                             query_strategy="least_confidence", query_batch_size=2, query_batch_rounds=1)
     outcome = finish_scoring(settings, plan, results)
     assert outcome.query_batch == [tids[0], tids[2]] and outcome.pending_writes == 0
     by_margin = [t for _, t in sorted(zip(margin, tids), reverse=True)]
@@ -125,3 +125,26 @@ def test_label_all_tasks_serves_the_query_batch_first(stack, browser, tmp_path):
         assert served == [tids[0], tids[2], by_margin[0]], f"served {served}; batch {outcome.query_batch}"
     finally:
         page.close()
+
+
+def test_a_skipped_task_leaves_the_review_queue_tab(stack):
+    """A person skipped a query-batch task: Label Studio stores a cancelled annotation, which its
+    ``total_annotations`` does not count, so the task stayed at the head of the Review queue tab
+    (score 0.0002) although it is not served again (found in a new user's trial). The tab now leaves
+    out skipped tasks too; the others keep their order."""
+    from label_studio_sdk import LabelStudio
+
+    from backend.lsapi import create_project, review_queue, set_project_model_version
+
+    client = LabelStudio(base_url=stack.ls_url, api_key=stack.api_key)
+    pid = create_project(client, "skipped task", CONFIG)
+    image = f"{stack.ls_url}/static/images/label-studio-logo.svg"
+    client.projects.import_tasks(id=pid, request=[{"image": image} for _ in SCORES])
+    tids = sorted(int(t.id) for t in client.tasks.list(project=pid))
+    for tid, score in zip(tids, SCORES):
+        client.predictions.create(task=tid, result=[], score=score, model_version="v1")
+    set_project_model_version(client, pid, "v1")
+    queue = [t for _, t in sorted(zip(SCORES, tids))]
+    assert [t["id"] for t in review_queue(client, pid, "Review queue")] == queue
+    client.annotations.create(id=queue[0], result=[], was_cancelled=True)  # what Skip stores
+    assert [t["id"] for t in review_queue(client, pid, "Review queue")] == queue[1:]
