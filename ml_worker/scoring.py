@@ -334,9 +334,13 @@ def pick_rounds(strategy: str, uncertainty: dict[str, np.ndarray], k: int, round
 
 
 #: Label Studio task scores below this are the query batch's: :func:`ls_task_score` writes the
-#: batch's j-th of b tasks as ``BATCH_SCORE_SPAN * j / b`` and squeezes every other task's score
+#: batch's j-th of b tasks as ``BATCH_SHOWN_ZERO * j / b`` and squeezes every other task's score
 #: into ``[BATCH_SCORE_SPAN, 1]``, so that Label Studio serves the query batch first.
 BATCH_SCORE_SPAN = 1e-3
+#: Upper bound of the batch's scores: below 0.0005, so that the Data Manager's three decimals show
+#: 0.000 for every batch task and at least 0.001 for the first task after it (at 0.001 · j/b, a
+#: new user's trial saw both read "0.001" and could not tell where the batch ended).
+BATCH_SHOWN_ZERO = 4e-4
 
 
 def batch_ahead(order: list[int], batch: list[int]) -> list[int]:
@@ -366,8 +370,8 @@ def ls_task_score(score: float, task_id: int, batch: list[int], tie_offset: floa
 
     Label Studio orders the Review queue and serves *Label All Tasks* by one number, the
     prediction's task ``score`` (protocol doc; ``projects/functions/next_task.py``, lowest first).
-    The query batch's j-th of b tasks is written as ``BATCH_SCORE_SPAN * j / b`` (below
-    :data:`BATCH_SCORE_SPAN`, shown as 0.00); any other task as
+    The query batch's j-th of b tasks is written as ``BATCH_SHOWN_ZERO * j / b`` (below 0.0005,
+    shown as 0.000); any other task as
     ``BATCH_SCORE_SPAN + (1 - BATCH_SCORE_SPAN) * (score + tie_offset)``: its ``1 - uncertainty``
     moved by at most 0.001, order kept. The boxes keep their own scores, and the database keeps
     every task's real uncertainty (status page, ``faceloop queue``).
@@ -380,7 +384,7 @@ def ls_task_score(score: float, task_id: int, batch: list[int], tie_offset: floa
     Returns: the score, 0-1, rounded to 9 decimals.
     """
     if task_id in batch:
-        return round(BATCH_SCORE_SPAN * batch.index(task_id) / len(batch), 9)
+        return round(BATCH_SHOWN_ZERO * batch.index(task_id) / len(batch), 9)
     return round(BATCH_SCORE_SPAN + (1.0 - BATCH_SCORE_SPAN) * max(score + tie_offset, 0.0), 9)
 
 

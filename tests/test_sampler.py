@@ -377,6 +377,8 @@ def test_the_query_batch_heads_the_queue_and_label_studio_scores_keep_that_order
     written = {t: ls_task_score(1 - unc[t], t, batch[:2], off.get(t, 0.0)) for t in order}
     assert sorted(order, key=lambda t: written[t]) == queue
     assert written[6] == 0.0 and 0 < written[3] < BATCH_SCORE_SPAN <= written[7]
+    # Label Studio's Data Manager shows 3 decimals: every batch task reads 0.000, the next 0.001 or more
+    assert f"{written[3]:.3f}" == "0.000" and f"{written[7]:.3f}" != "0.000"
     # every other task keeps its 1 - uncertainty to within 0.001
     assert all(abs(written[t] - (1 - unc[t])) <= BATCH_SCORE_SPAN for t in rest)
 
