@@ -45,8 +45,9 @@ def _predictions(client, pid) -> dict[int, list[str]]:
 
 
 def _settings(tmp_path, ls_url, api_key, **kw):
+    # one round of 3 picks (QUERY_BATCH_ROUNDS=1): this file counts the flagged tasks of a write-back
     return make_settings(tmp_path, label_studio_url=ls_url, label_studio_api_key=api_key, query_batch_size=3,
-                         review_view_title="Review queue", **kw)
+                         query_batch_rounds=1, review_view_title="Review queue", **kw)
 
 
 @pytest.mark.e2e
