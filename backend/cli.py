@@ -731,10 +731,6 @@ def queue(project: int = typer.Argument(..., help="Label Studio project id"),
                       .order_by(TaskScore.rank, TaskScore.task_id).limit(limit)).all()
         errs = s.exec(select(TaskScore).where(TaskScore.project_id == project, TaskScore.model_version == v.version,
                                               TaskScore.error != "")).all()
-        # the query batch as written to Label Studio (pick order = rank order): its scores sit below 0.001
-        batch = list(s.exec(select(TaskScore.task_id).where(
-            TaskScore.project_id == project, TaskScore.model_version == v.version,
-            TaskScore.in_query_batch == True).order_by(TaskScore.rank)).all())  # noqa: E712 - SQL, not Python
     from ml_worker.scoring import ls_task_score
 
     narrow = _narrow()
@@ -747,7 +743,8 @@ def queue(project: int = typer.Argument(..., help="Label Studio project id"),
         t.add_column("batch" if narrow and c == "query batch" else c, justify="right", no_wrap=True)
     for place, r in enumerate(rows, 1):  # the place in the queue now (labelled tasks left), as the status page
         cells = {"#": str(place), "task": str(r.task_id), "uncertainty": f"{r.uncertainty:.3f}",
-                 "LS score": "<0.001" if r.task_id in batch else f"{ls_task_score(1 - r.uncertainty, r.task_id, batch):.3f}",
+                 # as written to Label Studio: the query batch's below 0.001, the others 1 - uncertainty (within 0.001)
+                 "LS score": "<0.001" if r.in_query_batch else f"{ls_task_score(1 - r.uncertainty, r.task_id, []):.3f}",
                  "least-conf.": f"{r.least_confidence:.3f}",
                  "margin": f"{r.margin:.3f}", "entropy": f"{r.entropy:.3f}", "boxes": str(r.n_boxes),
                  "query batch": "yes" if r.in_query_batch else ""}
@@ -878,6 +875,7 @@ def versions(project: int = typer.Argument(..., help="Label Studio project id"))
     from sqlmodel import select
 
     from backend.models import ModelVersion, Project
+    from backend.registry import is_shipped_default
 
     _use_running_stack()
     _require_project(project)
@@ -887,7 +885,7 @@ def versions(project: int = typer.Argument(..., help="Label Studio project id"))
         label_config = p.label_config if p is not None else ""
 
     def classes(v) -> str:
-        return _default_classes(v.classes, label_config) if v.version.startswith("base-") else ",".join(v.classes)
+        return _default_classes(v.classes, label_config) if is_shipped_default(v.version) else ",".join(v.classes)
     cands = [v.metrics.get("candidate") or {} for v in rows]
     # a Choices project's gate decides on image accuracy (ml_worker.training.gate_choices), a boxes
     # project's on mAP50: a column for each kind of version the project has
@@ -925,7 +923,7 @@ def versions(project: int = typer.Argument(..., help="Label Studio project id"))
     if narrow:
         for v in rows:
             console.print(f"  {v.version} why: {v.gate_reason}", markup=False, highlight=False)
-            if v.version.startswith("base-") and classes(v):  # the classes column is not shown: what it names here
+            if is_shipped_default(v.version) and classes(v):  # the classes column is not shown: what it names here
                 console.print(f"  {v.version} classes: {classes(v)}", markup=False, highlight=False)
         _hidden_columns_note(hidden)
     for v in rows:

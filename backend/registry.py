@@ -76,6 +76,15 @@ def upsert_project(s: Session, project_id: int, label_config: str | None = None,
     return p
 
 
+#: The shipped default model's version name in a project: this prefix and its weights' sha256[:8].
+BASE_VERSION_PREFIX = "base-"
+
+
+def is_shipped_default(version: str) -> bool:
+    """Whether ``version`` names the shipped default model (:func:`promoted_version` registers it)."""
+    return version.startswith(BASE_VERSION_PREFIX)
+
+
 def promoted_version(s: Session, project_id: int, settings: Settings) -> ModelVersion:
     """The version a project serves now; registers the shipped default model on first use.
 
@@ -90,7 +99,7 @@ def promoted_version(s: Session, project_id: int, settings: Settings) -> ModelVe
     if not path.exists():
         raise FileNotFoundError(f"default model {path} is missing (run `faceloop train-base`)")
     sha = file_sha256(path)
-    name = f"base-{sha[:8]}"
+    name = f"{BASE_VERSION_PREFIX}{sha[:8]}"
     v = s.exec(select(ModelVersion).where(ModelVersion.project_id == project_id, ModelVersion.version == name)).first()
     if v is None:
         v = ModelVersion(project_id=project_id, version=name, path=str(path.resolve()), sha256=sha,
