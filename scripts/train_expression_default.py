@@ -27,6 +27,11 @@ IoU; the shown box with the highest IoU >= 0.5, ``ml_worker.training.detector_bo
 the worker's retrain learns from with ``CLASSIFIER_DETECTOR_CROPS`` (``face_crops``). With
 ``--holdout`` the held-out faces are scored both on their ground-truth boxes and on the detector's
 box matched to them ("found faces", what ``faceloop evaluate``'s class accuracy counts).
+More people (``--extra DIR``, repeatable): every ground-truth box of DIR's train split (same YOLO
+layout, classes mapped by name like the main data) is added to the faces fitted, never held out;
+after training DIR's val split is scored too (``extra[i].val_accuracy`` in the ``.json``: faces of
+other people and another source, e.g. ``../shared/data/faces_cropped_muxspace``, web photos,
+Apache-2.0, noisy labels; see its ``SOURCE.md``).
 ``--average A.pt B.pt ...`` trains nothing: it writes the uniform average of the weights of
 fine-tunes from the same init ("model soup", Wortsman et al. 2022, arXiv:2203.05482; same
 architecture, classes and crop margin, so serving cost is unchanged) and scores it like a trained
@@ -230,6 +235,8 @@ def main() -> None:
     ap.add_argument("--ensemble", action="store_true",
                     help="with --average and --holdout: also score the mean of the members' probabilities")
     ap.add_argument("--max-faces", type=int, default=0, help="smoke test: only the first N faces of each split")
+    ap.add_argument("--extra", type=Path, action="append", default=[], metavar="DIR",
+                    help="also fit every face of DIR's train split (never held out) and score DIR's val split")
     args = ap.parse_args()
     if not (args.data / "data.yaml").is_file():
         raise SystemExit(f"dataset not found: {args.data}")
@@ -262,6 +269,19 @@ def main() -> None:
         img_names = [n for n, k in zip(img_names, keep) if k]
         print(f"holdout: {len(out_imgs)} images / {len(held)} faces held out (whole subjects), "
               f"{len(train)} faces to fit", flush=True)
+    extra_info = []
+    for root in args.extra:
+        if not (root / "data.yaml").is_file():
+            raise SystemExit(f"dataset not found: {root}")
+        ex_names: list[str] = []
+        ex, ex_fp, ex_counts = load_split(root, "train", classes, ex_names)
+        if args.max_faces:
+            ex, ex_names = ex[:args.max_faces], ex_names[:args.max_faces]
+        train += ex
+        img_names += [f"{root.name}/{n}" for n in ex_names]
+        extra_info.append({"dataset": f"../shared/data/{root.name}", "split": "train", "n_faces": len(ex),
+                           "boxes_per_class": ex_counts, "files_sha256": ex_fp})
+        print(f"extra {root.name}: {len(ex)} faces ({ex_counts})", flush=True)
     print(f"train: {len(train)} faces ({train_counts}), loaded in {time.perf_counter() - t0:.0f} s", flush=True)
     n_faces_fit = len(train)
     det_info = None
@@ -308,7 +328,7 @@ def main() -> None:
         "data": {"dataset": "../shared/data/expressions", "split": "train", "n_faces": n_faces_fit,
                  "n_crops": met["n_train"], "detector_crops": det_info,
                  "boxes_per_class": train_counts,
-                 "files_sha256": train_fp,
+                 "files_sha256": train_fp, "extra": extra_info,
                  "files_sha256_of": "sorted lines 'image name<TAB>sha256(image)<TAB>sha256(label file)\\n'",
                  "licence_caveat": "research-only source databases (BU-3DFE, Bosphorus, Dartmouth, JAFFE) among "
                                    "the pictures; see ../shared/data/expressions/SOURCE.md and models/MODEL_CARD.md"},
@@ -371,6 +391,17 @@ def main() -> None:
             "parent_per_class": {k: round(v, 3) for k, v in ev0["per_class"].items()}}
         print(f"val (ground-truth boxes, {ev['n']} faces): accuracy {ev['accuracy']:.3f} "
               f"(parent {ev0['accuracy']:.3f}); per class {info['val_ground_truth_boxes']['per_class']}", flush=True)
+    for root, ex in zip(args.extra, info["data"]["extra"]):
+        xval, xfp, xcounts = load_split(root, "val", classes)
+        if args.max_faces:
+            xval = xval[:args.max_faces]
+        ev, ev0 = evaluate(model, xval), evaluate(init, xval)
+        ex["val_accuracy"] = {"note": "reporting only, scored once after training", "n_faces": ev["n"],
+                              "files_sha256": xfp, "accuracy": round(ev["accuracy"], 4),
+                              "per_class": {k: round(v, 3) for k, v in ev["per_class"].items()},
+                              "parent_accuracy": round(ev0["accuracy"], 4)}
+        print(f"extra {root.name} val ({ev['n']} faces): accuracy {ev['accuracy']:.4f} (parent {ev0['accuracy']:.4f}); "
+              f"per class {ex['val_accuracy']['per_class']}", flush=True)
     js = args.out.with_suffix(".json")
     js.write_text(json.dumps(info, indent=2) + "\n")
     print(f"wrote {args.out} (sha256 {info['sha256']}) and {js}", flush=True)

@@ -85,3 +85,26 @@ def test_detector_crops_found_faces_and_weight_average(tmp_path):
     assert info["seed"] is None and info["train_loss"] == []
     ens = info["holdout_train"]["ensemble_diagnosis"]
     assert len(ens["members_accuracy"]) == 2 and 0.0 <= ens["accuracy"] <= 1.0
+
+
+def test_extra_data_is_fitted_never_held_out_and_its_val_scored(tmp_path):
+    """--extra DIR adds every face of DIR's train split to the faces fitted (after the held-out
+    part of the main data is taken out, so none of it is held out) and scores DIR's val split
+    once after training; the .json records the extra data's counts and fingerprint."""
+    data = require_data(SHARED_DATA / "expressions")
+    extra = require_data(SHARED_DATA / "faces_cropped_muxspace")
+    out = tmp_path / "clf.pt"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "train_expression_default.py"), "--data", str(data),
+                        "--epochs", "1", "--max-faces", "60", "--holdout", "0.15", "--extra", str(extra),
+                        "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    info = json.loads(out.with_suffix(".json").read_text())
+    ex = info["data"]["extra"]
+    assert len(ex) == 1 and ex[0]["dataset"] == "../shared/data/faces_cropped_muxspace" and ex[0]["n_faces"] == 60
+    assert len(ex[0]["files_sha256"]) == 64 and ex[0]["boxes_per_class"]["contempt"] > 0  # counted, no column
+    # the held-out part is the main data's only: fitted = main faces not held out + every extra face
+    assert info["data"]["n_faces"] + info["holdout_train"]["n_faces"] == 60 + 60
+    assert info["data"]["holdout"]["n_faces_fit"] == info["data"]["n_faces"]
+    va = ex[0]["val_accuracy"]
+    assert va["n_faces"] == 60 and 0.0 <= va["accuracy"] <= 1.0 and 0.0 <= va["parent_accuracy"] <= 1.0
