@@ -314,8 +314,9 @@ def main() -> None:
     parent_sha = file_sha256(args.init)
     prov = {
         "description": "face-api.js expression net (the port, models/face_expression.pt) fine-tuned on "
-                       "../shared/data/expressions train (ground-truth face boxes); the day-0 classifier of "
-                       "expression projects"
+                       "../shared/data/expressions train"
+                       + "".join(f" + ../shared/data/{r.name} train" for r in args.extra)
+                       + " (ground-truth face boxes); the day-0 classifier of expression projects"
                        + (f"; this run continues from {args.init.name} (parent.fine_tune)"
                           if init.meta.get("fine_tune") else "")
                        + ("; the uniform weight average of several such fine-tunes (recipe.uniform_weight_average_of)"
