@@ -189,6 +189,23 @@ RECIPE = dict(epochs=40, lr=1e-3, backbone_lr_scale=1.0, train_blocks=4, weight_
               pool="mean", gem_p=3.0)
 
 
+#: ``fine_tune`` settings, on top of :data:`RECIPE`, for a classifier that already knows the
+#: project's classes (an expression project continuing from the shipped expression classifier,
+#: ``facemodels.two_stage.classifier_recipe`` "known"). The recipe above is for new classes (its
+#: crop margin -0.1 and lr 1e-3 were measured on awake/sleep from the port); run on the expression
+#: classifier it re-learns the crop and forgets: accepted as is 0.653 at day 0, 0.41-0.48 after
+#: 10-40 labels (``faceloop bench-accept --data ../shared/data/expressions``). Measured:
+#: docs/classifier.md, "Retraining a classifier that already knows the classes"
+#: (``benchmarks/stage2_known_classes.py``).
+KNOWN_CLASSES_RECIPE = dict(lr=1e-4)
+
+
+def known_classes_settings(init: "FaceClassifier") -> dict:
+    """``fine_tune`` overrides for fine-tuning ``init`` on classes it already knows: its own crop
+    margin (the crops its features were trained on; fraction of the box side, each side) and
+    :data:`KNOWN_CLASSES_RECIPE`."""
+    return {**KNOWN_CLASSES_RECIPE, "crop_margin": float(init.crop_margin)}
+
 class _Patch:
     """A training face: a sub-image around the box (enough context for jitter) and the box in it."""
 

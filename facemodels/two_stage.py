@@ -105,6 +105,30 @@ def classifier_init_path(bundle: dict, labels) -> str:
     return init
 
 
+#: Values of a bundle's ``classifier_recipe``: how its project's retrains fine-tune stage 2.
+CLASSIFIER_RECIPES = ("new", "known")
+
+
+def classifier_recipe(bundle: dict, labels) -> str:
+    """How a retrain from ``bundle`` fine-tunes stage 2 for a project with ``labels``.
+
+    ``"known"``: the project's classes were known before its first label (an expression project
+    served by the shipped expression classifier from day 0): stage 2 is fine-tuned gently, at its
+    own crop margin (:func:`facemodels.classifier.known_classes_settings`). ``"new"``: classes the
+    project brought (awake/sleep, ...): the new-class recipe (:data:`facemodels.classifier.RECIPE`).
+    A project's candidate bundles record the choice (``classifier_recipe``), so every later retrain
+    of the project keeps it; the shipped default decides it from the labels as
+    :func:`classifier_init_path` does (it names a ``classifier_init``); any other bundle without the
+    key (a project's version from before the key existed) is ``"new"``, as it was trained.
+    """
+    mode = bundle.get("classifier_recipe")
+    if mode in CLASSIFIER_RECIPES:
+        return mode
+    if bundle.get("classifier_init_path"):
+        return "known" if classifier_init_path(bundle, labels) == bundle["classifier_path"] else "new"
+    return "new"
+
+
 def write_bundle(folder: Path, detector: Path, classifier: Path, classes: list[str], onnx: bool = True,
                  **extra) -> Path:
     """Write a version folder atomically: copy both weight files and ``bundle.json`` into a

@@ -455,6 +455,7 @@ def train_two_stage(ds, schema, init: str | Path, settings: Settings, work: Path
     Raises: ValueError when the train split has no labelled face.
     """
     from facemodels.classifier import fine_tune as fine_tune_classifier
+    from facemodels.classifier import known_classes_settings
     from facemodels.two_stage import write_bundle
     from ml_worker.dataset import write_face_dataset
 
@@ -462,9 +463,11 @@ def train_two_stage(ds, schema, init: str | Path, settings: Settings, work: Path
     det_init, clf_init = _parts(init, settings)
     # stage 2 starts from the bundle's classifier_init for classes the served classifier does not know
     # (the shipped default: the original face-api.js port, not the expression fine-tune; docs/classifier.md)
-    from facemodels.two_stage import classifier_init_path
+    from facemodels.two_stage import classifier_init_path, classifier_recipe
 
     clf_init = Path(classifier_init_path(_parent_bundle(init, settings), list(schema.labels)))
+    # classes known before the project's first label (expression projects): a gentler fine-tune
+    recipe = classifier_recipe(_parent_bundle(init, settings), list(schema.labels))
     if not any(s.boxes for s in ds.samples if s.split == "train"):
         raise ValueError("the train split has no labelled face (Choices projects: no face found in its images): "
                          "nothing to learn from")
@@ -507,10 +510,13 @@ def train_two_stage(ds, schema, init: str | Path, settings: Settings, work: Path
                predict_seconds=round(pred_s, 3), predict_images=len(ds.samples))
     det_s = time.time() - t0
     if getattr(ds, "kind", "boxes") != "choices":  # stage 2 starts here: its crops are cut in it (status page's times)
-        report(stage="train classifier", message=f"stage 2 (face classifier): {clf_epochs} epochs on the labelled faces")
+        report(stage="train classifier", message=f"stage 2 (face classifier): {clf_epochs} epochs on the labelled faces"
+                                                 + ("; the classifier knows the project's classes: fine-tuned gently"
+                                                    if recipe == "known" else ""))
 
     crops = face_crops(ds.samples, ("train",), det_boxes)
     clf = _init_classifier(clf_init, schema)
+    overrides = known_classes_settings(clf) if recipe == "known" else {}
     t1 = time.time()
 
     def on_clf_epoch(epoch, epochs, loss):
@@ -519,7 +525,7 @@ def train_two_stage(ds, schema, init: str | Path, settings: Settings, work: Path
                message=f"stage 2 (face classifier): epoch {epoch}/{epochs}, loss {loss:.3f}")
 
     tuned, cm = fine_tune_classifier(clf, crops, list(schema.labels), epochs=clf_epochs, seed=seed,
-                                     on_epoch=on_clf_epoch)
+                                     on_epoch=on_clf_epoch, **overrides)
     clf_s = time.time() - t1
     tuned.save(work / "classifier.pt")
     cand_dir = work / "candidate"
@@ -527,9 +533,10 @@ def train_two_stage(ds, schema, init: str | Path, settings: Settings, work: Path
         shutil.rmtree(cand_dir)
     nms_iou = _parent_bundle(init, settings).get("nms_iou")
     bundle = write_bundle(cand_dir, best_det, work / "classifier.pt", list(schema.labels), imgsz=settings.imgsz,
-                          face_threshold=face_thr, face_threshold_fit=thr_fit, nms_iou=nms_iou)
+                          face_threshold=face_thr, face_threshold_fit=thr_fit, nms_iou=nms_iou,
+                          classifier_recipe=recipe)
     return {"bundle": bundle, "detector_seconds": round(det_s, 1), "classifier_seconds": round(clf_s, 1),
-            "seed": seed, "classifier_init": str(clf_init), "detector_boxes": det_boxes,
+            "seed": seed, "classifier_init": str(clf_init), "classifier_recipe": recipe, "detector_boxes": det_boxes,
             "face_threshold": face_thr, "face_threshold_fit": thr_fit, "nms_iou": nms_iou,
             "classifier": {k: v for k, v in cm.items() if k in ("loss", "train_seconds", "n_train", "recipe",
                                                                    "kept_classes")}}
@@ -592,6 +599,7 @@ def refine_classifier(trained: dict, ds, schema, settings: Settings, progress: P
     """
     from facemodels.classifier import FaceClassifier
     from facemodels.classifier import fine_tune as fine_tune_classifier
+    from facemodels.classifier import known_classes_settings
     from facemodels.two_stage import read_bundle, write_bundle
 
     epochs = int(settings.classifier_refit_epochs or 0)
@@ -616,8 +624,10 @@ def refine_classifier(trained: dict, ds, schema, settings: Settings, progress: P
         clf = _init_classifier(trained["classifier_init"], schema)
     else:  # "candidate": continue from the gated classifier, a fresh cosine schedule
         clf, start = cand, "candidate"
+    recipe = b.get("classifier_recipe", "new")
     tuned, _ = fine_tune_classifier(clf, crops, list(cand.classes), epochs=epochs,
                                     seed=int(trained.get("seed", settings.seed)),
+                                    **(known_classes_settings(clf) if recipe == "known" else {}),
                                     on_epoch=(lambda e, n, _loss: progress({"stage": "refine classifier", "stage_epoch": e,
                                                                            "stage_epochs": n})) if progress else None)
     work = bundle_path.parent.parent
@@ -628,7 +638,7 @@ def refine_classifier(trained: dict, ds, schema, settings: Settings, progress: P
         shutil.rmtree(tmp)
     write_bundle(tmp, Path(b["detector_path"]), work / "classifier.pt", list(b["classes"]),
                  imgsz=b.get("imgsz", settings.imgsz), face_threshold=b.get("face_threshold"),
-                 face_threshold_fit=b.get("face_threshold_fit"), nms_iou=b.get("nms_iou"))
+                 face_threshold_fit=b.get("face_threshold_fit"), nms_iou=b.get("nms_iou"), classifier_recipe=recipe)
     shutil.rmtree(bundle_path.parent)
     tmp.rename(bundle_path.parent)
     out = {"epochs": epochs, "from": start, "n_faces": n_faces, "n_crops": len(crops),
@@ -780,7 +790,8 @@ def run_training(settings: Settings, job_id: int, progress: ProgressFn | None = 
         shutil.rmtree(folder)
     bundle = write_bundle(folder, b.parent / "detector.pt", b.parent / "classifier.pt", list(schema.labels),
                           imgsz=settings.imgsz, trained_by_job=job_id, face_threshold=trained["face_threshold"],
-                          face_threshold_fit=trained["face_threshold_fit"], nms_iou=trained["nms_iou"])
+                          face_threshold_fit=trained["face_threshold_fit"], nms_iou=trained["nms_iou"],
+                          classifier_recipe=trained.get("classifier_recipe", "new"))
     if refined and "error" not in refined:
         # kept beside the served classifier, for the next retrain's gate (gate_view)
         shutil.copyfile(job_dir / GATED_CLASSIFIER, folder / GATED_CLASSIFIER)

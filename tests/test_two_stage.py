@@ -47,6 +47,24 @@ def test_shipped_default_serves_the_expression_fine_tune_and_starts_new_classes_
     assert classifier_init_path(no_init, ["awake", "sleep"]) == b["classifier_path"]
 
 
+def test_classifier_recipe_known_for_expression_projects_only():
+    """An expression project's retrains fine-tune the classifier that knew its classes gently; a project
+    with new classes gets the new-class recipe; a project's bundle carries its choice to later retrains."""
+    from facemodels.two_stage import classifier_recipe
+
+    b = read_bundle(DEFAULT_MODEL_PATH)
+    expressions = ["neutral", "happy", "sad", "surprise", "fear", "disgust", "angry", "contempt"]
+    assert classifier_recipe(b, expressions) == "known"
+    assert classifier_recipe(b, ["awake", "sleep"]) == "new"
+    # a project's version: its recorded choice holds whatever the labels, so an awake/sleep project's
+    # classifier (which now knows awake/sleep) keeps the recipe it was trained with
+    project = {k: v for k, v in b.items() if not k.startswith("classifier_init")}
+    assert classifier_recipe({**project, "classes": ["awake", "sleep"]}, ["awake", "sleep"]) == "new"
+    assert classifier_recipe({**project, "classifier_recipe": "known"}, expressions) == "known"
+    assert classifier_recipe({**project, "classifier_recipe": "new"}, expressions) == "new"
+    assert classifier_recipe({**project, "classifier_recipe": "bogus"}, expressions) == "new"
+
+
 def test_bundle_errors_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         read_bundle(tmp_path / "nope.json")
@@ -90,12 +108,15 @@ def test_gate_rules():
     assert not ok and "neither" in why
 
 
-def _tasks(n: int):
-    """``n`` awake/sleep train images as annotated tasks with /data/local-files URLs, read from disk."""
+def _tasks(n: int, data_dir: Path = AWAKE_SLEEP, config: str = "awake_sleep", names: list[str] | None = None):
+    """``n`` train images of ``data_dir`` (awake/sleep unless said) as annotated tasks with
+    /data/local-files URLs, read from disk; ``names``: the dataset's class names by id (default: the
+    config's labels in order)."""
     from PIL import Image
 
-    data = require_data(AWAKE_SLEEP)
-    schema = ProjectSchema.parse(config_text("awake_sleep"))
+    data = require_data(data_dir)
+    schema = ProjectSchema.parse(config_text(config))
+    names = names or list(schema.labels)
     files = sorted((data / "images" / "train").glob("*.jpg"))[:: 30][:n]
     tasks = []
     for i, f in enumerate(files):
@@ -105,7 +126,7 @@ def _tasks(n: int):
             if line.strip():
                 c, cx, cy, bw, bh = map(float, line.split())
                 box = Box((cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h,
-                          label=schema.labels[int(c)])
+                          label=names[int(c)])
                 result.append(schema.region(box, w, h))
         rel = f.relative_to(data)
         tasks.append(SnapshotTask(id=100 + i, data={"image": f"/data/local-files/?d={quote(str(rel))}"}, result=result))
@@ -150,6 +171,12 @@ def test_train_two_stage_on_real_faces(tmp_path):
     b = read_bundle(out["bundle"])
     assert b["classes"] == ["awake", "sleep"]
     assert 0.05 <= b["face_threshold"] <= 0.9 and b["face_threshold_fit"]["f1"] >= 0
+    # classes the shipped classifier does not know: the new-class recipe from the port, recorded
+    from facemodels.classifier import RECIPE, FaceClassifier
+
+    assert b["classifier_recipe"] == out["classifier_recipe"] == "new"
+    clf_meta = FaceClassifier.load(b["classifier_path"]).meta["fine_tune"]["recipe"]
+    assert clf_meta["crop_margin"] == RECIPE["crop_margin"] and clf_meta["lr"] == RECIPE["lr"]
     assert {f["stage"] for f in seen} >= {"train detector", "train classifier"}
     # per-stage epochs for the status page's time left (backend.jobprogress); the job's epoch counts both
     # (ultralytics ends its last epoch twice, once more after the final validation: recorded once)
@@ -233,3 +260,37 @@ def test_refine_classifier_on_every_labelled_face(tmp_path):
 
     det = ModelCache().get(out["bundle"]).detect([ds.samples[0].image], conf=0.01, imgsz=160)[0]
     assert all(np.isclose(d.class_scores.sum(), 1.0, atol=1e-4) for d in det.detections), "the refit version serves"
+
+
+@pytest.mark.slow
+def test_expression_project_retrain_keeps_the_classifier_crop_and_fine_tunes_gently(tmp_path):
+    """An expression project continues from the shipped expression classifier at its own crop margin
+    and the known-classes settings (the new-class recipe's margin and lr made every such retrain worse
+    than day 0: docs/classifier.md); the refit keeps the same settings and the bundle records them."""
+    from facemodels.classifier import KNOWN_CLASSES_RECIPE, FaceClassifier
+    from ml_worker.dataset import build_dataset
+    from ml_worker.training import refine_classifier, train_two_stage
+    from tests.conftest import SHARED_DATA
+
+    names = ["neutral", "happy", "sad", "surprise", "fear", "disgust", "angry", "contempt"]
+    tasks, schema, data = _tasks(8, SHARED_DATA / "expressions", "face_expressions", names)
+    settings = make_settings(tmp_path, local_files_document_root=str(data), imgsz=160, train_batch=4,
+                             detector_epochs=1, classifier_epochs=2, classifier_refit_epochs=1)
+    ds = build_dataset(tasks, schema, tmp_path / "ds", settings)
+    assert ds.problems == []
+    seen = []
+    out = train_two_stage(ds, schema, DEFAULT_MODEL_PATH, settings, tmp_path / "job", progress=seen.append)
+    b = read_bundle(out["bundle"])
+    shipped = FaceClassifier.load(read_bundle(DEFAULT_MODEL_PATH)["classifier_path"])
+    assert out["classifier_recipe"] == b["classifier_recipe"] == "known"
+    assert Path(out["classifier_init"]).name == "face_expression_ft.pt"
+    tuned = FaceClassifier.load(b["classifier_path"])
+    assert tuned.crop_margin == shipped.crop_margin == 0.2
+    rec = tuned.meta["fine_tune"]["recipe"]
+    assert rec["crop_margin"] == 0.2 and rec["lr"] == KNOWN_CLASSES_RECIPE["lr"]
+    assert any("fine-tuned gently" in f.get("message", "") for f in seen), "the status says which recipe"
+    refine_classifier(out, ds, schema, settings)
+    after = read_bundle(out["bundle"])
+    assert after["classifier_recipe"] == "known"
+    rec = FaceClassifier.load(after["classifier_path"]).meta["fine_tune"]["recipe"]
+    assert rec["crop_margin"] == 0.2 and rec["lr"] == KNOWN_CLASSES_RECIPE["lr"] and rec["epochs"] == 1
