@@ -94,6 +94,22 @@ def _say_unreadable(folder: Path, shown: int = 10) -> None:
                       "checked when they are predicted", soft_wrap=True, markup=False, highlight=False)
 
 
+def _say_linked_out(folder: Path, shown: int = 5) -> None:
+    """Print the image files of ``folder`` that link to files outside it (their tasks show the
+    image in Label Studio but get no pre-annotation: ``backend.images.linked_out_images``)."""
+    from backend.images import LINKED_OUT_HINT, linked_out_images
+    from backend.lsapi import IMAGE_SUFFIXES
+
+    linked, total = linked_out_images(folder, IMAGE_SUFFIXES)
+    if linked:
+        console.print(f"[yellow]{len(linked)} of the {total} image files are links to files outside {folder}: "
+                      f"{LINKED_OUT_HINT}.[/]", soft_wrap=True)
+        for rel, target in linked[:shown]:
+            console.print(f"  {rel} -> {target}", soft_wrap=True, markup=False, highlight=False)
+        if len(linked) > shown:
+            console.print(f"  ... and {len(linked) - shown} more", markup=False, highlight=False)
+
+
 def _images(folder: Path, limit: int | None) -> list[Path]:
     from backend.lsapi import IMAGE_SUFFIXES
 
@@ -337,6 +353,7 @@ def up(
         except Exception as e:  # noqa: BLE001
             _fail(f"Label Studio did not accept the folder as a Local Files storage: {api_error_text(e)}")
         entry["storage_id"] = sid
+        _say_linked_out(folder)
         if n_new:
             _say_unreadable(folder)
         _check_project_instance(pid, st.secrets.get("instance_id"))
@@ -362,11 +379,18 @@ def up(
                                   f"{api_error_text(err)}[/]")
         st.save_state(running=True, projects=projects)
         n_tasks = int(client.projects.get(id=pid).task_number or 0)
-        if n_new:
+        retry = [] if n_new else _unscored_tasks(pid)
+        if n_new or retry:
             from backend.config import Settings
             from backend.events import enqueue
 
-            enqueue(Settings(celery_broker_url=st.redis_url, var_dir=settings.var_dir), "faceloop.score", [pid])
+            broker = Settings(celery_broker_url=st.redis_url, var_dir=settings.var_dir)
+            if n_new:
+                enqueue(broker, "faceloop.score", [pid])
+            else:  # the images may read now (replaced, copied in): only those tasks are tried again
+                enqueue(broker, "faceloop.preannotate", [pid, retry])
+                console.print(f"project {pid}: {len(retry)} tasks could not be pre-annotated last time (the status "
+                              "page says why); they are tried again now", soft_wrap=True)
         _say_project_ready(pid, n_tasks, n_new, folder, ml_id, len(others))
         login = (f"{st.ls_user} / {st.ls_password}   (shown once; stored in {root / 'secrets.json'})"
                  if st.first_start else f"{st.ls_user} / password in {root / 'secrets.json'}")
@@ -469,6 +493,23 @@ def _check_project_instance(pid: int, instance: str | None) -> None:
         except ProjectOfAnotherLabelStudio as e:
             _fail(f"{e} (this database: {get_settings().database_url.split('@')[-1]}). Nothing of that project "
                   "was changed.")
+
+
+def _unscored_tasks(pid: int) -> list[int]:
+    """Ids of ``pid``'s tasks whose last pre-annotation by the served version failed (an image that
+    did not read, a link out of its folder, ...: the status page and `faceloop queue` list them)."""
+    from sqlmodel import select
+
+    from backend import registry
+    from backend.models import Project, TaskScore
+
+    with _db() as s:
+        if s.get(Project, pid) is None:
+            return []
+        v = registry.promoted_version(s, pid, get_settings()).version
+        rows = s.exec(select(TaskScore.task_id).where(TaskScore.project_id == pid, TaskScore.model_version == v,
+                                                      TaskScore.error != "")).all()
+    return sorted(set(rows))
 
 
 def _say_project_ready(pid: int, n_tasks: int, n_new: int, folder: Path, ml_id, reconnected: int = 0) -> None:

@@ -464,6 +464,31 @@ def check_image_file(path: Path) -> str | None:
     return None
 
 
+#: What a person can do about an image file that links out of its folder (see :func:`linked_out_images`).
+LINKED_OUT_HINT = ("faceloop reads images only inside the folders it serves, so its task gets no pre-annotation "
+                   "(Label Studio still shows the image); copy the file into the folder, or run `faceloop up` "
+                   "on the folder it links to")
+
+
+def linked_out_images(folder: Path, suffixes) -> tuple[list[tuple[str, str]], int]:
+    """The image files of ``folder`` (subfolders included) that are symbolic links to a file
+    outside it: Label Studio serves them (it does not resolve links), while the backend reads a
+    task's local file only inside its image folder (``_read_local``: a link out of it is refused),
+    so their tasks get no pre-annotation.
+
+    Returns: ``(linked, total)``: ``linked`` lists ``(path relative to folder, the link's target)``
+    in path order; ``total`` counts the image files.
+    """
+    root = folder.resolve()
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in suffixes and p.is_file())
+    out = []
+    for p in files:
+        target = p.resolve()
+        if root not in target.parents:
+            out.append((str(p.relative_to(folder)), str(target)))
+    return out, len(files)
+
+
 def unreadable_images(folder: Path, suffixes, budget_s: float = 20.0) -> tuple[list[tuple[str, str]], int, int]:
     """The files of ``folder`` (subfolders included) with an image suffix that do not read.
 
@@ -715,6 +740,9 @@ def _read_local(rel: str, settings: Settings) -> bytes:
         parts = parts[1:]
     p = root.joinpath(*parts).resolve()
     if root not in p.parents and p != root:
+        if parts and os.path.islink(root.joinpath(*parts)):
+            raise ImageError(f"local file {rel!r} is a link to a file outside its image folder ({p.parent}): "
+                             f"{LINKED_OUT_HINT}")
         raise ImageError(f"local file {rel!r} is outside LOCAL_FILES_DOCUMENT_ROOT")
     if not p.is_file():
         raise ImageError(f"local file not found: {p}")

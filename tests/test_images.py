@@ -120,8 +120,9 @@ def test_local_file_path_traversal_rejected(settings, rel):
 
 
 def test_local_file_symlink_out_of_root_rejected(settings, root, tmp_path):
+    write_jpeg(tmp_path / "secret.jpg", width=8, height=8)
     (root / "link.jpg").symlink_to(tmp_path / "secret.jpg")
-    with pytest.raises(ImageError, match="outside LOCAL_FILES_DOCUMENT_ROOT"):
+    with pytest.raises(ImageError, match="is a link to a file outside its image folder .*copy the file into the folder"):
         fetch_image_bytes(local_url("link.jpg"), settings)
 
 
@@ -199,10 +200,29 @@ def test_local_file_through_a_folder_link_in_the_root(settings, root, tmp_path):
     assert load_image(local_url("faces-0123abcd/a.jpg"), settings).width == 21
     # a link deeper down that leaves the linked folder stays refused
     (folder / "out.jpg").symlink_to(tmp_path / "secret.jpg")
-    with pytest.raises(ImageError, match="outside LOCAL_FILES_DOCUMENT_ROOT"):
+    with pytest.raises(ImageError, match="is a link to a file outside its image folder"):
         fetch_image_bytes(local_url("faces-0123abcd/out.jpg"), settings)
     with pytest.raises(ImageError, match="outside LOCAL_FILES_DOCUMENT_ROOT"):
         fetch_image_bytes(local_url("faces-0123abcd/../../secret.jpg"), settings)
+
+
+def test_linked_out_images_names_links_out_of_the_folder(tmp_path):
+    """A folder of links to images elsewhere (a new user's trial: every task showed its image in Label
+    Studio and none got a pre-annotation, with no word from `faceloop up`): each link out is named with
+    its target; files and links that stay inside the folder are not."""
+    from backend.images import linked_out_images
+    from backend.lsapi import IMAGE_SUFFIXES
+
+    folder, elsewhere = tmp_path / "faces", tmp_path / "elsewhere"
+    (folder / "sub").mkdir(parents=True)
+    elsewhere.mkdir()
+    write_jpeg(folder / "real.jpg", width=8, height=8)
+    write_jpeg(elsewhere / "b.jpg", width=8, height=8)
+    (folder / "sub" / "b.jpg").symlink_to(elsewhere / "b.jpg")
+    (folder / "inside.jpg").symlink_to(folder / "real.jpg")
+    (folder / "notes.txt").symlink_to(elsewhere / "b.jpg")  # not an image suffix: not looked at
+    linked, total = linked_out_images(folder, IMAGE_SUFFIXES)
+    assert total == 3 and linked == [("sub/b.jpg", str((elsewhere / "b.jpg").resolve()))]
 
 
 def test_unreadable_images_names_each_broken_file_and_passes_good_ones(tmp_path):

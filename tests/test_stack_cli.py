@@ -732,3 +732,28 @@ def test_queue_shows_the_query_batch_first_with_the_scores_label_studio_holds(cl
     ls_scores = [float(c[4]) for c in rows[2:]]
     assert ls_scores == [pytest.approx(0.05, abs=0.002), pytest.approx(0.6, abs=0.002)], r.output
     assert [c[-2] for c in rows] == ["yes", "yes", "", ""], r.output
+
+
+def test_up_tries_the_tasks_that_failed_again(tmp_path, monkeypatch):
+    """The tasks whose last pre-annotation failed (a new user's links, replaced by copies) are the ones
+    `faceloop up` sends for scoring again when no task is new: only the served version's failures,
+    not the scored ones nor an older version's."""
+    monkeypatch.setenv("VAR_DIR", str(tmp_path / "var"))
+    get_settings.cache_clear()
+    try:
+        from backend import registry
+        from backend.cli import _db, _unscored_tasks
+        from backend.models import TaskScore
+
+        assert _unscored_tasks(3) == [], "a project faceloop has not seen: nothing to try"
+        with _db() as s:
+            registry.upsert_project(s, 3)
+            v = registry.promoted_version(s, 3, get_settings()).version
+            row = dict(project_id=3, uncertainty=1.0, least_confidence=1.0, margin=1.0, entropy=1.0)
+            s.add(TaskScore(task_id=11, model_version=v, error="local file 'a.jpg' is a link to a file outside", **row))
+            s.add(TaskScore(task_id=12, model_version=v, **row))
+            s.add(TaskScore(task_id=13, model_version="p3-v1", error="old version's failure", **row))
+            s.add(TaskScore(task_id=14, model_version=v, error="broken image data", **row))
+        assert _unscored_tasks(3) == [11, 14]
+    finally:
+        get_settings.cache_clear()

@@ -72,12 +72,19 @@ def test_folders_on_one_stack_and_a_second_stack(tmp_path):
     var = tmp_path / "var"
     good = (folder_a / min(os.listdir(folder_a))).read_bytes()
     (folder_a / "zz cut.jpg").write_bytes(good[: len(good) // 2])  # a copy that stopped half way
+    # a link to an image elsewhere (a new user's folder of links): Label Studio shows it, faceloop
+    # cannot pre-annotate it, and `up` says so with what to do
+    outside = _copy(REPO.parent / "shared" / "data" / "awake_sleep" / "images" / "val", tmp_path / "originals", 4)
+    (folder_a / "zz linked.jpg").symlink_to(outside / max(os.listdir(outside)))
 
     # --- 1. two folders, one stack --------------------------------------------------------------
     r = _up([str(folder_a), *_ports()], {"VAR_DIR": str(var)})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     # the cut file is a task like the others, and `up` names it before the person meets it
-    assert "1 of the 4 image files are not readable images" in r.stdout, r.stdout[-3000:]
+    assert "1 of the 5 image files are not readable images" in r.stdout, r.stdout[-3000:]
+    flat_out = " ".join(r.stdout.split())
+    assert "1 of the 5 image files are links to files outside" in flat_out, r.stdout[-3000:]
+    assert "copy the file into the folder" in flat_out and "zz linked.jpg ->" in flat_out, r.stdout[-3000:]
     assert re.search(r"^  zz cut\.jpg: broken image data: .*truncated", r.stdout, re.MULTILINE), r.stdout[-3000:]
     pid_a = int(re.search(r"UP [\d.]+ s project=(\d+)", r.stdout).group(1))
     # how retraining starts: the button, or the switch that retrains every RETRAIN_MIN_ANNOTATIONS labels
@@ -119,7 +126,7 @@ def test_folders_on_one_stack_and_a_second_stack(tmp_path):
         urls = {}
         for pid, folder in ((pid_a, folder_a), (pid_b, folder_b)):
             tasks = list(client.tasks.list(project=pid))
-            assert len(tasks) == (4 if pid == pid_a else 3)
+            assert len(tasks) == (5 if pid == pid_a else 3)
             for t in tasks:  # every image of both projects is served by Label Studio, bytes as on disk
                 rel = unquote(t.data["image"].split("?d=", 1)[1])
                 resp = httpx.get(ls_url + t.data["image"], headers=auth,
