@@ -642,7 +642,8 @@ def recover_own_jobs(settings=None) -> dict[int, int | None]:
     instead of waiting for the heartbeat timeout of :func:`recover_lost_jobs`.
 
     The job's ``error`` says so: ``stopped with its worker (Ctrl-C of faceloop up, or killed) at
-    stage 'train', epoch 3/20: its worker process (pid ...) is gone; re-run as job 12``.
+    stage 'train classifier', classifier epoch 3 of 40 (``backend.jobprogress.epoch_text``, as the
+    status page and ``faceloop jobs`` count): its worker process (pid ...) is gone; re-run as job 12``.
 
     Returns: ``{lost job id: re-run job id or None}``. Redis unreachable: the jobs without a
     recorded worker are left to the sweep; the others are still decided (pids need no Redis).
@@ -661,7 +662,11 @@ def recover_own_jobs(settings=None) -> dict[int, int | None]:
             why = own_job_gone(settings, j, r)
             if why is None:
                 continue
-            at = f"stage {j.stage or 'unknown'!r}" + (f", epoch {j.epoch}/{j.epochs}" if j.epochs else "")
+            # the epoch count a person reads on the status page and in `faceloop jobs` (one scale)
+            from backend.jobprogress import epoch_text
+
+            ep = epoch_text(j)
+            at = f"stage {j.stage or 'unknown'!r}" + (f", {ep}" if ep else "")
             j.state, j.finished_at = "failed", utcnow()
             j.error = f"stopped with its worker (Ctrl-C of faceloop up, or killed) at {at}: {why}"
             gone[j.id] = (j.project_id, j.trigger, j.error)

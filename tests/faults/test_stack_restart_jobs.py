@@ -96,7 +96,7 @@ def test_worker_start_fails_this_stacks_dead_job_at_once_and_reruns_it(tmp_path,
         j = _job(s, job_id)
         assert j.state == "failed" and j.finished_at is not None
         assert "stopped with its worker (Ctrl-C of faceloop up, or killed)" in j.error
-        assert "stage 'train detector', epoch 7/20" in j.error and f"pid {proc.pid}" in j.error
+        assert "stage 'train detector', epoch 7 of 20 (detector and classifier together)" in j.error and f"pid {proc.pid}" in j.error
         assert j.error.endswith(f"re-run as job {out[job_id]}")
         assert "no worker recorded" in _job(s, unrecorded_old).error
         for i in (other_host, other_stack, live, unrecorded_fresh, beating):
@@ -181,7 +181,7 @@ def test_ctrl_c_during_training_then_up_again_fails_and_reruns_the_job_when_the_
         failed_after = time.monotonic() - ready
         j = _job(s, job_id)
         assert j.state == "failed", (j.state, j.error)
-        assert "stopped with its worker (Ctrl-C of faceloop up, or killed) at stage 'train detector', epoch 7/20" \
+        assert "stopped with its worker (Ctrl-C of faceloop up, or killed) at stage 'train detector', epoch 7 of 20" \
             in j.error, j.error
         rerun_id = int(j.error.rsplit("re-run as job ", 1)[1])
         _wait(lambda: _job(s, rerun_id).state == "succeeded", 60)
