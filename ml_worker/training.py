@@ -447,9 +447,15 @@ def train_two_stage(ds, schema, init: str | Path, settings: Settings, work: Path
         work: job folder; the candidate lands in ``work/candidate/bundle.json``.
         progress: called with ``{"stage", "epoch", "epochs", "message"}``.
     Stage 2 learns from each labelled face's box and, with ``CLASSIFIER_DETECTOR_CROPS`` (default
-    on), also from the retrained detector's box on that face (:func:`face_crops`).
+    on), also from the retrained detector's box on that face (:func:`face_crops`). Its settings:
+    the new-class recipe (:data:`facemodels.classifier.RECIPE`), or, for a project whose classes
+    the shipped classifier knew before its first label (``facemodels.two_stage.classifier_recipe``
+    "known": expression projects), the classifier's own crop margin and
+    :data:`facemodels.classifier.KNOWN_CLASSES_RECIPE`; the choice is recorded in the candidate
+    bundle (``classifier_recipe``) and kept by the project's later retrains.
 
     Returns: ``{"bundle": path, "detector_seconds", "classifier_seconds", "classifier": metrics,
+        "classifier_recipe": "new" | "known",
         "detector_boxes": per sample the detector's box on each labelled face or None (None when off
         or for Choices), ...}``.
     Raises: ValueError when the train split has no labelled face.
