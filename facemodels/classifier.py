@@ -200,11 +200,13 @@ RECIPE = dict(epochs=40, lr=1e-3, backbone_lr_scale=1.0, train_blocks=4, weight_
 KNOWN_CLASSES_RECIPE = dict(lr=1e-4)
 
 
-def known_classes_settings(init: "FaceClassifier") -> dict:
-    """``fine_tune`` overrides for fine-tuning ``init`` on classes it already knows: its own crop
-    margin (the crops its features were trained on; fraction of the box side, each side) and
-    :data:`KNOWN_CLASSES_RECIPE`."""
-    return {**KNOWN_CLASSES_RECIPE, "crop_margin": float(init.crop_margin)}
+def stage2_settings(recipe: str, init: "FaceClassifier") -> dict:
+    """``fine_tune`` overrides for a retrain's stage 2 (``recipe``: a bundle's ``classifier_recipe``,
+    ``facemodels.two_stage.classifier_recipe``). ``"known"``, fine-tuning ``init`` on classes it
+    already knows: its own crop margin (the crops its features were trained on; fraction of the box
+    side, each side) and :data:`KNOWN_CLASSES_RECIPE`; ``"new"``: none (:data:`RECIPE` as it is)."""
+    return {**KNOWN_CLASSES_RECIPE, "crop_margin": float(init.crop_margin)} if recipe == "known" else {}
+
 
 class _Patch:
     """A training face: a sub-image around the box (enough context for jitter) and the box in it."""

@@ -114,7 +114,7 @@ def classifier_recipe(bundle: dict, labels) -> str:
 
     ``"known"``: the project's classes were known before its first label (an expression project
     served by the shipped expression classifier from day 0): stage 2 is fine-tuned gently, at its
-    own crop margin (:func:`facemodels.classifier.known_classes_settings`). ``"new"``: classes the
+    own crop margin (:func:`facemodels.classifier.stage2_settings`). ``"new"``: classes the
     project brought (awake/sleep, ...): the new-class recipe (:data:`facemodels.classifier.RECIPE`).
     A project's candidate bundles record the choice (``classifier_recipe``), so every later retrain
     of the project keeps it; the shipped default decides it from the labels as

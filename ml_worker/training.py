@@ -461,7 +461,7 @@ def train_two_stage(ds, schema, init: str | Path, settings: Settings, work: Path
     Raises: ValueError when the train split has no labelled face.
     """
     from facemodels.classifier import fine_tune as fine_tune_classifier
-    from facemodels.classifier import known_classes_settings
+    from facemodels.classifier import stage2_settings
     from facemodels.two_stage import write_bundle
     from ml_worker.dataset import write_face_dataset
 
@@ -471,9 +471,10 @@ def train_two_stage(ds, schema, init: str | Path, settings: Settings, work: Path
     # (the shipped default: the original face-api.js port, not the expression fine-tune; docs/classifier.md)
     from facemodels.two_stage import classifier_init_path, classifier_recipe
 
-    clf_init = Path(classifier_init_path(_parent_bundle(init, settings), list(schema.labels)))
+    parent = _parent_bundle(init, settings)
+    clf_init = Path(classifier_init_path(parent, list(schema.labels)))
     # classes known before the project's first label (expression projects): a gentler fine-tune
-    recipe = classifier_recipe(_parent_bundle(init, settings), list(schema.labels))
+    recipe = classifier_recipe(parent, list(schema.labels))
     if not any(s.boxes for s in ds.samples if s.split == "train"):
         raise ValueError("the train split has no labelled face (Choices projects: no face found in its images): "
                          "nothing to learn from")
@@ -490,7 +491,7 @@ def train_two_stage(ds, schema, init: str | Path, settings: Settings, work: Path
         # only the classifier learns, from the crops of the faces the detector found
         det_epochs = 0
         best_det = det_init
-        face_thr, thr_fit = _parent_bundle(init, settings).get("face_threshold"), None
+        face_thr, thr_fit = parent.get("face_threshold"), None
         report(stage="train classifier", epoch=0, message=f"image-level choices: the face detector is kept; "
                                                           f"classifier on {len(face_crops(ds.samples, ('train',)))} face crops")
     else:
@@ -522,7 +523,7 @@ def train_two_stage(ds, schema, init: str | Path, settings: Settings, work: Path
 
     crops = face_crops(ds.samples, ("train",), det_boxes)
     clf = _init_classifier(clf_init, schema)
-    overrides = known_classes_settings(clf) if recipe == "known" else {}
+    overrides = stage2_settings(recipe, clf)
     t1 = time.time()
 
     def on_clf_epoch(epoch, epochs, loss):
@@ -537,7 +538,7 @@ def train_two_stage(ds, schema, init: str | Path, settings: Settings, work: Path
     cand_dir = work / "candidate"
     if cand_dir.exists():
         shutil.rmtree(cand_dir)
-    nms_iou = _parent_bundle(init, settings).get("nms_iou")
+    nms_iou = parent.get("nms_iou")
     bundle = write_bundle(cand_dir, best_det, work / "classifier.pt", list(schema.labels), imgsz=settings.imgsz,
                           face_threshold=face_thr, face_threshold_fit=thr_fit, nms_iou=nms_iou,
                           classifier_recipe=recipe)
@@ -605,7 +606,7 @@ def refine_classifier(trained: dict, ds, schema, settings: Settings, progress: P
     """
     from facemodels.classifier import FaceClassifier
     from facemodels.classifier import fine_tune as fine_tune_classifier
-    from facemodels.classifier import known_classes_settings
+    from facemodels.classifier import stage2_settings
     from facemodels.two_stage import read_bundle, write_bundle
 
     epochs = int(settings.classifier_refit_epochs or 0)
@@ -633,7 +634,7 @@ def refine_classifier(trained: dict, ds, schema, settings: Settings, progress: P
     recipe = b.get("classifier_recipe", "new")
     tuned, _ = fine_tune_classifier(clf, crops, list(cand.classes), epochs=epochs,
                                     seed=int(trained.get("seed", settings.seed)),
-                                    **(known_classes_settings(clf) if recipe == "known" else {}),
+                                    **stage2_settings(recipe, clf),
                                     on_epoch=(lambda e, n, _loss: progress({"stage": "refine classifier", "stage_epoch": e,
                                                                            "stage_epochs": n})) if progress else None)
     work = bundle_path.parent.parent
